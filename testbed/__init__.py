@@ -1,0 +1,8 @@
+"""moe-testbed: a compact Mixture-of-Experts transformer for studying routing and expert specialization."""
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+"""The checkout root (editable install): holds conf/ and the shipped data/."""

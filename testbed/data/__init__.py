@@ -1,0 +1,1 @@
+"""Domain sources, tokenizer, and the domain-mix data module."""

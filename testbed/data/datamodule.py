@@ -1,0 +1,210 @@
+"""Domain-mix data module: per-domain document holdout, packing within one domain, batch composition.
+
+Every sequence comes from one domain, so each token carries its domain id. A micro-batch mixes domains
+(`mixed`) or holds one (`homogeneous`); with `homogeneous`, consecutive micro-batches (those accumulated
+into one optimizer step) come from different domains (SPEC "Balancing scope").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from testbed.config import DataConfig
+from testbed.data.loading import SHIPPED_TOKENIZER, load_documents
+from testbed.errors import DataError
+
+EOS_ID = 0  # "<|endoftext|>" separates documents inside a packed domain stream
+
+
+@dataclass
+class DomainSplit:
+    """Packed sequences of one domain: tokens [N, seq_len + 1] (inputs are [:, :-1], targets [:, 1:])."""
+
+    name: str
+    train: torch.Tensor
+    val: torch.Tensor
+    train_documents: int
+    val_documents: int
+
+
+def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
+    """Concatenate documents with EOS separators and cut into windows of seq_len + 1 tokens (stride seq_len)."""
+    stream = []
+    for ids in token_lists:
+        stream.extend(ids)
+        stream.append(EOS_ID)
+    num = (len(stream) - 1) // seq_len
+    if num < 1:
+        return torch.zeros(0, seq_len + 1, dtype=torch.long)
+    tokens = torch.tensor(stream[: num * seq_len + 1], dtype=torch.long)
+    return tokens.unfold(0, seq_len + 1, seq_len)
+
+
+def split_documents(documents: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out whole documents for validation, chosen by a seeded permutation (at least one each side)."""
+    order = np.random.default_rng(seed).permutation(len(documents))
+    num_val = min(max(1, round(val_fraction * len(documents))), len(documents) - 1)
+    val_idx = set(order[:num_val].tolist())
+    train = [d for i, d in enumerate(documents) if i not in val_idx]
+    val = [d for i, d in enumerate(documents) if i in val_idx]
+    return train, val
+
+
+def load_tokenizer(path: str | None):
+    from tokenizers import Tokenizer
+
+    path = path or str(SHIPPED_TOKENIZER)
+    try:
+        return Tokenizer.from_file(path)
+    except Exception as err:
+        raise DataError(f"tokenizer file {path} cannot be loaded ({err}); build it with "
+                        "`testbed-data --tokenizer data/tokenizer.json` or set data.tokenizer") from err
+
+
+class PackedSequences(Dataset):
+    """All domains' sequences in one tensor; item i -> (tokens [S+1], domain id)."""
+
+    def __init__(self, parts: list[torch.Tensor]):
+        self.tokens = torch.cat(parts) if parts else torch.zeros(0, 1, dtype=torch.long)
+        self.domain = torch.cat([torch.full((len(p),), d, dtype=torch.long) for d, p in enumerate(parts)])
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, index: int):
+        return self.tokens[index], self.domain[index]
+
+
+def collate(items) -> dict[str, torch.Tensor]:
+    tokens = torch.stack([t for t, _ in items])
+    domain = torch.stack([d for _, d in items])
+    return {
+        "input_ids": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "domain_ids": domain.unsqueeze(1).expand(-1, tokens.shape[1] - 1).contiguous(),
+    }
+
+
+class DomainBatchSampler(Sampler[list[int]]):
+    """Yields batches of dataset indices with the configured domain mixture and composition.
+
+    Within each domain, sequences are drawn without replacement from a permutation that is reshuffled
+    when used up. Deterministic given the seed; each new iteration (epoch) continues the random stream.
+    """
+
+    def __init__(self, offsets: np.ndarray, weights: np.ndarray, batch_size: int, composition: str,
+                 seed: int, batches_per_epoch: int):
+        self.offsets, self.batch_size, self.composition = offsets, batch_size, composition
+        self.weights = weights / weights.sum()
+        self.batches_per_epoch = batches_per_epoch
+        self.rng = np.random.default_rng(seed)
+        self.sizes = np.diff(offsets)
+        self.perms = [self.rng.permutation(n) for n in self.sizes]
+        self.cursor = np.zeros(len(self.sizes), dtype=np.int64)
+        self.schedule: list[int] = []
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _take(self, domain: int, count: int) -> list[int]:
+        out = []
+        while len(out) < count:
+            if self.cursor[domain] >= self.sizes[domain]:
+                self.perms[domain] = self.rng.permutation(self.sizes[domain])
+                self.cursor[domain] = 0
+            take = min(count - len(out), self.sizes[domain] - self.cursor[domain])
+            chosen = self.perms[domain][self.cursor[domain]: self.cursor[domain] + take]
+            out.extend((self.offsets[domain] + chosen).tolist())
+            self.cursor[domain] += take
+        return out
+
+    def _next_domain(self) -> int:
+        """Homogeneous batches: rounds in which each domain appears in proportion to its weight."""
+        if not self.schedule:
+            active = np.flatnonzero(self.weights > 0)
+            if np.allclose(self.weights[active], self.weights[active][0]):
+                self.schedule = self.rng.permutation(active).tolist()
+            else:
+                round_len = 10 * len(active)
+                counts = np.floor(self.weights * round_len).astype(int)
+                remainder = self.weights * round_len - counts
+                counts[np.argsort(-remainder)[: round_len - counts.sum()]] += 1
+                self.schedule = self.rng.permutation(np.repeat(np.arange(len(counts)), counts)).tolist()
+        return self.schedule.pop(0)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for _ in range(self.batches_per_epoch):
+            if self.composition == "homogeneous":
+                yield self._take(self._next_domain(), self.batch_size)
+            else:
+                domains = self.rng.choice(len(self.sizes), size=self.batch_size, p=self.weights)
+                batch = []
+                for domain in np.unique(domains):
+                    batch.extend(self._take(int(domain), int((domains == domain).sum())))
+                yield batch
+
+
+class DomainMixDataModule(L.LightningDataModule):
+    def __init__(self, config: DataConfig, seed: int = 0):
+        super().__init__()
+        self.config, self.seed = config, seed
+        self.splits: list[DomainSplit] | None = None
+        self.tokenizer = None
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.config.domains)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        cfg = self.config
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        splits = []
+        for index, domain in enumerate(cfg.domains):
+            documents = load_documents(domain, cfg.sources.get(domain), cfg.root, cfg.cache_dir)
+            train_docs, val_docs = split_documents(documents, cfg.val_fraction, self.seed * 1000 + index)
+            train = pack([e.ids for e in self.tokenizer.encode_batch(train_docs)], cfg.seq_len)
+            val = pack([e.ids for e in self.tokenizer.encode_batch(val_docs)], cfg.seq_len)
+            if cfg.max_train_tokens_per_domain > 0:
+                train = train[: max(1, cfg.max_train_tokens_per_domain // cfg.seq_len)]
+            if cfg.val_tokens_per_domain > 0:
+                val = val[: max(1, math.ceil(cfg.val_tokens_per_domain / cfg.seq_len))]
+            if len(train) == 0 or len(val) == 0:
+                raise DataError(f"domain '{domain}': too little text for data.seq_len={cfg.seq_len} "
+                                f"({len(train)} train and {len(val)} validation sequences); add documents "
+                                "or lower data.seq_len")
+            splits.append(DomainSplit(domain, train, val, len(train_docs), len(val_docs)))
+        self.splits = splits
+        self.train_set = PackedSequences([s.train for s in splits])
+        self.val_set = PackedSequences([s.val for s in splits])
+
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def train_dataloader(self) -> DataLoader:
+        weights = np.asarray(self.config.weights if self.config.weights is not None
+                             else [1.0] * len(self.domains), dtype=np.float64)
+        batches = max(1, len(self.train_set) // self.config.batch_size)
+        sampler = DomainBatchSampler(self.train_set.offsets, weights, self.config.batch_size,
+                                     self.config.batch_composition, self.seed, batches)
+        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
+                          num_workers=self.config.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        # Fixed order, domain after domain: the same validation tokens for every run and seed.
+        return DataLoader(self.val_set, batch_size=self.config.batch_size, shuffle=False, collate_fn=collate,
+                          num_workers=self.config.num_workers)
+
+    def describe(self) -> list[dict]:
+        return [{"domain": s.name, "train_documents": s.train_documents, "val_documents": s.val_documents,
+                 "train_tokens": int(s.train.shape[0] * (s.train.shape[1] - 1)),
+                 "val_tokens": int(s.val.shape[0] * (s.val.shape[1] - 1))} for s in (self.splits or [])]

@@ -1,0 +1,7 @@
+"""Balancing methods (BALANCE, one at a time) and auxiliary losses (AUX_LOSSES, any list)."""
+
+from testbed.losses import load_balance, z_loss  # noqa: F401  (registers)
+from testbed.losses.base import AUX_LOSSES, BALANCE, AuxLoss
+from testbed.losses.load_balance import load_balance_value
+
+__all__ = ["AUX_LOSSES", "BALANCE", "AuxLoss", "load_balance_value"]

@@ -1,0 +1,76 @@
+"""Load-balance loss (Switch / GShard form) at a chosen balancing scope.
+
+L = alpha * E * sum_e f_e * P_e, with f_e the fraction of assignments sent to expert e (hard counts,
+no gradient) and P_e the mean router probability of e over the scope's tokens (full softmax).
+Equals 1 at perfect balance (Fedus et al. 2021; Falke et al. 2026 for scopes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from testbed.errors import ConfigError
+from testbed.losses.base import BALANCE, AuxLoss
+from testbed.routing.base import Routing, RoutingContext
+
+SCOPES = ("sequence", "micro_batch")
+
+
+@dataclass
+class LoadBalanceConfig:
+    name: str = "load_balance"
+    coefficient: float = 1e-2
+    scope: str = "micro_batch"
+
+
+def load_balance_value(probs: Tensor, expert_index: Tensor, token_index: Tensor, num_experts: int,
+                       group_of_token: Tensor | None = None, num_groups: int = 1) -> Tensor:
+    """E * sum_e f_e P_e computed within each group of tokens, averaged over groups.
+
+    probs [T, E]; expert_index/token_index [A]; group_of_token [T] (None = one group, the micro-batch).
+    """
+    num_tokens = probs.shape[0]
+    if group_of_token is None:
+        group_of_token = torch.zeros(num_tokens, dtype=torch.long, device=probs.device)
+    flat = group_of_token[token_index] * num_experts + expert_index
+    counts = torch.zeros(num_groups * num_experts, device=probs.device, dtype=probs.dtype)
+    counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=probs.dtype)).view(num_groups, num_experts)
+    fractions = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).detach()
+    prob_sums = torch.zeros(num_groups, num_experts, device=probs.device, dtype=probs.dtype)
+    prob_sums = prob_sums.index_add_(0, group_of_token, probs)
+    tokens_per_group = torch.zeros(num_groups, device=probs.device, dtype=probs.dtype)
+    tokens_per_group = tokens_per_group.index_add_(0, group_of_token, torch.ones_like(probs[:, 0]))
+    mean_probs = prob_sums / tokens_per_group.clamp_min(1).unsqueeze(-1)
+    return (num_experts * (fractions * mean_probs).sum(-1)).mean()
+
+
+@BALANCE.register("load_balance", LoadBalanceConfig)
+class LoadBalanceLoss(AuxLoss):
+    def __call__(self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None) -> Tensor:
+        probs = routing.probs.float()
+        if self.config.scope == "sequence":
+            return load_balance_value(probs, routing.expert_index, routing.token_index, routing.num_experts,
+                                      context.sequence_ids.to(probs.device), context.batch_size)
+        return load_balance_value(probs, routing.expert_index, routing.token_index, routing.num_experts)
+
+    @classmethod
+    def check(cls, config: LoadBalanceConfig, key: str) -> None:
+        if config.scope not in SCOPES:
+            raise ConfigError(f"{key}.scope", config.scope, f"one of {list(SCOPES)}")
+        if config.coefficient < 0:
+            raise ConfigError(f"{key}.coefficient", config.coefficient, "a float >= 0")
+
+
+@dataclass
+class NoBalanceConfig:
+    name: str = "none"
+
+
+@BALANCE.register("none", NoBalanceConfig)
+class NoBalance(AuxLoss):
+    """No balancing term (e.g. for routers that balance by construction)."""
+
+    coefficient = 0.0

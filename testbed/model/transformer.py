@@ -1,0 +1,110 @@
+"""Decoder-only MoE language model: RMSNorm, rotary positions, causal SDPA attention, MoE (or dense) FFN."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from testbed.config import ModelConfig
+from testbed.losses.base import AuxLoss
+from testbed.model.experts import DenseSwiGLU
+from testbed.model.moe import LayerOutput, MoELayer
+from testbed.routing.base import RoutingContext
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos/sin tables [seq, head_dim/2] for rotary position embeddings (Su et al. 2021)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x1, x2) of the last dim of x [B, H, S, Dh] by the position angle."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, out_init_scale: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out = nn.Linear(d_model, d_model, bias=False)
+        nn.init.normal_(self.qkv.weight, std=d_model**-0.5)
+        nn.init.normal_(self.out.weight, std=out_init_scale * d_model**-0.5)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        batch, seq, d_model = x.shape
+        q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(batch, seq, d_model))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, ffn: nn.Module, out_init_scale: float):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model)
+        self.attn = Attention(config.d_model, config.n_heads, out_init_scale)
+        self.ffn_norm = nn.RMSNorm(config.d_model)
+        self.ffn = ffn
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, context: RoutingContext):
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if isinstance(self.ffn, MoELayer):
+            y, out = self.ffn(self.ffn_norm(x), context)
+            return x + y, out
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+class MoETransformer(nn.Module):
+    """Token ids [B, S] -> logits [B, S, V] plus one `LayerOutput` per MoE layer."""
+
+    def __init__(self, config: ModelConfig, router_config, losses: list[AuxLoss]):
+        super().__init__()
+        self.config = config
+        out_init_scale = 1.0 / math.sqrt(2 * config.n_layers)  # GPT-2 style residual scaling
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        nn.init.normal_(self.embed.weight, std=config.d_model**-0.5)  # unit-variance logits when tied
+        blocks = []
+        for i in range(config.n_layers):
+            if i < config.dense_layers:
+                ffn = DenseSwiGLU(config.d_model, config.dense_hidden, out_init_scale)
+            else:
+                ffn = MoELayer(config.d_model, config.moe, router_config, losses, i, out_init_scale)
+            blocks.append(Block(config, ffn, out_init_scale))
+        self.blocks = nn.ModuleList(blocks)
+        for moe_index, layer in enumerate(self.moe_layers):
+            layer.moe_index = moe_index
+        self.norm = nn.RMSNorm(config.d_model)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=config.d_model**-0.5)
+        cos, sin = rotary_tables(config.max_seq_len, config.d_model // config.n_heads, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
+
+    def forward(self, input_ids: Tensor, domain_ids: Tensor | None = None,
+                extras: dict | None = None) -> tuple[Tensor, list[LayerOutput]]:
+        batch, seq = input_ids.shape
+        context = RoutingContext(batch_size=batch, seq_len=seq, token_ids=input_ids.reshape(-1),
+                                 domain_ids=None if domain_ids is None else domain_ids.reshape(-1),
+                                 extras=extras or {})
+        x = self.embed(input_ids)
+        outputs = []
+        for block in self.blocks:
+            x, out = block(x, self.rope_cos, self.rope_sin, context)
+            if out is not None:
+                outputs.append(out)
+        return self.lm_head(self.norm(x)), outputs

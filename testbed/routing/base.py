@@ -1,0 +1,107 @@
+"""The routing contract: every router returns one `Routing`, which experts, losses and metrics consume.
+
+Assignments are flat and sorted by expert, so token-choice (K per token), expert-choice (C per expert)
+and oracle routing all fit, including tokens with zero or many experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from testbed.registry import Registry
+
+
+@dataclass
+class Routing:
+    """One router decision over T tokens and E experts."""
+
+    logits: Tensor  # [T, E] raw router scores
+    probs: Tensor  # [T, E] full distribution used by losses and metrics (rows sum to 1)
+    token_index: Tensor  # [A] long: token of each assignment, sorted by expert
+    expert_index: Tensor  # [A] long: expert of each assignment, non-decreasing
+    weight: Tensor  # [A] combine weight (gate) of each assignment
+    tokens_per_expert: Tensor  # [E] long: assignments per expert, on device
+    dropped: Tensor | None = None  # scalar long: assignments removed by capacity (None when dropless)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def num_assignments(self) -> int:
+        return self.token_index.shape[0]
+
+
+@dataclass
+class RoutingContext:
+    """What some routers, losses and counters need beyond the hidden states; all tensors are flat [T]."""
+
+    batch_size: int
+    seq_len: int
+    token_ids: Tensor | None = None  # [T] input token ids (hash router)
+    domain_ids: Tensor | None = None  # [T] domain label of each token (oracle router, metrics)
+    layer_index: int = 0
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def sequence_ids(self) -> Tensor:
+        """[T] index of the sequence each token belongs to (tokens are laid out batch-major)."""
+        device = self.token_ids.device if self.token_ids is not None else None
+        return torch.arange(self.batch_size, device=device).repeat_interleave(self.seq_len)
+
+
+def count_per_expert(expert_index: Tensor, num_experts: int) -> Tensor:
+    """Assignments per expert with a scatter-add (no host sync, unlike bincount on CUDA)."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_index.device)
+    return counts.scatter_add_(0, expert_index, torch.ones_like(expert_index))
+
+
+def routing_from_choices(logits: Tensor, probs: Tensor, chosen_experts: Tensor, gates: Tensor) -> Routing:
+    """Build the expert-sorted `Routing` from a token-choice selection.
+
+    chosen_experts, gates: [T, K]. The sort is stable, so within an expert tokens keep their order.
+    """
+    num_tokens, top_k = chosen_experts.shape
+    flat_expert = chosen_experts.reshape(-1)
+    order = torch.argsort(flat_expert, stable=True)
+    expert_index = flat_expert[order]
+    token_index = torch.div(order, top_k, rounding_mode="floor")
+    weight = gates.reshape(-1)[order]
+    return Routing(
+        logits=logits,
+        probs=probs,
+        token_index=token_index,
+        expert_index=expert_index,
+        weight=weight,
+        tokens_per_expert=count_per_expert(expert_index, logits.shape[1]),
+    )
+
+
+class Router(nn.Module):
+    """Base router: a linear gate producing logits; subclasses turn logits into a `Routing`."""
+
+    registry_name = "base"
+
+    def __init__(self, d_model: int, num_experts: int, config):
+        super().__init__()
+        self.config = config
+        self.num_experts = num_experts
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+
+    def forward(self, x: Tensor, context: RoutingContext) -> Routing:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def check(cls, config, num_experts: int, key: str) -> None:
+        """Raise ConfigError if `config` cannot work with `num_experts`; called before training."""
+
+
+ROUTERS: Registry[Router] = Registry("router", "router")

@@ -1,0 +1,127 @@
+"""Entry points: `testbed-train` (Hydra). Validates config and data before any training starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from testbed.config import RunConfig, parse_config
+from testbed.errors import ConfigError, TestbedError
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def build_logger(run: RunConfig, run_dir: Path):
+    from lightning.pytorch import loggers
+
+    if run.logger.name == "tensorboard":
+        return loggers.TensorBoardLogger(str(run_dir), name="tensorboard", version="")
+    if run.logger.name == "wandb":
+        os.environ.setdefault("WANDB_MODE", "offline" if run.logger.offline else "online")
+        return loggers.WandbLogger(project=run.logger.project, name=run.run_name, save_dir=str(run_dir),
+                                   offline=run.logger.offline)
+    return loggers.CSVLogger(str(run_dir), name="", version="")
+
+
+def hydra_choices() -> dict[str, str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices
+        return {k: str(v) for k, v in choices.items() if not k.startswith("hydra")}
+    except ValueError:  # not running under Hydra (tests call run_training directly)
+        return {}
+
+
+def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> dict:
+    """Validate, train, validate at the end, write summary.json; returns the summary."""
+    import lightning as L
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    from testbed.data.datamodule import DomainMixDataModule
+    from testbed.train.callbacks import SpecializationMetrics
+    from testbed.train.module import MoELanguageModel
+    from testbed.train.summary import print_summary, unigram_entropies, write_summary
+
+    run = parse_config(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if run.trainer.num_threads > 0:
+        torch.set_num_threads(run.trainer.num_threads)
+    L.seed_everything(run.seed, workers=True, verbose=False)
+
+    datamodule = DomainMixDataModule(run.data, seed=run.seed)
+    datamodule.setup("fit")  # loads and checks every data file before training starts
+    vocab = datamodule.vocab_size()
+    if vocab > run.model.vocab_size:
+        raise ConfigError("model.vocab_size", run.model.vocab_size,
+                          f"at least the tokenizer's vocabulary size ({vocab})")
+
+    module = MoELanguageModel(run, datamodule.domains)
+    if run.init_from:
+        from testbed.train.checkpoint import load_weights
+
+        load_weights(module, run.init_from)
+    metrics_callback = SpecializationMetrics(run_dir)
+    callbacks = [metrics_callback]
+    if run.trainer.progress_bar and not quiet:
+        callbacks.append(RichProgressBar(leave=True))
+    if run.trainer.enable_checkpointing:
+        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="last",
+                                         save_top_k=0, save_last=True, enable_version_counter=False))
+    t = run.trainer
+    trainer = L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_steps=t.max_steps,
+        val_check_interval=min(t.val_check_interval, t.max_steps), check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val, log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic, logger=build_logger(run, run_dir), callbacks=callbacks,
+        enable_checkpointing=t.enable_checkpointing, enable_progress_bar=t.progress_bar and not quiet,
+        enable_model_summary=not quiet, num_sanity_val_steps=0, use_distributed_sampler=False,
+        default_root_dir=str(run_dir),
+    )
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    if module.last_val_step != trainer.global_step:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    wall_time = time.perf_counter() - start
+
+    summary = write_summary(run_dir, run=run, choices=hydra_choices(), steps=trainer.global_step,
+                            tokens_seen=module.tokens_seen, wall_time=wall_time,
+                            val_metrics=module.last_val_metrics, spec=metrics_callback.last_metrics,
+                            unigram=unigram_entropies(datamodule), data=datamodule.describe())
+    if not quiet and trainer.is_global_zero:
+        print_summary(summary)
+    return summary
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_train(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        summary = run_training(cfg, HydraConfig.get().runtime.output_dir)
+    except TestbedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    return summary.get("val/loss")
+
+
+def train_main() -> None:
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    _hydra_train()
+
+
+def print_config(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+if __name__ == "__main__":
+    train_main()

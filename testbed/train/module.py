@@ -1,0 +1,112 @@
+"""LightningModule: LM loss + weighted auxiliary losses, per-domain validation loss, optimizer schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from testbed.config import RunConfig
+from testbed.losses import AUX_LOSSES, BALANCE, AuxLoss
+from testbed.model import LayerOutput, MoETransformer
+
+
+def build_losses(run: RunConfig) -> list[AuxLoss]:
+    """The balancing method (unless `none`) followed by the auxiliary losses, in config order."""
+    losses = []
+    if run.balance.name != "none":
+        balance_cls, _ = BALANCE.get(run.balance.name)
+        losses.append(balance_cls(run.balance))
+    for name, options in run.aux_loss.items():
+        loss_cls, _ = AUX_LOSSES.get(name)
+        losses.append(loss_cls(options))
+    return losses
+
+
+def aux_loss_terms(outputs: list[LayerOutput]) -> dict[str, torch.Tensor]:
+    """Unweighted value of each loss, averaged over MoE layers."""
+    names = {name for out in outputs for name in out.losses}
+    return {name: torch.stack([out.losses[name] for out in outputs if name in out.losses]).mean()
+            for name in sorted(names)}
+
+
+class MoELanguageModel(L.LightningModule):
+    def __init__(self, run: RunConfig, domains: list[str]):
+        super().__init__()
+        self.run_config = run
+        self.domains = list(domains)
+        self.save_hyperparameters({"run": dataclasses.asdict(run), "domains": self.domains})
+        self.losses = build_losses(run)
+        self.loss_coefficients = {loss.name: loss.coefficient for loss in self.losses}
+        self.model = MoETransformer(run.model, run.router, self.losses)
+        self.routing_stats = None  # set by the metrics callback during validation
+        self.tokens_seen = 0
+        self.last_val_metrics: dict[str, float] = {}
+        self.last_val_step = -1
+        self.register_buffer("val_loss_sums", torch.zeros(len(domains), dtype=torch.float64), persistent=False)
+        self.register_buffer("val_token_counts", torch.zeros(len(domains), dtype=torch.float64), persistent=False)
+
+    @property
+    def moe_layer_names(self) -> list[str]:
+        return [f"layer{layer.layer_index}" for layer in self.model.moe_layers]
+
+    def forward(self, input_ids, domain_ids=None, extras=None):
+        return self.model(input_ids, domain_ids, extras)
+
+    def training_step(self, batch, batch_idx):
+        logits, outputs = self.model(batch["input_ids"], batch["domain_ids"])
+        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].reshape(-1))
+        terms = aux_loss_terms(outputs)
+        aux_total = sum((self.loss_coefficients[name] * value for name, value in terms.items()),
+                        start=torch.zeros((), device=lm_loss.device))
+        loss = lm_loss + aux_total
+        self.tokens_seen += batch["input_ids"].numel()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/lm_loss", lm_loss)
+        for name, value in terms.items():
+            self.log(f"train/aux/{name}", value)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_loss_sums.zero_()
+        self.val_token_counts.zero_()
+
+    def validation_step(self, batch, batch_idx):
+        extras = {"routing_stats": self.routing_stats} if self.routing_stats is not None else None
+        logits, _ = self.model(batch["input_ids"], batch["domain_ids"], extras)
+        token_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].reshape(-1), reduction="none")
+        domains = batch["domain_ids"].reshape(-1)
+        self.val_loss_sums.index_add_(0, domains, token_loss.double())
+        self.val_token_counts.index_add_(0, domains, torch.ones_like(token_loss, dtype=torch.float64))
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self.trainer.strategy.reduce(self.val_loss_sums, reduce_op="sum")
+        counts = self.trainer.strategy.reduce(self.val_token_counts, reduce_op="sum")
+        per_domain = (sums / counts.clamp_min(1)).cpu().tolist()
+        metrics = {f"val/loss/{d}": v for d, v, c in zip(self.domains, per_domain, counts.tolist(), strict=True)
+                   if c > 0}
+        if metrics:
+            metrics["val/loss"] = sum(metrics.values()) / len(metrics)  # domains weighted equally
+        self.log_dict(metrics, sync_dist=False)
+        self.last_val_metrics = metrics
+        self.last_val_step = self.global_step
+
+    def configure_optimizers(self):
+        cfg, max_steps = self.run_config.optim, self.run_config.trainer.max_steps
+        decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.named_parameters() if p.ndim < 2 or "embed" in n]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+        def schedule(step: int) -> float:  # linear warmup, then cosine to min_lr_ratio
+            if step < cfg.warmup_steps:
+                return (step + 1) / cfg.warmup_steps
+            progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
