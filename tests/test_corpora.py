@@ -106,7 +106,9 @@ def test_select_documents_is_spread_and_ordered():
 
 
 def test_render_license_pattern():
-    pattern = "//** title **//\nPermission ((is || shall be)) granted ((free of charge))?? to __3__ any person."
+    pattern = (
+        "//** title **//\nPermission ((is || shall be)) granted ((free of charge))?? to __3__ any person."
+    )
     assert corpora.render_license_pattern(pattern) == "Permission is granted free of charge to any person."
 
 
@@ -157,9 +159,14 @@ def test_unknown_domain_lookup():
 def test_build_writes_mix_from_a_fake_source(monkeypatch, tmp_path):
     """End to end without real packages: a registered source backed by a fake function."""
     fake = corpora.DomainSource(
-        name="fake", description="fake", licence="CC0-1.0", origin="test", install="nothing",
+        name="fake",
+        description="fake",
+        licence="CC0-1.0",
+        origin="test",
+        install="nothing",
         documents=lambda: iter([f"document {i}\r\n" + "text " * 50 for i in range(100)] + ["", "\x00"]),
-        locate=lambda: tmp_path, source_id="fake-src",
+        locate=lambda: tmp_path,
+        source_id="fake-src",
     )
     monkeypatch.setitem(SOURCES, "fake", fake)
     out = tmp_path / "mix"
@@ -179,11 +186,11 @@ def test_build_writes_mix_from_a_fake_source(monkeypatch, tmp_path):
 
 
 def snippets(text: str, length: int = 256) -> list[str]:
-    return [text[i:i + length] for i in range(0, len(text) - length + 1, length)]
+    return [text[i : i + length] for i in range(0, len(text) - length + 1, length)]
 
 
 def trigrams(text: str) -> list[str]:
-    return [text[i:i + 3] for i in range(len(text) - 2)]
+    return [text[i : i + 3] for i in range(len(text) - 2)]
 
 
 def test_domains_are_distinguishable_by_char_trigrams(shipped):

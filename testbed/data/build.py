@@ -125,9 +125,15 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--domains", default=None, help=f"comma-separated domains (default: {','.join(SHIPPED_DOMAINS)})"
     )
-    parser.add_argument("--tokenizer", type=Path, default=None, help="also train a tokenizer and save it here")
-    parser.add_argument("--vocab-size", type=int, default=4096, help="tokenizer vocabulary size (default 4096)")
-    parser.add_argument("--skip-missing", action="store_true", help="skip domains whose source is not installed")
+    parser.add_argument(
+        "--tokenizer", type=Path, default=None, help="also train a tokenizer and save it here"
+    )
+    parser.add_argument(
+        "--vocab-size", type=int, default=4096, help="tokenizer vocabulary size (default 4096)"
+    )
+    parser.add_argument(
+        "--skip-missing", action="store_true", help="skip domains whose source is not installed"
+    )
     parser.add_argument("--list", action="store_true", help="list domains with availability and exit")
     return parser
 
@@ -166,7 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{domain:<14} {entry['documents']:>9} {entry['bytes']:>12}  {note}")
     # Keep entries of earlier runs only while their files are unchanged.
     entries = {
-        name: entry for name, entry in sorted(entries.items())
+        name: entry
+        for name, entry in sorted(entries.items())
         if (out_dir / entry["file"]).exists() and sha256_of(out_dir / entry["file"]) == entry["sha256"]
     }
     manifest = {"domains": entries, "tokenizer": manifest.get("tokenizer")}

@@ -37,7 +37,14 @@ NPM_DIR_DEFAULT = ".cache/npm/node_modules"
 NPM_INSTALL = "npm install --prefix .cache/npm"
 
 DEFAULT_MIX: tuple[str, ...] = (
-    "code", "fiction", "drama", "formal_math", "biomedical", "legal", "speeches", "spanish",
+    "code",
+    "fiction",
+    "drama",
+    "formal_math",
+    "biomedical",
+    "legal",
+    "speeches",
+    "spanish",
 )
 """The domains the default training mix uses."""
 
@@ -115,7 +122,7 @@ def split_document(text: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> list[str]:
         while data:
             piece = data[:max_bytes].decode("utf-8", "ignore")  # drops a cut multi-byte character
             pieces.append(piece)
-            data = data[len(piece.encode("utf-8")):]
+            data = data[len(piece.encode("utf-8")) :]
         return pieces
     pieces: list[str] = []
     current: list[str] = []
@@ -219,7 +226,15 @@ def _deb_version(package: str) -> Callable[[], str | None]:
 # ----------------------------------------------------------------------------------------------
 # code: CPython's standard library sources
 
-_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "pydoc_data"}
+_STDLIB_SKIP_DIRS = {
+    "site-packages",
+    "dist-packages",
+    "test",
+    "tests",
+    "idle_test",
+    "__pycache__",
+    "pydoc_data",
+}
 
 
 def _stdlib_dir() -> Path:
@@ -229,7 +244,8 @@ def _stdlib_dir() -> Path:
 def _code_documents() -> Iterator[str]:
     root = _stdlib_dir()
     files = [
-        path for path in root.rglob("*.py")
+        path
+        for path in root.rglob("*.py")
         if not _STDLIB_SKIP_DIRS.intersection(path.relative_to(root).parts[:-1])
     ]
     for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
@@ -342,7 +358,7 @@ def render_license_pattern(pattern: str) -> str:
     stack: list[list[list[str]]] = [[[]]]  # groups -> alternatives -> text pieces
     position = 0
     for match in _LRE_TOKEN.finditer(pattern):
-        stack[-1][-1].append(pattern[position:match.start()])
+        stack[-1][-1].append(pattern[position : match.start()])
         position = match.end()
         token = match.group(0)
         if token.startswith("//**") or token.startswith("__"):
@@ -550,7 +566,9 @@ SOURCES: dict[str, DomainSource] = {
             origin="Debian metamath-databases, /usr/share/metamath/databases/set.mm",
             install=f"{_APT} metamath-databases",
             documents=_formal_math_documents,
-            locate=lambda: _require_path("formal_math", METAMATH_DIR / "set.mm", f"{_APT} metamath-databases"),
+            locate=lambda: _require_path(
+                "formal_math", METAMATH_DIR / "set.mm", f"{_APT} metamath-databases"
+            ),
             version=_deb_version("metamath-databases"),
             document_unit="~6 KB block of consecutive statements",
             source_id="metamath-set.mm",
