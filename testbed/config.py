@@ -56,8 +56,18 @@ class DomainSourceConfig:
 class DataConfig:
     name: str = "shipped"
     root: str | None = None  # directory holding <domain>.jsonl.gz; null = the shipped data/mix
-    domains: list[str] = field(default_factory=lambda: [
-        "code", "fiction", "drama", "formal_math", "biomedical", "legal", "speeches", "spanish"])
+    domains: list[str] = field(
+        default_factory=lambda: [
+            "code",
+            "fiction",
+            "drama",
+            "formal_math",
+            "biomedical",
+            "legal",
+            "speeches",
+            "spanish",
+        ]
+    )
     weights: list[float] | None = None  # mixture weights per domain; null = balanced
     sources: dict[str, DomainSourceConfig] = field(default_factory=dict)  # per-domain overrides
     tokenizer: str | None = None  # tokenizer.json; null = the shipped data/tokenizer.json
@@ -123,8 +133,13 @@ class RunConfig:
     init_from: str | None = None
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "trainer": TrainerConfig,
-            "logger": LoggerConfig, "optim": OptimConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "trainer": TrainerConfig,
+    "logger": LoggerConfig,
+    "optim": OptimConfig,
+}
 TOP_LEVEL_KEYS = {"seed", "run_name", "init_from", "router", "balance", "aux_loss", *SECTIONS}
 
 
@@ -135,7 +150,9 @@ def _structured(section: str, schema: type, node: Any) -> Any:
     except OmegaConfBaseException as err:
         key = f"{section}.{err.full_key}" if getattr(err, "full_key", None) else section
         allowed = f"the fields of {schema.__name__}: {[f.name for f in dataclasses.fields(schema)]}"
-        raise ConfigError(key, getattr(err, "value", None), f"{allowed} ({err.msg if hasattr(err, 'msg') else err})")
+        raise ConfigError(
+            key, getattr(err, "value", None), f"{allowed} ({err.msg if hasattr(err, 'msg') else err})"
+        ) from None
 
 
 def parse_config(cfg: DictConfig | dict) -> RunConfig:
@@ -164,12 +181,23 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
 
     aux_raw = raw.get("aux_loss") or {}
     if not isinstance(aux_raw, dict):
-        raise ConfigError("aux_loss", aux_raw, f"a list of config names from conf/aux_loss: {AUX_LOSSES.names()}")
-    aux = {name: AUX_LOSSES.build_config(name, dict(options or {}), f"aux_loss.{name}")
-           for name, options in aux_raw.items()}
+        raise ConfigError(
+            "aux_loss", aux_raw, f"a list of config names from conf/aux_loss: {AUX_LOSSES.names()}"
+        )
+    aux = {
+        name: AUX_LOSSES.build_config(name, dict(options or {}), f"aux_loss.{name}")
+        for name, options in aux_raw.items()
+    }
 
-    run = RunConfig(router=router, balance=balance, aux_loss=aux, seed=int(raw.get("seed", 0)),
-                    run_name=str(raw.get("run_name", "run")), init_from=raw.get("init_from"), **sections)
+    run = RunConfig(
+        router=router,
+        balance=balance,
+        aux_loss=aux,
+        seed=int(raw.get("seed", 0)),
+        run_name=str(raw.get("run_name", "run")),
+        init_from=raw.get("init_from"),
+        **sections,
+    )
     validate(run)
     return run
 
@@ -192,10 +220,15 @@ def validate(run: RunConfig) -> None:
     if m.d_model % m.n_heads:
         raise ConfigError("model.d_model", m.d_model, f"a multiple of model.n_heads={m.n_heads}")
     if (m.d_model // m.n_heads) % 2:
-        raise ConfigError("model.n_heads", m.n_heads,
-                          f"a head count giving an even head size (rotary needs pairs); d_model={m.d_model}")
+        raise ConfigError(
+            "model.n_heads",
+            m.n_heads,
+            f"a head count giving an even head size (rotary needs pairs); d_model={m.d_model}",
+        )
     if not 0 <= m.dense_layers <= m.n_layers:
-        raise ConfigError("model.dense_layers", m.dense_layers, f"an integer from 0 to model.n_layers={m.n_layers}")
+        raise ConfigError(
+            "model.dense_layers", m.dense_layers, f"an integer from 0 to model.n_layers={m.n_layers}"
+        )
     if m.moe.num_shared_experts < 0:
         raise ConfigError("model.moe.num_shared_experts", m.moe.num_shared_experts, "an integer >= 0")
     from testbed.model.experts import BACKENDS
@@ -216,14 +249,20 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("data.domains", d.domains, "a list without repeated names")
     if d.weights is not None:
         if len(d.weights) != len(d.domains) or any(w < 0 for w in d.weights) or sum(d.weights) <= 0:
-            raise ConfigError("data.weights", d.weights,
-                              f"null (balanced) or {len(d.domains)} non-negative numbers, one per data.domains entry")
+            raise ConfigError(
+                "data.weights",
+                d.weights,
+                f"null (balanced) or {len(d.domains)} non-negative numbers, one per data.domains entry",
+            )
     if not 0 < d.val_fraction < 1:
         raise ConfigError("data.val_fraction", d.val_fraction, "a fraction in (0, 1)")
     unknown_sources = sorted(set(d.sources) - set(d.domains))
     if unknown_sources:
-        raise ConfigError(f"data.sources.{unknown_sources[0]}", unknown_sources[0],
-                          f"a domain listed in data.domains {d.domains}")
+        raise ConfigError(
+            f"data.sources.{unknown_sources[0]}",
+            unknown_sources[0],
+            f"a domain listed in data.domains {d.domains}",
+        )
 
     t = run.trainer
     _positive("trainer.max_steps", t.max_steps)

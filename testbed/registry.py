@@ -1,4 +1,4 @@
-"""Name -> (class, config dataclass) registries for routers and losses: one file + one YAML adds a component."""
+"""Name -> (class, config dataclass) registries of routers and losses: one file + one YAML adds one."""
 
 from __future__ import annotations
 
@@ -44,8 +44,11 @@ class Registry(Generic[T]):
         fields = {f.name: f for f in dataclasses.fields(config_cls)}
         unknown = sorted(set(options) - set(fields))
         if unknown:
-            raise ConfigError(f"{key}.{unknown[0]}", options[unknown[0]],
-                              f"options of {self.kind} '{name}': {sorted(fields)}")
+            raise ConfigError(
+                f"{key}.{unknown[0]}",
+                options[unknown[0]],
+                f"options of {self.kind} '{name}': {sorted(fields)}",
+            )
         try:
             return config_cls(**options)
         except (TypeError, ValueError) as err:

@@ -18,10 +18,13 @@ SYNTH_DOMAINS = ["alpha", "beta", "gamma"]
 
 @pytest.fixture(scope="session")
 def synth_mix(tmp_path_factory):
-    """Three domains with disjoint alphabets (trivially distinguishable), 24 documents each, and a BPE tokenizer."""
+    return make_synth_mix(tmp_path_factory.mktemp("synth_mix"))
+
+
+def make_synth_mix(root):
+    """Three domains with disjoint alphabets (trivially distinguishable), 24 documents each; BPE tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    root = tmp_path_factory.mktemp("synth_mix")
     rng = random.Random(0)
     alphabets = {"alpha": "abcdef", "beta": "ghijkl", "gamma": "mnopqr"}
     texts = []
@@ -35,22 +38,41 @@ def synth_mix(tmp_path_factory):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer)
     tokenizer.save(str(root / "tokenizer.json"))
     return root
 
 
-SMALL_MODEL = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.moe.num_experts=6",
-               "model.moe.expert_hidden=32", "model.vocab_size=512"]
+SMALL_MODEL = [
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.moe.num_experts=6",
+    "model.moe.expert_hidden=32",
+    "model.vocab_size=512",
+]
 
 
 def synth_overrides(root, *extra: str) -> list[str]:
-    return [f"data.root={root}", f"data.tokenizer={root / 'tokenizer.json'}",
-            f"data.domains=[{','.join(SYNTH_DOMAINS)}]", "data.seq_len=32", "data.batch_size=8",
-            "data.val_tokens_per_domain=512", *SMALL_MODEL, "trainer.progress_bar=false",
-            "trainer.max_steps=12", "trainer.val_check_interval=6", *extra]
+    return [
+        f"data.root={root}",
+        f"data.tokenizer={root / 'tokenizer.json'}",
+        f"data.domains=[{','.join(SYNTH_DOMAINS)}]",
+        "data.seq_len=32",
+        "data.batch_size=8",
+        "data.val_tokens_per_domain=512",
+        *SMALL_MODEL,
+        "trainer.progress_bar=false",
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=6",
+        *extra,
+    ]
 
 
 def compose(overrides: list[str] | None = None):

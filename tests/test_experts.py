@@ -20,7 +20,9 @@ def routing_with_empty_experts(num_tokens, num_experts, top_k, seed=0):
 
 def brute_force(bank, x, routing):
     y = torch.zeros_like(x)
-    for t, e, w in zip(routing.token_index.tolist(), routing.expert_index.tolist(), routing.weight, strict=True):
+    for t, e, w in zip(
+        routing.token_index.tolist(), routing.expert_index.tolist(), routing.weight, strict=True
+    ):
         y[t] += w * (swiglu(x[t] @ bank.w_in[e]) @ bank.w_out[e])
     return y
 

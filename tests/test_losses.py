@@ -59,14 +59,25 @@ def test_z_loss_by_hand():
     assert ZLoss(ZLossConfig())(r, RoutingContext(1, 2)).item() == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("loss", [LoadBalanceLoss(LoadBalanceConfig()),
-                                  LoadBalanceLoss(LoadBalanceConfig(scope="sequence")),
-                                  ZLoss(ZLossConfig())], ids=["lb_micro_batch", "lb_sequence", "z_loss"])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        LoadBalanceLoss(LoadBalanceConfig()),
+        LoadBalanceLoss(LoadBalanceConfig(scope="sequence")),
+        ZLoss(ZLossConfig()),
+    ],
+    ids=["lb_micro_batch", "lb_sequence", "z_loss"],
+)
 @pytest.mark.parametrize("backend", ["loop", "grouped"])
 def test_each_aux_loss_sends_gradient_to_router(loss, backend):
     torch.manual_seed(0)
-    layer = MoELayer(16, MoEConfig(num_experts=8, expert_hidden=16, backend=backend),
-                     TopKSoftmaxConfig(top_k=2), [loss], layer_index=0)
+    layer = MoELayer(
+        16,
+        MoEConfig(num_experts=8, expert_hidden=16, backend=backend),
+        TopKSoftmaxConfig(top_k=2),
+        [loss],
+        layer_index=0,
+    )
     layer.train()
     _, out = layer(torch.randn(2, 12, 16), RoutingContext(batch_size=2, seq_len=12))
     assert set(out.losses) == {loss.name}

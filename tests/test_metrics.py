@@ -18,7 +18,7 @@ def oracle_counts(tokens_per_domain=100):
     """Each domain d uses only its block of E/D = 2 experts, evenly (K=2: both experts of the block)."""
     n = np.zeros((D, E))
     for d in range(D):
-        n[d, 2 * d: 2 * d + 2] = tokens_per_domain
+        n[d, 2 * d : 2 * d + 2] = tokens_per_domain
     return n
 
 
@@ -83,8 +83,10 @@ def random_routing(num_tokens, seed):
 
 
 def test_streaming_equals_one_shot():
-    batches = [(random_routing(30, s), torch.randint(0, D, (30,), generator=torch.Generator().manual_seed(s)))
-               for s in range(5)]
+    batches = [
+        (random_routing(30, s), torch.randint(0, D, (30,), generator=torch.Generator().manual_seed(s)))
+        for s in range(5)
+    ]
     streamed = RoutingStats(1, D, E)
     for routing, domains in batches:
         streamed.update(0, routing, domains)
@@ -113,7 +115,9 @@ def test_gate_entropy_uniform_and_one_hot():
     uniform = torch.full((10, E), 1 / E)
     one_hot = torch.nn.functional.one_hot(torch.arange(10) % E, E).float()
     for layer, probs in enumerate((uniform, one_hot)):
-        stats.update(layer, routing_from_choices(probs, probs, probs.topk(1).indices, torch.ones(10, 1)), None)
+        stats.update(
+            layer, routing_from_choices(probs, probs, probs.topk(1).indices, torch.ones(10, 1)), None
+        )
     metrics = spec_metrics(stats, ["layer0", "layer1"])
     assert metrics["spec/gate_entropy/layer0"] == pytest.approx(1.0)
     assert metrics["spec/gate_entropy/layer1"] == pytest.approx(0.0, abs=1e-9)

@@ -19,7 +19,8 @@ def check_contract(routing, num_tokens, num_experts):
     torch.testing.assert_close(routing.probs.sum(-1), torch.ones(num_tokens))
     assert torch.all(routing.expert_index[1:] >= routing.expert_index[:-1]), "assignments sorted by expert"
     counts = torch.zeros(num_experts, dtype=torch.long).scatter_add_(
-        0, routing.expert_index, torch.ones_like(routing.expert_index))
+        0, routing.expert_index, torch.ones_like(routing.expert_index)
+    )
     assert torch.equal(routing.tokens_per_expert, counts)
     assert torch.all(routing.weight >= 0)
 
@@ -36,12 +37,14 @@ def test_topk_gives_k_distinct_experts_per_token(num_tokens, num_experts, data):
     assert routing.num_assignments == num_tokens * top_k
     pairs = routing.token_index * num_experts + routing.expert_index
     assert pairs.unique().numel() == pairs.numel(), "a token never gets the same expert twice"
-    per_token = torch.zeros(num_tokens, dtype=torch.long).index_add_(0, routing.token_index,
-                                                                     torch.ones_like(routing.token_index))
+    per_token = torch.zeros(num_tokens, dtype=torch.long).index_add_(
+        0, routing.token_index, torch.ones_like(routing.token_index)
+    )
     assert torch.all(per_token == top_k)
     # the chosen experts are the top-k of the probabilities, and gates are those probabilities
-    gates = torch.zeros(num_tokens, num_experts).index_put_((routing.token_index, routing.expert_index),
-                                                            routing.weight)
+    gates = torch.zeros(num_tokens, num_experts).index_put_(
+        (routing.token_index, routing.expert_index), routing.weight
+    )
     topk_values = routing.probs.topk(top_k, dim=-1).values
     chosen_probs = routing.probs[routing.token_index, routing.expert_index]
     assert torch.all(chosen_probs >= topk_values[routing.token_index, -1] - 1e-7)

@@ -35,7 +35,7 @@ class DomainSplit:
 
 
 def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
-    """Concatenate documents with EOS separators and cut into windows of seq_len + 1 tokens (stride seq_len)."""
+    """Join documents with EOS separators; cut into windows of seq_len + 1 tokens (stride seq_len)."""
     stream = []
     for ids in token_lists:
         stream.extend(ids)
@@ -64,8 +64,10 @@ def load_tokenizer(path: str | None):
     try:
         return Tokenizer.from_file(path)
     except Exception as err:
-        raise DataError(f"tokenizer file {path} cannot be loaded ({err}); build it with "
-                        "`testbed-data --tokenizer data/tokenizer.json` or set data.tokenizer") from err
+        raise DataError(
+            f"tokenizer file {path} cannot be loaded ({err}); build it with "
+            "`testbed-data --tokenizer data/tokenizer.json` or set data.tokenizer"
+        ) from err
 
 
 class PackedSequences(Dataset):
@@ -100,8 +102,15 @@ class DomainBatchSampler(Sampler[list[int]]):
     when used up. Deterministic given the seed; each new iteration (epoch) continues the random stream.
     """
 
-    def __init__(self, offsets: np.ndarray, weights: np.ndarray, batch_size: int, composition: str,
-                 seed: int, batches_per_epoch: int):
+    def __init__(
+        self,
+        offsets: np.ndarray,
+        weights: np.ndarray,
+        batch_size: int,
+        composition: str,
+        seed: int,
+        batches_per_epoch: int,
+    ):
         self.offsets, self.batch_size, self.composition = offsets, batch_size, composition
         self.weights = weights / weights.sum()
         self.batches_per_epoch = batches_per_epoch
@@ -121,7 +130,7 @@ class DomainBatchSampler(Sampler[list[int]]):
                 self.perms[domain] = self.rng.permutation(self.sizes[domain])
                 self.cursor[domain] = 0
             take = min(count - len(out), self.sizes[domain] - self.cursor[domain])
-            chosen = self.perms[domain][self.cursor[domain]: self.cursor[domain] + take]
+            chosen = self.perms[domain][self.cursor[domain] : self.cursor[domain] + take]
             out.extend((self.offsets[domain] + chosen).tolist())
             self.cursor[domain] += take
         return out
@@ -179,9 +188,11 @@ class DomainMixDataModule(L.LightningDataModule):
             if cfg.val_tokens_per_domain > 0:
                 val = val[: max(1, math.ceil(cfg.val_tokens_per_domain / cfg.seq_len))]
             if len(train) == 0 or len(val) == 0:
-                raise DataError(f"domain '{domain}': too little text for data.seq_len={cfg.seq_len} "
-                                f"({len(train)} train and {len(val)} validation sequences); add documents "
-                                "or lower data.seq_len")
+                raise DataError(
+                    f"domain '{domain}': too little text for data.seq_len={cfg.seq_len} "
+                    f"({len(train)} train and {len(val)} validation sequences); add documents "
+                    "or lower data.seq_len"
+                )
             splits.append(DomainSplit(domain, train, val, len(train_docs), len(val_docs)))
         self.splits = splits
         self.train_set = PackedSequences([s.train for s in splits])
@@ -191,20 +202,41 @@ class DomainMixDataModule(L.LightningDataModule):
         return self.tokenizer.get_vocab_size()
 
     def train_dataloader(self) -> DataLoader:
-        weights = np.asarray(self.config.weights if self.config.weights is not None
-                             else [1.0] * len(self.domains), dtype=np.float64)
+        weights = np.asarray(
+            self.config.weights if self.config.weights is not None else [1.0] * len(self.domains),
+            dtype=np.float64,
+        )
         batches = max(1, len(self.train_set) // self.config.batch_size)
-        sampler = DomainBatchSampler(self.train_set.offsets, weights, self.config.batch_size,
-                                     self.config.batch_composition, self.seed, batches)
-        return DataLoader(self.train_set, batch_sampler=sampler, collate_fn=collate,
-                          num_workers=self.config.num_workers)
+        sampler = DomainBatchSampler(
+            self.train_set.offsets,
+            weights,
+            self.config.batch_size,
+            self.config.batch_composition,
+            self.seed,
+            batches,
+        )
+        return DataLoader(
+            self.train_set, batch_sampler=sampler, collate_fn=collate, num_workers=self.config.num_workers
+        )
 
     def val_dataloader(self) -> DataLoader:
         # Fixed order, domain after domain: the same validation tokens for every run and seed.
-        return DataLoader(self.val_set, batch_size=self.config.batch_size, shuffle=False, collate_fn=collate,
-                          num_workers=self.config.num_workers)
+        return DataLoader(
+            self.val_set,
+            batch_size=self.config.batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            num_workers=self.config.num_workers,
+        )
 
     def describe(self) -> list[dict]:
-        return [{"domain": s.name, "train_documents": s.train_documents, "val_documents": s.val_documents,
-                 "train_tokens": int(s.train.shape[0] * (s.train.shape[1] - 1)),
-                 "val_tokens": int(s.val.shape[0] * (s.val.shape[1] - 1))} for s in (self.splits or [])]
+        return [
+            {
+                "domain": s.name,
+                "train_documents": s.train_documents,
+                "val_documents": s.val_documents,
+                "train_tokens": int(s.train.shape[0] * (s.train.shape[1] - 1)),
+                "val_tokens": int(s.val.shape[0] * (s.val.shape[1] - 1)),
+            }
+            for s in (self.splits or [])
+        ]

@@ -24,8 +24,10 @@ def infer_format(path: Path) -> str:
     suffixes = [s for s in path.suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
     if suffixes and suffixes[-1] in FORMATS:
         return FORMATS[suffixes[-1]]
-    raise DataError(f"data file {path}: cannot tell its format from the name; set data.sources.<domain>.format "
-                    f"to one of ['json', 'text', 'parquet'] (known extensions: {sorted(FORMATS)})")
+    raise DataError(
+        f"data file {path}: cannot tell its format from the name; set data.sources.<domain>.format "
+        f"to one of ['json', 'text', 'parquet'] (known extensions: {sorted(FORMATS)})"
+    )
 
 
 def _files(path: Path) -> list[Path]:
@@ -50,12 +52,14 @@ def check_utf8(path: Path) -> None:
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"data file {path} is not valid UTF-8 (byte {err.start}: {err.reason}); "
-                        "re-encode it as UTF-8") from err
+        raise DataError(
+            f"data file {path} is not valid UTF-8 (byte {err.start}: {err.reason}); re-encode it as UTF-8"
+        ) from err
 
 
-def load_documents(domain: str, source: DomainSourceConfig | None, root: str | None,
-                   cache_dir: str | None = None) -> list[str]:
+def load_documents(
+    domain: str, source: DomainSourceConfig | None, root: str | None, cache_dir: str | None = None
+) -> list[str]:
     """All non-empty documents of one domain, in file order."""
     import datasets
 
@@ -63,12 +67,15 @@ def load_documents(domain: str, source: DomainSourceConfig | None, root: str | N
     source = source or DomainSourceConfig()
     if source.hf_dataset:
         try:
-            dataset = datasets.load_dataset(source.hf_dataset, source.hf_config, split=source.hf_split,
-                                            cache_dir=cache_dir)
+            dataset = datasets.load_dataset(
+                source.hf_dataset, source.hf_config, split=source.hf_split, cache_dir=cache_dir
+            )
         except Exception as err:  # hub errors vary; name the source and what to check
-            raise DataError(f"domain '{domain}': cannot load hub dataset {source.hf_dataset!r} "
-                            f"(config {source.hf_config!r}, split {source.hf_split!r}): {err}. Offline machines "
-                            "need a local file instead: data.sources.<domain>.path") from err
+            raise DataError(
+                f"domain '{domain}': cannot load hub dataset {source.hf_dataset!r} "
+                f"(config {source.hf_config!r}, split {source.hf_split!r}): {err}. Offline machines "
+                "need a local file instead: data.sources.<domain>.path"
+            ) from err
         origin = f"hub dataset {source.hf_dataset}"
     else:
         path = Path(source.path) if source.path else Path(root or SHIPPED_MIX) / f"{domain}.jsonl.gz"
@@ -76,29 +83,39 @@ def load_documents(domain: str, source: DomainSourceConfig | None, root: str | N
             path = PROJECT_ROOT / path
         if not path.exists():
             available = sorted(p.name.split(".")[0] for p in path.parent.glob("*.jsonl.gz"))
-            hint = (f"domains available in {path.parent}: {available}; for another domain set "
-                    f"data.sources.{domain}.path or build it with `testbed-data --out {path.parent}`"
-                    if not source.path else "check data.sources.<domain>.path")
+            hint = (
+                f"domains available in {path.parent}: {available}; for another domain set "
+                f"data.sources.{domain}.path or build it with `testbed-data --out {path.parent}`"
+                if not source.path
+                else "check data.sources.<domain>.path"
+            )
             raise DataError(f"domain '{domain}': data file {path} does not exist; {hint}")
         fmt = source.format or infer_format(path)
         if fmt not in ("json", "text", "parquet"):
-            raise DataError(f"domain '{domain}': format {fmt!r} for {path}; allowed: ['json', 'text', 'parquet']")
+            raise DataError(
+                f"domain '{domain}': format {fmt!r} for {path}; allowed: ['json', 'text', 'parquet']"
+            )
         files = _files(path)
         if fmt != "parquet":
             for file in files:
                 check_utf8(file)
         kwargs = {"sample_by": "document"} if fmt == "text" else {}
         try:
-            dataset = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train",
-                                            cache_dir=cache_dir, **kwargs)
+            dataset = datasets.load_dataset(
+                fmt, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir, **kwargs
+            )
         except Exception as err:
             raise DataError(f"domain '{domain}': cannot parse {path} as {fmt}: {err}") from err
         origin = f"data file {path}"
     if source.text_field not in dataset.column_names:
-        raise DataError(f"domain '{domain}': {origin} has no field {source.text_field!r}; "
-                        f"its fields are {dataset.column_names} (set data.sources.{domain}.text_field)")
+        raise DataError(
+            f"domain '{domain}': {origin} has no field {source.text_field!r}; "
+            f"its fields are {dataset.column_names} (set data.sources.{domain}.text_field)"
+        )
     documents = [t for t in dataset[source.text_field] if isinstance(t, str) and t.strip()]
     if len(documents) < 2:
-        raise DataError(f"domain '{domain}': {origin} holds {len(documents)} non-empty documents; "
-                        "at least 2 are needed (one is held out for validation)")
+        raise DataError(
+            f"domain '{domain}': {origin} holds {len(documents)} non-empty documents; "
+            "at least 2 are needed (one is held out for validation)"
+        )
     return documents

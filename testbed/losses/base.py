@@ -13,7 +13,7 @@ from testbed.routing.base import Routing, RoutingContext
 
 
 class AuxLoss:
-    """Base class. Subclasses set `config` (a dataclass with at least `coefficient`) and implement `__call__`."""
+    """Base class: `config` is a dataclass with at least `coefficient`; subclasses implement `__call__`."""
 
     registry_name = "base"
     needs_expert_outputs = False  # True: the expert backend hands back per-assignment outputs o_{t,k}
@@ -29,7 +29,9 @@ class AuxLoss:
     def coefficient(self) -> float:
         return float(self.config.coefficient)
 
-    def __call__(self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
+    ) -> Tensor:
         raise NotImplementedError
 
     @classmethod

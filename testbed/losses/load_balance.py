@@ -26,8 +26,14 @@ class LoadBalanceConfig:
     scope: str = "micro_batch"
 
 
-def load_balance_value(probs: Tensor, expert_index: Tensor, token_index: Tensor, num_experts: int,
-                       group_of_token: Tensor | None = None, num_groups: int = 1) -> Tensor:
+def load_balance_value(
+    probs: Tensor,
+    expert_index: Tensor,
+    token_index: Tensor,
+    num_experts: int,
+    group_of_token: Tensor | None = None,
+    num_groups: int = 1,
+) -> Tensor:
     """E * sum_e f_e P_e computed within each group of tokens, averaged over groups.
 
     probs [T, E]; expert_index/token_index [A]; group_of_token [T] (None = one group, the micro-batch).
@@ -37,7 +43,9 @@ def load_balance_value(probs: Tensor, expert_index: Tensor, token_index: Tensor,
         group_of_token = torch.zeros(num_tokens, dtype=torch.long, device=probs.device)
     flat = group_of_token[token_index] * num_experts + expert_index
     counts = torch.zeros(num_groups * num_experts, device=probs.device, dtype=probs.dtype)
-    counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=probs.dtype)).view(num_groups, num_experts)
+    counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=probs.dtype)).view(
+        num_groups, num_experts
+    )
     fractions = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).detach()
     prob_sums = torch.zeros(num_groups, num_experts, device=probs.device, dtype=probs.dtype)
     prob_sums = prob_sums.index_add_(0, group_of_token, probs)
@@ -49,11 +57,19 @@ def load_balance_value(probs: Tensor, expert_index: Tensor, token_index: Tensor,
 
 @BALANCE.register("load_balance", LoadBalanceConfig)
 class LoadBalanceLoss(AuxLoss):
-    def __call__(self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
+    ) -> Tensor:
         probs = routing.probs.float()
         if self.config.scope == "sequence":
-            return load_balance_value(probs, routing.expert_index, routing.token_index, routing.num_experts,
-                                      context.sequence_ids.to(probs.device), context.batch_size)
+            return load_balance_value(
+                probs,
+                routing.expert_index,
+                routing.token_index,
+                routing.num_experts,
+                context.sequence_ids.to(probs.device),
+                context.batch_size,
+            )
         return load_balance_value(probs, routing.expert_index, routing.token_index, routing.num_experts)
 
     @classmethod

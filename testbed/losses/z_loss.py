@@ -1,4 +1,4 @@
-"""Router z-loss: c_z * mean_t (logsumexp_e z_{t,e})^2, keeps router logits small (ST-MoE, Zoph et al. 2022)."""
+"""Router z-loss c_z * mean_t (logsumexp_e z_{t,e})^2: keeps router logits small (ST-MoE, Zoph 2022)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ class ZLossConfig:
 
 @AUX_LOSSES.register("z_loss", ZLossConfig)
 class ZLoss(AuxLoss):
-    def __call__(self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None) -> Tensor:
+    def __call__(
+        self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
+    ) -> Tensor:
         return torch.logsumexp(routing.logits.float(), dim=-1).square().mean()
 
     @classmethod

@@ -22,7 +22,9 @@ class RoutingStats:
     dropped [L]             assignments removed by capacity
     """
 
-    def __init__(self, num_layers: int, num_domains: int, num_experts: int, device: torch.device | str = "cpu"):
+    def __init__(
+        self, num_layers: int, num_domains: int, num_experts: int, device: torch.device | str = "cpu"
+    ):
         self.num_layers, self.num_domains, self.num_experts = num_layers, num_domains, num_experts
         self.device = torch.device(device)
         self.reset()
@@ -63,4 +65,7 @@ class RoutingStats:
             getattr(self, name).add_(getattr(other, name).to(self.device))
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {name: getattr(self, name).cpu() for name in ("counts", "prob_sums", "entropy_sums", "tokens", "dropped")}
+        return {
+            name: getattr(self, name).cpu()
+            for name in ("counts", "prob_sums", "entropy_sums", "tokens", "dropped")
+        }

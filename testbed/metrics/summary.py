@@ -28,7 +28,9 @@ def spec_metrics(stats: RoutingStats, layer_names: list[str]) -> dict[str, float
     """All layers' metrics under SPEC keys, plus the mean over layers. One host transfer, at log time."""
     state = stats.state_dict()
     counts, entropy, tokens = state["counts"].numpy(), state["entropy_sums"].numpy(), state["tokens"].numpy()
-    per_layer = [layer_metrics(counts[i], float(entropy[i]), int(tokens[i].sum())) for i in range(len(layer_names))]
+    per_layer = [
+        layer_metrics(counts[i], float(entropy[i]), int(tokens[i].sum())) for i in range(len(layer_names))
+    ]
     out: dict[str, float] = {}
     for metric in METRICS:
         values = [m[metric] for m in per_layer]

@@ -27,8 +27,14 @@ def swiglu(gate_and_up: Tensor) -> Tensor:
 class ExpertBank(nn.Module):
     """E SwiGLU experts: w_in [E, d, 2h] (gate and up projections fused), w_out [E, h, d]."""
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int, backend: str = "grouped",
-                 out_init_scale: float = 1.0):
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        hidden: int,
+        backend: str = "grouped",
+        out_init_scale: float = 1.0,
+    ):
         super().__init__()
         if backend not in BACKENDS:
             raise ValueError(f"expert backend {backend!r} not in {BACKENDS}")

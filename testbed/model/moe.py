@@ -1,4 +1,4 @@
-"""The MoE layer: router -> Routing -> expert backend -> combine (+ shared experts) -> per-layer aux losses."""
+"""The MoE layer: router -> Routing -> experts -> combine (+ shared experts) -> per-layer aux losses."""
 
 from __future__ import annotations
 
@@ -21,16 +21,26 @@ class LayerOutput:
 
 
 class MoELayer(nn.Module):
-    def __init__(self, d_model: int, moe: MoEConfig, router_config, losses: list[AuxLoss],
-                 layer_index: int, out_init_scale: float = 1.0):
+    def __init__(
+        self,
+        d_model: int,
+        moe: MoEConfig,
+        router_config,
+        losses: list[AuxLoss],
+        layer_index: int,
+        out_init_scale: float = 1.0,
+    ):
         super().__init__()
         router_cls, _ = ROUTERS.get(router_config.name)
         self.layer_index = layer_index  # block index in the model (metric keys use it)
         self.moe_index = 0  # ordinal among MoE layers (row of the routing counters); set by the model
         self.router = router_cls(d_model, moe.num_experts, router_config)
         self.experts = ExpertBank(moe.num_experts, d_model, moe.expert_hidden, moe.backend, out_init_scale)
-        self.shared = (DenseSwiGLU(d_model, moe.num_shared_experts * moe.expert_hidden, out_init_scale)
-                       if moe.num_shared_experts > 0 else None)
+        self.shared = (
+            DenseSwiGLU(d_model, moe.num_shared_experts * moe.expert_hidden, out_init_scale)
+            if moe.num_shared_experts > 0
+            else None
+        )
         self.losses = losses
         self.needs_expert_outputs = any(loss.needs_expert_outputs for loss in losses)
 
@@ -44,7 +54,9 @@ class MoELayer(nn.Module):
         losses = {}
         if self.training:
             for loss in self.losses:
-                losses[loss.name] = loss(routing, context, expert_outputs if loss.needs_expert_outputs else None)
+                losses[loss.name] = loss(
+                    routing, context, expert_outputs if loss.needs_expert_outputs else None
+                )
         stats = context.extras.get("routing_stats")
         if stats is not None:
             stats.update(self.moe_index, routing, context.domain_ids)

@@ -95,12 +95,17 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
-    def forward(self, input_ids: Tensor, domain_ids: Tensor | None = None,
-                extras: dict | None = None) -> tuple[Tensor, list[LayerOutput]]:
+    def forward(
+        self, input_ids: Tensor, domain_ids: Tensor | None = None, extras: dict | None = None
+    ) -> tuple[Tensor, list[LayerOutput]]:
         batch, seq = input_ids.shape
-        context = RoutingContext(batch_size=batch, seq_len=seq, token_ids=input_ids.reshape(-1),
-                                 domain_ids=None if domain_ids is None else domain_ids.reshape(-1),
-                                 extras=extras or {})
+        context = RoutingContext(
+            batch_size=batch,
+            seq_len=seq,
+            token_ids=input_ids.reshape(-1),
+            domain_ids=None if domain_ids is None else domain_ids.reshape(-1),
+            extras=extras or {},
+        )
         x = self.embed(input_ids)
         outputs = []
         for block in self.blocks:

@@ -15,8 +15,12 @@ from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routi
 class TopKSoftmaxConfig:
     name: str = "topk_softmax"
     top_k: int = 2
-    renormalize: bool = False  # True: gates of the chosen experts sum to 1 (Mixtral); False: OLMoE/DeepSeek-V2
-    jitter: float = 0.0  # multiplicative input noise U(1-jitter, 1+jitter) during training (Switch Transformer)
+    renormalize: bool = (
+        False  # True: gates of the chosen experts sum to 1 (Mixtral); False: OLMoE/DeepSeek-V2
+    )
+    jitter: float = (
+        0.0  # multiplicative input noise U(1-jitter, 1+jitter) during training (Switch Transformer)
+    )
 
 
 @ROUTERS.register("topk_softmax", TopKSoftmaxConfig)
@@ -35,7 +39,10 @@ class TopKSoftmaxRouter(Router):
     @classmethod
     def check(cls, config: TopKSoftmaxConfig, num_experts: int, key: str) -> None:
         if not 1 <= config.top_k <= num_experts:
-            raise ConfigError(f"{key}.top_k", config.top_k,
-                              f"an integer from 1 to the number of experts (model.moe.num_experts={num_experts})")
+            raise ConfigError(
+                f"{key}.top_k",
+                config.top_k,
+                f"an integer from 1 to the number of experts (model.moe.num_experts={num_experts})",
+            )
         if not 0 <= config.jitter < 1:
             raise ConfigError(f"{key}.jitter", config.jitter, "a float in [0, 1)")

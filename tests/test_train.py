@@ -1,0 +1,125 @@
+"""End to end: training runs, summary.json, determinism, init_from, and the real `testbed-train` CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from testbed.errors import CheckpointError
+from testbed.metrics.summary import METRICS
+from testbed.train.cli import run_training
+from tests.conftest import SYNTH_DOMAINS, compose, synth_overrides
+
+pytestmark = pytest.mark.slow
+
+
+LEARNING = (
+    "seed=7",
+    "trainer.max_steps=60",
+    "trainer.val_check_interval=30",
+    "optim.warmup_steps=5",
+    "optim.lr=1e-2",
+)
+
+
+def train(root, run_dir, *extra):
+    return run_training(compose(synth_overrides(root, *extra)), run_dir, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def first_run(synth_mix, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run_a")
+    return run_dir, train(synth_mix, run_dir, *LEARNING)
+
+
+def test_summary_holds_losses_and_metrics(first_run):
+    run_dir, summary = first_run
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["steps"] == summary["steps"] == 60
+    assert on_disk["tokens_seen"] == 60 * 8 * 32
+    for domain in SYNTH_DOMAINS:  # the LM has learned more than token frequencies
+        assert on_disk[f"val/loss/{domain}"] < on_disk["unigram_entropy"][domain]
+    for metric in METRICS:
+        assert f"spec/{metric}/mean" in on_disk
+    assert 2 / 6 - 1e-9 <= on_disk["spec/utilization/mean"] <= 1.0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    counts = torch.load(run_dir / "routing" / "counts_step60.pt")
+    assert counts["counts"].shape == (2, 3, 6)
+    # each validation token is routed to top_k = 2 experts in every layer
+    assert torch.all(counts["counts"].sum(dim=(1, 2)) == 2 * counts["tokens"].sum(-1))
+    header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {
+        "spec/purity/layer0",
+        "spec/nmi/mean",
+        "val/loss/alpha",
+        "train/aux/load_balance",
+        "train/aux/z_loss",
+    } <= set(header)
+
+
+def test_same_seed_same_numbers(first_run, synth_mix, tmp_path):
+    _, summary = first_run
+    again = train(synth_mix, tmp_path / "again", *LEARNING)
+    other = train(synth_mix, tmp_path / "other", *LEARNING, "seed=8")
+    keys = [k for k in summary if k.startswith(("val/", "spec/"))]
+    assert {k: summary[k] for k in keys} == {k: again[k] for k in keys}
+    assert summary["val/loss"] != other["val/loss"]
+
+
+def test_init_from_checkpoint(first_run, synth_mix, tmp_path):
+    run_dir, summary = first_run
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    resumed = train(
+        synth_mix, tmp_path / "resumed", f"init_from={ckpt}", "trainer.max_steps=1", "optim.warmup_steps=1000"
+    )
+    assert (
+        resumed["val/loss"] < summary["val/loss"] + 0.2
+    )  # starts from the trained weights, not from scratch
+    with pytest.raises(CheckpointError, match="does not fit the configured model"):
+        train(synth_mix, tmp_path / "bad", f"init_from={ckpt}", "model.moe.num_experts=4")
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(synth_mix, tmp_path / "bad2", f"init_from={tmp_path / 'none.ckpt'}")
+
+
+def cli(*args, cwd=None):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    exe = os.path.join(os.path.dirname(sys.executable), "testbed-train")
+    return subprocess.run([exe, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_cli_run_with_readme_overrides(synth_mix, tmp_path):
+    out = tmp_path / "x"
+    result = cli(*synth_overrides(synth_mix), "router.top_k=1", "trainer.max_steps=4", f"hydra.run.dir={out}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["resolved"]["router"]["top_k"] == 1
+    assert summary["config"]["router"] == "topk_softmax"
+    assert "validation loss per domain" in result.stdout
+
+
+def test_cli_multirun(synth_mix, tmp_path):
+    result = cli(
+        "-m",
+        *synth_overrides(synth_mix),
+        "router.top_k=1,2",
+        "trainer.max_steps=3",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    top_ks = sorted(
+        json.loads((tmp_path / "sweep" / str(i) / "summary.json").read_text())["resolved"]["router"]["top_k"]
+        for i in (0, 1)
+    )
+    assert top_ks == [1, 2]
+
+
+def test_cli_bad_input_exits_before_training(synth_mix, tmp_path):
+    result = cli(*synth_overrides(synth_mix), "router.top_k=9", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert result.returncode == 2
+    assert "router.top_k" in result.stderr and "got 9" in result.stderr
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+    result = cli("aux_loss=[z_loss,nope]")
+    assert result.returncode == 2 and "nope" in result.stderr and "z_loss" in result.stderr
