@@ -10,6 +10,7 @@ import pytest
 
 from testbed.data.corpora import SHIPPED_DOMAINS
 from testbed.data.tokenizer import END_OF_TEXT, END_OF_TEXT_ID, load_tokenizer, train_tokenizer
+from testbed.errors import DataError
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 TOKENIZER = DATA_DIR / "tokenizer.json"
@@ -70,7 +71,7 @@ def test_too_small_vocabulary_is_rejected():
 
 
 def test_missing_tokenizer_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="testbed-data"):
+    with pytest.raises(DataError, match="testbed-data"):
         load_tokenizer(tmp_path / "absent.json")
 
 

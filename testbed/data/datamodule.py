@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from testbed.config import DataConfig
 from testbed.data.loading import SHIPPED_TOKENIZER, load_documents
+from testbed.data.tokenizer import load_tokenizer
 from testbed.errors import DataError
 
 EOS_ID = 0  # "<|endoftext|>" separates documents inside a packed domain stream
@@ -55,19 +56,6 @@ def split_documents(documents: list[str], val_fraction: float, seed: int) -> tup
     train = [d for i, d in enumerate(documents) if i not in val_idx]
     val = [d for i, d in enumerate(documents) if i in val_idx]
     return train, val
-
-
-def load_tokenizer(path: str | None):
-    from tokenizers import Tokenizer
-
-    path = path or str(SHIPPED_TOKENIZER)
-    try:
-        return Tokenizer.from_file(path)
-    except Exception as err:
-        raise DataError(
-            f"tokenizer file {path} cannot be loaded ({err}); build it with "
-            "`testbed-data --tokenizer data/tokenizer.json` or set data.tokenizer"
-        ) from err
 
 
 class PackedSequences(Dataset):
@@ -176,7 +164,7 @@ class DomainMixDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         cfg = self.config
-        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        self.tokenizer = load_tokenizer(cfg.tokenizer or SHIPPED_TOKENIZER)
         splits = []
         for index, domain in enumerate(cfg.domains):
             documents = load_documents(domain, cfg.sources.get(domain), cfg.root, cfg.cache_dir)

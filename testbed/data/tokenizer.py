@@ -14,6 +14,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from testbed.errors import DataError
+
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 0
 
@@ -80,11 +82,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer saved by :func:`train_tokenizer`; a clear error if missing or corrupt."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"tokenizer file {path} not found; build it with "
+        raise DataError(
+            f"tokenizer file {path} not found; set data.tokenizer or build it with "
             f"`testbed-data --out data/mix --tokenizer {path}` (or `make data`)"
         )
     try:
         return Tokenizer.from_file(str(path))
     except Exception as error:  # tokenizers raises a bare Exception on bad JSON
-        raise ValueError(f"tokenizer file {path} is not a valid tokenizers JSON file: {error}") from error
+        raise DataError(f"tokenizer file {path} is not a valid tokenizers JSON file: {error}") from error
