@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from testbed.data.corpora import DEFAULT_MIX
 from testbed.errors import ConfigError
 
 
@@ -56,18 +57,7 @@ class DomainSourceConfig:
 class DataConfig:
     name: str = "shipped"
     root: str | None = None  # directory holding <domain>.jsonl.gz; null = the shipped data/mix
-    domains: list[str] = field(
-        default_factory=lambda: [
-            "code",
-            "fiction",
-            "drama",
-            "formal_math",
-            "biomedical",
-            "legal",
-            "speeches",
-            "spanish",
-        ]
-    )
+    domains: list[str] = field(default_factory=lambda: list(DEFAULT_MIX))
     weights: list[float] | None = None  # mixture weights per domain; null = balanced
     sources: dict[str, DomainSourceConfig] = field(default_factory=dict)  # per-domain overrides
     tokenizer: str | None = None  # tokenizer.json; null = the shipped data/tokenizer.json
@@ -274,7 +264,7 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("optim.lr", run.optim.lr, "a float > 0")
 
     router_cls, _ = ROUTERS.get(run.router.name, "router.name")
-    router_cls.check(run.router, m.moe.num_experts, "router")
+    router_cls.check(run.router, run, "router")
     balance_cls, _ = BALANCE.get(run.balance.name, "balance.name")
     balance_cls.check(run.balance, "balance")
     for name, options in run.aux_loss.items():

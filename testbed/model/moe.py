@@ -29,12 +29,13 @@ class MoELayer(nn.Module):
         losses: list[AuxLoss],
         layer_index: int,
         out_init_scale: float = 1.0,
+        num_domains: int = 1,
     ):
         super().__init__()
         router_cls, _ = ROUTERS.get(router_config.name)
         self.layer_index = layer_index  # block index in the model (metric keys use it)
         self.moe_index = 0  # ordinal among MoE layers (row of the routing counters); set by the model
-        self.router = router_cls(d_model, moe.num_experts, router_config)
+        self.router = router_cls(d_model, moe.num_experts, router_config, num_domains)
         self.experts = ExpertBank(moe.num_experts, d_model, moe.expert_hidden, moe.backend, out_init_scale)
         self.shared = (
             DenseSwiGLU(d_model, moe.num_shared_experts * moe.expert_hidden, out_init_scale)

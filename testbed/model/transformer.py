@@ -65,7 +65,7 @@ class Block(nn.Module):
 class MoETransformer(nn.Module):
     """Token ids [B, S] -> logits [B, S, V] plus one `LayerOutput` per MoE layer."""
 
-    def __init__(self, config: ModelConfig, router_config, losses: list[AuxLoss]):
+    def __init__(self, config: ModelConfig, router_config, losses: list[AuxLoss], num_domains: int = 1):
         super().__init__()
         self.config = config
         out_init_scale = 1.0 / math.sqrt(2 * config.n_layers)  # GPT-2 style residual scaling
@@ -76,7 +76,9 @@ class MoETransformer(nn.Module):
             if i < config.dense_layers:
                 ffn = DenseSwiGLU(config.d_model, config.dense_hidden, out_init_scale)
             else:
-                ffn = MoELayer(config.d_model, config.moe, router_config, losses, i, out_init_scale)
+                ffn = MoELayer(
+                    config.d_model, config.moe, router_config, losses, i, out_init_scale, num_domains
+                )
             blocks.append(Block(config, ffn, out_init_scale))
         self.blocks = nn.ModuleList(blocks)
         for moe_index, layer in enumerate(self.moe_layers):

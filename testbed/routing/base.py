@@ -85,23 +85,49 @@ def routing_from_choices(logits: Tensor, probs: Tensor, chosen_experts: Tensor, 
 
 
 class Router(nn.Module):
-    """Base router: a linear gate producing logits; subclasses turn logits into a `Routing`."""
+    """Base router: a linear gate producing logits; subclasses turn logits into a `Routing`.
+
+    Class flags tell the rest of the system what a router can do:
+    - `token_choice`: each token picks its experts (capacity_factor may then drop assignments);
+    - `supports_expert_bias`: selection adds the `expert_bias` buffer (auxiliary-loss-free balancing);
+    - `scopes`: balancing scopes the router itself uses (e.g. Sinkhorn); empty = none.
+    """
 
     registry_name = "base"
+    token_choice = True
+    supports_expert_bias = False
+    scopes: tuple[str, ...] = ()
 
-    def __init__(self, d_model: int, num_experts: int, config):
+    def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__()
         self.config = config
         self.num_experts = num_experts
+        self.num_domains = num_domains
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model**-0.5)
+        # b_e of expert-bias balancing: changes which experts are selected, never the gates.
+        self.register_buffer("expert_bias", torch.zeros(num_experts))
+
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
 
     @classmethod
-    def check(cls, config, num_experts: int, key: str) -> None:
-        """Raise ConfigError if `config` cannot work with `num_experts`; called before training."""
+    def check(cls, config, run, key: str) -> None:
+        """Raise ConfigError if `config` cannot work in `run` (a RunConfig); called before training."""
+        from testbed.errors import ConfigError
+
+        num_experts = run.model.moe.num_experts
+        top_k = getattr(config, "top_k", 1)
+        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+            raise ConfigError(
+                f"{key}.top_k",
+                top_k,
+                f"an integer from 1 to the number of experts (model.moe.num_experts={num_experts})",
+            )
 
 
 ROUTERS: Registry[Router] = Registry("router", "router")

@@ -25,24 +25,24 @@ class TopKSoftmaxConfig:
 
 @ROUTERS.register("topk_softmax", TopKSoftmaxConfig)
 class TopKSoftmaxRouter(Router):
+    supports_expert_bias = True
+
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
         if self.training and self.config.jitter > 0:
             noise = torch.empty_like(x).uniform_(1 - self.config.jitter, 1 + self.config.jitter)
             x = x * noise
         logits = self.gate(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        gates, chosen = torch.topk(probs, self.config.top_k, dim=-1)
+        chosen = torch.topk(
+            probs + self.expert_bias, self.config.top_k, dim=-1
+        ).indices  # bias: selection only
+        gates = probs.gather(-1, chosen)
         if self.config.renormalize:
             gates = gates / gates.sum(dim=-1, keepdim=True)
         return routing_from_choices(logits, probs, chosen, gates.to(x.dtype))
 
     @classmethod
-    def check(cls, config: TopKSoftmaxConfig, num_experts: int, key: str) -> None:
-        if not 1 <= config.top_k <= num_experts:
-            raise ConfigError(
-                f"{key}.top_k",
-                config.top_k,
-                f"an integer from 1 to the number of experts (model.moe.num_experts={num_experts})",
-            )
+    def check(cls, config: TopKSoftmaxConfig, run, key: str) -> None:
+        super().check(config, run, key)
         if not 0 <= config.jitter < 1:
             raise ConfigError(f"{key}.jitter", config.jitter, "a float in [0, 1)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -50,6 +51,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
     from testbed.train.module import MoELanguageModel
     from testbed.train.summary import print_summary, unigram_entropies, write_summary
 
+    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+    warnings.filterwarnings(
+        "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
+    )  # Lightning/torch version skew
     run = parse_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

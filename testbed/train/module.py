@@ -43,7 +43,7 @@ class MoELanguageModel(L.LightningModule):
         self.save_hyperparameters({"run": dataclasses.asdict(run), "domains": self.domains})
         self.losses = build_losses(run)
         self.loss_coefficients = {loss.name: loss.coefficient for loss in self.losses}
-        self.model = MoETransformer(run.model, run.router, self.losses)
+        self.model = MoETransformer(run.model, run.router, self.losses, num_domains=len(domains))
         self.routing_stats = None  # set by the metrics callback during validation
         self.tokens_seen = 0
         self.last_val_metrics: dict[str, float] = {}
