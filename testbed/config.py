@@ -24,6 +24,9 @@ class MoEConfig:
     expert_hidden: int = 128
     num_shared_experts: int = 0  # always-on dense experts added to every token's output
     backend: str = "grouped"  # loop (reference) | grouped (grouped_mm)
+    capacity_factor: float | None = (
+        None  # token-choice routers: None = dropless, else ceil(cf*K*T/E) per expert
+    )
 
 
 @dataclass
@@ -265,6 +268,24 @@ def validate(run: RunConfig) -> None:
 
     router_cls, _ = ROUTERS.get(run.router.name, "router.name")
     router_cls.check(run.router, run, "router")
+    capacity = m.moe.capacity_factor
+    if capacity is not None:
+        if capacity <= 0:
+            raise ConfigError("model.moe.capacity_factor", capacity, "null (dropless) or a float > 0")
+        if not router_cls.token_choice:
+            raise ConfigError(
+                "model.moe.capacity_factor",
+                capacity,
+                f"null with router '{run.router.name}', which sets its own capacity (router.capacity_factor)",
+            )
+    if run.balance.name == "expert_bias" and not router_cls.supports_expert_bias:
+        supported = [name for name in ROUTERS.names() if ROUTERS.get(name)[0].supports_expert_bias]
+        raise ConfigError(
+            "balance",
+            "expert_bias",
+            f"a router with expert-bias support {supported} (router is '{run.router.name}'); "
+            "use balance=load_balance or balance=none",
+        )
     balance_cls, _ = BALANCE.get(run.balance.name, "balance.name")
     balance_cls.check(run.balance, "balance")
     for name, options in run.aux_loss.items():

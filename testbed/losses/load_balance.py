@@ -1,8 +1,8 @@
 """Load-balance loss (Switch / GShard form) at a chosen balancing scope.
 
 L = alpha * E * sum_e f_e * P_e, with f_e the fraction of assignments sent to expert e (hard counts,
-no gradient) and P_e the mean router probability of e over the scope's tokens (full softmax).
-Equals 1 at perfect balance (Fedus et al. 2021; Falke et al. 2026 for scopes).
+no gradient) and P_e the mean router probability of e over the scope's local tokens (full softmax).
+Equals 1 at perfect balance (Fedus et al. 2021; scopes: Qiu et al. 2025, Falke et al. 2026).
 """
 
 from __future__ import annotations
@@ -14,16 +14,15 @@ from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.losses.base import BALANCE, AuxLoss
-from testbed.routing.base import Routing, RoutingContext
-
-SCOPES = ("sequence", "micro_batch")
+from testbed.losses.scope import SCOPES
+from testbed.routing.base import Routing, RoutingContext, count_per_expert
 
 
 @dataclass
 class LoadBalanceConfig:
     name: str = "load_balance"
     coefficient: float = 1e-2
-    scope: str = "micro_batch"
+    scope: str = "micro_batch"  # sequence | micro_batch | global
 
 
 def load_balance_value(
@@ -55,19 +54,36 @@ def load_balance_value(
     return (num_experts * (fractions * mean_probs).sum(-1)).mean()
 
 
+def global_load_balance(probs: Tensor, expert_index: Tensor, context: RoutingContext) -> Tensor:
+    """Global scope: f_e from the running counts of this optimizer step, summed over all ranks and the
+    micro-batches so far; P_e over this micro-batch's local tokens."""
+    num_experts = probs.shape[1]
+    local_counts = count_per_expert(expert_index, num_experts).to(probs.dtype)
+    state = context.extras.get("scope_state")
+    if state is None:  # outside training steps (e.g. a bare forward): the micro-batch is the whole scope
+        counts = local_counts
+    else:
+        counts = state.accumulate(("load_balance", context.layer_index), local_counts)
+    fractions = counts / counts.sum().clamp_min(1)
+    return num_experts * (fractions * probs.mean(0)).sum()
+
+
 @BALANCE.register("load_balance", LoadBalanceConfig)
 class LoadBalanceLoss(AuxLoss):
     def __call__(
         self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
     ) -> Tensor:
         probs = routing.probs.float()
+        if self.config.scope == "global":
+            return global_load_balance(probs, routing.expert_index, context)
         if self.config.scope == "sequence":
+            groups = context.sequence_ids.to(probs.device)
             return load_balance_value(
                 probs,
                 routing.expert_index,
                 routing.token_index,
                 routing.num_experts,
-                context.sequence_ids.to(probs.device),
+                groups,
                 context.batch_size,
             )
         return load_balance_value(probs, routing.expert_index, routing.token_index, routing.num_experts)

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from testbed.metrics.layout import block_sizes
 
 EPS = 1e-12
 
@@ -84,3 +87,26 @@ def nmi(domain_expert_counts) -> float:
     mi, h_domain, h_expert = mutual_information(domain_expert_counts)
     denom = math.sqrt(h_domain * h_expert)
     return float(mi / denom) if denom > EPS else 0.0
+
+
+def drop_rate(dropped: float, kept: float) -> float:
+    """Dropped assignments / routed assignments (kept + dropped); 0 when dropless."""
+    routed = dropped + kept
+    return float(dropped / routed) if routed > 0 else 0.0
+
+
+def reference_precision(domain_expert_counts) -> float:
+    """Agreement with the oracle's block layout up to relabeling of experts [defined here, SPEC]:
+    max over ways of giving each domain a block of the layout's sizes of sum_t |S_t ∩ B(d_t)| / sum_t |S_t|.
+
+    Exact, as a linear assignment: domain d is replicated once per expert of its block (rows), experts
+    are columns, and scipy's linear_sum_assignment maximizes the captured counts. NaN when D > E.
+    """
+    n = np.asarray(domain_expert_counts, dtype=np.float64)
+    num_domains, num_experts = n.shape
+    total = n.sum()
+    if total <= 0 or num_domains > num_experts:
+        return float("nan")
+    slots = np.repeat(np.arange(num_domains), block_sizes(num_experts, num_domains))
+    rows, cols = linear_sum_assignment(n[slots], maximize=True)
+    return float(n[slots][rows, cols].sum() / total)

@@ -10,6 +10,7 @@ from testbed.config import MoEConfig
 from testbed.losses.base import AuxLoss
 from testbed.model.experts import DenseSwiGLU, ExpertBank
 from testbed.routing.base import ROUTERS, Routing, RoutingContext
+from testbed.routing.capacity import apply_capacity
 
 
 @dataclass
@@ -42,13 +43,17 @@ class MoELayer(nn.Module):
             if moe.num_shared_experts > 0
             else None
         )
+        self.capacity_factor = moe.capacity_factor
         self.losses = losses
         self.needs_expert_outputs = any(loss.needs_expert_outputs for loss in losses)
 
     def forward(self, x: Tensor, context: RoutingContext) -> tuple[Tensor, LayerOutput]:
         batch, seq, d_model = x.shape
         flat = x.reshape(batch * seq, d_model)
+        context.layer_index = self.layer_index
         routing = self.router(flat, context)
+        if self.capacity_factor is not None and self.router.token_choice:
+            routing = apply_capacity(routing, self.capacity_factor, self.router.top_k)
         y, expert_outputs = self.experts(flat, routing, return_expert_outputs=True)
         if self.shared is not None:
             y = y + self.shared(flat)

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from testbed.config import RunConfig
 from testbed.losses import AUX_LOSSES, BALANCE, AuxLoss
+from testbed.losses.expert_bias import ExpertBiasTracker
+from testbed.losses.scope import GlobalScopeState
 from testbed.model import LayerOutput, MoETransformer
 
 
@@ -45,6 +47,13 @@ class MoELanguageModel(L.LightningModule):
         self.loss_coefficients = {loss.name: loss.coefficient for loss in self.losses}
         self.model = MoETransformer(run.model, run.router, self.losses, num_domains=len(domains))
         self.routing_stats = None  # set by the metrics callback during validation
+        # Global balancing scope: running counts over the micro-batches of one optimizer step.
+        self.scope_state = GlobalScopeState()
+        self.expert_bias_tracker = (
+            ExpertBiasTracker(run.balance.scope, run.balance.gamma)
+            if run.balance.name == "expert_bias"
+            else None
+        )
         self.tokens_seen = 0
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step = -1
@@ -62,8 +71,26 @@ class MoELanguageModel(L.LightningModule):
     def forward(self, input_ids, domain_ids=None, extras=None):
         return self.model(input_ids, domain_ids, extras)
 
+    def training_extras(self, batch_idx: int) -> dict:
+        """What the layers need during a training forward: scope state and the expert-bias tracker."""
+        if batch_idx % self.run_config.trainer.accumulate_grad_batches == 0:
+            self.scope_state.start_step()
+        else:
+            self.scope_state.next_micro_batch()
+        extras = {"scope_state": self.scope_state}
+        if self.expert_bias_tracker is not None:
+            extras["expert_bias_tracker"] = self.expert_bias_tracker
+        return extras
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Expert-bias update: once per optimizer step, outside autograd, from the step's loads."""
+        if self.expert_bias_tracker is not None:
+            self.expert_bias_tracker.apply(
+                {layer.layer_index: layer.router for layer in self.model.moe_layers}
+            )
+
     def training_step(self, batch, batch_idx):
-        logits, outputs = self.model(batch["input_ids"], batch["domain_ids"])
+        logits, outputs = self.model(batch["input_ids"], batch["domain_ids"], self.training_extras(batch_idx))
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].reshape(-1))
         terms = aux_loss_terms(outputs)
         aux_total = sum(

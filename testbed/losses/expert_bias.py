@@ -1,0 +1,117 @@
+"""Auxiliary-loss-free balancing by expert bias (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3).
+
+After each optimizer step, outside autograd: b_e <- b_e + gamma * sign(mean_j c_j - c_e), with the
+counts c over the balancing scope. The bias only changes which experts are selected, never the gates.
+Scopes [defined here for scopes narrower than the optimizer step]: `global` uses one count vector
+summed over the step's micro-batches and all ranks; `micro_batch` and `sequence` average the sign
+vectors of each micro-batch (resp. each sequence) seen in the step. Optionally a tiny sequence-scope
+load-balance loss runs beside it, as in DeepSeek-V3 (`sequence_coefficient`, e.g. 1e-4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from testbed.errors import ConfigError
+from testbed.losses.base import BALANCE, AuxLoss
+from testbed.losses.load_balance import load_balance_value
+from testbed.losses.scope import SCOPES, all_reduce_sum
+from testbed.routing.base import Routing, RoutingContext
+
+
+@dataclass
+class ExpertBiasConfig:
+    name: str = "expert_bias"
+    gamma: float = 1e-3  # bias step size (DeepSeek-V3)
+    scope: str = "global"  # sequence | micro_batch | global
+    sequence_coefficient: float = 0.0  # weight of the complementary sequence-scope load-balance loss
+
+
+class ExpertBiasTracker:
+    """Per-layer load statistics of the current optimizer step, turned into a bias update by `apply`."""
+
+    def __init__(self, scope: str, gamma: float):
+        self.scope, self.gamma = scope, gamma
+        self.sums: dict[int, Tensor] = {}  # global: counts; micro_batch/sequence: summed sign vectors
+        self.groups: dict[int, Tensor] = {}  # number of sign vectors summed
+
+    @torch.no_grad()
+    def observe(self, layer: int, routing: Routing, context: RoutingContext) -> None:
+        num_experts = routing.num_experts
+        device = routing.expert_index.device
+        if self.scope == "sequence":
+            group = context.sequence_ids.to(device)[routing.token_index]
+            num_groups = context.batch_size
+        else:
+            group = torch.zeros_like(routing.expert_index)
+            num_groups = 1
+        counts = torch.zeros(num_groups * num_experts, device=device)
+        counts = counts.index_add_(
+            0,
+            group * num_experts + routing.expert_index,
+            torch.ones_like(routing.expert_index, dtype=counts.dtype),
+        )
+        counts = counts.view(num_groups, num_experts)
+        if self.scope == "global":
+            value, groups = counts[0], torch.ones((), device=device)
+        else:
+            value = torch.sign(counts.mean(-1, keepdim=True) - counts).sum(0)
+            groups = torch.full((), float(num_groups), device=device)
+        self.sums[layer] = self.sums.get(layer, 0) + value
+        self.groups[layer] = self.groups.get(layer, 0) + groups
+
+    @torch.no_grad()
+    def apply(self, routers: dict[int, torch.nn.Module]) -> None:
+        """b += gamma * direction, then clear the step's statistics."""
+        for layer, router in routers.items():
+            if layer not in self.sums:
+                continue
+            if self.scope == "global":
+                counts = all_reduce_sum(self.sums[layer])
+                direction = torch.sign(counts.mean() - counts)
+            else:
+                direction = all_reduce_sum(self.sums[layer]) / all_reduce_sum(self.groups[layer]).clamp_min(1)
+            router.expert_bias += self.gamma * direction.to(router.expert_bias.dtype)
+        self.sums.clear()
+        self.groups.clear()
+
+
+@BALANCE.register("expert_bias", ExpertBiasConfig)
+class ExpertBiasBalance(AuxLoss):
+    """Records each layer's load for the bias update; returns the sequence-scope load-balance value."""
+
+    @property
+    def name(self) -> str:
+        return "sequence_load_balance"
+
+    @property
+    def coefficient(self) -> float:
+        return float(self.config.sequence_coefficient)
+
+    def __call__(
+        self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
+    ) -> Tensor:
+        tracker = context.extras.get("expert_bias_tracker")
+        if tracker is not None:
+            tracker.observe(context.layer_index, routing, context)
+        groups = context.sequence_ids.to(routing.probs.device)
+        return load_balance_value(
+            routing.probs.float(),
+            routing.expert_index,
+            routing.token_index,
+            routing.num_experts,
+            groups,
+            context.batch_size,
+        )
+
+    @classmethod
+    def check(cls, config: ExpertBiasConfig, key: str) -> None:
+        if config.scope not in SCOPES:
+            raise ConfigError(f"{key}.scope", config.scope, f"one of {list(SCOPES)}")
+        if config.gamma <= 0:
+            raise ConfigError(f"{key}.gamma", config.gamma, "a float > 0")
+        if config.sequence_coefficient < 0:
+            raise ConfigError(f"{key}.sequence_coefficient", config.sequence_coefficient, "a float >= 0")
