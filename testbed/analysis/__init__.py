@@ -1,0 +1,1 @@
+"""Turning runs into tables and plots."""
