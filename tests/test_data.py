@@ -108,8 +108,9 @@ def test_datamodule_sequences_are_single_domain(synth_mix):
     for row, domain in zip(batch["input_ids"], batch["domain_ids"][:, 0].tolist(), strict=True):
         text = dm.tokenizer.decode(row.tolist())
         assert set(text.replace(" ", "")) <= letters[domain]
-    val_domains = torch.cat([b["domain_ids"][:, 0] for b in dm.val_dataloader()])
-    assert set(val_domains.tolist()) == {0, 1, 2}
+    val_batches = [b["domain_ids"][:, 0] for b in dm.val_dataloader()]
+    assert set(torch.cat(val_batches).tolist()) == {0, 1, 2}
+    assert val_batches[0].tolist() == [0, 1, 2, 0, 1, 2, 0, 1]  # interleaved: every batch mixes domains
     assert [d["domain"] for d in dm.describe()] == SYNTH_DOMAINS
 
 

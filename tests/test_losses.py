@@ -7,7 +7,9 @@ import torch
 
 from testbed.config import MoEConfig
 from testbed.losses import load_balance_value
+from testbed.losses.expert_bias import ExpertBiasBalance, ExpertBiasConfig
 from testbed.losses.load_balance import LoadBalanceConfig, LoadBalanceLoss
+from testbed.losses.scope import GlobalScopeState
 from testbed.losses.z_loss import ZLoss, ZLossConfig
 from testbed.model.moe import MoELayer
 from testbed.routing import RoutingContext, routing_from_choices
@@ -64,9 +66,11 @@ def test_z_loss_by_hand():
     [
         LoadBalanceLoss(LoadBalanceConfig()),
         LoadBalanceLoss(LoadBalanceConfig(scope="sequence")),
+        LoadBalanceLoss(LoadBalanceConfig(scope="global")),
+        ExpertBiasBalance(ExpertBiasConfig(sequence_coefficient=1e-4)),
         ZLoss(ZLossConfig()),
     ],
-    ids=["lb_micro_batch", "lb_sequence", "z_loss"],
+    ids=["lb_micro_batch", "lb_sequence", "lb_global", "expert_bias_sequence_lb", "z_loss"],
 )
 @pytest.mark.parametrize("backend", ["loop", "grouped"])
 def test_each_aux_loss_sends_gradient_to_router(loss, backend):
@@ -79,7 +83,8 @@ def test_each_aux_loss_sends_gradient_to_router(loss, backend):
         layer_index=0,
     )
     layer.train()
-    _, out = layer(torch.randn(2, 12, 16), RoutingContext(batch_size=2, seq_len=12))
+    extras = {"scope_state": GlobalScopeState()}
+    _, out = layer(torch.randn(2, 12, 16), RoutingContext(batch_size=2, seq_len=12, extras=extras))
     assert set(out.losses) == {loss.name}
     out.losses[loss.name].backward()
     grad = layer.router.gate.weight.grad

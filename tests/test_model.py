@@ -12,8 +12,12 @@ from testbed.train.module import aux_loss_terms
 
 def small_model(backend="grouped", **overrides):
     torch.manual_seed(0)
-    moe = MoEConfig(num_experts=6, expert_hidden=16, backend=backend,
-                    num_shared_experts=overrides.pop("num_shared_experts", 0))
+    moe = MoEConfig(
+        num_experts=6,
+        expert_hidden=16,
+        backend=backend,
+        num_shared_experts=overrides.pop("num_shared_experts", 0),
+    )
     config = ModelConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=2, moe=moe, **overrides)
     return MoETransformer(config, TopKSoftmaxConfig(top_k=2), [LoadBalanceLoss(LoadBalanceConfig())])
 
@@ -29,8 +33,13 @@ def test_dense_first_blocks():
 
 def test_shared_experts_add_a_dense_path():
     torch.manual_seed(0)
-    layer = MoELayer(16, MoEConfig(num_experts=4, expert_hidden=8, num_shared_experts=2),
-                     TopKSoftmaxConfig(top_k=1), [], layer_index=0)
+    layer = MoELayer(
+        16,
+        MoEConfig(num_experts=4, expert_hidden=8, num_shared_experts=2),
+        TopKSoftmaxConfig(top_k=1),
+        [],
+        layer_index=0,
+    )
     assert layer.shared.w_out.in_features == 2 * 8
     x = torch.randn(1, 5, 16)
     y, out = layer(x, RoutingContext(1, 5))

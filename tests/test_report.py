@@ -14,8 +14,12 @@ def fake_run(path, overrides, summary):
 
 def test_report_table_and_failed_runs(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    fake_run(sweep / "0", ["router=oracle", "trainer.max_steps=5"], {"val/loss": 4.25, "spec/purity/mean": 1.0})
-    fake_run(sweep / "1", ["router=hash", "trainer.max_steps=5"], {"val/loss": 5.5, "spec/purity/mean": 0.125})
+    fake_run(
+        sweep / "0", ["router=oracle", "trainer.max_steps=5"], {"val/loss": 4.25, "spec/purity/mean": 1.0}
+    )
+    fake_run(
+        sweep / "1", ["router=hash", "trainer.max_steps=5"], {"val/loss": 5.5, "spec/purity/mean": 0.125}
+    )
     fake_run(sweep / "2", ["router=sinkhorn", "trainer.max_steps=5"], None)
     assert main([str(sweep), "--columns", "val/loss,spec/purity/mean", "--out", str(tmp_path / "r.md")]) == 0
     out = capsys.readouterr().out

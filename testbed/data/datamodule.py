@@ -58,6 +58,17 @@ def split_documents(documents: list[str], val_fraction: float, seed: int) -> tup
     return train, val
 
 
+def interleave(offsets: np.ndarray) -> list[int]:
+    """Dataset indices taking one sequence of each domain in turn (round robin) until all are used."""
+    sizes = np.diff(offsets)
+    return [
+        int(offsets[d] + i)
+        for i in range(int(sizes.max(initial=0)))
+        for d in range(len(sizes))
+        if i < sizes[d]
+    ]
+
+
 class PackedSequences(Dataset):
     """All domains' sequences in one tensor; item i -> (tokens [S+1], domain id)."""
 
@@ -208,13 +219,15 @@ class DomainMixDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        # Fixed order, domain after domain: the same validation tokens for every run and seed.
+        # Fixed order, the same validation tokens for every run and seed. Domains are interleaved so that
+        # every batch mixes them: routers whose choice depends on the batch (expert-choice) are not scored
+        # on single-domain batches, which would force each expert to take tokens from every domain.
+        order = interleave(self.val_set.offsets)
+        batches = [
+            order[i : i + self.config.batch_size] for i in range(0, len(order), self.config.batch_size)
+        ]
         return DataLoader(
-            self.val_set,
-            batch_size=self.config.batch_size,
-            shuffle=False,
-            collate_fn=collate,
-            num_workers=self.config.num_workers,
+            self.val_set, batch_sampler=batches, collate_fn=collate, num_workers=self.config.num_workers
         )
 
     def describe(self) -> list[dict]:

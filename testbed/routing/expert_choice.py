@@ -1,0 +1,83 @@
+"""Expert-choice router (Zhou et al. 2022): P = softmax(Z) over experts; each expert takes its top-C tokens by
+P[:, e], C = ceil(capacity_factor * K * T / E); gates g = P at the chosen pairs; a token gets 0..E experts.
+
+Causality warning: choosing over the batch leaks future tokens in a causal LM. Whether a token is taken by an
+expert depends on the scores of the other tokens, including later ones, so a token's routing (and output)
+depends on tokens that come after it. `scope: sequence` makes the choice within each sequence separately:
+it limits the leak to the token's own sequence but does not remove it (later tokens of that sequence still
+count).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from testbed.errors import ConfigError
+from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, count_per_expert
+
+SCOPES = ("micro_batch", "sequence")
+
+
+@dataclass
+class ExpertChoiceConfig:
+    name: str = "expert_choice"
+    top_k: int = 2  # K: average experts per token; only sets the capacity C
+    capacity_factor: float = 1.0  # C = ceil(capacity_factor * K * tokens / E), capped at the token count
+    scope: str = "micro_batch"  # micro_batch | sequence (choose within each sequence; C from seq_len)
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """C = ceil(capacity_factor * K * T / E), at least 1 and at most T (Zhou et al. 2022)."""
+    exact = capacity_factor * top_k * num_tokens / num_experts
+    capacity = math.ceil(round(exact, 9))  # round first: 1.1 * 10 / 11 must give 1, not 2
+    return max(1, min(num_tokens, capacity))
+
+
+@ROUTERS.register("expert_choice", ExpertChoiceConfig)
+class ExpertChoiceRouter(Router):
+    token_choice = False
+
+    def forward(self, x: Tensor, context: RoutingContext) -> Routing:
+        logits = self.gate(x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # P = softmax(Z), [T, E]
+        num_tokens, num_experts = probs.shape
+        if self.config.scope == "sequence":
+            batch, seq = context.batch_size, context.seq_len
+            if batch * seq != num_tokens:
+                raise ValueError(
+                    f"expert_choice scope 'sequence' needs T = batch_size * seq_len, got T={num_tokens}, "
+                    f"batch_size={batch}, seq_len={seq}"
+                )
+            groups, group_len = batch, seq
+        else:
+            groups, group_len = 1, num_tokens
+        capacity = expert_capacity(group_len, num_experts, self.config.top_k, self.config.capacity_factor)
+        # each expert takes its top-C tokens by P[:, e] within each group: [G, E, C] positions in the group
+        scores = probs.view(groups, group_len, num_experts).transpose(1, 2)
+        positions = torch.topk(scores, capacity, dim=-1).indices
+        offsets = torch.arange(groups, device=x.device).view(groups, 1, 1) * group_len
+        # expert-major order [E, G, C]: flat assignments are sorted by expert by construction
+        token_index = (positions + offsets).permute(1, 0, 2).reshape(-1)
+        expert_index = torch.arange(num_experts, device=x.device).repeat_interleave(groups * capacity)
+        weight = probs[token_index, expert_index]  # g = P at the chosen (token, expert) pairs
+        return Routing(
+            logits=logits,
+            probs=probs,
+            token_index=token_index,
+            expert_index=expert_index,
+            weight=weight.to(x.dtype),
+            tokens_per_expert=count_per_expert(expert_index, num_experts),
+        )
+
+    @classmethod
+    def check(cls, config: ExpertChoiceConfig, run, key: str) -> None:
+        super().check(config, run, key)
+        cf = config.capacity_factor
+        if not isinstance(cf, (int, float)) or isinstance(cf, bool) or not cf > 0:
+            raise ConfigError(f"{key}.capacity_factor", cf, "a float > 0")
+        if config.scope not in SCOPES:
+            raise ConfigError(f"{key}.scope", config.scope, f"one of {list(SCOPES)}")

@@ -1,0 +1,49 @@
+"""Hash router, a non-semantic floor [defined here, SPEC "Routers"]: S_t = the K experts with the largest
+keys ((id_t + 1) * A_e + B_e) mod p, a fixed hash of the token id (A, B random from `seed`); gates 1/K.
+
+Nothing is learned: the choice ignores the hidden state, the context and training; `logits` are zeros and
+`probs` is 1/K on the chosen experts. Needs the input token ids."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
+
+PRIME = 2**31 - 1  # Mersenne prime; (id + 1) * A + B stays far below 2**63 for any realistic vocabulary
+
+
+@dataclass
+class HashConfig:
+    name: str = "hash"
+    top_k: int = 2  # experts per token
+    seed: int = 0  # seeds the hash constants A_e, B_e: same seed, same token -> expert map
+
+
+@ROUTERS.register("hash", HashConfig)
+class HashRouter(Router):
+    def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
+        super().__init__(d_model, num_experts, config, num_domains)
+        generator = torch.Generator().manual_seed(config.seed)
+        # derived from the seed: not saved in checkpoints
+        self.register_buffer(
+            "hash_a", torch.randint(1, PRIME, (num_experts,), generator=generator), persistent=False
+        )
+        self.register_buffer(
+            "hash_b", torch.randint(0, PRIME, (num_experts,), generator=generator), persistent=False
+        )
+
+    def forward(self, x: Tensor, context: RoutingContext) -> Routing:
+        if context.token_ids is None:
+            raise ValueError("the hash router needs the input token ids (context.token_ids is None)")
+        ids = context.token_ids.long().unsqueeze(-1) + 1  # [T, 1]
+        keys = (ids * self.hash_a + self.hash_b) % PRIME  # [T, E]: keys_{t,e} = ((id_t + 1) A_e + B_e) mod p
+        chosen = torch.topk(keys, self.config.top_k, dim=-1).indices  # K distinct experts by construction
+        num_tokens, top_k = chosen.shape
+        logits = x.new_zeros(num_tokens, self.num_experts)  # nothing is learned
+        gates = x.new_full((num_tokens, top_k), 1.0 / top_k)
+        probs = torch.zeros(num_tokens, self.num_experts, device=x.device).scatter_(-1, chosen, 1.0 / top_k)
+        return routing_from_choices(logits, probs, chosen, gates)

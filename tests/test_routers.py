@@ -1,0 +1,373 @@
+"""Every router against the routing contract, plus each router's own rule (property and value tests)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from testbed.config import MoEConfig, parse_config
+from testbed.errors import ConfigError
+from testbed.metrics.layout import block_layout
+from testbed.model.moe import MoELayer
+from testbed.routing import ROUTERS, RoutingContext
+from testbed.routing.expert_choice import expert_capacity
+from tests.conftest import compose
+
+D_MODEL = 8
+VOCAB = 30
+
+
+def draw_top_k(data, num_experts, num_domains):
+    return data.draw(st.integers(1, num_experts), label="top_k")
+
+
+# One entry per router: name -> strategy for its options given (data, E, D). Add a router in one line.
+ROUTER_OPTIONS = {
+    "topk_softmax": lambda data, e, d: {
+        "top_k": draw_top_k(data, e, d),
+        "renormalize": data.draw(st.booleans(), label="renormalize"),
+    },
+    "sigmoid": lambda data, e, d: {
+        "top_k": draw_top_k(data, e, d),
+        "scale": data.draw(st.floats(0.1, 4.0), label="scale"),
+    },
+    "expert_choice": lambda data, e, d: {
+        "top_k": draw_top_k(data, e, d),
+        "capacity_factor": data.draw(st.floats(0.05, 3.0), label="capacity_factor"),
+        "scope": data.draw(st.sampled_from(["micro_batch", "sequence"]), label="scope"),
+    },
+    "oracle": lambda data, e, d: {
+        "top_k": data.draw(st.integers(1, e // d), label="top_k"),
+        "within_block": data.draw(st.sampled_from(["learned", "uniform"]), label="within_block"),
+    },
+    "hash": lambda data, e, d: {
+        "top_k": draw_top_k(data, e, d),
+        "seed": data.draw(st.integers(0, 1000), label="seed"),
+    },
+}
+ALL = list(ROUTER_OPTIONS)
+TOKEN_CHOICE = [name for name in ALL if ROUTERS.get(name)[0].token_choice]
+
+
+def build(name, num_experts, num_domains=1, init_seed=0, **options):
+    router_cls, config_cls = ROUTERS.get(name)
+    torch.manual_seed(init_seed)
+    return router_cls(D_MODEL, num_experts, config_cls(**options), num_domains)
+
+
+def draw_case(data, name, max_experts=10):
+    """A router with random options, random inputs and a full context (token ids and domain labels)."""
+    num_experts = data.draw(st.integers(1, max_experts), label="E")
+    num_domains = data.draw(st.integers(1, num_experts), label="D")
+    options = ROUTER_OPTIONS[name](data, num_experts, num_domains)
+    batch = data.draw(st.integers(1, 4), label="B")
+    seq = data.draw(st.integers(1, 12), label="S")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000), label="seed"))
+    num_tokens = batch * seq
+    router = build(name, num_experts, num_domains, init_seed=data.draw(st.integers(0, 99)), **options)
+    x = torch.randn(num_tokens, D_MODEL, generator=gen)
+    context = RoutingContext(
+        batch_size=batch,
+        seq_len=seq,
+        token_ids=torch.randint(0, VOCAB, (num_tokens,), generator=gen),
+        domain_ids=torch.randint(0, num_domains, (num_tokens,), generator=gen),
+    )
+    return router, x, context
+
+
+def gate_matrix(routing):
+    """[T, E] gates (0 where unassigned); assumes distinct pairs."""
+    return torch.zeros(routing.probs.shape, dtype=routing.weight.dtype).index_put_(
+        (routing.token_index, routing.expert_index), routing.weight
+    )
+
+
+def experts_per_token(routing):
+    """Sorted expert list of each token."""
+    chosen = [[] for _ in range(routing.num_tokens)]
+    for t, e in zip(routing.token_index.tolist(), routing.expert_index.tolist(), strict=True):
+        chosen[t].append(e)
+    return [sorted(c) for c in chosen]
+
+
+def check_contract(routing, num_tokens, num_experts):
+    assert routing.logits.shape == routing.probs.shape == (num_tokens, num_experts)
+    torch.testing.assert_close(routing.probs.sum(-1), torch.ones(num_tokens))
+    assert torch.all(routing.probs >= 0)
+    assert torch.all(routing.weight >= 0)
+    assert routing.token_index.shape == routing.expert_index.shape == routing.weight.shape
+    assert routing.token_index.dtype == routing.expert_index.dtype == torch.long
+    assert torch.all(routing.expert_index[1:] >= routing.expert_index[:-1]), "assignments sorted by expert"
+    assert torch.all((routing.expert_index >= 0) & (routing.expert_index < num_experts))
+    assert torch.all((routing.token_index >= 0) & (routing.token_index < num_tokens))
+    counts = torch.bincount(routing.expert_index, minlength=num_experts)
+    assert torch.equal(routing.tokens_per_expert, counts)
+    pairs = routing.token_index * num_experts + routing.expert_index
+    assert pairs.unique().numel() == pairs.numel(), "no (token, expert) pair twice"
+
+
+# ---- every router --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_contract(name, data):
+    router, x, context = draw_case(data, name)
+    routing = router(x, context)
+    check_contract(routing, x.shape[0], router.num_experts)
+
+
+@pytest.mark.parametrize("name", TOKEN_CHOICE)
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_token_choice_gives_k_distinct_experts(name, data):
+    router, x, context = draw_case(data, name)
+    routing = router(x, context)
+    assert routing.num_assignments == x.shape[0] * router.top_k
+    for experts in experts_per_token(routing):
+        assert len(experts) == len(set(experts)) == router.top_k
+
+
+def test_registry_lists_routers():
+    assert set(ALL) <= set(ROUTERS.names())
+    assert [n for n in ALL if not ROUTERS.get(n)[0].token_choice] == ["expert_choice"]
+    assert {n for n in ALL if ROUTERS.get(n)[0].supports_expert_bias} == {"topk_softmax", "sigmoid"}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_moe_layer_runs_with_router(name):
+    """The MoE layer accepts each router (forward + backward)."""
+    _, config_cls = ROUTERS.get(name)
+    torch.manual_seed(0)
+    layer = MoELayer(D_MODEL, MoEConfig(num_experts=4, expert_hidden=8, backend="loop"), config_cls(), [], 0,
+                     num_domains=2)  # fmt: skip
+    x = torch.randn(2, 5, D_MODEL, requires_grad=True)
+    context = RoutingContext(2, 5, token_ids=torch.randint(0, VOCAB, (10,)), domain_ids=torch.arange(10) % 2)
+    y, out = layer(x, context)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().sum().backward()
+    assert x.grad is not None
+
+
+# ---- sigmoid -------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_sigmoid_gates_sum_to_scale_and_follow_scores(data):
+    router, x, context = draw_case(data, "sigmoid")
+    routing = router(x, context)
+    gates = gate_matrix(routing)
+    torch.testing.assert_close(gates.sum(-1), torch.full((x.shape[0],), router.config.scale))
+    scores = torch.sigmoid(routing.logits.float())
+    torch.testing.assert_close(routing.probs, scores / scores.sum(-1, keepdim=True))
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_sigmoid_bias_changes_selection_not_gates(data):
+    router, x, context = draw_case(data, "sigmoid")
+    favoured = data.draw(st.integers(0, router.num_experts - 1), label="favoured")
+    router.expert_bias[favoured] = 1e3
+    with torch.no_grad():
+        routing = router(x, context)
+    assert all(favoured in experts for experts in experts_per_token(routing)), "biased expert always chosen"
+    # the gates come from the sigmoid scores alone: s_S / sum(s_S) * scale over the (biased) selection
+    scores = torch.sigmoid(router.gate(x))
+    chosen = torch.zeros_like(scores, dtype=torch.bool)
+    chosen[routing.token_index, routing.expert_index] = True
+    selected = scores * chosen
+    expected = selected / selected.sum(-1, keepdim=True) * router.config.scale
+    torch.testing.assert_close(gate_matrix(routing), expected)
+
+
+def test_sigmoid_gates_by_hand():
+    # logits z = [0, ln 3, -ln 3] -> s = [1/2, 3/4, 1/4]; top-2 = {1, 0}; g = s / (5/4) * scale
+    router = build("sigmoid", 3, top_k=2, scale=2.0)
+    router.gate.weight.data = torch.zeros(3, D_MODEL)
+    router.gate.weight.data[1, 0], router.gate.weight.data[2, 0] = math.log(3), -math.log(3)
+    x = torch.zeros(1, D_MODEL)
+    x[0, 0] = 1.0
+    routing = router(x, RoutingContext(1, 1))
+    assert routing.expert_index.tolist() == [0, 1]
+    torch.testing.assert_close(routing.weight, torch.tensor([0.5 / 1.25 * 2, 0.75 / 1.25 * 2]))
+    torch.testing.assert_close(routing.probs, torch.tensor([[1 / 3, 1 / 2, 1 / 6]]))
+
+
+# ---- expert choice -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_expert_choice_takes_top_c_tokens_per_expert(data):
+    router, x, context = draw_case(data, "expert_choice")
+    routing = router(x, context)
+    cfg, num_experts = router.config, router.num_experts
+    by_sequence = cfg.scope == "sequence"
+    group_len = context.seq_len if by_sequence else x.shape[0]
+    groups = context.batch_size if by_sequence else 1
+    capacity = expert_capacity(group_len, num_experts, cfg.top_k, cfg.capacity_factor)
+    assert torch.all(routing.tokens_per_expert == groups * capacity)
+    group_of = routing.token_index // group_len
+    per_group = torch.zeros(num_experts, groups, dtype=torch.long)
+    per_group.index_put_((routing.expert_index, group_of), torch.ones_like(group_of), accumulate=True)
+    assert torch.all(per_group == capacity), "C tokens per expert (per sequence for scope=sequence)"
+    # gates are P at the chosen pairs, and each expert's tokens are its top-C of P[:, e] within the group
+    torch.testing.assert_close(routing.weight, routing.probs[routing.token_index, routing.expert_index])
+    scores = routing.probs.view(groups, group_len, num_experts)
+    kth = scores.topk(capacity, dim=1).values[:, -1, :]  # [G, E]: the C-th largest score
+    assert torch.all(routing.weight >= kth[group_of, routing.expert_index] - 1e-7)
+
+
+def test_expert_capacity_formula():
+    assert expert_capacity(10, 4, 2, 1.0) == 5  # ceil(1 * 2 * 10 / 4)
+    assert expert_capacity(10, 4, 1, 1.25) == 4  # ceil(3.125)
+    assert expert_capacity(10, 11, 1, 1.1) == 1  # exactly 1, no float round-up
+    assert expert_capacity(3, 2, 2, 2.0) == 3  # capped at T
+    assert expert_capacity(64, 16, 2, 0.5) == 4
+    router = build("expert_choice", 4, top_k=2, capacity_factor=1.25)
+    routing = router(torch.randn(12, D_MODEL), RoutingContext(2, 6))
+    assert routing.tokens_per_expert.tolist() == [8] * 4  # ceil(1.25 * 2 * 12 / 4) = 8
+    router = build("expert_choice", 4, top_k=2, capacity_factor=1.25, scope="sequence")
+    routing = router(torch.randn(12, D_MODEL), RoutingContext(2, 6))
+    assert routing.tokens_per_expert.tolist() == [2 * 4] * 4  # ceil(1.25 * 2 * 6 / 4) = 4 per sequence
+
+
+def test_expert_choice_sequence_scope_needs_batch_major_shape():
+    router = build("expert_choice", 4, scope="sequence")
+    with pytest.raises(ValueError, match="batch_size \\* seq_len"):
+        router(torch.randn(10, D_MODEL), RoutingContext(2, 6))
+
+
+# ---- oracle --------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_oracle_routes_inside_the_domain_block(data):
+    router, x, context = draw_case(data, "oracle")
+    routing = router(x, context)
+    blocks = block_layout(router.num_experts, router.num_domains)
+    domains = context.domain_ids.tolist()
+    for t, experts in enumerate(experts_per_token(routing)):
+        assert set(experts) <= set(blocks[domains[t]])
+        outside = [e for e in range(router.num_experts) if e not in blocks[domains[t]]]
+        assert torch.all(routing.probs[t, outside] == 0), "probs exactly zero outside the block"
+    gates = gate_matrix(routing)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(x.shape[0]))
+    top_k = router.top_k
+    if router.config.within_block == "uniform":
+        torch.testing.assert_close(routing.weight, torch.full_like(routing.weight, 1 / top_k))
+        for t, experts in enumerate(experts_per_token(routing)):
+            block, pos = blocks[domains[t]], t % context.seq_len
+            assert experts == sorted(block[(pos + j) % len(block)] for j in range(top_k))
+            torch.testing.assert_close(routing.probs[t, block], torch.full((len(block),), 1 / len(block)))
+    else:
+        chosen = routing.probs[routing.token_index, routing.expert_index]
+        kth = routing.probs.topk(top_k, dim=-1).values[:, -1]
+        assert torch.all(chosen >= kth[routing.token_index] - 1e-7), "top-K of the block's probabilities"
+
+
+def test_oracle_uniform_spreads_over_block_by_position():
+    # E=6, D=2: blocks [0,1,2] and [3,4,5]; K=2; every token in domain 1
+    router = build("oracle", 6, num_domains=2, top_k=2, within_block="uniform")
+    context = RoutingContext(1, 4, domain_ids=torch.ones(4, dtype=torch.long))
+    routing = router(torch.randn(4, D_MODEL), context)
+    assert experts_per_token(routing) == [[3, 4], [4, 5], [3, 5], [3, 4]]
+    assert routing.tokens_per_expert.tolist() == [0, 0, 0, 3, 3, 2]
+
+
+def test_oracle_needs_domain_labels():
+    router = build("oracle", 4, num_domains=2)
+    with pytest.raises(ValueError, match="per-token domain labels"):
+        router(torch.randn(3, D_MODEL), RoutingContext(1, 3))
+
+
+def test_oracle_check_rejects_top_k_above_block_size():
+    run = parse_config(compose(["router=oracle", "router.top_k=2"]))  # E=16, D=8: K <= 2
+    assert run.router.name == "oracle"
+    with pytest.raises(ConfigError) as err:
+        parse_config(compose(["router=oracle", "router.top_k=3"]))
+    assert err.value.key == "router.top_k" and err.value.value == 3
+    for part in ("E=16", "D=8", "= 2", "raise model.moe.num_experts or lower router.top_k"):
+        assert part in str(err.value)
+    with pytest.raises(ConfigError, match="within_block"):
+        parse_config(compose(["router=oracle", "router.within_block=random"]))
+
+
+# ---- hash ----------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_hash_depends_only_on_token_id(data):
+    router, x, context = draw_case(data, "hash")
+    routing = router(x, context)
+    mapping = {}
+    for token, experts in zip(context.token_ids.tolist(), experts_per_token(routing), strict=True):
+        assert mapping.setdefault(token, experts) == experts, "same id, same experts at any position"
+    # another batch: shuffled ids, other hidden states, other shape, a router with another gate init
+    gen = torch.Generator().manual_seed(1)
+    ids = context.token_ids[torch.randperm(len(context.token_ids), generator=gen)]
+    other = build("hash", router.num_experts, init_seed=123, top_k=router.top_k, seed=router.config.seed)
+    routing2 = other(
+        torch.randn(len(ids), D_MODEL, generator=gen), RoutingContext(1, len(ids), token_ids=ids)
+    )
+    for token, experts in zip(ids.tolist(), experts_per_token(routing2), strict=True):
+        assert mapping[token] == experts
+    assert torch.all(routing.logits == 0)
+    torch.testing.assert_close(routing.weight, torch.full_like(routing.weight, 1 / router.top_k))
+
+
+def test_hash_seed_changes_the_map_and_needs_token_ids():
+    ids = torch.arange(200)
+    a, b = build("hash", 8, seed=0, top_k=2), build("hash", 8, init_seed=5, seed=0, top_k=2)
+    c = build("hash", 8, top_k=2, seed=1)
+    ctx = RoutingContext(1, 200, token_ids=ids)
+    x = torch.randn(200, D_MODEL)
+    assert experts_per_token(a(x, ctx)) == experts_per_token(b(x, ctx))
+    assert experts_per_token(a(x, ctx)) != experts_per_token(c(x, ctx))
+    assert (a(x, ctx).tokens_per_expert > 0).all(), "the hash spreads tokens over all experts"
+    with pytest.raises(ValueError, match="token ids"):
+        a(x, RoutingContext(1, 200))
+
+
+# ---- config checks and gradients -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["router=expert_choice", "router.capacity_factor=0"], "router.capacity_factor"),
+        (["router=expert_choice", "router.capacity_factor=-1.5"], "router.capacity_factor"),
+        (["router=expert_choice", "router.scope=global"], "router.scope"),
+        (["router=sigmoid", "router.scale=0"], "router.scale"),
+        (["router=hash", "router.top_k=17"], "router.top_k"),
+    ],
+)
+def test_bad_router_options_raise(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(compose(overrides))
+    assert err.value.key == key
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "expert_choice", "oracle", "hash"])
+def test_shipped_router_configs_parse(name):
+    assert parse_config(compose([f"router={name}"])).router.name == name
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("sigmoid", {}), ("expert_choice", {}), ("expert_choice", {"scope": "sequence"}), ("oracle", {})],
+)
+def test_gradients_reach_the_gate_through_the_gates(name, options):
+    router = build(name, 8, num_domains=2, **options)
+    x = torch.randn(12, D_MODEL)
+    context = RoutingContext(2, 6, domain_ids=torch.arange(12) % 2)
+    routing = router(x, context)
+    (routing.weight * torch.randn_like(routing.weight)).sum().backward()
+    grad = router.gate.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
