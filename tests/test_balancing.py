@@ -229,7 +229,7 @@ def test_capacity_drops_exactly_the_lowest_gates_beyond_capacity():
     # 4 tokens, 2 experts, K=1, cf=1.0 -> capacity ceil(1*1*4/2) = 2
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
     routing = top1(probs)  # expert 0 gets tokens 0 (.9), 1 (.6), 2 (.7); expert 1 gets token 3
-    assert expert_capacity(1.0, 1, 4, 2) == 2
+    assert expert_capacity(4, 2, 1, 1.0) == 2
     capped = apply_capacity(routing, 1.0, top_k=1)
     kept = sorted(zip(capped.token_index.tolist(), capped.expert_index.tolist(), strict=True))
     assert kept == [(0, 0), (2, 0), (3, 1)]  # token 1 (gate .6, the lowest on expert 0) is dropped

@@ -12,7 +12,7 @@ from testbed.errors import ConfigError
 from testbed.metrics.layout import block_layout
 from testbed.model.moe import MoELayer
 from testbed.routing import ROUTERS, RoutingContext
-from testbed.routing.expert_choice import expert_capacity
+from testbed.routing.capacity import expert_capacity
 from tests.conftest import compose
 
 D_MODEL = 8

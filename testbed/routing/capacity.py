@@ -14,14 +14,17 @@ import torch
 from testbed.routing.base import Routing, count_per_expert
 
 
-def expert_capacity(capacity_factor: float, top_k: int, num_tokens: int, num_experts: int) -> int:
-    return math.ceil(capacity_factor * top_k * num_tokens / num_experts)
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
+    """C = ceil(capacity_factor * K * T / E), at least 1 and at most T (capacity and expert-choice)."""
+    exact = capacity_factor * top_k * num_tokens / num_experts
+    capacity = math.ceil(round(exact, 9))  # round first: 1.1 * 10 / 11 must give 1, not 2
+    return max(1, min(num_tokens, capacity))
 
 
 def apply_capacity(routing: Routing, capacity_factor: float, top_k: int) -> Routing:
     """Drop, per expert, the lowest-gate assignments beyond capacity; `dropped` counts them."""
     num_experts = routing.num_experts
-    capacity = expert_capacity(capacity_factor, top_k, routing.num_tokens, num_experts)
+    capacity = expert_capacity(routing.num_tokens, num_experts, top_k, capacity_factor)
     # order by expert, and within an expert by descending gate (ties: token order)
     by_gate = torch.argsort(routing.weight.detach(), descending=True, stable=True)
     order = by_gate[torch.argsort(routing.expert_index[by_gate], stable=True)]

@@ -10,7 +10,6 @@ count).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, count_per_expert
+from testbed.routing.capacity import expert_capacity
 
 SCOPES = ("micro_batch", "sequence")
 
@@ -28,13 +28,6 @@ class ExpertChoiceConfig:
     top_k: int = 2  # K: average experts per token; only sets the capacity C
     capacity_factor: float = 1.0  # C = ceil(capacity_factor * K * tokens / E), capped at the token count
     scope: str = "micro_batch"  # micro_batch | sequence (choose within each sequence; C from seq_len)
-
-
-def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
-    """C = ceil(capacity_factor * K * T / E), at least 1 and at most T (Zhou et al. 2022)."""
-    exact = capacity_factor * top_k * num_tokens / num_experts
-    capacity = math.ceil(round(exact, 9))  # round first: 1.1 * 10 / 11 must give 1, not 2
-    return max(1, min(num_tokens, capacity))
 
 
 @ROUTERS.register("expert_choice", ExpertChoiceConfig)
