@@ -264,6 +264,10 @@ def test_capacity_in_the_moe_layer_and_counters():
     "overrides,key,allowed",
     [
         (["balance=expert_bias", "router=sinkhorn"], "balance", "topk_softmax"),
+        (["balance=expert_bias", "router=expert_choice"], "balance", "sigmoid"),
+        (["router=expert_choice", "router.scope=global"], "router.scope", "micro_batch"),
+        (["router=expert_choice", "model.moe.capacity_factor=1.0"], "model.moe.capacity_factor", "null"),
+        (["router=expert_choice", "router.capacity_factor=0"], "router.capacity_factor", "> 0"),
         (["model.moe.capacity_factor=0"], "model.moe.capacity_factor", "a float > 0"),
         (["model.moe.capacity_factor=-1.5"], "model.moe.capacity_factor", "a float > 0"),
         (["router=sinkhorn", "router.scope=galaxy"], "router.scope", "global"),

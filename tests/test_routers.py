@@ -46,6 +46,11 @@ ROUTER_OPTIONS = {
         "top_k": draw_top_k(data, e, d),
         "seed": data.draw(st.integers(0, 1000), label="seed"),
     },
+    "sinkhorn": lambda data, e, d: {
+        "top_k": draw_top_k(data, e, d),
+        "iterations": data.draw(st.integers(1, 30), label="iterations"),
+        "scope": data.draw(st.sampled_from(["sequence", "micro_batch", "global"]), label="scope"),
+    },
 }
 ALL = list(ROUTER_OPTIONS)
 TOKEN_CHOICE = [name for name in ALL if ROUTERS.get(name)[0].token_choice]
