@@ -110,6 +110,18 @@ class LoggerConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Specialization metrics collection (SpecializationMetrics callback)."""
+
+    train_every_n_steps: int = 50  # routing stats of one training step every N steps (0 = off)
+    stiffness_batches: int = 4  # validation batches re-run with a perturbed context (0 = off)
+    stiffness_perturbation: str = "context"  # context: prefix from another same-domain sequence | noise
+    stiffness_noise_std: float = 0.5  # noise: std relative to the embeddings' RMS, added to the prefix
+    ngram_sizes: list[int] = field(default_factory=lambda: [4, 10])
+    plots: bool = True  # heatmaps at each validation (PNG in <run_dir>/plots, images to TensorBoard/W&B)
+
+
+@dataclass
 class RunConfig:
     """The validated configuration of one run (router/balance/aux_loss are component dataclasses)."""
 
@@ -118,6 +130,7 @@ class RunConfig:
     trainer: TrainerConfig
     logger: LoggerConfig
     optim: OptimConfig
+    metrics: MetricsConfig
     router: Any
     balance: Any
     aux_loss: dict[str, Any]
@@ -127,6 +140,7 @@ class RunConfig:
 
 
 SECTIONS = {
+    "metrics": MetricsConfig,
     "model": ModelConfig,
     "data": DataConfig,
     "trainer": TrainerConfig,
@@ -263,6 +277,19 @@ def validate(run: RunConfig) -> None:
     _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
     if run.logger.name not in ("csv", "tensorboard", "wandb"):
         raise ConfigError("logger.name", run.logger.name, "one of ['csv', 'tensorboard', 'wandb']")
+    mc = run.metrics
+    if mc.train_every_n_steps < 0 or mc.stiffness_batches < 0:
+        raise ConfigError(
+            "metrics.train_every_n_steps/stiffness_batches",
+            (mc.train_every_n_steps, mc.stiffness_batches),
+            "integers >= 0 (0 = off)",
+        )
+    if mc.stiffness_perturbation not in ("context", "noise"):
+        raise ConfigError(
+            "metrics.stiffness_perturbation", mc.stiffness_perturbation, "one of ['context', 'noise']"
+        )
+    if not mc.ngram_sizes or any(n < 2 for n in mc.ngram_sizes):
+        raise ConfigError("metrics.ngram_sizes", mc.ngram_sizes, "a non-empty list of integers >= 2")
     if run.optim.lr <= 0:
         raise ConfigError("optim.lr", run.optim.lr, "a float > 0")
 

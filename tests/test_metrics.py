@@ -8,7 +8,7 @@ import torch
 
 from testbed.metrics import specialization as S
 from testbed.metrics.stats import RoutingStats
-from testbed.metrics.summary import layer_metrics, spec_metrics
+from testbed.metrics.summary import spec_metrics, table_metrics
 from testbed.routing import routing_from_choices
 
 D, E, K = 4, 8, 2
@@ -68,8 +68,8 @@ def test_utilization_partial_by_hand():
 def test_metrics_invariant_to_permutations():
     rng = np.random.default_rng(0)
     n = rng.integers(0, 50, size=(D, E)).astype(float)
-    base = layer_metrics(n, 10.0, 20)
-    permuted = layer_metrics(n[rng.permutation(D)][:, rng.permutation(E)], 10.0, 20)
+    base = table_metrics(n)
+    permuted = table_metrics(n[rng.permutation(D)][:, rng.permutation(E)])
     for key, value in base.items():
         assert permuted[key] == pytest.approx(value), key
 

@@ -95,18 +95,87 @@ def drop_rate(dropped: float, kept: float) -> float:
     return float(dropped / routed) if routed > 0 else 0.0
 
 
+def reference_assignment(domain_expert_counts) -> np.ndarray:
+    """The best relabeling behind `reference_precision`: domain_of_expert[e] = the domain whose oracle block
+    expert e fills (the blocks have the layout's sizes). Exact, by linear assignment: domain d is replicated
+    once per expert of its block (rows), experts are columns, captured counts are maximized."""
+    n = np.asarray(domain_expert_counts, dtype=np.float64)
+    num_domains, num_experts = n.shape
+    slots = np.repeat(np.arange(num_domains), block_sizes(num_experts, num_domains))
+    rows, cols = linear_sum_assignment(n[slots], maximize=True)
+    domain_of_expert = np.empty(num_experts, dtype=np.int64)
+    domain_of_expert[cols] = slots[rows]
+    return domain_of_expert
+
+
 def reference_precision(domain_expert_counts) -> float:
     """Agreement with the oracle's block layout up to relabeling of experts [defined here, SPEC]:
     max over ways of giving each domain a block of the layout's sizes of sum_t |S_t ∩ B(d_t)| / sum_t |S_t|.
-
-    Exact, as a linear assignment: domain d is replicated once per expert of its block (rows), experts
-    are columns, and scipy's linear_sum_assignment maximizes the captured counts. NaN when D > E.
-    """
+    NaN when D > E (no layout) or nothing was routed."""
     n = np.asarray(domain_expert_counts, dtype=np.float64)
     num_domains, num_experts = n.shape
     total = n.sum()
     if total <= 0 or num_domains > num_experts:
         return float("nan")
-    slots = np.repeat(np.arange(num_domains), block_sizes(num_experts, num_domains))
-    rows, cols = linear_sum_assignment(n[slots], maximize=True)
-    return float(n[slots][rows, cols].sum() / total)
+    domain_of_expert = reference_assignment(n)
+    return float(n[domain_of_expert, np.arange(num_experts)].sum() / total)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    """A streamed mean: sum / count, NaN when nothing was counted."""
+    return float(numerator / denominator) if denominator > 0 else float("nan")
+
+
+def routing_specialization(domain_expert_counts) -> float:
+    """DBES Routing Specialization: I(D;E) / H(D) [defined here, SPEC]; 1 when the expert set determines
+    the domain, 0 when routing is independent of the domain."""
+    mi, h_domain, _ = mutual_information(domain_expert_counts)
+    return float(mi / h_domain) if h_domain > EPS else 0.0
+
+
+def effective_rank(domain_expert_counts) -> float:
+    """DBES Normalized Effective Rank: exp(H(sigma / sum sigma)) / min(D, E), sigma the singular values of
+    the row-normalized table p(e|d) [defined here, SPEC]; 1 when domains use linearly independent expert
+    mixes, 1/min(D, E) when all domains share one mix."""
+    n = np.asarray(domain_expert_counts, dtype=np.float64)
+    rows = n[n.sum(axis=1) > 0]
+    if rows.size == 0:
+        return float("nan")
+    p = rows / rows.sum(axis=1, keepdims=True)
+    sigma = np.linalg.svd(p, compute_uv=False)
+    sigma = sigma[sigma > EPS * sigma.max()]
+    weights = sigma / sigma.sum()
+    return float(math.exp(-(weights * np.log(weights)).sum()) / min(n.shape))
+
+
+def covering_set(expert_counts_of_domain, coverage: float = 0.8) -> set[int]:
+    """Smallest set of experts holding at least `coverage` of a domain's assignments (largest first)."""
+    counts = np.asarray(expert_counts_of_domain, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        return set()
+    order = np.argsort(-counts, kind="stable")
+    needed = int(np.searchsorted(np.cumsum(counts[order]), coverage * total - 1e-9 * total) + 1)
+    return set(order[:needed].tolist())
+
+
+def domain_isolation(domain_expert_counts, coverage: float = 0.8) -> float:
+    """DBES Domain Isolation: 1 - mean over domain pairs of Jaccard(T_d, T_d'), T_d the smallest expert set
+    covering 80% of domain d's assignments [defined here, SPEC]; 1 = disjoint expert sets."""
+    n = np.asarray(domain_expert_counts, dtype=np.float64)
+    sets = [covering_set(row, coverage) for row in n if row.sum() > 0]
+    pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]
+    if not pairs:
+        return float("nan")
+    return float(1.0 - np.mean([len(a & b) / len(a | b) for a, b in pairs]))
+
+
+def accuracy_spread(correct, routed) -> tuple[float, float]:
+    """Per-expert next-token accuracy (over tokens routed to the expert): (std, max - min) across the
+    experts that received tokens [paper: Chernov 2025, LM form]."""
+    correct, routed = np.asarray(correct, dtype=np.float64), np.asarray(routed, dtype=np.float64)
+    used = routed > 0
+    if not used.any():
+        return float("nan"), float("nan")
+    accuracy = correct[used] / routed[used]
+    return float(accuracy.std()), float(accuracy.max() - accuracy.min())

@@ -65,5 +65,5 @@ class MoELayer(nn.Module):
                 )
         stats = context.extras.get("routing_stats")
         if stats is not None:
-            stats.update(self.moe_index, routing, context.domain_ids)
+            stats.update(self.moe_index, routing, context.domain_ids, expert_outputs, (batch, seq))
         return y.view(batch, seq, d_model), LayerOutput(losses=losses, routing=routing)

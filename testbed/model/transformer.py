@@ -109,6 +109,9 @@ class MoETransformer(nn.Module):
             extras=extras or {},
         )
         x = self.embed(input_ids)
+        offset = context.extras.get("embedding_offset")  # perturbation for routing-stiffness analysis
+        if offset is not None:
+            x = x + offset
         outputs = []
         for block in self.blocks:
             x, out = block(x, self.rope_cos, self.rope_sin, context)

@@ -1,4 +1,12 @@
-"""Lightning callbacks: specialization metrics from streaming routing counters at each validation."""
+"""Lightning callback: specialization metrics from streaming routing counters.
+
+- every `metrics.train_every_n_steps` steps: the routing of one training step, logged as
+  `train/spec/<metric>/mean` (layer means only, to keep the number of keys bounded);
+- at each validation: every SPEC metric as `spec/<metric>/layer<i>` and `spec/<metric>/mean`, including
+  routing stiffness from a second, perturbed pass over a fixed subset of validation batches; the
+  layer x domain x expert count table is saved to `<run_dir>/routing/counts_step<N>.pt` and drawn as
+  heatmaps in `<run_dir>/plots/` (also sent to TensorBoard / W&B when those loggers are on).
+"""
 
 from __future__ import annotations
 
@@ -11,43 +19,142 @@ from testbed.metrics.stats import RoutingStats
 from testbed.metrics.summary import spec_metrics
 
 
+def new_stats(module) -> RoutingStats:
+    return RoutingStats(
+        len(module.model.moe_layers),
+        len(module.domains),
+        module.run_config.model.moe.num_experts,
+        module.device,
+        tuple(module.run_config.metrics.ngram_sizes),
+    )
+
+
+def perturbed_prefix(input_ids: torch.Tensor, domain_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace the first half of each sequence by the first half of another sequence of the same domain in
+    the batch (the next one, cyclically). Returns (perturbed ids, mask [B, S] of the tokens to compare:
+    second halves of the rows that found a partner)."""
+    batch, seq = input_ids.shape
+    half = seq // 2
+    row_domain = domain_ids[:, 0]
+    candidates = (
+        torch.arange(batch, device=input_ids.device).unsqueeze(1)
+        + torch.arange(1, batch, device=input_ids.device).unsqueeze(0)
+    ) % batch  # [B, B-1]
+    same = row_domain[candidates] == row_domain.unsqueeze(1)
+    has_partner = same.any(dim=1)
+    partner = candidates.gather(1, same.float().argmax(dim=1, keepdim=True)).squeeze(1)
+    perturbed = input_ids.clone()
+    perturbed[:, :half] = input_ids[partner, :half]
+    mask = torch.zeros(batch, seq, dtype=torch.bool, device=input_ids.device)
+    mask[:, half:] = True
+    return perturbed, mask & has_partner.unsqueeze(1)
+
+
+@torch.no_grad()
+def stiffness_pass(module, batches, stats: RoutingStats) -> None:
+    """Routing Stiffness (DBES RSS, SPEC): route each batch twice, with the original and a perturbed context
+    prefix, and count how much of the routing of the compared tokens is kept."""
+    cfg = module.run_config.metrics
+    for batch in batches:
+        ids = batch["input_ids"].to(module.device)
+        domains = batch["domain_ids"].to(module.device)
+        _, original = module.model(ids, domains)
+        if cfg.stiffness_perturbation == "noise":
+            half = ids.shape[1] // 2
+            embed = module.model.embed.weight
+            offset = torch.randn(*ids.shape, embed.shape[1], device=module.device, generator=None)
+            offset = offset * cfg.stiffness_noise_std * embed.pow(2).mean().sqrt()
+            offset[:, half:] = 0
+            mask = torch.zeros_like(ids, dtype=torch.bool)
+            mask[:, half:] = True
+            _, perturbed = module.model(ids, domains, {"embedding_offset": offset})
+        else:
+            perturbed_ids, mask = perturbed_prefix(ids, domains)
+            _, perturbed = module.model(perturbed_ids, domains)
+        for moe_index, (a, b) in enumerate(zip(original, perturbed, strict=True)):
+            stats.update_stiffness(moe_index, a.routing, b.routing, mask.reshape(-1))
+
+
 class SpecializationMetrics(L.Callback):
-    """Fills on-device routing counters during validation, then logs the SPEC metrics.
-
-    Keys: `spec/<metric>/layer<i>` and `spec/<metric>/mean`. The layer x domain x expert count table
-    of each validation is saved to `<run_dir>/routing/counts_step<N>.pt` for plots and re-analysis.
-    """
-
     def __init__(self, run_dir: str | Path | None = None):
         self.run_dir = Path(run_dir) if run_dir else None
         self.last_metrics: dict[str, float] = {}
+        self.history: list[dict] = []  # (step, per-layer gate entropy ...) for end-of-run plots
 
-    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
-        num_experts = pl_module.run_config.model.moe.num_experts
-        stats = RoutingStats(
-            len(pl_module.model.moe_layers), len(pl_module.domains), num_experts, pl_module.device
-        )
-        pl_module.routing_stats = stats
+    # ------------------------------------------------------------------ training-time routing stats
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        every = pl_module.run_config.metrics.train_every_n_steps
+        first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
+        if every > 0 and first_micro_batch and trainer.global_step % every == 0:
+            pl_module.train_routing_stats = new_stats(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stats = pl_module.train_routing_stats
+        if stats is None:
+            return
+        pl_module.train_routing_stats = None
+        metrics = spec_metrics(stats, pl_module.moe_layer_names, prefix="train/spec")
+        pl_module.log_dict({k: v for k, v in metrics.items() if k.endswith("/mean")})
+
+    # ------------------------------------------------------------------ validation
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        pl_module.routing_stats = new_stats(pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         stats: RoutingStats = pl_module.routing_stats
         pl_module.routing_stats = None
         if stats is None or trainer.sanity_checking:
             return
-        for name in ("counts", "prob_sums", "entropy_sums", "tokens", "dropped"):
+        count = pl_module.run_config.metrics.stiffness_batches
+        if count > 0:
+            loader = trainer.val_dataloaders
+            loader = loader[0] if isinstance(loader, list | tuple) else loader
+            batches = [b for _, b in zip(range(count), loader, strict=False)]
+            stiffness_pass(pl_module, batches, stats)
+        for name in RoutingStats.NAMES:
             setattr(stats, name, trainer.strategy.reduce(getattr(stats, name), reduce_op="sum"))
         metrics = spec_metrics(stats, pl_module.moe_layer_names)
         pl_module.log_dict(metrics)
         self.last_metrics = metrics
+        self.history.append({"step": trainer.global_step, **metrics})
         if self.run_dir is not None and trainer.is_global_zero:
-            out = self.run_dir / "routing"
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save(
-                {
-                    "step": trainer.global_step,
-                    "domains": pl_module.domains,
-                    "layers": pl_module.moe_layer_names,
-                    **stats.state_dict(),
-                },
-                out / f"counts_step{trainer.global_step}.pt",
-            )
+            self._save(trainer, pl_module, stats)
+
+    def _save(self, trainer, pl_module, stats: RoutingStats) -> None:
+        step = trainer.global_step
+        out = self.run_dir / "routing"
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "step": step,
+                "domains": pl_module.domains,
+                "layers": pl_module.moe_layer_names,
+                "ngram_sizes": stats.ngram_sizes,
+                **stats.state_dict(),
+            },
+            out / f"counts_step{step}.pt",
+        )
+        if not pl_module.run_config.metrics.plots:
+            return
+        from testbed.analysis.plots import domain_expert_heatmaps
+
+        path = self.run_dir / "plots" / f"heatmap_step{step}.png"
+        figure = domain_expert_heatmaps(
+            stats.counts.cpu().numpy(),
+            pl_module.domains,
+            pl_module.moe_layer_names,
+            out_path=path,
+            title=f"p(expert | domain), step {step}",
+        )
+        log_figure(trainer, "routing/heatmap", figure, path, step)
+
+
+def log_figure(trainer, key: str, figure, path: Path, step: int) -> None:
+    """Send a figure to the image-capable loggers (TensorBoard, W&B); CSV keeps only the PNG file."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure(key, figure, global_step=step, close=False)
+        elif isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)], step=step)

@@ -47,6 +47,7 @@ class MoELanguageModel(L.LightningModule):
         self.loss_coefficients = {loss.name: loss.coefficient for loss in self.losses}
         self.model = MoETransformer(run.model, run.router, self.losses, num_domains=len(domains))
         self.routing_stats = None  # set by the metrics callback during validation
+        self.train_routing_stats = None  # set by the metrics callback every N training steps
         # Global balancing scope: running counts over the micro-batches of one optimizer step.
         self.scope_state = GlobalScopeState()
         self.expert_bias_tracker = (
@@ -78,6 +79,8 @@ class MoELanguageModel(L.LightningModule):
         else:
             self.scope_state.next_micro_batch()
         extras = {"scope_state": self.scope_state}
+        if self.train_routing_stats is not None:
+            extras["routing_stats"] = self.train_routing_stats
         if self.expert_bias_tracker is not None:
             extras["expert_bias_tracker"] = self.expert_bias_tracker
         return extras
@@ -111,10 +114,13 @@ class MoELanguageModel(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         extras = {"routing_stats": self.routing_stats} if self.routing_stats is not None else None
-        logits, _ = self.model(batch["input_ids"], batch["domain_ids"], extras)
-        token_loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), batch["targets"].reshape(-1), reduction="none"
-        )
+        logits, outputs = self.model(batch["input_ids"], batch["domain_ids"], extras)
+        targets = batch["targets"].reshape(-1)
+        token_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")
+        if self.routing_stats is not None:  # per-expert next-token accuracy
+            correct = logits.flatten(0, 1).argmax(-1) == targets
+            for moe_index, out in enumerate(outputs):
+                self.routing_stats.update_accuracy(moe_index, out.routing, correct)
         domains = batch["domain_ids"].reshape(-1)
         self.val_loss_sums.index_add_(0, domains, token_loss.double())
         self.val_token_counts.index_add_(0, domains, torch.ones_like(token_loss, dtype=torch.float64))

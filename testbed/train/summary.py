@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from testbed.metrics.summary import METRICS
+from testbed.metrics.summary import HEADLINE
 
 
 def unigram_entropies(datamodule) -> dict[str, float]:
@@ -79,7 +79,7 @@ def print_summary(summary: dict) -> None:
     spec = Table(title="specialization (mean over MoE layers)")
     spec.add_column("metric")
     spec.add_column("value", justify="right")
-    for metric in METRICS:
+    for metric in HEADLINE:
         value = summary.get(f"spec/{metric}/mean")
         if value is not None:
             spec.add_row(metric, f"{value:.4f}")

@@ -1,0 +1,179 @@
+"""Figures for the analysis report: domain x expert heatmaps, the utilization-vs-specialization frontier
+and per-layer curves. Built on `matplotlib.figure.Figure` directly (Agg canvas, no pyplot global state)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+from testbed.metrics.layout import block_sizes
+from testbed.metrics.specialization import purity, reference_assignment, reference_precision
+
+DPI = 120
+MAX_COLUMNS = 4
+MARKERS = {"oracle": "*", "hash": "x"}  # anything else (e.g. "router") is drawn as a circle
+
+
+def save_figure(fig: Figure, out_path: str | Path) -> Path:
+    """Save `fig` as a PNG at DPI, creating parent directories."""
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _finish(fig: Figure, out_path: str | Path | None) -> Figure:
+    if out_path is not None:
+        save_figure(fig, out_path)
+    return fig
+
+
+def _row_normalize(n: np.ndarray) -> np.ndarray:
+    """p(e | d) = n[d, e] / sum_e n[d, e]; rows with no assignment stay zero (no division warning)."""
+    rows = n.sum(axis=-1, keepdims=True)
+    return np.divide(n, rows, out=np.zeros_like(n), where=rows > 0)
+
+
+def _column_order(n: np.ndarray, order: str) -> np.ndarray:
+    """Expert ids in display order: grouped by the oracle block each expert best fills, or plain id order."""
+    num_domains, num_experts = n.shape
+    if order == "id" or num_domains > num_experts:
+        return np.arange(num_experts)
+    return np.argsort(reference_assignment(n), kind="stable")  # stable: id order within a block
+
+
+def domain_expert_heatmaps(
+    counts,
+    domains: Sequence[str],
+    layer_names: Sequence[str],
+    out_path: str | Path | None = None,
+    title: str | None = None,
+    order: str = "reference",
+) -> Figure:
+    """One panel per MoE layer showing p(e | d) from counts[L, D, E], with the oracle's block layout outlined.
+
+    order="reference" reorders each layer's experts by `reference_assignment`, so a router that specializes
+    like the oracle (under any expert ids) shows a block-diagonal picture inside the outlines.
+    """
+    if order not in ("reference", "id"):
+        raise ValueError(f"order must be 'reference' or 'id', got {order!r}")
+    n_all = np.asarray(counts, dtype=np.float64)
+    if n_all.ndim == 2:
+        n_all = n_all[None]
+    num_layers, num_domains, num_experts = n_all.shape
+    if len(domains) != num_domains or len(layer_names) != num_layers:
+        raise ValueError(
+            f"counts has shape {n_all.shape} but got {len(domains)} domain and {len(layer_names)} layer names"
+        )
+    has_layout = num_domains <= num_experts
+    probs = _row_normalize(n_all)
+    vmax = float(probs.max()) if probs.size and probs.max() > 0 else 1.0
+
+    ncols = min(MAX_COLUMNS, num_layers)
+    nrows = math.ceil(num_layers / ncols)
+    panel_w, panel_h = 1.2 + 0.28 * num_experts, 1.2 + 0.25 * num_domains
+    fig = Figure(
+        figsize=(panel_w * ncols + 1.0, panel_h * nrows + (0.4 if title else 0.0)), layout="constrained"
+    )
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    axes = list(grid.ravel())
+    for ax in axes[num_layers:]:
+        fig.delaxes(ax)
+    axes = axes[:num_layers]
+
+    image = None
+    for layer, ax in enumerate(axes):
+        n = n_all[layer]
+        cols = _column_order(n, order)
+        image = ax.imshow(
+            probs[layer][:, cols], cmap="Blues", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest"
+        )
+        ax.set_xticks(range(num_experts), [str(e) for e in cols], fontsize=6)
+        ax.set_yticks(range(num_domains), list(domains), fontsize=6)
+        ax.set_xlabel(
+            "expert" + (" (grouped by reference block)" if order == "reference" and has_layout else ""),
+            fontsize=7,
+        )
+        if layer % ncols == 0:
+            ax.set_ylabel("domain", fontsize=7)
+        if has_layout:
+            stats = f"purity {purity(n):.2f} · ref. precision {reference_precision(n):.2f}"
+            start = 0
+            for d, size in enumerate(block_sizes(num_experts, num_domains)):
+                ax.add_patch(
+                    Rectangle((start - 0.5, d - 0.5), size, 1, fill=False, edgecolor="tab:red", lw=1.0)
+                )
+                start += size
+        else:
+            stats = f"purity {purity(n):.2f} · D > E: no oracle layout"
+        ax.set_title(f"{layer_names[layer]}\n{stats}", fontsize=7)
+    colorbar = fig.colorbar(image, ax=axes, shrink=0.9)
+    colorbar.set_label("p(expert | domain)", fontsize=7)
+    colorbar.ax.tick_params(labelsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _finish(fig, out_path)
+
+
+def specialization_scatter(
+    points: Sequence[Mapping],
+    out_path: str | Path | None = None,
+    x: str = "utilization",
+    y: str = "purity",
+    title: str | None = None,
+) -> Figure:
+    """Scatter of metric `y` against metric `x` across runs (the utilization-vs-specialization frontier):
+    one labelled point per dict; oracle a star, hash an x, other routers circles; optional xerr/yerr."""
+    fig = Figure(figsize=(5.0, 4.0), layout="constrained")
+    ax = fig.add_subplot()
+    kinds = dict.fromkeys(p.get("kind", "router") for p in points)  # first-seen order, for the legend
+    for kind in kinds:
+        group = [p for p in points if p.get("kind", "router") == kind]
+        xs = [float(p[x]) for p in group]
+        ys = [float(p[y]) for p in group]
+        marker = MARKERS.get(kind, "o")
+        ax.scatter(xs, ys, marker=marker, s=90 if marker == "*" else 40, label=kind, zorder=3)
+        xerr = [p.get("xerr", 0.0) or 0.0 for p in group]
+        yerr = [p.get("yerr", 0.0) or 0.0 for p in group]
+        if any(xerr) or any(yerr):
+            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="gray", elinewidth=0.8, capsize=2)
+        for p, px, py in zip(group, xs, ys, strict=True):
+            ax.annotate(str(p["label"]), (px, py), xytext=(4, 4), textcoords="offset points", fontsize=6)
+    ax.set_xlabel(x, fontsize=8)
+    ax.set_ylabel(y, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _finish(fig, out_path)
+
+
+def per_layer_curves(
+    series: Mapping[str, Sequence[float]],
+    metric: str,
+    out_path: str | Path | None = None,
+    title: str | None = None,
+) -> Figure:
+    """One line per label over the layer index (e.g. gate entropy per layer, as in Chernov 2025)."""
+    fig = Figure(figsize=(5.0, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    for label, values in series.items():
+        ax.plot(range(len(values)), values, marker="o", markersize=3, label=label)
+    num_layers = max((len(v) for v in series.values()), default=0)
+    ax.set_xticks(range(num_layers))
+    ax.set_xlabel("layer", fontsize=8)
+    ax.set_ylabel(metric, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _finish(fig, out_path)

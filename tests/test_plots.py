@@ -1,0 +1,120 @@
+"""Plots: PNGs written and readable, heatmap reordering recovers the oracle layout, edge cases are quiet."""
+
+from __future__ import annotations
+
+import warnings
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+from matplotlib.collections import PathCollection
+
+from testbed.analysis.plots import (
+    domain_expert_heatmaps,
+    per_layer_curves,
+    save_figure,
+    specialization_scatter,
+)
+from testbed.metrics.layout import block_layout
+
+D, E = 8, 16
+DOMAINS = [f"domain{d}" for d in range(D)]
+
+
+def oracle_table(num_domains: int = D, num_experts: int = E) -> np.ndarray:
+    """Each domain routed only (and evenly) to its oracle block; domains get different totals."""
+    n = np.zeros((num_domains, num_experts))
+    for d, block in enumerate(block_layout(num_experts, num_domains)):
+        n[d, block] = 10.0 * (d + 1)
+    return n
+
+
+def assert_png(path) -> None:
+    assert path.exists() and path.stat().st_size > 0
+    image = mpimg.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 0 and image.shape[1] > 0
+
+
+def test_heatmaps_write_one_panel_per_layer(tmp_path):
+    uniform = np.full((D, E), 5.0)
+    for layers in (1, 2, 5):
+        counts = np.stack([oracle_table() if i % 2 == 0 else uniform for i in range(layers)])
+        out = tmp_path / f"sub/heatmap{layers}.png"
+        fig = domain_expert_heatmaps(
+            counts, DOMAINS, [f"layer{i}" for i in range(layers)], out_path=out, title="t"
+        )
+        assert_png(out)
+        assert len(fig.axes) == layers + 1  # panels + the shared colorbar
+        assert all(len(ax.images) == 1 for ax in fig.axes[:layers])
+
+
+@pytest.mark.parametrize("order", ["reference", "id"])
+def test_reference_order_recovers_block_layout(order):
+    oracle = oracle_table()
+    perm = np.random.default_rng(0).permutation(E)
+    permuted = oracle[:, perm]  # expert j now behaves like oracle expert perm[j]
+    fig = domain_expert_heatmaps(np.stack([permuted, oracle]), DOMAINS, ["permuted", "oracle"], order=order)
+    shown_permuted = np.asarray(fig.axes[0].images[0].get_array())
+    shown_oracle = np.asarray(fig.axes[1].images[0].get_array())
+    expected_oracle = oracle / oracle.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(shown_oracle, expected_oracle)
+    ticks = [int(t.get_text()) for t in fig.axes[0].get_xticklabels()]
+    if order == "reference":
+        np.testing.assert_allclose(shown_permuted, expected_oracle)
+        oracle_domain = np.repeat(np.arange(D), E // D)
+        assert ticks == list(np.argsort(oracle_domain[perm], kind="stable"))
+        assert sorted(ticks) == list(range(E)) and ticks != list(range(E))
+    else:
+        np.testing.assert_allclose(shown_permuted, expected_oracle[:, perm])
+        assert ticks == list(range(E))
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [np.zeros((2, D, E)), np.ones((1, 12, 4)), np.zeros((1, 12, 4)), oracle_table(3, 7)[None]],
+    ids=["zeros", "d_gt_e", "d_gt_e_zeros", "uneven_blocks"],
+)
+def test_heatmap_edge_cases_are_quiet(tmp_path, counts):
+    names = [f"d{i}" for i in range(counts.shape[1])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = domain_expert_heatmaps(
+            counts, names, [f"l{i}" for i in range(len(counts))], out_path=tmp_path / "h.png"
+        )
+    assert_png(tmp_path / "h.png")
+    assert len(fig.axes) == len(counts) + 1
+    if counts.shape[1] > counts.shape[2]:
+        assert "no oracle layout" in fig.axes[0].get_title()
+
+
+def test_heatmap_rejects_bad_order():
+    with pytest.raises(ValueError):
+        domain_expert_heatmaps(oracle_table()[None], DOMAINS, ["l0"], order="random")
+
+
+def test_scatter_one_point_per_input_and_markers(tmp_path):
+    points = [
+        {"label": "oracle", "kind": "oracle", "utilization": 1.0, "purity": 1.0},
+        {"label": "hash", "kind": "hash", "utilization": 0.99, "purity": 0.2},
+        {"label": "topk", "kind": "router", "utilization": 0.8, "purity": 0.5, "yerr": 0.05},
+        {"label": "topk+aux", "utilization": 0.95, "purity": 0.4, "xerr": 0.01},
+    ]
+    out = tmp_path / "scatter.png"
+    fig = specialization_scatter(points, out_path=out, title="frontier")
+    assert_png(out)
+    scatters = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
+    assert sum(len(c.get_offsets()) for c in scatters) == len(points)
+    by_kind = {c.get_label(): c.get_paths()[0].vertices for c in scatters}
+    assert set(by_kind) == {"oracle", "hash", "router"}
+    assert not np.array_equal(by_kind["oracle"], by_kind["hash"])
+    assert not np.array_equal(by_kind["oracle"], by_kind["router"])
+
+
+def test_per_layer_curves_and_save_figure(tmp_path):
+    series = {"top-k": [0.9, 0.7, 0.5, 0.4], "oracle": [0.1, 0.1, 0.1, 0.1]}
+    out = tmp_path / "curves.png"
+    fig = per_layer_curves(series, "gate_entropy", out_path=out)
+    assert_png(out)
+    assert len(fig.axes[0].lines) == 2
+    assert fig.axes[0].get_ylabel() == "gate_entropy"
+    assert_png(save_figure(fig, tmp_path / "a/b/again.png"))
