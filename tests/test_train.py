@@ -123,3 +123,24 @@ def test_cli_bad_input_exits_before_training(synth_mix, tmp_path):
     assert not (tmp_path / "bad" / "checkpoints").exists()
     result = cli("aux_loss=[z_loss,nope]")
     assert result.returncode == 2 and "nope" in result.stderr and "z_loss" in result.stderr
+
+
+def test_analyze_recomputes_the_run_metrics(first_run, tmp_path, capsys):
+    from testbed.analysis.analyze import main as analyze
+
+    run_dir, summary = first_run
+    out = tmp_path / "analysis"
+    assert analyze([str(run_dir), "--out", str(out)]) == 0
+    analysis = json.loads((out / "analysis.json").read_text())
+    for key, value in summary.items():  # same checkpoint, same validation data: the same numbers
+        if key.startswith("spec/"):
+            assert analysis["metrics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    for domain in SYNTH_DOMAINS:
+        assert analysis["val_loss"][domain] == pytest.approx(summary[f"val/loss/{domain}"], rel=1e-6)
+    assert len(analysis["expert_accuracy"]["layer0"]) == 6
+    assert {"heatmap.png", "gate_entropy.png", "summary.md", "routing_counts.pt"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert "| routing_stiffness |" in (out / "summary.md").read_text()
+    assert analyze([str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

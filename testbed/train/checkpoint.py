@@ -9,21 +9,21 @@ import torch
 from testbed.errors import CheckpointError
 
 
-def load_weights(module: torch.nn.Module, path: str | Path) -> None:
+def load_weights(module: torch.nn.Module, path: str | Path, what: str = "init_from") -> None:
     """Copy every parameter of a Lightning checkpoint (or a plain state dict) into `module`.
 
     Missing, unexpected or mis-shaped tensors are reported by name; nothing is silently skipped.
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"init_from: checkpoint {path} does not exist")
+        raise CheckpointError(f"{what}: checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
-        raise CheckpointError(f"init_from: {path} is not a readable torch checkpoint ({err})") from err
+        raise CheckpointError(f"{what}: {path} is not a readable torch checkpoint ({err})") from err
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict):
-        raise CheckpointError(f"init_from: {path} holds no state_dict")
+        raise CheckpointError(f"{what}: {path} holds no state_dict")
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -39,7 +39,7 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> None:
             if names
         )
         raise CheckpointError(
-            f"init_from: {path} does not fit the configured model ({detail}); "
+            f"{what}: {path} does not fit the configured model ({detail}); "
             "use the same model.* settings as the run that wrote it"
         )
     module.load_state_dict(state)

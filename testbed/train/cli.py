@@ -30,6 +30,15 @@ def build_logger(run: RunConfig, run_dir: Path):
     return loggers.CSVLogger(str(run_dir), name="", version="")
 
 
+def finish_loggers(trainer) -> None:
+    """Close W&B runs so that offline runs are complete on disk (summary, media) when training returns."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()
+
+
 def hydra_choices() -> dict[str, str]:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -116,6 +125,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
     if module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     wall_time = time.perf_counter() - start
+    finish_loggers(trainer)
 
     summary = write_summary(
         run_dir,

@@ -1,0 +1,180 @@
+"""`testbed-analyze <checkpoint or run dir> [key=value ...]`: recompute every SPEC metric of a trained
+model on the validation set of its data config (or of overrides such as `data.root=... data.domains=[...]`),
+and write `analysis.json`, the count table, plots and a short Markdown summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from testbed.errors import CheckpointError, TestbedError
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    if path.is_dir():
+        candidate = path / "checkpoints" / "last.ckpt"
+        if not candidate.is_file():
+            raise CheckpointError(f"{path} is a directory without checkpoints/last.ckpt; pass a .ckpt file")
+        return candidate
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
+
+
+def load_run(checkpoint: Path, overrides: list[str]):
+    """The run config stored in the checkpoint, with dotted overrides applied, validated."""
+    from omegaconf import OmegaConf
+
+    from testbed.config import parse_config
+
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    hparams = payload.get("hyper_parameters", {}) if isinstance(payload, dict) else {}
+    if "run" not in hparams:
+        raise CheckpointError(
+            f"{checkpoint} holds no run config (hyper_parameters.run): not written by testbed-train"
+        )
+    cfg = OmegaConf.merge(OmegaConf.create(hparams["run"]), OmegaConf.from_dotlist(overrides))
+    cfg.init_from = None
+    return parse_config(cfg)
+
+
+@torch.no_grad()
+def evaluate(module, datamodule, stiffness_batches: int):
+    """Validation pass with routing counters (+ the stiffness pass); returns (per-domain loss, stats)."""
+    from testbed.train.callbacks import new_stats, stiffness_pass
+
+    module.eval()
+    stats = new_stats(module)
+    module.routing_stats = stats
+    module.on_validation_epoch_start()
+    loader = datamodule.val_dataloader()
+    for index, batch in enumerate(loader):
+        module.validation_step({k: v.to(module.device) for k, v in batch.items()}, index)
+    module.routing_stats = None
+    if stiffness_batches > 0:
+        stiffness_pass(module, [b for _, b in zip(range(stiffness_batches), loader, strict=False)], stats)
+    losses = (module.val_loss_sums / module.val_token_counts.clamp_min(1)).cpu().tolist()
+    return dict(zip(module.domains, losses, strict=True)), stats
+
+
+def write_report(out: Path, checkpoint: Path, run, domains, losses, stats, layer_names) -> dict:
+    from testbed.analysis.plots import domain_expert_heatmaps, per_layer_curves
+    from testbed.metrics.summary import per_layer, spec_metrics
+
+    out.mkdir(parents=True, exist_ok=True)
+    layers = per_layer(stats)
+    state = stats.state_dict()
+    routed = state["accuracy_routed"].double()
+    accuracy = torch.where(routed > 0, state["correct"].double() / routed.clamp_min(1), torch.nan)
+    analysis = {
+        "checkpoint": str(checkpoint),
+        "router": run.router.name,
+        "domains": domains,
+        "layers": layer_names,
+        "val_loss": losses,
+        "val_loss_mean": sum(losses.values()) / len(losses),
+        "metrics": spec_metrics(stats, layer_names),
+        "per_layer": dict(zip(layer_names, layers, strict=True)),
+        "expert_accuracy": {name: accuracy[i].tolist() for i, name in enumerate(layer_names)},
+        "expert_load": {name: state["counts"][i].sum(0).tolist() for i, name in enumerate(layer_names)},
+    }
+    (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float).replace("NaN", "null"))
+    torch.save(
+        {"domains": domains, "layers": layer_names, "ngram_sizes": stats.ngram_sizes, **state},
+        out / "routing_counts.pt",
+    )
+    domain_expert_heatmaps(
+        state["counts"].numpy(),
+        domains,
+        layer_names,
+        out_path=out / "heatmap.png",
+        title=f"p(expert | domain): {run.router.name}",
+    )
+    for metric in ("gate_entropy", "dead_experts", "expert_accuracy_spread", "purity"):
+        per_layer_curves(
+            {run.router.name: [m[metric] for m in layers]},
+            metric,
+            out_path=out / f"{metric}.png",
+            title=f"{metric} per layer",
+        )
+    (out / "summary.md").write_text(markdown_summary(analysis))
+    return analysis
+
+
+def markdown_summary(analysis: dict) -> str:
+    def fmt(value):
+        return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+    lines = [
+        f"# Analysis of {analysis['checkpoint']}",
+        "",
+        f"Router: `{analysis['router']}`; mean validation loss {analysis['val_loss_mean']:.3f} nats/token.",
+        "",
+        "| domain | val loss |",
+        "|---|---|",
+    ]
+    lines += [f"| {d} | {v:.3f} |" for d, v in analysis["val_loss"].items()]
+    metrics = sorted({k for layer in analysis["per_layer"].values() for k in layer})
+    lines += [
+        "",
+        "| metric | " + " | ".join(analysis["layers"]) + " | mean |",
+        "|---|" + "---|" * (len(analysis["layers"]) + 1),
+    ]
+    for metric in metrics:
+        values = [analysis["per_layer"][name][metric] for name in analysis["layers"]]
+        mean = analysis["metrics"].get(f"spec/{metric}/mean")
+        lines.append(f"| {metric} | " + " | ".join(fmt(v) for v in values) + f" | {fmt(mean)} |")
+    lines += [
+        "",
+        "Plots: heatmap.png (p(expert | domain), oracle blocks outlined), gate_entropy.png, "
+        "dead_experts.png, expert_accuracy_spread.png, purity.png. Per-expert accuracy: analysis.json.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="testbed-analyze", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "checkpoint", type=Path, help="a .ckpt file, or a run directory with checkpoints/last.ckpt"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. data.root=/my/mix 'data.domains=[a,b]'"
+    )
+    parser.add_argument("--out", type=Path, help="output directory (default: <run dir>/analysis)")
+    parser.add_argument(
+        "--stiffness-batches", type=int, default=None, help="default: metrics.stiffness_batches"
+    )
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    from testbed.data.datamodule import DomainMixDataModule
+    from testbed.train.checkpoint import load_weights
+    from testbed.train.module import MoELanguageModel
+
+    try:
+        checkpoint = resolve_checkpoint(args.checkpoint)
+        run = load_run(checkpoint, args.overrides)
+        datamodule = DomainMixDataModule(run.data, seed=run.seed)
+        datamodule.setup("validate")
+        module = MoELanguageModel(run, datamodule.domains)
+        load_weights(module, checkpoint, what="testbed-analyze")
+    except TestbedError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    module.to(args.device)
+    stiffness = run.metrics.stiffness_batches if args.stiffness_batches is None else args.stiffness_batches
+    losses, stats = evaluate(module, datamodule, stiffness)
+    out = args.out or checkpoint.parent.parent / "analysis"
+    write_report(out, checkpoint, run, datamodule.domains, losses, stats, module.moe_layer_names)
+    print((out / "summary.md").read_text())
+    print(f"wrote {out}/analysis.json, summary.md, heatmap.png and per-layer plots")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
