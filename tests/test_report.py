@@ -34,3 +34,24 @@ def test_report_table_and_failed_runs(tmp_path, capsys):
 def test_report_missing_dir(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_report_frontier_plots(tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, (router, util, purity) in enumerate(
+        [("oracle", 1.0, 1.0), ("hash", 0.95, 0.13), ("sigmoid", 0.9, 0.4)]
+    ):
+        fake_run(
+            sweep / str(i),
+            [f"router={router}"],
+            {
+                "config": {"router": router},
+                "spec/utilization/mean": util,
+                "spec/purity/mean": purity,
+                "spec/nmi/mean": purity / 2,
+                "spec/reference_precision/mean": purity,
+            },
+        )
+    assert main([str(sweep), "--out", str(tmp_path / "r.md"), "--plots"]) == 0
+    for metric in ("purity", "nmi", "reference_precision"):
+        assert (tmp_path / f"frontier_{metric}.png").stat().st_size > 1000

@@ -86,11 +86,45 @@ def markdown(header: list[str], rows: list[list], failed: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
+    """Utilization vs specialization across runs (purity, nmi, reference precision); oracle, hash marked."""
+    from testbed.analysis.plots import specialization_scatter
+
+    keys = varying_overrides(runs)
+    points = []
+    for run in runs:
+        summary = run["summary"]
+        settings = dict(item.partition("=")[::2] for item in run["overrides"])
+        router = summary.get("config", {}).get("router", settings.get("router", ""))
+        label = " ".join(settings.get(k, "") for k in keys) or run["dir"].name
+        point = {"label": label, "kind": router if router in ("oracle", "hash") else "router"}
+        point.update(
+            {
+                m: summary.get(f"spec/{m}/mean")
+                for m in ("utilization", "purity", "nmi", "reference_precision")
+            }
+        )
+        if point["utilization"] is not None:
+            points.append(point)
+    paths = []
+    for metric in ("purity", "nmi", "reference_precision"):
+        if points and all(p[metric] is not None for p in points):
+            path = out_dir / f"frontier_{metric}.png"
+            specialization_scatter(
+                points, out_path=path, x="utilization", y=metric, title=f"utilization vs {metric}"
+            )
+            paths.append(path)
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="testbed-report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
     parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS), help="summary.json keys to show")
     parser.add_argument("--out", type=Path, help="write the Markdown table here (and a .csv beside it)")
+    parser.add_argument(
+        "--plots", action="store_true", help="also write frontier_*.png beside --out (or in .)"
+    )
     args = parser.parse_args(argv)
     try:
         runs, failed = find_runs(args.dirs)
@@ -112,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             writer = csv.writer(fh)
             writer.writerow(header)
             writer.writerows(rows)
+    if args.plots:
+        for path in frontier_plots(runs, args.out.parent if args.out else Path(".")):
+            print(f"wrote {path}")
     return 0
 
 

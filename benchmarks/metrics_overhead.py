@@ -1,0 +1,87 @@
+"""Cost of routing-statistics collection on training steps (a benchmark, not a test).
+
+Times the training step (forward + backward + optimizer) of a model on the shipped mix with and without
+the on-device routing counters attached, interleaving the two so that machine noise hits both alike, and
+reports the overhead of a collected step and the amortized overhead at the configured interval
+(metrics.train_every_n_steps). Usage:
+    python benchmarks/metrics_overhead.py [--steps 60] [--every 50] [--json out.json] [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--every", type=int, default=50, help="collection interval to amortize over")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.moe.num_experts=32")
+    args = parser.parse_args()
+
+    from hydra import compose, initialize_config_dir
+
+    from testbed.config import parse_config
+    from testbed.data.datamodule import DomainMixDataModule
+    from testbed.train.callbacks import new_stats
+    from testbed.train.cli import CONF_DIR
+    from testbed.train.module import MoELanguageModel
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        run = parse_config(compose("config", overrides=args.overrides))
+    torch.manual_seed(0)
+    data = DomainMixDataModule(run.data, seed=0)
+    data.setup()
+    module = MoELanguageModel(run, data.domains)
+    module.log = lambda *a, **k: None  # no trainer attached: logging is not what is measured
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
+    batches = iter(data.train_dataloader())
+
+    def step(collect: bool, index: int) -> float:
+        batch = next(batches)
+        start = time.perf_counter()
+        module.train_routing_stats = new_stats(module) if collect else None
+        loss = module.training_step(batch, index)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if collect:  # what the callback does at log time: one host transfer and the metric functions
+            from testbed.metrics.summary import spec_metrics
+
+            spec_metrics(module.train_routing_stats, module.moe_layer_names, prefix="train/spec")
+            module.train_routing_stats = None
+        return time.perf_counter() - start
+
+    for i in range(args.warmup):
+        step(i % 2 == 0, i)
+    plain, collected = [], []
+    for i in range(args.steps):
+        plain.append(step(False, i))
+        collected.append(step(True, i))
+    base, with_stats = statistics.median(plain), statistics.median(collected)
+    overhead = (with_stats - base) / base
+    result = {
+        "config": " ".join(args.overrides) or "default (model=tiny)",
+        "threads": torch.get_num_threads(),
+        "steps_per_variant": args.steps,
+        "step_ms_without_stats": round(1000 * base, 1),
+        "step_ms_with_stats": round(1000 * with_stats, 1),
+        "overhead_collected_step": round(overhead, 4),
+        "train_every_n_steps": args.every,
+        "overhead_amortized": round(overhead / args.every, 5),
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
