@@ -122,6 +122,15 @@ class MetricsConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Post-training: which parameters train (with init_from and a narrowed data.domains)."""
+
+    trainable: str = "all"  # all | routers | routers_and_experts (everything else frozen)
+    experts: Any = None  # routers_and_experts: expert ids trained in every MoE layer, or {layer<i>: [ids]};
+    # null = all experts. Frozen experts get no gradient and no weight decay.
+
+
+@dataclass
 class RunConfig:
     """The validated configuration of one run (router/balance/aux_loss are component dataclasses)."""
 
@@ -131,6 +140,7 @@ class RunConfig:
     logger: LoggerConfig
     optim: OptimConfig
     metrics: MetricsConfig
+    finetune: FinetuneConfig
     router: Any
     balance: Any
     aux_loss: dict[str, Any]
@@ -140,6 +150,7 @@ class RunConfig:
 
 
 SECTIONS = {
+    "finetune": FinetuneConfig,
     "metrics": MetricsConfig,
     "model": ModelConfig,
     "data": DataConfig,
@@ -277,6 +288,7 @@ def validate(run: RunConfig) -> None:
     _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
     if run.logger.name not in ("csv", "tensorboard", "wandb"):
         raise ConfigError("logger.name", run.logger.name, "one of ['csv', 'tensorboard', 'wandb']")
+    validate_finetune(run)
     mc = run.metrics
     if mc.train_every_n_steps < 0 or mc.stiffness_batches < 0:
         raise ConfigError(
@@ -318,3 +330,22 @@ def validate(run: RunConfig) -> None:
     for name, options in run.aux_loss.items():
         loss_cls, _ = AUX_LOSSES.get(name, "aux_loss")
         loss_cls.check(options, f"aux_loss.{name}")
+
+
+def validate_finetune(run: RunConfig) -> None:
+    f, num_experts = run.finetune, run.model.moe.num_experts
+    if f.trainable not in ("all", "routers", "routers_and_experts"):
+        raise ConfigError(
+            "finetune.trainable", f.trainable, "one of ['all', 'routers', 'routers_and_experts']"
+        )
+    if f.experts is None:
+        return
+    if f.trainable != "routers_and_experts":
+        raise ConfigError("finetune.experts", f.experts, "null unless finetune.trainable=routers_and_experts")
+    moe_layers = [f"layer{i}" for i in range(run.model.dense_layers, run.model.n_layers)]
+    per_layer = f.experts if isinstance(f.experts, dict) else dict.fromkeys(moe_layers, f.experts)
+    for layer, ids in per_layer.items():
+        if layer not in moe_layers:
+            raise ConfigError(f"finetune.experts.{layer}", ids, f"keys among the MoE layers {moe_layers}")
+        if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < num_experts for i in ids):
+            raise ConfigError(f"finetune.experts.{layer}", ids, f"a list of expert ids in [0, {num_experts})")

@@ -6,8 +6,11 @@ Layers return the raw values per loss name; the training module multiplies by ea
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor
 
+from testbed.errors import ConfigError
 from testbed.registry import Registry
 from testbed.routing.base import Routing, RoutingContext
 
@@ -26,8 +29,17 @@ class AuxLoss:
         return self.registry_name
 
     @property
-    def coefficient(self) -> float:
-        return float(self.config.coefficient)
+    def coefficient(self) -> float | str:
+        """The weight of this loss, or "auto" until `calibrate` has run on the first batch."""
+        value = self.config.coefficient
+        return value if value == "auto" else float(value)
+
+    def calibrate(self, initial_value: float) -> float:
+        """Guo et al.'s rule: w = 10^round(log10(target / |L_initial|)), from the first batch's value."""
+        magnitude = abs(initial_value)
+        if magnitude == 0 or magnitude != magnitude:
+            raise ValueError(f"cannot calibrate '{self.name}': its first value is {initial_value}")
+        return 10.0 ** round(math.log10(self.config.target / magnitude))
 
     def __call__(
         self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
@@ -37,6 +49,25 @@ class AuxLoss:
     @classmethod
     def check(cls, config, key: str) -> None:
         """Raise ConfigError for options that cannot work; called before training."""
+
+
+def check_coefficient(config, key: str) -> None:
+    """A coefficient is a float >= 0 or "auto" (then `target` must be > 0)."""
+    value = config.coefficient
+    if value == "auto":
+        if not hasattr(config, "target"):
+            raise ConfigError(
+                f"{key}.coefficient", value, "a float >= 0 (no calibration target for this loss)"
+            )
+        if not isinstance(config.target, int | float) or not config.target > 0:
+            raise ConfigError(
+                f"{key}.target", getattr(config, "target", None), "a float > 0 (coefficient: auto)"
+            )
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(
+            f"{key}.coefficient", value, 'a float >= 0, or "auto" (calibrated on the first batch)'
+        )
 
 
 BALANCE: Registry[AuxLoss] = Registry("balancing method", "balance")

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
-from testbed.losses.base import BALANCE, AuxLoss
+from testbed.losses.base import BALANCE, AuxLoss, check_coefficient
 from testbed.losses.scope import SCOPES
 from testbed.routing.base import Routing, RoutingContext, count_per_expert
 
@@ -92,8 +92,7 @@ class LoadBalanceLoss(AuxLoss):
     def check(cls, config: LoadBalanceConfig, key: str) -> None:
         if config.scope not in SCOPES:
             raise ConfigError(f"{key}.scope", config.scope, f"one of {list(SCOPES)}")
-        if config.coefficient < 0:
-            raise ConfigError(f"{key}.coefficient", config.coefficient, "a float >= 0")
+        check_coefficient(config, key)
 
 
 @dataclass

@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from testbed.errors import ConfigError
-from testbed.losses.base import AUX_LOSSES, AuxLoss
+from testbed.losses.base import AUX_LOSSES, AuxLoss, check_coefficient
 from testbed.routing.base import Routing, RoutingContext
 
 
@@ -26,5 +25,4 @@ class ZLoss(AuxLoss):
 
     @classmethod
     def check(cls, config: ZLossConfig, key: str) -> None:
-        if config.coefficient < 0:
-            raise ConfigError(f"{key}.coefficient", config.coefficient, "a float >= 0")
+        check_coefficient(config, key)

@@ -51,6 +51,8 @@ class MoELayer(nn.Module):
         batch, seq, d_model = x.shape
         flat = x.reshape(batch * seq, d_model)
         context.layer_index = self.layer_index
+        # static bound on experts per token for per-token losses (None: data-dependent, e.g. expert choice)
+        context.extras["max_experts_per_token"] = self.router.top_k if self.router.token_choice else None
         routing = self.router(flat, context)
         if self.capacity_factor is not None and self.router.token_choice:
             routing = apply_capacity(routing, self.capacity_factor, self.router.top_k)

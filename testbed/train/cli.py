@@ -138,6 +138,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
         spec=metrics_callback.last_metrics,
         unigram=unigram_entropies(datamodule),
         data=datamodule.describe(),
+        coefficients=module.loss_coefficients,
     )
     if not quiet and trainer.is_global_zero:
         print_summary(summary)

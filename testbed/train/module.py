@@ -14,6 +14,7 @@ from testbed.losses import AUX_LOSSES, BALANCE, AuxLoss
 from testbed.losses.expert_bias import ExpertBiasTracker
 from testbed.losses.scope import GlobalScopeState
 from testbed.model import LayerOutput, MoETransformer
+from testbed.train.finetune import apply_finetune
 
 
 def build_losses(run: RunConfig) -> list[AuxLoss]:
@@ -46,6 +47,7 @@ class MoELanguageModel(L.LightningModule):
         self.losses = build_losses(run)
         self.loss_coefficients = {loss.name: loss.coefficient for loss in self.losses}
         self.model = MoETransformer(run.model, run.router, self.losses, num_domains=len(domains))
+        self.masked_parameters = apply_finetune(self.model, run.finetune)
         self.routing_stats = None  # set by the metrics callback during validation
         self.train_routing_stats = None  # set by the metrics callback every N training steps
         # Global balancing scope: running counts over the micro-batches of one optimizer step.
@@ -85,6 +87,16 @@ class MoELanguageModel(L.LightningModule):
             extras["expert_bias_tracker"] = self.expert_bias_tracker
         return extras
 
+    def calibrate_coefficients(self, terms: dict[str, torch.Tensor]) -> None:
+        """`coefficient: auto` losses get w = 10^round(log10(target / |L|)) from the first batch (Guo et al.);
+        one host read, once per run."""
+        for loss in self.losses:
+            if self.loss_coefficients.get(loss.name) == "auto" and loss.name in terms:
+                value = loss.calibrate(float(terms[loss.name].detach()))
+                self.loss_coefficients[loss.name] = value
+                first = float(terms[loss.name].detach())
+                print(f"calibrated {loss.name}: first value {first:.4g} -> coefficient {value:g}")
+
     def on_before_optimizer_step(self, optimizer) -> None:
         """Expert-bias update: once per optimizer step, outside autograd, from the step's loads."""
         if self.expert_bias_tracker is not None:
@@ -96,6 +108,7 @@ class MoELanguageModel(L.LightningModule):
         logits, outputs = self.model(batch["input_ids"], batch["domain_ids"], self.training_extras(batch_idx))
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].reshape(-1))
         terms = aux_loss_terms(outputs)
+        self.calibrate_coefficients(terms)
         aux_total = sum(
             (self.loss_coefficients[name] * value for name, value in terms.items()),
             start=torch.zeros((), device=lm_loss.device),
@@ -142,8 +155,10 @@ class MoELanguageModel(L.LightningModule):
 
     def configure_optimizers(self):
         cfg, max_steps = self.run_config.optim, self.run_config.trainer.max_steps
-        decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        no_decay = [p for n, p in self.named_parameters() if p.ndim < 2 or "embed" in n]
+        masked = {id(p) for p in self.masked_parameters}  # partially frozen expert banks: no decay
+        trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n and id(p) not in masked]
+        no_decay = [p for n, p in trainable if p.ndim < 2 or "embed" in n or id(p) in masked]
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,

@@ -36,6 +36,7 @@ def write_summary(
     spec: dict,
     unigram: dict,
     data: list[dict],
+    coefficients: dict | None = None,
 ) -> dict:
     summary = {
         "run_name": run.run_name,
@@ -48,6 +49,7 @@ def write_summary(
         **{k: v for k, v in val_metrics.items()},
         **{k: v for k, v in spec.items() if k.endswith("/mean")},
         "unigram_entropy": unigram,
+        "coefficients": coefficients or {},  # loss weights actually used (after `auto` calibration)
         "data": data,
         "resolved": {
             "router": dataclasses.asdict(run.router),

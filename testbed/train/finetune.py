@@ -1,0 +1,37 @@
+"""Post-training: freeze everything except the routers and (optionally) chosen experts.
+
+Experts are stacked in one tensor per layer, so "chosen experts" train through a gradient mask on the
+stacked weights; those tensors go to an optimizer group without weight decay, so that frozen experts
+stay bit-identical (AdamW's decoupled decay would otherwise shrink them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from testbed.config import FinetuneConfig
+
+
+def apply_finetune(model, config: FinetuneConfig) -> list[torch.nn.Parameter]:
+    """Set requires_grad per config.trainable and install expert gradient masks; returns the parameters
+    that must not get weight decay (masked expert banks)."""
+    if config.trainable == "all":
+        return []
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    no_decay = []
+    for layer in model.moe_layers:
+        layer.router.gate.weight.requires_grad_(True)
+        if config.trainable != "routers_and_experts":
+            continue
+        chosen = config.experts
+        if isinstance(chosen, dict):
+            chosen = chosen.get(f"layer{layer.layer_index}", [])
+        for weight in (layer.experts.w_in, layer.experts.w_out):
+            weight.requires_grad_(True)
+            if chosen is not None:
+                mask = torch.zeros(weight.shape[0], *([1] * (weight.dim() - 1)), device=weight.device)
+                mask[list(chosen)] = 1.0
+                weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
+                no_decay.append(weight)
+    return no_decay
