@@ -46,6 +46,8 @@ def test_summary_holds_losses_and_metrics(first_run):
         assert f"spec/{metric}/mean" in on_disk
     assert 2 / 6 - 1e-9 <= on_disk["spec/utilization/mean"] <= 1.0
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    plots = {p.name for p in (run_dir / "plots").iterdir()}
+    assert {"heatmap_step30.png", "heatmap_step60.png", "gate_entropy_per_layer.png"} <= plots
     counts = torch.load(run_dir / "routing" / "counts_step60.pt")
     assert counts["counts"].shape == (2, 3, 6)
     # each validation token is routed to top_k = 2 experts in every layer

@@ -120,6 +120,31 @@ class SpecializationMetrics(L.Callback):
         if self.run_dir is not None and trainer.is_global_zero:
             self._save(trainer, pl_module, stats)
 
+    def on_train_end(self, trainer, pl_module) -> None:
+        """Per-layer curves of the last validation (gate entropy, dead experts, purity, ...)."""
+        if self.run_dir is None or not self.last_metrics or not trainer.is_global_zero:
+            return
+        if not pl_module.run_config.metrics.plots:
+            return
+        from testbed.analysis.plots import per_layer_curves
+
+        layers = pl_module.moe_layer_names
+        series = {}
+        for metric in ("gate_entropy", "dead_experts", "purity", "routing_stiffness"):
+            values = [self.last_metrics.get(f"spec/{metric}/{name}") for name in layers]
+            if all(v is not None for v in values):
+                series[metric] = values
+        step = trainer.global_step
+        for metric, values in series.items():
+            path = self.run_dir / "plots" / f"{metric}_per_layer.png"
+            figure = per_layer_curves(
+                {pl_module.run_config.router.name: values},
+                metric,
+                out_path=path,
+                title=f"{metric} per layer, step {step}",
+            )
+            log_figure(trainer, f"layers/{metric}", figure, path, step)
+
     def _save(self, trainer, pl_module, stats: RoutingStats) -> None:
         step = trainer.global_step
         out = self.run_dir / "routing"
