@@ -10,7 +10,6 @@ reports the overhead of a collected step and the amortized overhead at the confi
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -26,23 +25,12 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model.moe.num_experts=32")
     args = parser.parse_args()
 
-    from hydra import compose, initialize_config_dir
+    from step_time import build, emit  # benchmarks/ is the script's directory
 
-    from testbed.config import parse_config
-    from testbed.data.datamodule import DomainMixDataModule
+    from testbed.metrics.summary import spec_metrics
     from testbed.train.callbacks import new_stats
-    from testbed.train.cli import CONF_DIR
-    from testbed.train.module import MoELanguageModel
 
-    with initialize_config_dir(CONF_DIR, version_base="1.3"):
-        run = parse_config(compose("config", overrides=args.overrides))
-    torch.manual_seed(0)
-    data = DomainMixDataModule(run.data, seed=0)
-    data.setup()
-    module = MoELanguageModel(run, data.domains)
-    module.log = lambda *a, **k: None  # no trainer attached: logging is not what is measured
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3)
-    batches = iter(data.train_dataloader())
+    module, optimizer, batches = build(args.overrides)
 
     def step(collect: bool, index: int) -> float:
         batch = next(batches)
@@ -53,8 +41,6 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if collect:  # what the callback does at log time: one host transfer and the metric functions
-            from testbed.metrics.summary import spec_metrics
-
             spec_metrics(module.train_routing_stats, module.moe_layer_names, prefix="train/spec")
             module.train_routing_stats = None
         return time.perf_counter() - start
@@ -77,10 +63,7 @@ def main() -> None:
         "train_every_n_steps": args.every,
         "overhead_amortized": round(overhead / args.every, 5),
     }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -144,15 +144,20 @@ def specialization_scatter(
             ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="gray", elinewidth=0.8, capsize=2)
         for p, px, py in zip(group, xs, ys, strict=True):
             ax.annotate(str(p["label"]), (px, py), xytext=(4, 4), textcoords="offset points", fontsize=6)
-    ax.set_xlabel(x, fontsize=8)
-    ax.set_ylabel(y, fontsize=8)
+    _style(ax, x, y, title, legend=bool(points))
+    return _finish(fig, out_path)
+
+
+def _style(ax, xlabel: str, ylabel: str, title: str | None, legend: bool) -> None:
+    """Shared look of the line and scatter plots: small fonts, light grid."""
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(alpha=0.3)
-    if points:
+    if legend:
         ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
-    return _finish(fig, out_path)
 
 
 def per_layer_curves(
@@ -168,12 +173,5 @@ def per_layer_curves(
         ax.plot(range(len(values)), values, marker="o", markersize=3, label=label)
     num_layers = max((len(v) for v in series.values()), default=0)
     ax.set_xticks(range(num_layers))
-    ax.set_xlabel("layer", fontsize=8)
-    ax.set_ylabel(metric, fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.grid(alpha=0.3)
-    if series:
-        ax.legend(fontsize=7)
-    if title:
-        ax.set_title(title, fontsize=9)
+    _style(ax, "layer", metric, title, legend=bool(series))
     return _finish(fig, out_path)
