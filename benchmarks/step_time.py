@@ -71,10 +71,14 @@ def main() -> None:
         }
         for name, t in times.items()
     ]
-    result = {"common": args.common, "threads": torch.get_num_threads(), "steps": args.steps, "rows": rows}
+    emit({"common": args.common, "threads": torch.get_num_threads(), "steps": args.steps, "rows": rows}, args.json)
+
+
+def emit(result: dict, path: str | None) -> None:
+    """Print the result as JSON and, if asked, write it to `path`."""
     print(json.dumps(result, indent=2))
-    if args.json:
-        with open(args.json, "w") as fh:
+    if path:
+        with open(path, "w") as fh:
             json.dump(result, fh, indent=2)
 
 
