@@ -71,7 +71,10 @@ def main() -> None:
         }
         for name, t in times.items()
     ]
-    emit({"common": args.common, "threads": torch.get_num_threads(), "steps": args.steps, "rows": rows}, args.json)
+    emit(
+        {"common": args.common, "threads": torch.get_num_threads(), "steps": args.steps, "rows": rows},
+        args.json,
+    )
 
 
 def emit(result: dict, path: str | None) -> None:
