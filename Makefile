@@ -60,6 +60,9 @@ data: $(STAMP)
 bench: $(STAMP)
 	mkdir -p benchmarks/results
 	$(BIN)/python benchmarks/metrics_overhead.py --json benchmarks/results/metrics_overhead.json $(ARGS)
+	$(BIN)/python benchmarks/step_time.py --variant "aux_loss=[]" --variant "aux_loss=[orthogonality]" \
+		--variant "aux_loss=[variance]" --variant "aux_loss=[orthogonality,variance]" \
+		--json benchmarks/results/loss_step_time.json
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
