@@ -25,6 +25,7 @@ class Routing:
     weight: Tensor  # [A] combine weight (gate) of each assignment
     tokens_per_expert: Tensor  # [E] long: assignments per expert, on device
     dropped: Tensor | None = None  # scalar long: assignments removed by capacity (None when dropless)
+    slot_index: Tensor | None = None  # [A] optional: rank of each assignment among its token's choices
 
     @property
     def num_tokens(self) -> int:
@@ -74,6 +75,7 @@ def routing_from_choices(logits: Tensor, probs: Tensor, chosen_experts: Tensor, 
     expert_index = flat_expert[order]
     token_index = torch.div(order, top_k, rounding_mode="floor")
     weight = gates.reshape(-1)[order]
+    slot_index = order - token_index * top_k  # k of the (token, k) choice: lets per-token losses skip a sort
     return Routing(
         logits=logits,
         probs=probs,
@@ -81,6 +83,7 @@ def routing_from_choices(logits: Tensor, probs: Tensor, chosen_experts: Tensor, 
         expert_index=expert_index,
         weight=weight,
         tokens_per_expert=count_per_expert(expert_index, logits.shape[1]),
+        slot_index=slot_index,
     )
 
 

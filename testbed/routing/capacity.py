@@ -42,4 +42,5 @@ def apply_capacity(routing: Routing, capacity_factor: float, top_k: int) -> Rout
         weight=routing.weight[kept],
         tokens_per_expert=count_per_expert(kept_experts, num_experts),
         dropped=(~keep).sum(),
+        slot_index=None if routing.slot_index is None else routing.slot_index[kept],
     )
