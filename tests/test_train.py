@@ -1,6 +1,7 @@
 """End to end: training runs, summary.json, determinism, init_from, and the real `testbed-train` CLI."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -146,3 +147,24 @@ def test_analyze_recomputes_the_run_metrics(first_run, tmp_path, capsys):
     assert "| routing_stiffness |" in (out / "summary.md").read_text()
     assert analyze([str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("balance=expert_bias", "balance.scope=global", "trainer.accumulate_grad_batches=3"),
+        ("balance=expert_bias", "balance.scope=sequence", "router=sigmoid"),
+        ("balance.scope=global", "data.batch_composition=homogeneous", "trainer.accumulate_grad_batches=3"),
+        ("router=sinkhorn", "balance=none", "router.scope=global", "trainer.accumulate_grad_batches=2"),
+    ],
+    ids=["eb_global_accum", "eb_sequence_sigmoid", "lb_global_homogeneous", "sinkhorn_global"],
+)
+def test_balancing_methods_train_end_to_end(synth_mix, tmp_path, overrides):
+    summary = train(synth_mix, tmp_path, *overrides, "trainer.max_steps=6", "trainer.val_check_interval=6")
+    assert summary["steps"] == 6 and math.isfinite(summary["val/loss"])
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
+    bias = state["model.blocks.0.ffn.router.expert_bias"]
+    if "balance=expert_bias" in overrides:  # 6 optimizer steps of +-gamma (global: whole signs)
+        assert bias.abs().max() > 0 and bias.abs().max() <= 6 * 1e-3 + 1e-9
+    else:
+        assert torch.all(bias == 0)
