@@ -68,6 +68,7 @@ class DataConfig:
     batch_size: int = 16
     batch_composition: str = "mixed"  # mixed | homogeneous
     val_fraction: float = 0.1  # documents held out per domain
+    split_seed: int = 0  # which documents are held out: fixed, so every training seed validates on the same
     val_tokens_per_domain: int = 16384  # cap on validation tokens per domain (0 = all)
     max_train_tokens_per_domain: int = 0  # 0 = all
     num_workers: int = 0

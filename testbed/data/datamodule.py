@@ -179,7 +179,7 @@ class DomainMixDataModule(L.LightningDataModule):
         splits = []
         for index, domain in enumerate(cfg.domains):
             documents = load_documents(domain, cfg.sources.get(domain), cfg.root, cfg.cache_dir)
-            train_docs, val_docs = split_documents(documents, cfg.val_fraction, self.seed * 1000 + index)
+            train_docs, val_docs = split_documents(documents, cfg.val_fraction, cfg.split_seed * 1000 + index)
             train = pack([e.ids for e in self.tokenizer.encode_batch(train_docs)], cfg.seq_len)
             val = pack([e.ids for e in self.tokenizer.encode_batch(val_docs)], cfg.seq_len)
             if cfg.max_train_tokens_per_domain > 0:
