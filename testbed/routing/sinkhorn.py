@@ -94,7 +94,7 @@ class SinkhornRouter(Router):
         state = context.extras.get("scope_state")
         key = ("sinkhorn", context.layer_index)
         tokens_here = all_reduce_sum(
-            torch.tensor(float(num_tokens), device=logits.device, dtype=torch.float64)
+            torch.full((), float(num_tokens), device=logits.device, dtype=torch.float64)
         )
         previous = state.previous(key) if state is not None else None
         if previous is None:

@@ -1,0 +1,72 @@
+"""torch.compile: the MoE layer traces into one graph with no graph breaks (dynamo.explain, CPU).
+
+The grouped expert kernel (torch._grouped_mm) is a bf16 kernel: its fake-tensor implementation rejects
+fp32, so tracing runs the layer in bf16, as training on GPU does.
+"""
+
+import pytest
+import torch
+import torch._dynamo as dynamo
+
+from testbed.config import MoEConfig
+from testbed.losses.load_balance import LoadBalanceConfig, LoadBalanceLoss
+from testbed.losses.orthogonality import OrthogonalityConfig, OrthogonalityLoss
+from testbed.losses.scope import GlobalScopeState
+from testbed.losses.variance import VarianceConfig, VarianceLoss
+from testbed.losses.z_loss import ZLoss, ZLossConfig
+from testbed.metrics.stats import RoutingStats
+from testbed.model.moe import MoELayer
+from testbed.routing import ROUTERS, RoutingContext
+
+
+def explain(router: str, losses, router_options=None, with_stats=False):
+    _, config_cls = ROUTERS.get(router)
+    torch.manual_seed(0)
+    layer = (
+        MoELayer(
+            32,
+            MoEConfig(num_experts=8, expert_hidden=16),
+            config_cls(**(router_options or {})),
+            losses,
+            layer_index=0,
+            num_domains=4,
+        )
+        .train()
+        .to(torch.bfloat16)
+    )
+    x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
+    token_ids, domain_ids = torch.randint(0, 100, (32,)), torch.randint(0, 4, (32,))
+    extras = {"scope_state": GlobalScopeState()}
+    if with_stats:
+        extras["routing_stats"] = RoutingStats(1, 4, 8)
+
+    def step(x, token_ids, domain_ids):
+        y, out = layer(x, RoutingContext(2, 16, token_ids=token_ids, domain_ids=domain_ids, extras=extras))
+        return y, out.losses
+
+    dynamo.reset()
+    return dynamo.explain(step)(x, token_ids, domain_ids)
+
+
+@pytest.mark.parametrize("router", ["topk_softmax", "sigmoid", "expert_choice", "oracle", "sinkhorn", "hash"])
+def test_moe_layer_has_no_graph_breaks(router):
+    result = explain(router, [LoadBalanceLoss(LoadBalanceConfig()), ZLoss(ZLossConfig())])
+    assert (result.graph_count, result.graph_break_count) == (1, 0), result.break_reasons
+
+
+@pytest.mark.parametrize(
+    "router,options,scope",
+    [
+        ("topk_softmax", {}, "global"),
+        ("sigmoid", {}, "sequence"),
+        ("sinkhorn", {"scope": "global"}, "micro_batch"),
+    ],
+)
+def test_guo_losses_scopes_and_counters_add_no_graph_breaks(router, options, scope):
+    losses = [
+        LoadBalanceLoss(LoadBalanceConfig(scope=scope)),
+        OrthogonalityLoss(OrthogonalityConfig(coefficient=1.0)),
+        VarianceLoss(VarianceConfig(coefficient=1.0)),
+    ]
+    result = explain(router, losses, options, with_stats=True)
+    assert (result.graph_count, result.graph_break_count) == (1, 0), result.break_reasons
