@@ -101,6 +101,10 @@ class TrainerConfig:
     deterministic: bool = True
     enable_checkpointing: bool = True
     progress_bar: bool = True
+    strategy: str = "auto"  # Lightning strategy, e.g. ddp / ddp_find_unused_parameters_true
+    compile: bool = False  # torch.compile the model (the grouped expert kernel then runs in bf16)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
+    fused_optimizer: bool = False  # fused AdamW kernel (CUDA)
 
 
 @dataclass
@@ -284,6 +288,10 @@ def validate(run: RunConfig) -> None:
         )
 
     t = run.trainer
+    if t.accelerator in ("gpu", "cuda") and m.moe.backend == "grouped":
+        for key, value in (("model.d_model", m.d_model), ("model.moe.expert_hidden", m.moe.expert_hidden)):
+            if value % 16:
+                raise ConfigError(key, value, "a multiple of 16 on GPU (grouped GEMM alignment)")
     _positive("trainer.max_steps", t.max_steps)
     _positive("trainer.val_check_interval", t.val_check_interval)
     _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)

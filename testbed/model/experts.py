@@ -67,8 +67,8 @@ class ExpertBank(nn.Module):
         offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
         w_in, w_out = self.w_in, self.w_out
         compute_dtype = x_sorted.dtype
-        if x_sorted.is_cuda and compute_dtype != torch.bfloat16:
-            compute_dtype = torch.bfloat16  # CUDA grouped GEMM kernels take bf16
+        if (x_sorted.is_cuda or torch.compiler.is_compiling()) and compute_dtype != torch.bfloat16:
+            compute_dtype = torch.bfloat16  # grouped GEMM kernels (and their compile-time shapes) take bf16
         hidden = F.grouped_mm(x_sorted.to(compute_dtype), w_in.to(compute_dtype), offs=offsets)
         out = F.grouped_mm(swiglu(hidden), w_out.to(compute_dtype), offs=offsets)
         return out.to(x_sorted.dtype)

@@ -101,6 +101,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
     t = run.trainer
     trainer = L.Trainer(
         accelerator=t.accelerator,
+        strategy=t.strategy,
         devices=t.devices,
         precision=t.precision,
         max_steps=t.max_steps,

@@ -48,6 +48,8 @@ class MoELanguageModel(L.LightningModule):
         self.loss_coefficients = {loss.name: loss.coefficient for loss in self.losses}
         self.model = MoETransformer(run.model, run.router, self.losses, num_domains=len(domains))
         self.masked_parameters = apply_finetune(self.model, run.finetune)
+        if run.trainer.compile:  # in place: parameter names (and checkpoints) stay the same
+            self.model.compile(backend=run.trainer.compile_backend)
         self.routing_stats = None  # set by the metrics callback during validation
         self.train_routing_stats = None  # set by the metrics callback every N training steps
         # Global balancing scope: running counts over the micro-batches of one optimizer step.
@@ -163,6 +165,7 @@ class MoELanguageModel(L.LightningModule):
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
+            fused=self.run_config.trainer.fused_optimizer or None,
         )
 
         def schedule(step: int) -> float:  # linear warmup, then cosine to min_lr_ratio
