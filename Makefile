@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py --variant "aux_loss=[]" --variant "aux_loss=[orthogonality]" \
 		--variant "aux_loss=[variance]" --variant "aux_loss=[orthogonality,variance]" \
 		--json benchmarks/results/loss_step_time.json
+	$(BIN)/python benchmarks/moe_layer.py --json benchmarks/results/moe_layer.json
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -40,3 +40,25 @@ def test_metrics_overhead_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads(out.read_text())
     assert data["step_ms_without_stats"] > 0 and data["step_ms_with_stats"] > 0
+
+
+@pytest.mark.slow
+def test_moe_layer_benchmark_runs_at_tiny_sizes(tmp_path):
+    out = tmp_path / "moe.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "moe_layer.py"),
+            "--tiny",
+            "--repeats",
+            "2",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 2 and all(r["grouped_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
