@@ -33,7 +33,9 @@ def main() -> None:
     module, optimizer, batches = build(args.overrides)
 
     def step(collect: bool, index: int) -> float:
-        batch = next(batches)
+        batch = {k: v.to(module.device) for k, v in next(batches).items()}
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
         module.train_routing_stats = new_stats(module) if collect else None
         loss = module.training_step(batch, index)
@@ -43,6 +45,8 @@ def main() -> None:
         if collect:  # what the callback does at log time: one host transfer and the metric functions
             spec_metrics(module.train_routing_stats, module.moe_layer_names, prefix="train/spec")
             module.train_routing_stats = None
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
         return time.perf_counter() - start
 
     for i in range(args.warmup):
