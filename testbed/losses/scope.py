@@ -12,7 +12,6 @@ the first micro-batch of every optimizer step and passes it to the layers in the
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -56,11 +55,3 @@ class GlobalScopeState:
     def previous(self, key: tuple[str, int]) -> Tensor | None:
         """The running total before this micro-batch (None at the first)."""
         return self.counts.get(key)
-
-
-def scope_groups(scope: str, num_tokens: int, batch_size: int, device) -> tuple[Tensor | None, int]:
-    """Group id of each token for per-group statistics: sequences for `sequence`, one group otherwise."""
-    if scope == "sequence":
-        seq_len = num_tokens // batch_size
-        return torch.arange(batch_size, device=device).repeat_interleave(seq_len), batch_size
-    return None, 1

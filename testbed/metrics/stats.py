@@ -77,12 +77,6 @@ class RoutingStats:
             dtype = torch.long if name in integer else torch.float64
             setattr(self, name, torch.zeros(shapes.get(name, (L,)), dtype=dtype, device=self.device))
 
-    def to(self, device: torch.device | str) -> RoutingStats:
-        self.device = torch.device(device)
-        for name in self.NAMES:
-            setattr(self, name, getattr(self, name).to(self.device))
-        return self
-
     @torch.no_grad()
     def update(
         self,
@@ -100,13 +94,9 @@ class RoutingStats:
         flat = domain_ids[routing.token_index] * num_experts + routing.expert_index
         self.counts[layer].view(-1).index_add_(0, flat, torch.ones_like(flat))
         self.prob_sums[layer] += probs.sum(0)
-        entropy = (
-            -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(num_experts)
-            if num_experts > 1
-            else torch.zeros(num_tokens, dtype=probs.dtype, device=probs.device)
-        )
-        self.entropy_sums[layer] += entropy.sum()
-        if num_experts > 1:
+        if num_experts > 1:  # normalized entropy and unbiased variance of the full router distribution
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(num_experts)
+            self.entropy_sums[layer] += entropy.sum()
             self.variance_sums[layer] += probs.var(dim=-1, unbiased=True).sum()
         self.tokens[layer].index_add_(0, domain_ids, torch.ones_like(domain_ids))
         if routing.dropped is not None:
@@ -157,10 +147,6 @@ class RoutingStats:
         mask = token_mask.unsqueeze(-1)
         self.stiffness_kept[layer] += (member & member_perturbed & mask).sum()
         self.stiffness_routed[layer] += (member & mask).sum()
-
-    def merge(self, other: RoutingStats) -> None:
-        for name in self.NAMES:
-            getattr(self, name).add_(getattr(other, name).to(self.device))
 
     def state_dict(self) -> dict[str, Tensor]:
         return {name: getattr(self, name).cpu() for name in self.NAMES}

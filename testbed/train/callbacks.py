@@ -62,7 +62,7 @@ def stiffness_pass(module, batches, stats: RoutingStats) -> None:
         if cfg.stiffness_perturbation == "noise":
             half = ids.shape[1] // 2
             embed = module.model.embed.weight
-            offset = torch.randn(*ids.shape, embed.shape[1], device=module.device, generator=None)
+            offset = torch.randn(*ids.shape, embed.shape[1], device=module.device)
             offset = offset * cfg.stiffness_noise_std * embed.pow(2).mean().sqrt()
             offset[:, half:] = 0
             mask = torch.zeros_like(ids, dtype=torch.bool)

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from testbed.config import RunConfig, parse_config
 from testbed.errors import ConfigError, TestbedError
@@ -187,10 +187,6 @@ def train_main() -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     _hydra_train()
-
-
-def print_config(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg)
 
 
 if __name__ == "__main__":

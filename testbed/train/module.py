@@ -111,10 +111,12 @@ class MoELanguageModel(L.LightningModule):
         lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].reshape(-1))
         terms = aux_loss_terms(outputs)
         self.calibrate_coefficients(terms)
-        aux_total = sum(
-            (self.loss_coefficients[name] * value for name, value in terms.items()),
-            start=torch.zeros((), device=lm_loss.device),
-        )
+        weighted = [
+            self.loss_coefficients[name] * value
+            for name, value in terms.items()
+            if self.loss_coefficients[name]
+        ]  # a zero-weight term is logged, kept out of the backward
+        aux_total = sum(weighted, start=torch.zeros((), device=lm_loss.device))
         loss = lm_loss + aux_total
         self.tokens_seen += batch["input_ids"].numel()
         self.log("train/loss", loss, prog_bar=True)
