@@ -21,7 +21,19 @@ def test_report_table_and_failed_runs(tmp_path, capsys):
         sweep / "1", ["router=hash", "trainer.max_steps=5"], {"val/loss": 5.5, "spec/purity/mean": 0.125}
     )
     fake_run(sweep / "2", ["router=sinkhorn", "trainer.max_steps=5"], None)
-    assert main([str(sweep), "--columns", "val/loss,spec/purity/mean", "--out", str(tmp_path / "r.md")]) == 0
+    assert (
+        main(
+            [
+                str(sweep),
+                "--columns",
+                "val/loss,spec/purity/mean",
+                "--out",
+                str(tmp_path / "r.md"),
+                "--per-run",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == "| run | router | val/loss | purity |"
@@ -55,3 +67,59 @@ def test_report_frontier_plots(tmp_path):
     assert main([str(sweep), "--out", str(tmp_path / "r.md"), "--plots"]) == 0
     for metric in ("purity", "nmi", "reference_precision"):
         assert (tmp_path / f"frontier_{metric}.png").stat().st_size > 1000
+
+
+def write_metrics_csv(path, rows):
+    keys = sorted({k for row in rows for k in row})
+    lines = [",".join(keys)] + [",".join(str(row.get(k, "")) for k in keys) for row in rows]
+    (path / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_report_aggregates_seeds(tmp_path, capsys):
+    """Seeds of one configuration become one row: mean, sample std and n; a failed seed is listed."""
+    sweep = tmp_path / "sweep"
+    purities = {("micro_batch", 0): 0.3, ("micro_batch", 1): 0.5, ("global", 0): 0.6, ("global", 1): 0.7}
+    for i, ((scope, seed), purity) in enumerate(purities.items()):
+        run = sweep / str(i)
+        fake_run(
+            run,
+            [f"balance.scope={scope}", f"seed={seed}", f"init_from=/ckpt/{i}.ckpt"],
+            {"config": {"router": "topk_softmax"}, "spec/purity/mean": purity, "spec/utilization/mean": 0.9},
+        )
+        write_metrics_csv(
+            run,
+            [
+                {"step": 10, "train/spec/purity/mean": purity / 2},
+                {"step": 20, "train/spec/purity/mean": purity, "val/loss": 5.0 + seed},
+                {"step": 20, "spec/purity/layer0": purity - 0.1, "spec/purity/layer1": purity + 0.1},
+            ],
+        )
+    fake_run(sweep / "9", ["balance.scope=global", "seed=2"], None)
+    out_md = tmp_path / "report" / "r.md"
+    args = [str(sweep), "--columns", "spec/purity/mean", "--out", str(out_md), "--plots"]
+    assert main(args + ["--curves", "train/spec/purity/mean,val/loss", "--layer-metrics", "purity"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| balance.scope | n | purity |"
+    assert lines[2] == "| micro_batch | 2 | 0.400 ± 0.141 |"  # std([0.3, 0.5], ddof=1) = 0.1414
+    assert lines[3] == "| global | 2 | 0.650 ± 0.071 |"
+    assert "failed or unfinished): 1" in "\n".join(lines)
+    rows = (out_md.with_suffix(".csv")).read_text().splitlines()
+    assert rows[0] == "balance.scope,n,spec/purity/mean:mean,spec/purity/mean:std,spec/purity/mean:n"
+    assert rows[1].startswith("micro_batch,2,0.4,0.1414")
+    for name in ("frontier_purity", "layers_purity", "curve_train_spec_purity_mean", "curve_val_loss"):
+        assert (out_md.parent / f"{name}.png").stat().st_size > 1000
+
+
+def test_report_layer_and_curve_values(tmp_path):
+    from testbed.analysis.report import curve_of, last_layer_values
+
+    write_metrics_csv(
+        tmp_path,
+        [
+            {"step": 5, "spec/nmi/layer0": 0.1, "spec/nmi/layer1": 0.2, "val/loss": 6.0},
+            {"step": 9, "train/lm_loss": 4.0},
+            {"step": 10, "spec/nmi/layer1": 0.4, "spec/nmi/layer0": 0.3, "val/loss": 5.5},
+        ],
+    )
+    assert last_layer_values(tmp_path, "nmi") == [0.3, 0.4]
+    assert curve_of(tmp_path, "val/loss") == {5: 6.0, 10: 5.5}

@@ -175,3 +175,23 @@ def per_layer_curves(
     ax.set_xticks(range(num_layers))
     _style(ax, "layer", metric, title, legend=bool(series))
     return _finish(fig, out_path)
+
+
+def training_curves(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
+    metric: str,
+    out_path: str | Path | None = None,
+    title: str | None = None,
+) -> Figure:
+    """One line per label over training steps from (steps, mean, std), the spread shaded."""
+    fig = Figure(figsize=(5.5, 3.5), layout="constrained")
+    ax = fig.add_subplot()
+    for label, (steps, mean, std) in series.items():
+        steps, mean, std = (np.asarray(a, dtype=float) for a in (steps, mean, std))
+        (line,) = ax.plot(steps, mean, marker="o" if len(steps) < 4 else None, markersize=3, label=label)
+        if np.any(std > 0):
+            ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+    _style(ax, "step", metric, title, legend=bool(series))
+    if len(series) > 8:
+        ax.legend(fontsize=5, ncols=2)
+    return _finish(fig, out_path)

@@ -1,8 +1,15 @@
-"""`testbed-report <run or sweep dir> [...]`: one Markdown (and CSV) table of runs side by side.
+"""`testbed-report <run or sweep dir> [...]`: the runs of one or more sweeps, seeds aggregated, as a
+Markdown table, a CSV and plots.
 
-Each run directory holds `summary.json` (written at the end of training) and `.hydra/overrides.yaml`
-(what the sweep set). A directory with `.hydra/` but no `summary.json` is a failed or unfinished run:
-it is listed under the table, never dropped silently.
+Each run directory holds `summary.json` (written at the end of training), `metrics.csv` (the logged
+curves) and `.hydra/overrides.yaml` (what the sweep set). A directory with `.hydra/` but no
+`summary.json` is a failed or unfinished run: it is listed under the table, never dropped silently.
+
+Runs are grouped by their overrides minus `seed` (and minus `init_from`, whose path differs per seed in
+post-training sweeps); each group shows mean ± sample standard deviation and n. With `--per-run` the
+table lists every run instead. Plots (`--plots`): the utilization-vs-specialization frontier (oracle a
+star, hash an x, error bars = spread over seeds), per-layer curves of the last validation, and training
+curves of `--curves` metrics (mean over seeds, shaded ± std).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 DEFAULT_COLUMNS = (
@@ -26,6 +34,10 @@ DEFAULT_COLUMNS = (
     "spec/reference_precision/mean",
     "spec/drop_rate/mean",
 )
+DEFAULT_LAYER_METRICS = ("purity", "nmi", "gate_entropy", "utilization")
+DEFAULT_CURVES = ("val/loss", "train/spec/purity/mean")
+GROUP_IGNORED = ("seed", "init_from")
+"""Override keys that do not define a configuration: runs differing only here are seeds of one group."""
 
 
 def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
@@ -39,23 +51,51 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
             summary_path = run_dir / "summary.json"
             overrides_path = run_dir / ".hydra" / "overrides.yaml"
             overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.exists() else []
+            overrides = [o for o in overrides or [] if not o.startswith(("hydra.", "+experiment="))]
             if not summary_path.exists():
                 failed.append(run_dir)
                 continue
             summary = json.loads(summary_path.read_text())
-            finished.append({"dir": run_dir, "overrides": overrides or [], "summary": summary})
+            finished.append({"dir": run_dir, "overrides": overrides, "summary": summary})
     return finished, failed
 
 
-def varying_overrides(runs: list[dict]) -> list[str]:
+def settings_of(run: dict) -> dict[str, str]:
+    return dict(item.partition("=")[::2] for item in run["overrides"])
+
+
+def varying_overrides(runs: list[dict], ignore: tuple[str, ...] = ()) -> list[str]:
     """Override keys whose value differs between runs (the swept ones), in first-seen order."""
     values: dict[str, set] = {}
     for run in runs:
-        for item in run["overrides"]:
-            key, _, value = item.partition("=")
+        for key, value in settings_of(run).items():
             values.setdefault(key, set()).add(value)
-    keys = [k for k, v in values.items() if len(v) > 1 or len(runs) == 1]
-    return keys or list(values)
+    present = {k: v for k, v in values.items() if k not in ignore}
+    # A key set in some runs only (e.g. router.scope in the sinkhorn part of a sweep) varies too.
+    missing = {k for k in present if any(k not in settings_of(run) for run in runs)}
+    keys = [k for k, v in present.items() if len(v) > 1 or k in missing or len(runs) == 1]
+    return keys or [k for k in values if k not in ignore]
+
+
+def group_runs(runs: list[dict]) -> tuple[list[str], list[dict]]:
+    """Runs grouped by swept settings minus GROUP_IGNORED: (keys, [{settings, runs}]), first-seen order."""
+    keys = varying_overrides(runs, ignore=GROUP_IGNORED)
+    groups: dict[tuple, dict] = {}
+    for run in runs:
+        settings = settings_of(run)
+        label = tuple(settings.get(k, "") for k in keys)
+        groups.setdefault(label, {"settings": dict(zip(keys, label, strict=True)), "runs": []})
+        groups[label]["runs"].append(run)
+    return keys, list(groups.values())
+
+
+def aggregate(values: list) -> tuple[float, float, int]:
+    """(mean, sample std (ddof=1; 0 for one value), n) over the finite values; (nan, nan, 0) if none."""
+    finite = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(float(v))]
+    if not finite:
+        return float("nan"), float("nan"), 0
+    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
+    return float(np.mean(finite)), std, len(finite)
 
 
 def format_value(value) -> str:
@@ -64,20 +104,41 @@ def format_value(value) -> str:
     return "" if value is None else str(value)
 
 
+def short_name(column: str) -> str:
+    return column.replace("spec/", "").replace("/mean", "")
+
+
 def table_rows(runs: list[dict], columns: tuple[str, ...]) -> tuple[list[str], list[list]]:
+    """One row per run (--per-run)."""
     keys = varying_overrides(runs)
     header = ["run", *keys, *columns]
     rows = []
     for run in runs:
-        settings = dict(item.partition("=")[::2] for item in run["overrides"])
+        settings = settings_of(run)
         rows.append(
             [run["dir"].name, *[settings.get(k, "") for k in keys], *[run["summary"].get(c) for c in columns]]
         )
     return header, rows
 
 
+def group_table(runs: list[dict], columns: tuple[str, ...]) -> tuple[list[str], list[list], list[list]]:
+    """One row per group: (markdown header, markdown rows with 'mean ± std', CSV rows with mean/std/n)."""
+    keys, groups = group_runs(runs)
+    header = [*keys, "n", *columns]
+    md_rows, csv_rows = [], []
+    for group in groups:
+        stats = [aggregate([run["summary"].get(c) for run in group["runs"]]) for c in columns]
+        cells = []
+        for mean, std, n in stats:
+            cells.append("nan" if n == 0 else f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
+        md_rows.append([*group["settings"].values(), len(group["runs"]), *cells])
+        flat = [v for mean, std, n in stats for v in (mean, std, n)]
+        csv_rows.append([*group["settings"].values(), len(group["runs"]), *flat])
+    return header, md_rows, csv_rows
+
+
 def markdown(header: list[str], rows: list[list], failed: list[Path]) -> str:
-    short = [h.replace("spec/", "").replace("/mean", "") for h in header]
+    short = [short_name(h) for h in header]
     lines = ["| " + " | ".join(short) + " |", "|" + "---|" * len(short)]
     lines += ["| " + " | ".join(format_value(v) for v in row) + " |" for row in rows]
     if failed:
@@ -86,29 +147,40 @@ def markdown(header: list[str], rows: list[list], failed: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def group_label(group: dict) -> str:
+    return " ".join(v.rpartition("/")[2] for v in group["settings"].values() if v) or "run"
+
+
+def router_kind(group: dict) -> str:
+    routers = {run["summary"].get("config", {}).get("router", "") for run in group["runs"]}
+    router = routers.pop() if len(routers) == 1 else ""
+    return router if router in ("oracle", "hash") else "router"
+
+
 def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
-    """Utilization vs specialization across runs (purity, nmi, reference precision); oracle, hash marked."""
+    """Utilization vs specialization across groups (purity, nmi, reference precision); oracle, hash marked;
+    error bars are the spread over seeds."""
     from testbed.analysis.plots import specialization_scatter
 
-    keys = varying_overrides(runs)
-    points = []
-    for run in runs:
-        summary = run["summary"]
-        settings = dict(item.partition("=")[::2] for item in run["overrides"])
-        router = summary.get("config", {}).get("router", settings.get("router", ""))
-        label = " ".join(settings.get(k, "") for k in keys) or run["dir"].name
-        point = {"label": label, "kind": router if router in ("oracle", "hash") else "router"}
-        point.update(
-            {
-                m: summary.get(f"spec/{m}/mean")
-                for m in ("utilization", "purity", "nmi", "reference_precision")
-            }
-        )
-        if point["utilization"] is not None:
-            points.append(point)
+    _, groups = group_runs(runs)
     paths = []
     for metric in ("purity", "nmi", "reference_precision"):
-        if points and all(p[metric] is not None for p in points):
+        points = []
+        for group in groups:
+            util = aggregate([r["summary"].get("spec/utilization/mean") for r in group["runs"]])
+            value = aggregate([r["summary"].get(f"spec/{metric}/mean") for r in group["runs"]])
+            if util[2] and value[2]:
+                points.append(
+                    {
+                        "label": group_label(group),
+                        "kind": router_kind(group),
+                        "utilization": util[0],
+                        metric: value[0],
+                        "xerr": util[1],
+                        "yerr": value[1],
+                    }
+                )
+        if points:
             path = out_dir / f"frontier_{metric}.png"
             specialization_scatter(
                 points, out_path=path, x="utilization", y=metric, title=f"utilization vs {metric}"
@@ -117,14 +189,92 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
+def read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def last_layer_values(run_dir: Path, metric: str) -> list[float]:
+    """spec/<metric>/layer<i> from the last metrics.csv row that has them (the final validation)."""
+    for row in reversed(read_metrics_csv(run_dir)):
+        layers = sorted(
+            (int(k.rpartition("layer")[2]), float(v))
+            for k, v in row.items()
+            if k.startswith(f"spec/{metric}/layer") and v not in ("", None)
+        )
+        if layers:
+            return [v for _, v in layers]
+    return []
+
+
+def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> list[Path]:
+    """Per-layer curves of the final validation, mean over each group's seeds."""
+    from testbed.analysis.plots import per_layer_curves
+
+    _, groups = group_runs(runs)
+    paths = []
+    for metric in metrics:
+        series = {}
+        for group in groups:
+            per_run = [last_layer_values(run["dir"], metric) for run in group["runs"]]
+            per_run = [v for v in per_run if v]
+            if per_run and len({len(v) for v in per_run}) == 1:
+                series[group_label(group)] = np.mean(per_run, axis=0).tolist()
+        if series:
+            path = out_dir / f"layers_{metric}.png"
+            per_layer_curves(series, metric, out_path=path, title=f"{metric} per layer (mean over seeds)")
+            paths.append(path)
+    return paths
+
+
+def curve_of(run_dir: Path, metric: str) -> dict[int, float]:
+    return {
+        int(float(row["step"])): float(row[metric])
+        for row in read_metrics_csv(run_dir)
+        if row.get(metric) not in ("", None) and row.get("step") not in ("", None)
+    }
+
+
+def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> list[Path]:
+    """Training curves of `metrics` from metrics.csv: per group, mean over seeds at the steps all share."""
+    from testbed.analysis.plots import training_curves
+
+    _, groups = group_runs(runs)
+    paths = []
+    for metric in metrics:
+        series = {}
+        for group in groups:
+            curves = [c for c in (curve_of(run["dir"], metric) for run in group["runs"]) if c]
+            if not curves:
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            values = np.array([[c[s] for s in steps] for c in curves])
+            series[group_label(group)] = (steps, values.mean(axis=0), values.std(axis=0))
+        if series:
+            path = out_dir / f"curve_{metric.replace('/', '_')}.png"
+            training_curves(series, metric, out_path=path, title=f"{metric} (mean ± std over seeds)")
+            paths.append(path)
+    return paths
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    return tuple(c for c in value.split(",") if c)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="testbed-report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
     parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS), help="summary.json keys to show")
     parser.add_argument("--out", type=Path, help="write the Markdown table here (and a .csv beside it)")
+    parser.add_argument("--per-run", action="store_true", help="one row per run instead of seed groups")
+    parser.add_argument("--plots", action="store_true", help="also write figures beside --out (or in .)")
     parser.add_argument(
-        "--plots", action="store_true", help="also write frontier_*.png beside --out (or in .)"
+        "--layer-metrics", default=",".join(DEFAULT_LAYER_METRICS), help="spec metrics for per-layer plots"
     )
+    parser.add_argument("--curves", default=",".join(DEFAULT_CURVES), help="metrics.csv columns to plot")
     args = parser.parse_args(argv)
     try:
         runs, failed = find_runs(args.dirs)
@@ -137,17 +287,29 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    header, rows = table_rows(runs, tuple(c for c in args.columns.split(",") if c))
-    text = markdown(header, rows, failed)
+    columns = split_list(args.columns)
+    if args.per_run:
+        header, rows = table_rows(runs, columns)
+        csv_header, csv_rows = header, rows
+    else:
+        header, rows, csv_rows = group_table(runs, columns) if runs else ([], [], [])
+        csv_header = [*header[: len(header) - len(columns)]]
+        csv_header += [f"{c}:{s}" for c in columns for s in ("mean", "std", "n")]
+    text = markdown(header, rows, failed) if header else markdown(["run"], [], failed)
     print(text)
     if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
         with args.out.with_suffix(".csv").open("w", newline="") as fh:
             writer = csv.writer(fh)
-            writer.writerow(header)
-            writer.writerows(rows)
-    if args.plots:
-        for path in frontier_plots(runs, args.out.parent if args.out else Path(".")):
+            writer.writerow(csv_header)
+            writer.writerows(csv_rows)
+    if args.plots and runs:
+        out_dir = args.out.parent if args.out else Path(".")
+        paths = frontier_plots(runs, out_dir)
+        paths += layer_plots(runs, out_dir, split_list(args.layer_metrics))
+        paths += curve_plots(runs, out_dir, split_list(args.curves))
+        for path in paths:
             print(f"wrote {path}")
     return 0
 
