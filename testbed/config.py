@@ -72,7 +72,7 @@ class DataConfig:
     val_tokens_per_domain: int = 16384  # cap on validation tokens per domain (0 = all)
     max_train_tokens_per_domain: int = 0  # 0 = all
     num_workers: int = 0
-    cache_dir: str | None = None  # Hugging Face datasets cache (null = its default)
+    cache_dir: str | None = None  # Hugging Face datasets cache and token-id cache (null = none / HF default)
 
 
 @dataclass
@@ -152,6 +152,9 @@ class RunConfig:
     seed: int = 0
     run_name: str = "run"
     init_from: str | None = None
+    experiment: Any = (
+        None  # set by conf/experiment/<id>.yaml: the grid for testbed-experiment; not used in training
+    )
 
 
 SECTIONS = {
@@ -163,7 +166,7 @@ SECTIONS = {
     "logger": LoggerConfig,
     "optim": OptimConfig,
 }
-TOP_LEVEL_KEYS = {"seed", "run_name", "init_from", "router", "balance", "aux_loss", *SECTIONS}
+TOP_LEVEL_KEYS = {"seed", "run_name", "init_from", "experiment", "router", "balance", "aux_loss", *SECTIONS}
 
 
 def _structured(section: str, schema: type, node: Any) -> Any:

@@ -137,3 +137,19 @@ def test_training_seeds_share_one_validation_set(synth_mix):
     other = DomainMixDataModule(run.data)
     other.setup()
     assert not torch.equal(other.val_set.tokens, modules[0].val_set.tokens)
+
+
+def test_token_cache_round_trip(tmp_path, synth_mix):
+    """data.cache_dir caches token ids on disk: the cached read equals a fresh encoding, empty docs included."""
+    from testbed.data.datamodule import encode_documents
+    from testbed.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(synth_mix / "tokenizer.json")
+    documents = ["abc def", "", "ghij klm nop " * 20]
+    fresh = encode_documents(tokenizer, documents, None)
+    first = encode_documents(tokenizer, documents, str(tmp_path))
+    assert len(list((tmp_path / "tokens").glob("*.npz"))) == 1
+    second = encode_documents(tokenizer, documents, str(tmp_path))
+    assert first == fresh and second == fresh and fresh[1] == []
+    assert encode_documents(tokenizer, documents[:2], str(tmp_path)) == fresh[:2]
+    assert len(list((tmp_path / "tokens").glob("*.npz"))) == 2

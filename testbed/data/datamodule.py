@@ -7,9 +7,11 @@ into one optimizer step) come from different domains (SPEC "Balancing scope").
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -56,6 +58,13 @@ def split_documents(documents: list[str], val_fraction: float, seed: int) -> tup
     train = [d for i, d in enumerate(documents) if i not in val_idx]
     val = [d for i, d in enumerate(documents) if i in val_idx]
     return train, val
+
+
+def holdout(documents: list[str], config: DataConfig, domain_index: int) -> tuple[list[str], list[str]]:
+    """(train, validation) documents of the domain at position `domain_index` of `config.domains`: the one
+    holdout every consumer (training, `testbed-quiz build`) uses. Depends on data.split_seed, val_fraction
+    and the domain's position, never on `seed`."""
+    return split_documents(documents, config.val_fraction, config.split_seed * 1000 + domain_index)
 
 
 def interleave(offsets: np.ndarray) -> list[int]:
@@ -160,6 +169,29 @@ class DomainBatchSampler(Sampler[list[int]]):
                 yield batch
 
 
+def encode_documents(tokenizer, documents: list[str], cache_dir: str | None) -> list[list[int]]:
+    """Token ids of each document. With `data.cache_dir` set, cached in <cache_dir>/tokens/<sha256>.npz,
+    keyed by the tokenizer's JSON and the exact documents (a sweep tokenizes its data once)."""
+    if not cache_dir:
+        return [e.ids for e in tokenizer.encode_batch(documents)]
+    digest = hashlib.sha256(tokenizer.to_str().encode("utf-8"))
+    for document in documents:
+        digest.update(len(document).to_bytes(8, "little"))
+        digest.update(document.encode("utf-8"))
+    path = Path(cache_dir) / "tokens" / f"{digest.hexdigest()}.npz"
+    if path.exists():
+        with np.load(path) as cached:
+            ids, lengths = cached["ids"], cached["lengths"]
+        return [chunk.tolist() for chunk in np.split(ids, np.cumsum(lengths)[:-1])] if len(lengths) else []
+    encoded = [e.ids for e in tokenizer.encode_batch(documents)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{path.stem}.{id(encoded)}.tmp.npz")
+    ids = np.fromiter((i for doc in encoded for i in doc), dtype=np.int32)
+    np.savez(temporary, ids=ids, lengths=np.array([len(doc) for doc in encoded], dtype=np.int64))
+    temporary.replace(path)  # atomic: parallel runs never read a half-written file
+    return encoded
+
+
 class DomainMixDataModule(L.LightningDataModule):
     def __init__(self, config: DataConfig, seed: int = 0):
         super().__init__()
@@ -179,9 +211,9 @@ class DomainMixDataModule(L.LightningDataModule):
         splits = []
         for index, domain in enumerate(cfg.domains):
             documents = load_documents(domain, cfg.sources.get(domain), cfg.root, cfg.cache_dir)
-            train_docs, val_docs = split_documents(documents, cfg.val_fraction, cfg.split_seed * 1000 + index)
-            train = pack([e.ids for e in self.tokenizer.encode_batch(train_docs)], cfg.seq_len)
-            val = pack([e.ids for e in self.tokenizer.encode_batch(val_docs)], cfg.seq_len)
+            train_docs, val_docs = holdout(documents, cfg, index)
+            train = pack(encode_documents(self.tokenizer, train_docs, cfg.cache_dir), cfg.seq_len)
+            val = pack(encode_documents(self.tokenizer, val_docs, cfg.cache_dir), cfg.seq_len)
             if cfg.max_train_tokens_per_domain > 0:
                 train = train[: max(1, cfg.max_train_tokens_per_domain // cfg.seq_len)]
             if cfg.val_tokens_per_domain > 0:
