@@ -173,7 +173,8 @@ def check_group_choices(argv: list[str], conf_dir: str = CONF_DIR) -> None:
         key = key.lstrip("+~")
         if key not in groups:
             continue
-        names = [v.strip() for v in value.strip("[]").split(",") if v.strip()]
+        # Also sweeps of lists: aux_loss=[z_loss],[z_loss,variance]
+        names = [v.strip() for v in value.replace("[", ",").replace("]", ",").split(",") if v.strip()]
         for name in names:
             if name not in groups[key]:
                 raise ConfigError(key, name, f"one of {groups[key]} (files in conf/{key}/)")

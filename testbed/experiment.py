@@ -1,0 +1,336 @@
+"""`testbed-experiment <id>` (`make experiment NAME=<id>`): run a paper-reproduction grid, then report it.
+
+An experiment is one Hydra config, `conf/experiment/<id>.yaml` (`# @package _global_`): its body sets
+what every run shares (model size, steps, data), and its `experiment:` block lists the sweeps:
+
+    experiment:
+      seeds: [0, 1, 2]
+      sweeps:
+        - name: lbl                         # runs go to <out>/lbl/s<seed>/<job>
+          grid: {balance: [load_balance], balance.scope: [sequence, micro_batch, global]}
+          overrides: [data.batch_composition=homogeneous]   # fixed for this sweep
+        - name: posttrain
+          from: pretrain                    # once per finished run of sweep `pretrain`: its overrides,
+          overrides: [data.domains=[code]]  # init_from=<its last.ckpt>, then this sweep's settings
+          select_experts: {domain: code, fraction: 0.15}    # optional: finetune.experts per layer
+      commands:                             # optional, after the sweeps; {out} {run} {conf} filled in
+        - {once: "testbed-quiz build --out {out}/quiz"}
+        - {each_run_of: pretrain, run: "testbed-quiz eval {run} --quiz {out}/quiz"}
+      report: {columns: [...], curves: [...], layer_metrics: [...]}
+      smoke: {seeds: [0], overrides: [trainer.max_steps=4, ...]}   # --smoke: the CI variant
+
+Each (sweep, seed) is one `testbed-train -m` process; `--jobs N` runs N of them at once with
+`trainer.num_threads = cores // N`. Finally `testbed-report` writes `<out>/report.md`, `report.csv`
+and the figures. Failed runs are listed by the report and make the exit status non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from testbed.train.cli import CONF_DIR
+
+EXPERIMENT_DIR = Path(CONF_DIR) / "experiment"
+SWEEP_KEYS = {"name", "grid", "overrides", "from", "select_experts"}
+
+
+class ExperimentError(ValueError):
+    """The experiment file is malformed; the message names the file, the key and what is allowed."""
+
+
+@dataclass
+class Sweep:
+    name: str
+    grid: dict[str, list] = field(default_factory=dict)
+    overrides: list[str] = field(default_factory=list)
+    parent: str | None = None
+    select_experts: dict | None = None
+
+
+@dataclass
+class Experiment:
+    name: str
+    path: Path
+    seeds: list[int]
+    sweeps: list[Sweep]
+    commands: list[dict]
+    report: dict
+    smoke: dict
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+
+
+def load_experiment(name: str, conf_dir: Path = EXPERIMENT_DIR) -> Experiment:
+    """Read and check the `experiment:` block of conf/experiment/<name>.yaml."""
+    path = conf_dir / f"{name}.yaml"
+    if not path.exists():
+        raise ExperimentError(f"no experiment {name!r}: {path} does not exist; available: {available()}")
+    try:
+        block = (yaml.safe_load(path.read_text()) or {}).get("experiment")
+    except yaml.YAMLError as err:
+        raise ExperimentError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(block, dict):
+        raise ExperimentError(f"{path}: no `experiment:` block (seeds, sweeps, ...)")
+
+    def fail(key: str, problem: str):
+        raise ExperimentError(f"{path}: experiment.{key}: {problem}")
+
+    seeds = block.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        fail("seeds", f"a non-empty list of integers, got {seeds!r}")
+    sweeps: list[Sweep] = []
+    for i, raw in enumerate(block.get("sweeps") or []):
+        if not isinstance(raw, dict) or "name" not in raw:
+            fail(f"sweeps[{i}]", f"a mapping with a name and some of {sorted(SWEEP_KEYS)}")
+        unknown = sorted(set(raw) - SWEEP_KEYS)
+        if unknown:
+            fail(f"sweeps[{i}].{unknown[0]}", f"unknown key; allowed: {sorted(SWEEP_KEYS)}")
+        grid = raw.get("grid") or {}
+        if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+            fail(f"sweeps[{i}].grid", "a mapping of override key to a non-empty list of values")
+        parent = raw.get("from")
+        if parent is not None and parent not in [s.name for s in sweeps]:
+            fail(
+                f"sweeps[{i}].from",
+                f"{parent!r} is not an earlier sweep; earlier: {[s.name for s in sweeps]}",
+            )
+        select = raw.get("select_experts")
+        if select is not None and (parent is None or set(select) != {"domain", "fraction"}):
+            fail(f"sweeps[{i}].select_experts", "{domain: <name>, fraction: <0..1>} on a sweep with `from`")
+        sweeps.append(Sweep(raw["name"], grid, list(raw.get("overrides") or []), parent, select))
+    if not sweeps:
+        fail("sweeps", "at least one sweep")
+    if len({s.name for s in sweeps}) != len(sweeps):
+        fail("sweeps", "sweep names must be unique")
+    commands = block.get("commands") or []
+    for i, command in enumerate(commands):
+        if not isinstance(command, dict) or not (
+            {"once"} == set(command) or {"each_run_of", "run"} == set(command)
+        ):
+            fail(f"commands[{i}]", "{once: <command>} or {each_run_of: <sweep>, run: <command>}")
+    return Experiment(
+        name=name,
+        path=path,
+        seeds=seeds,
+        sweeps=sweeps,
+        commands=commands,
+        report=block.get("report") or {},
+        smoke=block.get("smoke") or {},
+    )
+
+
+def hydra_value(value) -> str:
+    """A YAML value as Hydra override syntax (lists as [a,b], None as null)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
+def top_domain_experts(counts, domain: int, fraction: float) -> list[list[int]]:
+    """Per layer, the round(fraction * E) experts (at least 1) that receive most of `domain`'s assignments
+    in counts[L, D, E] (ties by expert id), sorted by id: the domain's expert path (X6)."""
+    import numpy as np
+
+    counts = np.asarray(counts, dtype=np.float64)
+    keep = max(1, round(fraction * counts.shape[-1]))
+    chosen = []
+    for layer in counts:
+        order = np.lexsort((np.arange(layer.shape[-1]), -layer[domain]))
+        chosen.append(sorted(int(e) for e in order[:keep]))
+    return chosen
+
+
+def expert_path_override(run_dir: Path, domain: str, fraction: float) -> str:
+    """finetune.experts={layer0:[...],...} from the last routing table saved by the run at `run_dir`."""
+    import torch
+
+    tables = sorted(
+        (run_dir / "routing").glob("counts_step*.pt"), key=lambda p: int(p.stem.removeprefix("counts_step"))
+    )
+    if not tables:
+        raise ExperimentError(f"{run_dir}: no routing/counts_step*.pt to select experts from")
+    table = torch.load(tables[-1], map_location="cpu", weights_only=False)
+    if domain not in table["domains"]:
+        raise ExperimentError(
+            f"select_experts.domain {domain!r} not in {run_dir}'s domains {table['domains']}"
+        )
+    chosen = top_domain_experts(table["counts"].numpy(), table["domains"].index(domain), fraction)
+    names = [
+        f"layer{int(name.rpartition('layer')[2])}" if "layer" in name else name for name in table["layers"]
+    ]
+    return "finetune.experts=" + hydra_value(dict(zip(names, chosen, strict=True)))
+
+
+def parent_runs(out: Path, sweep: str) -> list[tuple[Path, list[str]]]:
+    """(run dir, its own overrides minus hydra/experiment/init_from ones) for each finished run of `sweep`."""
+    runs = []
+    for summary in sorted((out / sweep).rglob("summary.json")):
+        run_dir = summary.parent
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+        kept = [
+            o
+            for o in overrides
+            if not o.startswith(
+                ("hydra.", "+experiment=", "init_from=", "trainer.num_threads=", "trainer.progress_bar=")
+            )
+        ]
+        runs.append((run_dir, kept))
+    return runs
+
+
+def override_key(item: str) -> str:
+    return item.partition("=")[0].lstrip("+~")
+
+
+def merge_overrides(*groups: list[str]) -> list[str]:
+    """Later groups win per key (a post-training sweep replaces its parent's trainer.max_steps, say)."""
+    merged: dict[str, str] = {}
+    for group in groups:
+        for item in group:
+            merged[override_key(item)] = item
+    return list(merged.values())
+
+
+@dataclass
+class Job:
+    sweep: str
+    sweep_dir: Path
+    args: list[str]
+
+
+def plan_sweep(
+    experiment: Experiment, sweep: Sweep, out: Path, seeds: list[int], extra: list[str]
+) -> list[Job]:
+    grid = [f"{key}={','.join(hydra_value(v) for v in values)}" for key, values in sweep.grid.items()]
+    base = [f"+experiment={experiment.name}"]
+    jobs = []
+    if sweep.parent is None:
+        for seed in seeds:
+            args = merge_overrides(base, sweep.overrides, extra, grid, [f"seed={seed}"])
+            jobs.append(Job(sweep.name, out / sweep.name / f"s{seed}", args))
+        return jobs
+    for index, (run_dir, inherited) in enumerate(parent_runs(out, sweep.parent)):
+        own = [f"init_from={run_dir / 'checkpoints' / 'last.ckpt'}"]
+        if sweep.select_experts:
+            own.append(expert_path_override(run_dir, **sweep.select_experts))
+        args = merge_overrides(base, inherited, sweep.overrides, extra, grid, own)
+        jobs.append(Job(sweep.name, out / sweep.name / f"from{index}", args))
+    return jobs
+
+
+def run_job(job: Job, threads: int, python: str, log) -> int:
+    command = [
+        python,
+        "-m",
+        "testbed.train.cli",
+        "-m",
+        *job.args,
+        f"hydra.sweep.dir={job.sweep_dir}",
+        f"trainer.num_threads={threads}",
+        "trainer.progress_bar=false",
+    ]
+    job.sweep_dir.mkdir(parents=True, exist_ok=True)
+    log(f"[{job.sweep}] {shlex.join(command[3:])}")
+    with open(job.sweep_dir / "sweep.log", "w") as fh:
+        result = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        log(f"[{job.sweep}] exit status {result.returncode}; see {job.sweep_dir / 'sweep.log'}")
+    return result.returncode
+
+
+def fill(template: str, **values) -> list[str]:
+    return [part.format(**values) for part in shlex.split(template)]
+
+
+def run_command(argv: list[str], log) -> int:
+    log("$ " + shlex.join(argv))
+    bin_dir = Path(sys.executable).parent
+    if (bin_dir / argv[0]).exists():
+        argv = [str(bin_dir / argv[0]), *argv[1:]]
+    return subprocess.run(argv, check=False).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="testbed-experiment", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "name", help=f"experiment id, one of conf/experiment/*.yaml: {', '.join(available())}"
+    )
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every run")
+    parser.add_argument("--smoke", action="store_true", help="the experiment's smoke variant (CI: ~1 minute)")
+    parser.add_argument("--out", type=Path, help="output folder (default multirun/<id>[-smoke]/<date_time>)")
+    parser.add_argument("--seeds", help="comma-separated seeds instead of the experiment's")
+    parser.add_argument("--jobs", type=int, default=1, help="(sweep, seed) processes at once (default 1)")
+    parser.add_argument("--dry-run", action="store_true", help="print the testbed-train commands only")
+    args = parser.parse_args(argv)
+    try:
+        experiment = load_experiment(args.name)
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    seeds = experiment.smoke.get("seeds", [0]) if args.smoke else experiment.seeds
+    if args.seeds:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    extra = [*(experiment.smoke.get("overrides", []) if args.smoke else []), *args.overrides]
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    out = args.out or Path("multirun") / f"{args.name}{'-smoke' if args.smoke else ''}" / stamp
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    log = print
+    start = time.perf_counter()
+    failures = 0
+    for sweep in experiment.sweeps:
+        jobs = plan_sweep(experiment, sweep, out, seeds, extra)
+        if not jobs:
+            log(f"[{sweep.name}] nothing to run: sweep {sweep.parent!r} has no finished runs")
+            failures += 1
+            continue
+        if args.dry_run:
+            for job in jobs:
+                log(shlex.join(["testbed-train", "-m", *job.args, f"hydra.sweep.dir={job.sweep_dir}"]))
+            continue
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            codes = list(pool.map(lambda job: run_job(job, threads, sys.executable, log), jobs))
+        failures += sum(code != 0 for code in codes)
+    if args.dry_run:
+        return 0
+    for command in experiment.commands:
+        if "once" in command:
+            failures += run_command(fill(command["once"], out=out, conf=CONF_DIR), log) != 0
+            continue
+        for run_dir, _ in parent_runs(out, command["each_run_of"]):
+            failures += run_command(fill(command["run"], out=out, run=run_dir, conf=CONF_DIR), log) != 0
+    from testbed.analysis import report
+
+    report_args = [str(out), "--out", str(out / "report.md"), "--plots"]
+    for key in ("columns", "curves", "layer_metrics"):
+        if key in experiment.report:
+            report_args += [f"--{key.replace('_', '-')}", ",".join(experiment.report[key])]
+    code = report.main(report_args)
+    minutes = (time.perf_counter() - start) / 60
+    log(f"experiment {args.name}{' (smoke)' if args.smoke else ''}: {minutes:.1f} min, out {out}")
+    if failures:
+        log(f"{failures} sweep process(es) or command(s) failed; the report lists runs without summary.json")
+    return 1 if failures or code else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
