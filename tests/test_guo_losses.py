@@ -221,7 +221,7 @@ def test_finetune_trains_only_routers_and_chosen_experts(synth_mix, tmp_path):
     ckpt = first / "checkpoints" / "last.ckpt"
     before = torch.load(ckpt)["state_dict"]
     post = tmp_path / "post"
-    run_training(
+    summary = run_training(
         compose(
             synth_overrides(
                 synth_mix,
@@ -245,3 +245,12 @@ def test_finetune_trains_only_routers_and_chosen_experts(synth_mix, tmp_path):
             assert moved == [1, 4], (name, moved)
         elif "expert_bias" not in name:
             assert not changed, name
+    # trainable_params: the routers plus rows 1 and 4 of every layer's stacked expert weights
+    expected = sum(
+        v.numel() if "router.gate" in n else 2 * v[0].numel() if ".experts.w_" in n else 0
+        for n, v in before.items()
+    )
+    assert summary["trainable_params"] == expected
+    # the starting point is validated first: init/val/loss is the pretrained model's loss on alpha
+    assert summary["init/val/loss"] == pytest.approx(summary["init/val/loss/alpha"])
+    assert summary["init/val/loss"] != summary["val/loss"]

@@ -36,6 +36,7 @@ DEFAULT_COLUMNS = (
 )
 DEFAULT_LAYER_METRICS = ("purity", "nmi", "gate_entropy", "utilization")
 DEFAULT_CURVES = ("val/loss", "train/spec/purity/mean")
+LOGGED_WINDOW = 5
 GROUP_IGNORED = ("seed", "init_from")
 """Override keys that do not define a configuration: runs differing only here are seeds of one group."""
 
@@ -47,7 +48,13 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist")
         candidates = {p.parent for p in root.rglob(".hydra")} | {p.parent for p in root.rglob("summary.json")}
-        for run_dir in sorted(candidates, key=lambda p: (len(p.parts), str(p))):
+
+        # Finished runs in the order they finished (a sweep's runs before those post-trained from them).
+        def order(p: Path):
+            summary = p / "summary.json"
+            return (not summary.exists(), summary.stat().st_mtime if summary.exists() else 0.0, str(p))
+
+        for run_dir in sorted(candidates, key=order):
             summary_path = run_dir / "summary.json"
             overrides_path = run_dir / ".hydra" / "overrides.yaml"
             overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.exists() else []
@@ -56,7 +63,9 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
                 failed.append(run_dir)
                 continue
             summary = json.loads(summary_path.read_text())
-            finished.append({"dir": run_dir, "overrides": overrides, "summary": summary})
+            relative = run_dir.relative_to(root).parts
+            sweep = relative[0] if len(relative) > 1 else ""
+            finished.append({"dir": run_dir, "overrides": overrides, "summary": summary, "sweep": sweep})
     return finished, failed
 
 
@@ -78,15 +87,27 @@ def varying_overrides(runs: list[dict], ignore: tuple[str, ...] = ()) -> list[st
 
 
 def group_runs(runs: list[dict]) -> tuple[list[str], list[dict]]:
-    """Runs grouped by swept settings minus GROUP_IGNORED: (keys, [{settings, runs}]), first-seen order."""
+    """Runs grouped by swept settings minus GROUP_IGNORED: (keys, [{settings, runs}]), first-seen order.
+    Runs from several sweeps (the first folder below a report root) also group by sweep."""
     keys = varying_overrides(runs, ignore=GROUP_IGNORED)
+    if len({run.get("sweep", "") for run in runs}) > 1:
+        keys = ["sweep", *keys]
     groups: dict[tuple, dict] = {}
     for run in runs:
-        settings = settings_of(run)
+        settings = {"sweep": run.get("sweep", ""), **settings_of(run)}
         label = tuple(settings.get(k, "") for k in keys)
         groups.setdefault(label, {"settings": dict(zip(keys, label, strict=True)), "runs": []})
         groups[label]["runs"].append(run)
     return keys, list(groups.values())
+
+
+def run_value(run: dict, column: str):
+    """summary.json's value; for a logged-only column (train/aux/load_balance, say), the mean of its last
+    LOGGED_WINDOW values in metrics.csv."""
+    if column in run["summary"]:
+        return run["summary"][column]
+    values = [v for _, v in sorted(curve_of(run["dir"], column).items())][-LOGGED_WINDOW:]
+    return float(np.mean(values)) if values else None
 
 
 def aggregate(values: list) -> tuple[float, float, int]:
@@ -116,7 +137,7 @@ def table_rows(runs: list[dict], columns: tuple[str, ...]) -> tuple[list[str], l
     for run in runs:
         settings = settings_of(run)
         rows.append(
-            [run["dir"].name, *[settings.get(k, "") for k in keys], *[run["summary"].get(c) for c in columns]]
+            [run["dir"].name, *[settings.get(k, "") for k in keys], *[run_value(run, c) for c in columns]]
         )
     return header, rows
 
@@ -127,7 +148,7 @@ def group_table(runs: list[dict], columns: tuple[str, ...]) -> tuple[list[str], 
     header = [*keys, "n", *columns]
     md_rows, csv_rows = [], []
     for group in groups:
-        stats = [aggregate([run["summary"].get(c) for run in group["runs"]]) for c in columns]
+        stats = [aggregate([run_value(run, c) for run in group["runs"]]) for c in columns]
         cells = []
         for mean, std, n in stats:
             cells.append("nan" if n == 0 else f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")

@@ -57,6 +57,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
 
     from testbed.data.datamodule import DomainMixDataModule
     from testbed.train.callbacks import SpecializationMetrics
+    from testbed.train.finetune import trainable_parameter_count
     from testbed.train.module import MoELanguageModel
     from testbed.train.summary import print_summary, unigram_entropies, write_summary
 
@@ -122,6 +123,10 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
         default_root_dir=str(run_dir),
     )
     start = time.perf_counter()
+    initial = {}
+    if run.init_from:  # the starting point's validation, for post-training gains (init/val/loss...)
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        initial = {f"init/{k}": v for k, v in module.last_val_metrics.items()}
     trainer.fit(module, datamodule=datamodule)
     if module.last_val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -140,6 +145,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
         unigram=unigram_entropies(datamodule),
         data=datamodule.describe(),
         coefficients=module.loss_coefficients,
+        extra={"trainable_params": trainable_parameter_count(module.model, run.finetune), **initial},
     )
     if not quiet and trainer.is_global_zero:
         print_summary(summary)

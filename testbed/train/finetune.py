@@ -35,3 +35,17 @@ def apply_finetune(model, config: FinetuneConfig) -> list[torch.nn.Parameter]:
                 weight.register_hook(lambda grad, mask=mask: grad * mask.to(grad.device, grad.dtype))
                 no_decay.append(weight)
     return no_decay
+
+
+def trainable_parameter_count(model, config: FinetuneConfig) -> int:
+    """Parameters that post-training updates: requires_grad ones, counting only the chosen experts' rows of
+    the masked (stacked) expert banks."""
+    total = 0
+    for layer in model.moe_layers:
+        chosen = config.experts if config.trainable == "routers_and_experts" else None
+        if isinstance(chosen, dict):
+            chosen = chosen.get(f"layer{layer.layer_index}", [])
+        for weight in (layer.experts.w_in, layer.experts.w_out):
+            if weight.requires_grad and chosen is not None:
+                total -= weight.numel() - len(set(chosen)) * weight[0].numel()
+    return total + sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -37,6 +37,7 @@ def write_summary(
     unigram: dict,
     data: list[dict],
     coefficients: dict | None = None,
+    extra: dict | None = None,
 ) -> dict:
     summary = {
         "run_name": run.run_name,
@@ -50,6 +51,7 @@ def write_summary(
         **{k: v for k, v in spec.items() if k.endswith("/mean")},
         "unigram_entropy": unigram,
         "coefficients": coefficients or {},  # loss weights actually used (after `auto` calibration)
+        **(extra or {}),
         "data": data,
         "resolved": {
             "router": dataclasses.asdict(run.router),
