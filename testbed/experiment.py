@@ -27,6 +27,7 @@ and the figures. Failed runs are listed by the report and make the exit status n
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shlex
 import subprocess
@@ -69,7 +70,7 @@ class Experiment:
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in EXPERIMENT_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def load_experiment(name: str, conf_dir: Path = EXPERIMENT_DIR) -> Experiment:
@@ -217,9 +218,17 @@ class Job:
 
 
 def plan_sweep(
-    experiment: Experiment, sweep: Sweep, out: Path, seeds: list[int], extra: list[str]
+    experiment: Experiment,
+    sweep: Sweep,
+    out: Path,
+    seeds: list[int],
+    extra: list[str],
+    first_only: bool = False,
 ) -> list[Job]:
-    grid = [f"{key}={','.join(hydra_value(v) for v in values)}" for key, values in sweep.grid.items()]
+    grid = [
+        f"{key}={','.join(hydra_value(v) for v in (values[:1] if first_only else values))}"
+        for key, values in sweep.grid.items()
+    ]
     base = [f"+experiment={experiment.name}"]
     jobs = []
     if sweep.parent is None:
@@ -234,6 +243,46 @@ def plan_sweep(
         args = merge_overrides(base, inherited, sweep.overrides, extra, grid, own)
         jobs.append(Job(sweep.name, out / sweep.name / f"from{index}", args))
     return jobs
+
+
+def grid_points(sweep: Sweep, first_only: bool = False) -> list[list[str]]:
+    """Every combination of the sweep's grid as override lists (only the first value of each key with
+    first_only: the smoke variant's reduced grid)."""
+    keys = list(sweep.grid)
+    values = [sweep.grid[k][:1] if first_only else sweep.grid[k] for k in keys]
+    return [
+        [f"{k}={hydra_value(v)}" for k, v in zip(keys, combo, strict=True)]
+        for combo in itertools.product(*values)
+    ]
+
+
+def check_grid(experiment: Experiment, extra: list[str]) -> int:
+    """Compose and validate the config of every point of every sweep (no training): a bad value anywhere in
+    the grid fails before any run starts. Post-training sweeps are checked on each parent point. Returns the
+    number of configurations checked."""
+    from hydra import compose, initialize_config_dir
+
+    from testbed.config import parse_config
+
+    points: dict[str, list[list[str]]] = {}
+    checked = 0
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for sweep in experiment.sweeps:
+            parents = points[sweep.parent] if sweep.parent else [[]]
+            points[sweep.name] = [
+                merge_overrides(parent, sweep.overrides, extra, point)
+                for parent in parents
+                for point in grid_points(sweep)
+            ]
+            for overrides in points[sweep.name]:
+                try:
+                    parse_config(compose("config", overrides=[f"+experiment={experiment.name}", *overrides]))
+                except Exception as err:
+                    raise ExperimentError(
+                        f"{experiment.path}: sweep {sweep.name!r}, {overrides}: {err}"
+                    ) from None
+                checked += 1
+    return checked
 
 
 def run_job(job: Job, threads: int, python: str, log) -> int:
@@ -274,7 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         "name", help=f"experiment id, one of conf/experiment/*.yaml: {', '.join(available())}"
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every run")
-    parser.add_argument("--smoke", action="store_true", help="the experiment's smoke variant (CI: ~1 minute)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="smoke variant (CI): validate every grid point, train the first value of each key briefly",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default multirun/<id>[-smoke]/<date_time>)")
     parser.add_argument("--seeds", help="comma-separated seeds instead of the experiment's")
     parser.add_argument("--jobs", type=int, default=1, help="(sweep, seed) processes at once (default 1)")
@@ -297,8 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     log = print
     start = time.perf_counter()
     failures = 0
+    try:
+        checked = check_grid(experiment, extra)
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log(f"experiment {args.name}: {checked} configurations compose and validate")
     for sweep in experiment.sweeps:
-        jobs = plan_sweep(experiment, sweep, out, seeds, extra)
+        jobs = plan_sweep(experiment, sweep, out, seeds, extra, first_only=args.smoke)
         if not jobs:
             log(f"[{sweep.name}] nothing to run: sweep {sweep.parent!r} has no finished runs")
             failures += 1
