@@ -233,14 +233,14 @@ def plan_sweep(
     jobs = []
     if sweep.parent is None:
         for seed in seeds:
-            args = merge_overrides(base, sweep.overrides, extra, grid, [f"seed={seed}"])
+            args = merge_overrides(base, sweep.overrides, grid, extra, [f"seed={seed}"])
             jobs.append(Job(sweep.name, out / sweep.name / f"s{seed}", args))
         return jobs
     for index, (run_dir, inherited) in enumerate(parent_runs(out, sweep.parent)):
         own = [f"init_from={run_dir / 'checkpoints' / 'last.ckpt'}"]
         if sweep.select_experts:
             own.append(expert_path_override(run_dir, **sweep.select_experts))
-        args = merge_overrides(base, inherited, sweep.overrides, extra, grid, own)
+        args = merge_overrides(base, inherited, sweep.overrides, grid, extra, own)
         jobs.append(Job(sweep.name, out / sweep.name / f"from{index}", args))
     return jobs
 
@@ -270,7 +270,7 @@ def check_grid(experiment: Experiment, extra: list[str]) -> int:
         for sweep in experiment.sweeps:
             parents = points[sweep.parent] if sweep.parent else [[]]
             points[sweep.name] = [
-                merge_overrides(parent, sweep.overrides, extra, point)
+                merge_overrides(parent, sweep.overrides, point, extra)
                 for parent in parents
                 for point in grid_points(sweep)
             ]
@@ -322,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "name", help=f"experiment id, one of conf/experiment/*.yaml: {', '.join(available())}"
     )
-    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides applied to every run")
+    parser.add_argument(
+        "overrides", nargs="*", help="extra Hydra overrides for every run (they win over the grid's values)"
+    )
     parser.add_argument(
         "--smoke",
         action="store_true",

@@ -1,0 +1,130 @@
+"""testbed-experiment: experiment files, grid planning, expert-path selection, and every smoke variant."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from testbed import experiment as ex
+
+
+def write(tmp_path, name, text):
+    (tmp_path / f"{name}.yaml").write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a: 1\n", "no `experiment:` block"),
+        ("experiment:\n  sweeps: []\n", "at least one sweep"),
+        ("experiment:\n  seeds: [a]\n  sweeps: [{name: s}]\n", "experiment.seeds"),
+        ("experiment:\n  sweeps: [{name: s, grids: {}}]\n", "sweeps[0].grids: unknown key"),
+        ("experiment:\n  sweeps: [{name: s, grid: {seed: 1}}]\n", "non-empty list of values"),
+        ("experiment:\n  sweeps: [{name: post, from: pre}, {name: pre}]\n", "not an earlier sweep"),
+        ("experiment:\n  sweeps: [{name: s}, {name: s}]\n", "unique"),
+        (
+            "experiment:\n  sweeps: [{name: a}, {name: b, select_experts: {domain: x, fraction: 0.1}}]\n",
+            "with `from`",
+        ),
+        ("experiment:\n  sweeps: [{name: s}]\n  commands: [{run: x}]\n", "commands[0]"),
+        ("experiment:\n  sweeps: [{name: s, overrides: [a=[b]]}]\n", "not valid YAML"),
+    ],
+)
+def test_bad_experiment_files_name_the_problem(tmp_path, text, message):
+    with pytest.raises(ex.ExperimentError, match=message.replace("[", r"\[").replace("(", r"\(")) as err:
+        ex.load_experiment("bad", write(tmp_path, "bad", text))
+    assert str(tmp_path / "bad.yaml") in str(err.value)
+
+
+def test_unknown_experiment_lists_the_available_ones():
+    with pytest.raises(ex.ExperimentError, match=r"available: \['x1', 'x2'"):
+        ex.load_experiment("x99")
+    assert "_cpu" not in ex.available()
+
+
+def test_hydra_values_and_override_merging():
+    assert ex.hydra_value(None) == "null"
+    assert ex.hydra_value(True) == "true"
+    assert ex.hydra_value(["z_loss", "variance"]) == "[z_loss,variance]"
+    assert ex.hydra_value({"layer0": [1, 2], "layer1": [3]}) == "{layer0:[1,2],layer1:[3]}"
+    assert ex.hydra_value(1.0e-3) == "0.001"
+    merged = ex.merge_overrides(
+        ["+experiment=x", "seed=0", "data.domains=[a,b]"], ["seed=2", "+router.jitter=1"]
+    )
+    assert merged == ["+experiment=x", "seed=2", "data.domains=[a,b]", "+router.jitter=1"]
+
+
+def test_grid_points_and_smoke_reduction():
+    sweep = ex.Sweep("s", grid={"balance.scope": ["sequence", "global"], "aux_loss": [["z_loss"], []]})
+    assert ex.grid_points(sweep) == [
+        ["balance.scope=sequence", "aux_loss=[z_loss]"],
+        ["balance.scope=sequence", "aux_loss=[]"],
+        ["balance.scope=global", "aux_loss=[z_loss]"],
+        ["balance.scope=global", "aux_loss=[]"],
+    ]
+    assert ex.grid_points(sweep, first_only=True) == [["balance.scope=sequence", "aux_loss=[z_loss]"]]
+    assert ex.grid_points(ex.Sweep("empty")) == [[]]
+
+
+def test_top_domain_experts_by_hand():
+    counts = [  # [L=2, D=2, E=4]
+        [[5, 9, 0, 9], [1, 1, 1, 1]],
+        [[0, 0, 3, 1], [7, 0, 0, 0]],
+    ]
+    # fraction 0.5 of 4 experts = 2 per layer; ties (9, 9) broken by expert id, output sorted by id
+    assert ex.top_domain_experts(counts, domain=0, fraction=0.5) == [[1, 3], [2, 3]]
+    assert ex.top_domain_experts(counts, domain=1, fraction=0.25) == [[0], [0]]
+    assert ex.top_domain_experts(counts, domain=0, fraction=0.01) == [[1], [2]]  # at least one
+
+
+def test_every_shipped_experiment_grid_composes():
+    """Every point of every grid (and post-training on every parent point) is a valid run config."""
+    sizes = {name: ex.check_grid(ex.load_experiment(name), []) for name in ex.available()}
+    assert sizes["x1"] == 2 * 2 + 3 * (2 * 2 * 3)  # references + {LBL, EB, SH} x mix x composition x scope
+    assert sizes["x2"] == 4 and sizes["x3"] == 6 and sizes["x8"] == 4
+    assert sizes["x4"] == 4 + 4 and sizes["x6"] == 3
+    broken = ex.Experiment(
+        "x3", ex.EXPERIMENT_DIR / "x3.yaml", [0], [ex.Sweep("s", {"router.top_k": [0]})], [], {}, {}
+    )
+    with pytest.raises(ex.ExperimentError, match="router.top_k"):
+        ex.check_grid(broken, [])
+
+
+def summaries(out):
+    return {p.parent: json.loads(p.read_text()) for p in out.rglob("summary.json")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["x1", "x2", "x3", "x4", "x6", "x7", "x8"])
+def test_smoke_variant_runs_and_reports(tmp_path, name):
+    """`make experiment NAME=<id> SMOKE=1`: every sweep trains, post-training starts from its parent's
+    checkpoint, and the report lists each sweep."""
+    out = tmp_path / name
+    assert ex.main([name, "--smoke", "--jobs", "2", "--out", str(out)]) == 0
+    runs = summaries(out)
+    experiment = ex.load_experiment(name)
+    assert {path.relative_to(out).parts[0] for path in runs} == {s.name for s in experiment.sweeps}
+    report = (out / "report.md").read_text()
+    assert "failed or unfinished" not in report
+    for run_dir, summary in runs.items():
+        if run_dir.relative_to(out).parts[0] in {s.name for s in experiment.sweeps if s.parent}:
+            assert "init/val/loss" in summary  # post-training validated its starting checkpoint first
+    if name == "x6":  # the path run trains the routers and 2 of 16 experts per layer only
+        trainable = {p.relative_to(out).parts[0]: s["trainable_params"] for p, s in runs.items()}
+        assert trainable["path"] < 0.2 * trainable["full"]
+    assert (out / "frontier_purity.png").exists()
+
+
+@pytest.mark.slow
+def test_x1_smoke_on_a_languages_mix(tmp_path):
+    """X1's languages-mix points train end to end, on a tiny offline mix built from fixture pages."""
+    from tests.languages_fixture import build_tiny_languages_mix
+
+    root, tokenizer = build_tiny_languages_mix(tmp_path / "mix")
+    overrides = ["data=languages", f"data.root={root}", f"data.tokenizer={tokenizer}", "data.seq_len=32"]
+    out = tmp_path / "x1"
+    assert ex.main(["x1", "--smoke", "--jobs", "2", "--out", str(out), *overrides]) == 0
+    domains = {tuple(d["domain"] for d in s["data"]) for s in summaries(out).values()}
+    assert domains == {("de", "fr", "es", "it", "nl", "pl", "ru", "ja")}
