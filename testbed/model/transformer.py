@@ -23,9 +23,11 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tupl
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x1, x2) of the last dim of x [B, H, S, Dh] by the position angle."""
+    """Rotate pairs (x1, x2) of the last dim of x [B, H, S, Dh] by the position angle. cos/sin are the tables
+    [max_seq_len, Dh/2] (token s at position s) or already gathered per token [B, 1, S, Dh/2]."""
     x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
+    if cos.ndim == 2:
+        cos, sin = cos[: x.shape[-2]], sin[: x.shape[-2]]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).to(x.dtype)
 
 
@@ -38,11 +40,14 @@ class Attention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=d_model**-0.5)
         nn.init.normal_(self.out.weight, std=out_init_scale * d_model**-0.5)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None = None) -> Tensor:
         batch, seq, d_model = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # [B, 1, S, S] bool, True where a query may attend
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.out(y.transpose(1, 2).reshape(batch, seq, d_model))
 
 
@@ -54,8 +59,10 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.d_model)
         self.ffn = ffn
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, context: RoutingContext):
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, context: RoutingContext, mask: Tensor | None = None
+    ):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         if isinstance(self.ffn, MoELayer):
             y, out = self.ffn(self.ffn_norm(x), context)
             return x + y, out
@@ -112,9 +119,19 @@ class MoETransformer(nn.Module):
         offset = context.extras.get("embedding_offset")  # perturbation for routing-stiffness analysis
         if offset is not None:
             x = x + offset
+        # Optional, for scoring several continuations of one shared prefix in one row (testbed-quiz):
+        # `attention_mask` [B, S, S] bool (True: may attend; replaces the causal mask) and `position_ids`
+        # [B, S] (rotary positions; default 0..S-1).
+        cos, sin = self.rope_cos, self.rope_sin
+        positions = context.extras.get("position_ids")
+        if positions is not None:
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        mask = context.extras.get("attention_mask")
+        if mask is not None:
+            mask = mask.unsqueeze(1)
         outputs = []
         for block in self.blocks:
-            x, out = block(x, self.rope_cos, self.rope_sin, context)
+            x, out = block(x, cos, sin, context, mask)
             if out is not None:
                 outputs.append(out)
         return self.lm_head(self.norm(x)), outputs
