@@ -17,7 +17,8 @@ what every run shares (model size, steps, data), and its `experiment:` block lis
         - {once: "testbed-quiz build --out {out}/quiz"}
         - {each_run_of: pretrain, run: "testbed-quiz eval {run} --quiz {out}/quiz"}
       report: {columns: [...], curves: [...], layer_metrics: [...]}
-      smoke: {seeds: [0], overrides: [trainer.max_steps=4, ...]}   # --smoke: the CI variant
+      smoke: {seeds: [0], overrides: [trainer.max_steps=4, ...]}   # --smoke: the CI variant (may also
+                                                                    # replace `commands`)
 
 Each (sweep, seed) is one `testbed-train -m` process; `--jobs N` runs N of them at once with
 `trainer.num_threads = cores // N`. Finally `testbed-report` writes `<out>/report.md`, `report.csv`
@@ -116,7 +117,8 @@ def load_experiment(name: str, conf_dir: Path = EXPERIMENT_DIR) -> Experiment:
     if len({s.name for s in sweeps}) != len(sweeps):
         fail("sweeps", "sweep names must be unique")
     commands = block.get("commands") or []
-    for i, command in enumerate(commands):
+    smoke = block.get("smoke") or {}
+    for i, command in enumerate([*commands, *smoke.get("commands", [])]):
         if not isinstance(command, dict) or not (
             {"once"} == set(command) or {"each_run_of", "run"} == set(command)
         ):
@@ -128,7 +130,7 @@ def load_experiment(name: str, conf_dir: Path = EXPERIMENT_DIR) -> Experiment:
         sweeps=sweeps,
         commands=commands,
         report=block.get("report") or {},
-        smoke=block.get("smoke") or {},
+        smoke=smoke,
     )
 
 
@@ -373,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         failures += sum(code != 0 for code in codes)
     if args.dry_run:
         return 0
-    for command in experiment.commands:
+    commands = experiment.smoke.get("commands", experiment.commands) if args.smoke else experiment.commands
+    for command in commands:
         if "once" in command:
             failures += run_command(fill(command["once"], out=out, conf=CONF_DIR), log) != 0
             continue

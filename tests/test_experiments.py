@@ -84,7 +84,7 @@ def test_every_shipped_experiment_grid_composes():
     sizes = {name: ex.check_grid(ex.load_experiment(name), []) for name in ex.available()}
     assert sizes["x1"] == 2 * 2 + 3 * (2 * 2 * 3)  # references + {LBL, EB, SH} x mix x composition x scope
     assert sizes["x2"] == 4 and sizes["x3"] == 6 and sizes["x8"] == 4
-    assert sizes["x4"] == 4 + 4 and sizes["x6"] == 3
+    assert sizes["x4"] == 4 + 4 and sizes["x5"] == 2 and sizes["x6"] == 3
     broken = ex.Experiment(
         "x3", ex.EXPERIMENT_DIR / "x3.yaml", [0], [ex.Sweep("s", {"router.top_k": [0]})], [], {}, {}
     )
@@ -97,7 +97,7 @@ def summaries(out):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["x1", "x2", "x3", "x4", "x6", "x7", "x8"])
+@pytest.mark.parametrize("name", ["x1", "x2", "x3", "x4", "x5", "x6", "x7", "x8"])
 def test_smoke_variant_runs_and_reports(tmp_path, name):
     """`make experiment NAME=<id> SMOKE=1`: every sweep trains, post-training starts from its parent's
     checkpoint, and the report lists each sweep."""

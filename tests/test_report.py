@@ -123,3 +123,28 @@ def test_report_layer_and_curve_values(tmp_path):
     )
     assert last_layer_values(tmp_path, "nmi") == [0.3, 0.4]
     assert curve_of(tmp_path, "val/loss") == {5: 6.0, 10: 5.5}
+
+
+def test_report_reads_quiz_results_and_logged_values(tmp_path, capsys):
+    """quiz/<key> columns come from <run>/quiz/quiz.json (top level, else its layer mean); a column missing
+    from summary.json is the mean of its last 5 logged values."""
+    from testbed.analysis.report import last_layer_values
+
+    for seed, (accuracy, dead) in enumerate([(0.5, 0.25), (0.7, 0.75)]):
+        run = tmp_path / "sweep" / str(seed)
+        fake_run(run, [f"seed={seed}"], {"val/loss": 5.0})
+        (run / "quiz").mkdir()
+        quiz = {
+            "accuracy": accuracy,
+            "mean": {"dead_experts": dead},
+            "layers": ["layer0", "layer1"],
+            "per_layer": {"layer0": {"dead_experts": dead - 0.25}, "layer1": {"dead_experts": dead + 0.25}},
+        }
+        (run / "quiz" / "quiz.json").write_text(json.dumps(quiz))
+        write_metrics_csv(run, [{"step": s, "train/aux/load_balance": 1.0 + s + seed} for s in range(10)])
+    columns = "quiz/accuracy,quiz/dead_experts,train/aux/load_balance"
+    assert main([str(tmp_path / "sweep"), "--columns", columns]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # last five logged LBL values: 1+5..1+9 (mean 8) for seed 0 and 9 for seed 1 -> 8.5 ± 0.707
+    assert lines[2] == "| 2 | 0.600 ± 0.141 | 0.500 ± 0.354 | 8.500 ± 0.707 |"
+    assert last_layer_values(tmp_path / "sweep" / "1", "quiz/dead_experts") == [0.5, 1.0]

@@ -101,9 +101,18 @@ def group_runs(runs: list[dict]) -> tuple[list[str], list[dict]]:
     return keys, list(groups.values())
 
 
+def quiz_result(run_dir: Path) -> dict:
+    path = run_dir / "quiz" / "quiz.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def run_value(run: dict, column: str):
-    """summary.json's value; for a logged-only column (train/aux/load_balance, say), the mean of its last
+    """summary.json's value; `quiz/<key>` from <run>/quiz/quiz.json (testbed-quiz eval: its top level, else
+    its mean over layers); for a logged-only column (train/aux/load_balance, say), the mean of its last
     LOGGED_WINDOW values in metrics.csv."""
+    if column.startswith("quiz/"):
+        result, key = quiz_result(run["dir"]), column.removeprefix("quiz/")
+        return result[key] if key in result else result.get("mean", {}).get(key)
     if column in run["summary"]:
         return run["summary"][column]
     values = [v for _, v in sorted(curve_of(run["dir"], column).items())][-LOGGED_WINDOW:]
@@ -219,7 +228,13 @@ def read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:
 
 
 def last_layer_values(run_dir: Path, metric: str) -> list[float]:
-    """spec/<metric>/layer<i> from the last metrics.csv row that has them (the final validation)."""
+    """spec/<metric>/layer<i> from the last metrics.csv row that has them (the final validation);
+    quiz/<metric> from the quiz evaluation's per-layer results."""
+    if metric.startswith("quiz/"):
+        result = quiz_result(run_dir)
+        layers = [result.get("per_layer", {}).get(name, {}) for name in result.get("layers", [])]
+        values = [layer.get(metric.removeprefix("quiz/")) for layer in layers]
+        return [float(v) for v in values] if values and all(v is not None for v in values) else []
     for row in reversed(read_metrics_csv(run_dir)):
         layers = sorted(
             (int(k.rpartition("layer")[2]), float(v))
@@ -245,7 +260,7 @@ def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
             if per_run and len({len(v) for v in per_run}) == 1:
                 series[group_label(group)] = np.mean(per_run, axis=0).tolist()
         if series:
-            path = out_dir / f"layers_{metric}.png"
+            path = out_dir / f"layers_{metric.replace('/', '_')}.png"
             per_layer_curves(series, metric, out_path=path, title=f"{metric} per layer (mean over seeds)")
             paths.append(path)
     return paths
