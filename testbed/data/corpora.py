@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sysconfig
@@ -32,6 +33,8 @@ METAMATH_DIR = Path("/usr/share/metamath/databases")
 GO_SQLITE = Path("/usr/lib/R/site-library/GO.db/extdata/GO.sqlite")
 SWORD_DIR = Path("/usr/share/sword")
 PYTHON_DOCS_DIR = Path("/usr/share/doc/python3.11/html/_sources")
+MAN_ROOT = Path("/usr/share/man")  # the languages mix: <MAN_ROOT>/<language>/man*/*.gz
+DPKG_INFO_DIR = Path("/var/lib/dpkg/info")  # dpkg's file lists, <package>.list: which pages are whose
 NPM_DIR_ENV = "TESTBED_NPM_DIR"
 NPM_DIR_DEFAULT = ".cache/npm/node_modules"
 NPM_INSTALL = "npm install --prefix .cache/npm"
@@ -517,6 +520,167 @@ def _docs_documents() -> Iterator[str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# languages (not shipped): translated manual pages, one domain per language, one document per page
+
+LANGUAGE_NAMES: dict[str, str] = {
+    "de": "German",
+    "fr": "French",
+    "es": "Spanish",
+    "it": "Italian",
+    "nl": "Dutch",
+    "pl": "Polish",
+    "ru": "Russian",
+    "ja": "Japanese",
+}
+"""The languages mix: ISO 639-1 code (the domain name) -> language."""
+
+LANGUAGES_MIX: tuple[str, ...] = tuple(LANGUAGE_NAMES)
+"""Domains of the languages mix (`make data-languages`, ``conf/data/languages.yaml``)."""
+
+DEBIAN_MAN_DIR = "/usr/share/man"
+"""Where Debian packages put manual pages: the prefix of the paths in dpkg's file lists."""
+GROFF = "groff"
+GROFF_ARGS = ("-Kutf-8", "-t", "-Tutf8", "-man", "-rHY=0", "-P", "-cbou")
+"""UTF-8 input, tables through tbl, plain UTF-8 terminal output of the man macros, no hyphenation;
+``-P -cbou``: grotty writes no SGR escapes and no overstrikes (bold, underline)."""
+GROFF_PRELUDE = b".ad l\n.ss 12 0\n.hla none\n"
+"""Prepended to every page: adjust left (no justification, so no runs of padding spaces), no extra
+space after sentences, and a hyphenation language without patterns (pages that switch hyphenation
+back on with ``.hy`` still get no hyphenated words). Japanese is formatted without groff's ``-mja``,
+so lines break only at spaces, never inside a word."""
+_OVERSTRIKE = re.compile(r".\x08")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def man_packages(language: str) -> tuple[str, str]:
+    """The Debian packages of one language's manual pages: user pages and development pages."""
+    return f"manpages-{language}", f"manpages-{language}-dev"
+
+
+def _man_install(language: str) -> str:
+    return f"{_APT} {' '.join(man_packages(language))} groff-base"
+
+
+def _locate_man_pages(language: str) -> Path:
+    install = _man_install(language)
+    for package in man_packages(language):
+        _require_path(language, DPKG_INFO_DIR / f"{package}.list", install)
+    if shutil.which(GROFF) is None:
+        raise SourceMissingError(language, f"the {GROFF} program on PATH", install)
+    return _require_path(language, MAN_ROOT / language, install)
+
+
+def _page_sort_key(path: Path) -> tuple[str, str, str]:
+    """Page name, then section, then path: ``ls.1.gz`` -> ("ls", "1", ...)."""
+    name, _, section = path.name.removesuffix(".gz").rpartition(".")
+    return (name or section, section if name else "", path.as_posix())
+
+
+def man_page_files(language: str) -> list[Path]:
+    """The compressed pages of ``language`` that its packages install (per dpkg's file lists),
+    under :data:`MAN_ROOT`, ordered by page name; symbolic links are left out."""
+    prefix = f"{DEBIAN_MAN_DIR}/{language}/man"
+    files: set[Path] = set()
+    for package in man_packages(language):
+        for line in (DPKG_INFO_DIR / f"{package}.list").read_text(encoding="utf-8").splitlines():
+            if line.startswith(prefix) and line.endswith(".gz"):
+                path = MAN_ROOT / line[len(DEBIAN_MAN_DIR) + 1 :]
+                if path.is_file() and not path.is_symlink():
+                    files.add(path)
+    return sorted(files, key=_page_sort_key)
+
+
+def is_man_redirect(source: str) -> bool:
+    """True for a page whose first request is ``.so`` (it only includes another page)."""
+    for line in source.split("\n"):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(('.\\"', "'\\\"", '\\"')) or stripped == ".":
+            continue
+        return stripped.startswith(".so ") or stripped == ".so"
+    return False
+
+
+def render_man_page(source: bytes, name: str = "<page>") -> str:
+    """Format one page's groff source with ``groff -Tutf8 -man`` as plain UTF-8 text.
+
+    The page header and footer lines (title, section, date, version) are dropped, blank-line runs
+    become one blank line, trailing spaces go, and hyphens are ASCII ``-``. Body text keeps
+    groff's layout: 78 columns, 7-space indentation, lists and tables as a terminal shows them.
+    """
+    command = [GROFF, *GROFF_ARGS]
+    result = subprocess.run(
+        command, input=GROFF_PRELUDE + source, capture_output=True, check=False, timeout=120
+    )
+    if result.returncode != 0:
+        error = result.stderr.decode("utf-8", "replace").strip()
+        raise RuntimeError(f"{' '.join(command)} failed on {name} (exit {result.returncode}): {error}")
+    text = _OVERSTRIKE.sub("", result.stdout.decode("utf-8", "replace"))
+    text = text.replace("\u2010", "-")  # groff writes the source's plain "-" as U+2010 HYPHEN
+    lines = [line.rstrip() for line in text.split("\n")]
+    content = [i for i, line in enumerate(lines) if line]
+    if len(content) >= 3:
+        first, last = content[0], content[-1]
+        if not lines[first + 1]:  # the header: a title line followed by blank lines
+            lines[first] = ""
+        if not lines[last - 1]:  # the footer: a line after a blank line, at the very end
+            lines[last] = ""
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip("\n")
+
+
+def _man_documents(language: str) -> Iterator[str]:
+    _locate_man_pages(language)
+    for path in man_page_files(language):
+        source = gzip.decompress(path.read_bytes())
+        if is_man_redirect(source.decode("utf-8", "replace")):
+            continue
+        text = render_man_page(source, str(path))
+        if text.strip():
+            yield text
+
+
+def _man_version(language: str) -> Callable[[], str | None]:
+    def version() -> str | None:
+        versions = [(package, _deb_version(package)()) for package in man_packages(language)]
+        if not any(v for _, v in versions):
+            return None
+        return ", ".join(f"{package} {v or 'not installed'}" for package, v in versions)
+
+    return version
+
+
+def _man_source(language: str) -> DomainSource:
+    user, dev = man_packages(language)
+    if language == "ja":
+        licence = (
+            "translations by the JM Project under each original page's licence (various free "
+            "licences); not shipped, local builds only"
+        )
+        project = "JM Project"
+    else:
+        licence = (
+            "GPL-3.0-or-later translations (manpages-l10n); original pages under various free "
+            "licences; not shipped, local builds only"
+        )
+        project = "manpages-l10n"
+    return DomainSource(
+        name=language,
+        description=f"{LANGUAGE_NAMES[language]} manual pages ({project} translations)",
+        licence=licence,
+        origin=(
+            f"Debian {user} + {dev}, {DEBIAN_MAN_DIR}/{language}/man*/*.gz (per dpkg's file lists; "
+            f"`.so` redirects and links skipped), formatted with {GROFF} {' '.join(GROFF_ARGS)}"
+        ),
+        install=_man_install(language),
+        documents=lambda: _man_documents(language),
+        locate=lambda: _locate_man_pages(language),
+        version=_man_version(language),
+        document_unit="manual page",
+        source_id=f"{user}",
+        shipped=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry
 
 _APT = "apt-get install"
@@ -671,6 +835,7 @@ SOURCES: dict[str, DomainSource] = {
             source_id="champ",
             shipped=False,
         ),
+        *[_man_source(language) for language in LANGUAGE_NAMES],
     ]
 }
 

@@ -15,7 +15,44 @@ from testbed.errors import DataError
 
 SHIPPED_MIX = PROJECT_ROOT / "data" / "mix"
 SHIPPED_TOKENIZER = PROJECT_ROOT / "data" / "tokenizer.json"
+LANGUAGES_MIX = PROJECT_ROOT / "data" / "languages"
 FORMATS = {".jsonl": "json", ".json": "json", ".txt": "text", ".text": "text", ".parquet": "parquet"}
+BUILD_COMMANDS: dict[Path, str] = {
+    SHIPPED_MIX: "make data-sources && make data",
+    SHIPPED_TOKENIZER: "make data-sources && make data",
+    LANGUAGES_MIX: "make data-languages",
+}
+"""Data folders and files of this checkout, and the command that builds each (for error messages)."""
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """``path`` as given when it exists or is absolute; otherwise relative to the checkout, so that
+    configs naming ``data/...`` work from any working directory."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        return PROJECT_ROOT / path
+    return path
+
+
+def build_command(path: str | Path) -> str | None:
+    """The command that builds ``path`` when it is, or lies in, one of :data:`BUILD_COMMANDS`."""
+    resolved = resolve_data_path(path).absolute()
+    for target, command in BUILD_COMMANDS.items():
+        if resolved == target or target in resolved.parents:
+            return command
+    return None
+
+
+def missing_folder_error(root: Path, key: str = "data.root") -> DataError:
+    """``key`` names a folder (or a file in a folder) that does not exist: say how to build it."""
+    command = build_command(root)
+    how = (
+        f"run `{command}` to build it (see data/SOURCES.md)"
+        if command
+        else f"build a mix there with `testbed-data --out {root} --tokenizer {root / 'tokenizer.json'}` "
+        "or set data.root to an existing folder"
+    )
+    return DataError(f"{key}: folder {root} does not exist; {how}")
 
 
 def infer_format(path: Path) -> str:
@@ -78,14 +115,16 @@ def load_documents(
             ) from err
         origin = f"hub dataset {source.hf_dataset}"
     else:
-        path = Path(source.path) if source.path else Path(root or SHIPPED_MIX) / f"{domain}.jsonl.gz"
-        if not path.is_absolute() and not path.exists():
-            path = PROJECT_ROOT / path
+        path = resolve_data_path(source.path or Path(root or SHIPPED_MIX) / f"{domain}.jsonl.gz")
+        if not source.path and not path.parent.is_dir():
+            raise missing_folder_error(path.parent)
         if not path.exists():
             available = sorted(p.name.split(".")[0] for p in path.parent.glob("*.jsonl.gz"))
+            command = build_command(path.parent)
             hint = (
                 f"domains available in {path.parent}: {available}; for another domain set "
                 f"data.sources.{domain}.path or build it with `testbed-data --out {path.parent}`"
+                + (f" (`{command}` builds this folder's mix)" if command else "")
                 if not source.path
                 else "check data.sources.<domain>.path"
             )

@@ -79,9 +79,19 @@ def train_tokenizer(
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
-    """Load a tokenizer saved by :func:`train_tokenizer`; a clear error if missing or corrupt."""
-    path = Path(path)
+    """Load a tokenizer saved by :func:`train_tokenizer`; a clear error if missing or corrupt.
+    A relative path that does not exist from the working directory is taken relative to the checkout."""
+    from testbed.data.loading import build_command, missing_folder_error, resolve_data_path
+
+    path = resolve_data_path(path)
     if not path.is_file():
+        command = build_command(path)
+        if command and not path.parent.is_dir():
+            raise missing_folder_error(path.parent, "data.tokenizer")
+        if command:
+            raise DataError(
+                f"tokenizer file {path} not found; run `{command}` to build it, or set data.tokenizer"
+            )
         raise DataError(
             f"tokenizer file {path} not found; set data.tokenizer or build it with "
             f"`testbed-data --out data/mix --tokenizer {path}` (or `make data`)"
