@@ -234,9 +234,14 @@ def plan_sweep(
     base = [f"+experiment={experiment.name}"]
     jobs = []
     if sweep.parent is None:
+        # One process per seed and value of the first swept key (so N parallel processes stay busy).
+        split = next((k for k, v in sweep.grid.items() if len(v) > 1 and not first_only), None)
+        parts = [[f"{split}={hydra_value(v)}"] for v in sweep.grid[split]] if split else [[]]
         for seed in seeds:
-            args = merge_overrides(base, sweep.overrides, grid, extra, [f"seed={seed}"])
-            jobs.append(Job(sweep.name, out / sweep.name / f"s{seed}", args))
+            for i, part in enumerate(parts):
+                args = merge_overrides(base, sweep.overrides, grid, part, extra, [f"seed={seed}"])
+                name = f"s{seed}" + (f"-{i}" if split else "")
+                jobs.append(Job(sweep.name, out / sweep.name / name, args))
         return jobs
     for index, (run_dir, inherited) in enumerate(parent_runs(out, sweep.parent)):
         own = [f"init_from={run_dir / 'checkpoints' / 'last.ckpt'}"]
@@ -245,6 +250,17 @@ def plan_sweep(
         args = merge_overrides(base, inherited, sweep.overrides, grid, extra, own)
         jobs.append(Job(sweep.name, out / sweep.name / f"from{index}", args))
     return jobs
+
+
+def stages(sweeps: list[Sweep]) -> list[list[Sweep]]:
+    """Sweeps in order, cut into stages that run their jobs in one pool: a sweep post-training from a sweep
+    of the current stage starts the next stage (it needs the parent's checkpoints)."""
+    result: list[list[Sweep]] = [[]]
+    for sweep in sweeps:
+        if sweep.parent in {s.name for s in result[-1]}:
+            result.append([])
+        result[-1].append(sweep)
+    return result
 
 
 def grid_points(sweep: Sweep, first_only: bool = False) -> list[list[str]]:
@@ -360,12 +376,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     log(f"experiment {args.name}: {checked} configurations compose and validate")
-    for sweep in experiment.sweeps:
-        jobs = plan_sweep(experiment, sweep, out, seeds, extra, first_only=args.smoke)
-        if not jobs:
-            log(f"[{sweep.name}] nothing to run: sweep {sweep.parent!r} has no finished runs")
-            failures += 1
-            continue
+    for stage in stages(experiment.sweeps):
+        jobs = []
+        for sweep in stage:
+            planned = plan_sweep(experiment, sweep, out, seeds, extra, first_only=args.smoke)
+            if not planned and not args.dry_run:
+                log(f"[{sweep.name}] nothing to run: sweep {sweep.parent!r} has no finished runs")
+                failures += 1
+            jobs += planned
         if args.dry_run:
             for job in jobs:
                 log(shlex.join(["testbed-train", "-m", *job.args, f"hydra.sweep.dir={job.sweep_dir}"]))
