@@ -178,7 +178,9 @@ def markdown(header: list[str], rows: list[list], failed: list[Path]) -> str:
 
 
 def group_label(group: dict) -> str:
-    return " ".join(v.rpartition("/")[2] for v in group["settings"].values() if v) or "run"
+    """The group's settings (values only; the sweep name only when nothing else tells groups apart)."""
+    values = [v.rpartition("/")[2] for k, v in group["settings"].items() if v and k != "sweep"]
+    return " ".join(values) or group["settings"].get("sweep") or "run"
 
 
 def router_kind(group: dict) -> str:
