@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", help="comma-separated seeds instead of the experiment's")
     parser.add_argument("--jobs", type=int, default=1, help="(sweep, seed) processes at once (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the testbed-train commands only")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow options
     try:
         experiment = load_experiment(args.name)
     except ExperimentError as err:
