@@ -1,0 +1,37 @@
+"""X8: does a lower load-balance loss value mean better balance?
+
+    python experiments/x8_lbl_value/correlation.py multirun/x8/<date_time> [more sweep dirs...]
+
+For every finished run with a logged `train/aux/load_balance`, pairs the mean of its last 5 logged
+LBL values (the same window as testbed-report) with the final validation's max_violation and
+utilization, and prints Spearman rank correlations over all runs (scipy.stats.spearmanr).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+from testbed.analysis.report import curve_of
+
+
+def main(roots: list[Path]) -> None:
+    points = []
+    for root in roots:
+        for path in sorted(root.rglob("summary.json")):
+            curve = curve_of(path.parent, "train/aux/load_balance")
+            if not curve:
+                continue
+            lbl = sum(v for _, v in sorted(curve.items())[-5:]) / len(sorted(curve.items())[-5:])
+            s = json.loads(path.read_text())
+            points.append((lbl, s["spec/max_violation/mean"], s["spec/utilization/mean"], path.parent))
+    print(f"runs: {len(points)}")
+    lbl = [p[0] for p in points]
+    for name, index in (("max_violation", 1), ("utilization", 2)):
+        rho, p = spearmanr(lbl, [q[index] for q in points])
+        print(f"Spearman(LBL value, {name}) = {rho:.3f} (p = {p:.3g})")
+
+
+if __name__ == "__main__":
+    main([Path(a) for a in sys.argv[1:]])
