@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS), help="summary.json keys to show")
     parser.add_argument("--out", type=Path, help="write the Markdown table here (and a .csv beside it)")
     parser.add_argument("--per-run", action="store_true", help="one row per run instead of seed groups")
+    parser.add_argument(
+        "--where", action="append", default=[], help="keep runs whose override KEY=VALUE matches (repeatable)"
+    )
     parser.add_argument("--plots", action="store_true", help="also write figures beside --out (or in .)")
     parser.add_argument(
         "--layer-metrics", default=",".join(DEFAULT_LAYER_METRICS), help="spec metrics for per-layer plots"
@@ -325,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    for condition in args.where:
+        key, _, value = condition.partition("=")
+        runs = [run for run in runs if settings_of(run).get(key) == value]
     columns = split_list(args.columns)
     if args.per_run:
         header, rows = table_rows(runs, columns)
