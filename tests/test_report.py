@@ -148,3 +148,11 @@ def test_report_reads_quiz_results_and_logged_values(tmp_path, capsys):
     # last five logged LBL values: 1+5..1+9 (mean 8) for seed 0 and 9 for seed 1 -> 8.5 ± 0.707
     assert lines[2] == "| 2 | 0.600 ± 0.141 | 0.500 ± 0.354 | 8.500 ± 0.707 |"
     assert last_layer_values(tmp_path / "sweep" / "1", "quiz/dead_experts") == [0.5, 1.0]
+
+
+def test_report_where_filters_runs(tmp_path, capsys):
+    for i, (data, purity) in enumerate([("shipped", 0.4), ("languages", 0.3), ("shipped", 0.5)]):
+        fake_run(tmp_path / "s" / str(i), [f"data={data}", f"seed={i}"], {"spec/purity/mean": purity})
+    assert main([str(tmp_path / "s"), "--columns", "spec/purity/mean", "--where", "data=shipped"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| shipped | 2 | 0.450 ± 0.071 |" and len(lines) == 3
