@@ -37,10 +37,22 @@ def main(csv_path: str, out: str) -> None:
                     ]
                     means = [float(r[f"{metric}:mean"]) for r in picked]
                     stds = [float(r[f"{metric}:std"]) for r in picked]
-                    ax.errorbar(range(3), means, yerr=stds, ls=style, marker="o", ms=3, capsize=2, label=f"{name} {comp}")
+                    ax.errorbar(
+                        range(3),
+                        means,
+                        yerr=stds,
+                        ls=style,
+                        marker="o",
+                        ms=3,
+                        capsize=2,
+                        label=f"{name} {comp}",
+                    )
             if metric != "spec/utilization/mean":
                 ax.axhline(float(refs["hash"][f"{metric}:mean"]), color="gray", lw=0.8, ls=":", label="hash")
-            ax.set_title(f"{mix} mix: {metric.split('/')[1]} (oracle = {float(refs['oracle'][f'{metric}:mean']):.3f})", fontsize=8)
+            ax.set_title(
+                f"{mix} mix: {metric.split('/')[1]} (oracle = {float(refs['oracle'][f'{metric}:mean']):.3f})",
+                fontsize=8,
+            )
             ax.set_xticks(range(3), SCOPES, fontsize=7)
             ax.tick_params(labelsize=7)
             ax.grid(alpha=0.3)

@@ -32,7 +32,7 @@ def main(root: Path) -> None:
         picked = [r for r in rows if r[0] == sweep]
         if picked:
             gains, pers = np.array([r[3] for r in picked]), np.array([r[4] for r in picked])
-            std = (lambda a: a.std(ddof=1) if len(a) > 1 else 0.0)
+            std = lambda a: a.std(ddof=1) if len(a) > 1 else 0.0
             print(
                 f"{sweep}: n={len(picked)} gain {gains.mean():.4f} ± {std(gains):.4f}, "
                 f"per 1M params {pers.mean():.4f} ± {std(pers):.4f}"

@@ -1,0 +1,60 @@
+"""X6, first half: the DBES metrics of every X1-X4 checkpoint (final validation, from summary.json),
+per configuration (mean over seeds), and how each DBES metric ranks configurations compared with nmi.
+
+    python experiments/x6_dbes/dbes_table.py multirun/x1/full multirun/x2/full multirun/x3/full \
+        multirun/x4/full
+
+Prints a Markdown table (one row per configuration group of each experiment; post-training sweeps
+excluded, since they are evaluated on one domain) and the Spearman correlation of each DBES metric
+with nmi and with purity across the groups (scipy.stats.spearmanr).
+"""
+
+import math
+import sys
+from pathlib import Path
+
+from scipy.stats import spearmanr
+
+from testbed.analysis.report import aggregate, find_runs, group_label, group_runs, run_value
+
+DBES = (
+    "routing_specialization",
+    "effective_rank",
+    "domain_isolation",
+    "routing_stiffness",
+    "ngram_expertise_n4",
+    "ngram_expertise_n10",
+)
+REFERENCE = ("nmi", "purity")
+
+
+def main(roots: list[Path]) -> None:
+    rows = []
+    for root in roots:
+        runs, _ = find_runs([root])
+        runs = [r for r in runs if r.get("sweep") not in ("posttrain", "path", "full")]
+        _, groups = group_runs(runs)
+        for group in groups:
+            values = {
+                m: aggregate([run_value(r, f"spec/{m}/mean") for r in group["runs"]])[0]
+                for m in DBES + REFERENCE
+            }
+            rows.append((root.parent.name, group_label(group), len(group["runs"]), values))
+    print("| exp | configuration | n | " + " | ".join(DBES + REFERENCE) + " |")
+    print("|---|---|---|" + "---|" * (len(DBES) + len(REFERENCE)))
+    for exp, label, n, values in rows:
+        print(f"| {exp} | {label} | {n} | " + " | ".join(f"{values[m]:.3f}" for m in DBES + REFERENCE) + " |")
+    print(f"\nSpearman rank correlation across {len(rows)} configurations:\n")
+    print("| DBES metric | with nmi | with purity |")
+    print("|---|---|---|")
+    for metric in DBES:
+        cells = []
+        for ref in REFERENCE:
+            pairs = [(v[metric], v[ref]) for *_, v in rows if math.isfinite(v[metric])]
+            rho, p = spearmanr(*zip(*pairs, strict=True))
+            cells.append(f"{rho:.3f} (p = {p:.2g}, n = {len(pairs)})")
+        print(f"| {metric} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main([Path(a) for a in sys.argv[1:]])
