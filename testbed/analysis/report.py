@@ -64,7 +64,8 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
                 continue
             summary = json.loads(summary_path.read_text())
             relative = run_dir.relative_to(root).parts
-            sweep = relative[0] if len(relative) > 1 else ""
+            # <experiment out>/<sweep>/<process>/<job>: the sweep is the first of three levels
+            sweep = relative[0] if len(relative) >= 3 else ""
             finished.append({"dir": run_dir, "overrides": overrides, "summary": summary, "sweep": sweep})
     return finished, failed
 
