@@ -274,6 +274,18 @@ def grid_points(sweep: Sweep, first_only: bool = False) -> list[list[str]]:
     ]
 
 
+def check_data_paths(data) -> None:
+    """A mix folder or tokenizer that does not exist fails the whole grid up front (DataError saying how to
+    build it, e.g. `make data-languages`), not run by run."""
+    from testbed.data.loading import missing_folder_error, resolve_data_path
+    from testbed.data.tokenizer import load_tokenizer
+
+    if data.root is not None and not resolve_data_path(data.root).is_dir():
+        raise missing_folder_error(resolve_data_path(data.root))
+    if data.tokenizer is not None and not resolve_data_path(data.tokenizer).is_file():
+        load_tokenizer(data.tokenizer)  # raises the DataError that names the file and how to build it
+
+
 def check_grid(experiment: Experiment, extra: list[str]) -> int:
     """Compose and validate the config of every point of every sweep (no training): a bad value anywhere in
     the grid fails before any run starts. Post-training sweeps are checked on each parent point. Returns the
@@ -294,7 +306,10 @@ def check_grid(experiment: Experiment, extra: list[str]) -> int:
             ]
             for overrides in points[sweep.name]:
                 try:
-                    parse_config(compose("config", overrides=[f"+experiment={experiment.name}", *overrides]))
+                    run = parse_config(
+                        compose("config", overrides=[f"+experiment={experiment.name}", *overrides])
+                    )
+                    check_data_paths(run.data)
                 except Exception as err:
                     raise ExperimentError(
                         f"{experiment.path}: sweep {sweep.name!r}, {overrides}: {err}"

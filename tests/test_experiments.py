@@ -125,3 +125,12 @@ def test_smoke_variant_runs_and_reports(tmp_path, name):
         domains = {tuple(d["domain"] for d in s["data"]) for s in runs.values()}
         assert domains == {("de", "fr", "es", "it", "nl", "pl", "ru", "ja")}
     assert (out / "frontier_purity.png").exists()
+
+
+def test_missing_mix_fails_the_grid_up_front(tmp_path):
+    """A data folder that does not exist stops the whole experiment before any run, naming the folder."""
+    experiment = ex.load_experiment("x1")
+    with pytest.raises(ex.ExperimentError, match=r"data.root: folder .*nowhere does not exist"):
+        ex.check_grid(experiment, [f"data.root={tmp_path / 'nowhere'}"])
+    assert ex.main(["x1", "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert not (tmp_path / "out").exists()
