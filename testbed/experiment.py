@@ -286,10 +286,12 @@ def check_data_paths(data) -> None:
         load_tokenizer(data.tokenizer)  # raises the DataError that names the file and how to build it
 
 
-def check_grid(experiment: Experiment, extra: list[str]) -> int:
+def check_grid(experiment: Experiment, extra: list[str], data: str = "all") -> int:
     """Compose and validate the config of every point of every sweep (no training): a bad value anywhere in
-    the grid fails before any run starts. Post-training sweeps are checked on each parent point. Returns the
-    number of configurations checked."""
+    the grid fails before any run starts. Post-training sweeps are checked on each parent point. The data
+    folders and tokenizers are checked too: for every point (data="all"), for the points a smoke run
+    trains (data="smoke": the first value of each key), or not at all (data="none"). Returns the number of
+    configurations checked."""
     from hydra import compose, initialize_config_dir
 
     from testbed.config import parse_config
@@ -304,12 +306,15 @@ def check_grid(experiment: Experiment, extra: list[str]) -> int:
                 for parent in parents
                 for point in grid_points(sweep)
             ]
+            trained = [merge_overrides(point, extra) for point in grid_points(sweep, first_only=True)]
             for overrides in points[sweep.name]:
                 try:
                     run = parse_config(
                         compose("config", overrides=[f"+experiment={experiment.name}", *overrides])
                     )
-                    check_data_paths(run.data)
+                    smoke_point = any(set(t) <= set(overrides) for t in trained)
+                    if data == "all" or (data == "smoke" and smoke_point):
+                        check_data_paths(run.data)
                 except Exception as err:
                     raise ExperimentError(
                         f"{experiment.path}: sweep {sweep.name!r}, {overrides}: {err}"
@@ -386,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     failures = 0
     try:
-        checked = check_grid(experiment, extra)
+        checked = check_grid(experiment, extra, data="smoke" if args.smoke else "all")
     except ExperimentError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -81,7 +81,7 @@ def test_top_domain_experts_by_hand():
 
 def test_every_shipped_experiment_grid_composes():
     """Every point of every grid (and post-training on every parent point) is a valid run config."""
-    sizes = {name: ex.check_grid(ex.load_experiment(name), []) for name in ex.available()}
+    sizes = {name: ex.check_grid(ex.load_experiment(name), [], data="none") for name in ex.available()}
     assert sizes["x1"] == 2 * 2 + 3 * (2 * 2 * 3)  # references + {LBL, EB, SH} x mix x composition x scope
     assert sizes["x2"] == 4 and sizes["x3"] == 6 and sizes["x8"] == 4
     assert sizes["x4"] == 4 + 4 and sizes["x5"] == 2 and sizes["x6"] == 3
@@ -127,10 +127,18 @@ def test_smoke_variant_runs_and_reports(tmp_path, name):
     assert (out / "frontier_purity.png").exists()
 
 
-def test_missing_mix_fails_the_grid_up_front(tmp_path):
+def test_missing_mix_fails_the_grid_up_front(tmp_path, monkeypatch):
     """A data folder that does not exist stops the whole experiment before any run, naming the folder."""
     experiment = ex.load_experiment("x1")
     with pytest.raises(ex.ExperimentError, match=r"data.root: folder .*nowhere does not exist"):
         ex.check_grid(experiment, [f"data.root={tmp_path / 'nowhere'}"])
     assert ex.main(["x1", "--out", str(tmp_path / "out"), f"data.root={tmp_path / 'nowhere'}"]) == 2
     assert not (tmp_path / "out").exists()
+    # the full grid needs the languages mix; the smoke variant only checks the points it trains (shipped)
+    checked = []
+    monkeypatch.setattr(ex, "check_data_paths", lambda data: checked.append(data.name))
+    ex.check_grid(experiment, [], data="smoke")
+    assert set(checked) == {"shipped"} and len(checked) == 4  # the first point of each of X1's 4 sweeps
+    checked.clear()
+    ex.check_grid(experiment, [], data="all")
+    assert checked.count("languages") == checked.count("shipped") == 20
