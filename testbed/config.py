@@ -152,9 +152,6 @@ class RunConfig:
     seed: int = 0
     run_name: str = "run"
     init_from: str | None = None
-    experiment: Any = (
-        None  # set by conf/experiment/<id>.yaml: the grid for testbed-experiment; not used in training
-    )
 
 
 SECTIONS = {
@@ -166,6 +163,7 @@ SECTIONS = {
     "logger": LoggerConfig,
     "optim": OptimConfig,
 }
+# `experiment`: the grid block of conf/experiment/<id>.yaml, read by testbed-experiment; training ignores it.
 TOP_LEVEL_KEYS = {"seed", "run_name", "init_from", "experiment", "router", "balance", "aux_loss", *SECTIONS}
 
 

@@ -176,10 +176,8 @@ def expert_path_override(run_dir: Path, domain: str, fraction: float) -> str:
             f"select_experts.domain {domain!r} not in {run_dir}'s domains {table['domains']}"
         )
     chosen = top_domain_experts(table["counts"].numpy(), table["domains"].index(domain), fraction)
-    names = [
-        f"layer{int(name.rpartition('layer')[2])}" if "layer" in name else name for name in table["layers"]
-    ]
-    return "finetune.experts=" + hydra_value(dict(zip(names, chosen, strict=True)))
+    # table["layers"] are the module's moe_layer_names, layer<i>: the keys finetune.experts takes
+    return "finetune.experts=" + hydra_value(dict(zip(table["layers"], chosen, strict=True)))
 
 
 def parent_runs(out: Path, sweep: str) -> list[tuple[Path, list[str]]]:

@@ -140,7 +140,7 @@ def test_training_seeds_share_one_validation_set(synth_mix):
 
 
 def test_token_cache_round_trip(tmp_path, synth_mix):
-    """data.cache_dir caches token ids on disk: the cached read equals a fresh encoding, empty docs included."""
+    """data.cache_dir caches token ids on disk: a cached read equals a fresh encoding, empty docs too."""
     from testbed.data.datamodule import encode_documents
     from testbed.data.tokenizer import load_tokenizer
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import io
 import json
 import math
 import sys
@@ -104,7 +106,18 @@ def group_runs(runs: list[dict]) -> tuple[list[str], list[dict]]:
 
 def quiz_result(run_dir: Path) -> dict:
     path = run_dir / "quiz" / "quiz.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return _read_cached(path, json.loads) if path.exists() else {}
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_keyed(path: Path, mtime_ns: int, parse):
+    return parse(path.read_text())
+
+
+def _read_cached(path: Path, parse):
+    """parse(text of path), read once per file version: a report reads each run's files for every column
+    and plot."""
+    return _read_keyed(path, path.stat().st_mtime_ns, parse)
 
 
 def run_value(run: dict, column: str):
@@ -222,12 +235,15 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def read_metrics_csv(run_dir: Path) -> list[dict[str, str]]:
+def _parse_csv(text: str) -> tuple[dict[str, str], ...]:
+    return tuple(csv.DictReader(io.StringIO(text, newline="")))
+
+
+def read_metrics_csv(run_dir: Path) -> tuple[dict[str, str], ...]:
     path = run_dir / "metrics.csv"
     if not path.exists():
         return []
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+    return _read_cached(path, _parse_csv)
 
 
 def last_layer_values(run_dir: Path, metric: str) -> list[float]:

@@ -12,6 +12,13 @@ import torch
 from testbed.config import FinetuneConfig
 
 
+def chosen_experts(config: FinetuneConfig, layer_index: int) -> list[int] | None:
+    """Expert ids trained in MoE layer `layer_index` (finetune.experts, per layer or shared); None = all."""
+    if isinstance(config.experts, dict):
+        return config.experts.get(f"layer{layer_index}", [])
+    return config.experts
+
+
 def apply_finetune(model, config: FinetuneConfig) -> list[torch.nn.Parameter]:
     """Set requires_grad per config.trainable and install expert gradient masks; returns the parameters
     that must not get weight decay (masked expert banks)."""
@@ -24,9 +31,7 @@ def apply_finetune(model, config: FinetuneConfig) -> list[torch.nn.Parameter]:
         layer.router.gate.weight.requires_grad_(True)
         if config.trainable != "routers_and_experts":
             continue
-        chosen = config.experts
-        if isinstance(chosen, dict):
-            chosen = chosen.get(f"layer{layer.layer_index}", [])
+        chosen = chosen_experts(config, layer.layer_index)
         for weight in (layer.experts.w_in, layer.experts.w_out):
             weight.requires_grad_(True)
             if chosen is not None:
@@ -42,9 +47,9 @@ def trainable_parameter_count(model, config: FinetuneConfig) -> int:
     the masked (stacked) expert banks."""
     total = 0
     for layer in model.moe_layers:
-        chosen = config.experts if config.trainable == "routers_and_experts" else None
-        if isinstance(chosen, dict):
-            chosen = chosen.get(f"layer{layer.layer_index}", [])
+        chosen = (
+            chosen_experts(config, layer.layer_index) if config.trainable == "routers_and_experts" else None
+        )
         for weight in (layer.experts.w_in, layer.experts.w_out):
             if weight.requires_grad and chosen is not None:
                 total -= weight.numel() - len(set(chosen)) * weight[0].numel()
