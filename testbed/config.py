@@ -83,6 +83,8 @@ class OptimConfig:
     beta2: float = 0.95
     warmup_steps: int = 50
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at max_steps
+    router_lr_scale: float = 1.0  # router (gate) learning rate = lr * router_lr_scale
+    router_weight_decay: bool = True  # false: no weight decay on the router gates
 
 
 @dataclass
@@ -105,6 +107,7 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model (the grouped expert kernel then runs in bf16)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
     fused_optimizer: bool = False  # fused AdamW kernel (CUDA)
+    chunked_cross_entropy: bool = True  # LM head + loss in row chunks, no [N, V] logits (same values)
 
 
 @dataclass
@@ -314,6 +317,8 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("metrics.ngram_sizes", mc.ngram_sizes, "a non-empty list of integers >= 2")
     if run.optim.lr <= 0:
         raise ConfigError("optim.lr", run.optim.lr, "a float > 0")
+    if run.optim.router_lr_scale <= 0:
+        raise ConfigError("optim.router_lr_scale", run.optim.router_lr_scale, "a float > 0")
 
     router_cls, _ = ROUTERS.get(run.router.name, "router.name")
     router_cls.check(run.router, run, "router")

@@ -58,20 +58,69 @@ class ExpertBank(nn.Module):
 
     def _loop(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         chunks = []
-        # Host sync by design: this is the readable reference backend.
+        # Host sync by design: this is the readable reference backend. unbind, not w_in[expert]: indexing
+        # per expert would make a full-size zero gradient of the bank per expert in backward.
+        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
         for expert, x_e in enumerate(x_sorted.split(tokens_per_expert.tolist())):
-            chunks.append(swiglu(x_e @ self.w_in[expert]) @ self.w_out[expert])
+            chunks.append(swiglu(x_e @ w_in[expert]) @ w_out[expert])
         return torch.cat(chunks) if chunks else x_sorted.new_zeros(0, self.d_model)
 
     def _grouped(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
         w_in, w_out = self.w_in, self.w_out
         compute_dtype = x_sorted.dtype
-        if (x_sorted.is_cuda or torch.compiler.is_compiling()) and compute_dtype != torch.bfloat16:
-            compute_dtype = torch.bfloat16  # grouped GEMM kernels (and their compile-time shapes) take bf16
-        hidden = F.grouped_mm(x_sorted.to(compute_dtype), w_in.to(compute_dtype), offs=offsets)
-        out = F.grouped_mm(swiglu(hidden), w_out.to(compute_dtype), offs=offsets)
+        if x_sorted.is_cuda and compute_dtype != torch.bfloat16:
+            compute_dtype = torch.bfloat16  # the CUDA grouped GEMM kernels take bf16; CPU stays in fp32
+        hidden = grouped_matmul(x_sorted.to(compute_dtype), w_in.to(compute_dtype), offsets)
+        out = grouped_matmul(swiglu(hidden), w_out.to(compute_dtype), offsets)
         return out.to(x_sorted.dtype)
+
+
+# torch.compile traces grouped_mm through its fake kernel, which accepts bf16 only; on CPU (fp32) the
+# compiled path goes through these two opaque ops instead, whose eager kernels are the same grouped GEMMs.
+@torch.library.custom_op("testbed::grouped_mm_fp32", mutates_args=())
+def grouped_mm_fp32(mat_a: Tensor, mat_b: Tensor, offsets: Tensor) -> Tensor:
+    """[A, k] x [E, k, n] -> [A, n]: rows offsets[e-1]:offsets[e] of mat_a times mat_b[e]."""
+    return F.grouped_mm(mat_a, mat_b, offs=offsets)
+
+
+@grouped_mm_fp32.register_fake
+def _(mat_a: Tensor, mat_b: Tensor, offsets: Tensor) -> Tensor:
+    return mat_a.new_empty(mat_a.shape[0], mat_b.shape[-1])
+
+
+@torch.library.custom_op("testbed::grouped_mm_fp32_weight_grad", mutates_args=())
+def grouped_mm_fp32_weight_grad(mat_a: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
+    """[A, k]^T x [A, n] per group -> [E, k, n] (the gradient of mat_b)."""
+    return F.grouped_mm(mat_a.t(), grad, offs=offsets)
+
+
+@grouped_mm_fp32_weight_grad.register_fake
+def _(mat_a: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
+    return mat_a.new_empty(offsets.shape[0], mat_a.shape[1], grad.shape[1])
+
+
+def _grouped_mm_fp32_setup(ctx, inputs, output) -> None:
+    mat_a, mat_b, offsets = inputs
+    ctx.save_for_backward(mat_a, mat_b, offsets)
+
+
+def _grouped_mm_fp32_backward(ctx, grad: Tensor):
+    mat_a, mat_b, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_a = grouped_mm_fp32(grad, mat_b.transpose(-2, -1).contiguous(), offsets)
+    grad_b = grouped_mm_fp32_weight_grad(mat_a, grad, offsets)
+    return grad_a, grad_b, None
+
+
+grouped_mm_fp32.register_autograd(_grouped_mm_fp32_backward, setup_context=_grouped_mm_fp32_setup)
+
+
+def grouped_matmul(mat_a: Tensor, mat_b: Tensor, offsets: Tensor) -> Tensor:
+    """F.grouped_mm, or under torch.compile with fp32 inputs the custom op above."""
+    if torch.compiler.is_compiling() and mat_a.dtype == torch.float32:
+        return grouped_mm_fp32(mat_a, mat_b, offsets)
+    return F.grouped_mm(mat_a, mat_b, offs=offsets)
 
 
 def combine(expert_outputs: Tensor, routing: Routing, num_tokens: int) -> Tensor:

@@ -105,8 +105,14 @@ class MoETransformer(nn.Module):
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
     def forward(
-        self, input_ids: Tensor, domain_ids: Tensor | None = None, extras: dict | None = None
+        self,
+        input_ids: Tensor,
+        domain_ids: Tensor | None = None,
+        extras: dict | None = None,
+        return_hidden: bool = False,
     ) -> tuple[Tensor, list[LayerOutput]]:
+        """Logits [B, S, V], or with `return_hidden` the final normed hidden states [B, S, d] (the LM head's
+        input, for a chunked LM loss that never builds the logits)."""
         batch, seq = input_ids.shape
         context = RoutingContext(
             batch_size=batch,
@@ -134,4 +140,5 @@ class MoETransformer(nn.Module):
             x, out = block(x, cos, sin, context, mask)
             if out is not None:
                 outputs.append(out)
-        return self.lm_head(self.norm(x)), outputs
+        hidden = self.norm(x)
+        return (hidden if return_hidden else self.lm_head(hidden)), outputs

@@ -75,11 +75,24 @@ def stiffness_pass(module, batches, stats: RoutingStats) -> None:
             stats.update_stiffness(moe_index, a.routing, b.routing, mask.reshape(-1))
 
 
+def routing_change_metrics(
+    before: torch.Tensor, after: torch.Tensor, layer_names: list[str]
+) -> dict[str, float]:
+    """Per layer, the fraction of tokens whose top-1 expert changed; before/after: [layers, tokens]."""
+    changed = (before != after).double().mean(dim=1).tolist()
+    out = {f"spec/routing_change/{name}": value for name, value in zip(layer_names, changed, strict=True)}
+    out["spec/routing_change/mean"] = sum(changed) / len(changed)
+    return out
+
+
 class SpecializationMetrics(L.Callback):
     def __init__(self, run_dir: str | Path | None = None):
         self.run_dir = Path(run_dir) if run_dir else None
         self.last_metrics: dict[str, float] = {}
         self.history: list[dict] = []  # (step, per-layer gate entropy ...) for end-of-run plots
+        self.previous_top1: torch.Tensor | None = (
+            None  # [layers, tokens] top-1 experts at the last validation
+        )
 
     # ------------------------------------------------------------------ training-time routing stats
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -99,6 +112,7 @@ class SpecializationMetrics(L.Callback):
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         pl_module.routing_stats = new_stats(pl_module)
+        pl_module.top1_record = []
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
         stats: RoutingStats = pl_module.routing_stats
@@ -114,11 +128,25 @@ class SpecializationMetrics(L.Callback):
         for name in RoutingStats.NAMES:
             setattr(stats, name, trainer.strategy.reduce(getattr(stats, name), reduce_op="sum"))
         metrics = spec_metrics(stats, pl_module.moe_layer_names)
+        metrics.update(self._routing_change(pl_module))
         pl_module.log_dict(metrics)
         self.last_metrics = metrics
         self.history.append({"step": trainer.global_step, **metrics})
         if self.run_dir is not None and trainer.is_global_zero:
             self._save(trainer, pl_module, stats)
+
+    def _routing_change(self, pl_module) -> dict[str, float]:
+        """`spec/routing_change`: fraction of validation tokens whose top-1 expert differs from the previous
+        validation's (StableMoE's routing fluctuation, Dai et al. 2022). The validation set and its order are
+        fixed, so token i is the same token at every validation."""
+        if not pl_module.top1_record:
+            return {}
+        top1 = torch.cat(pl_module.top1_record, dim=1).cpu()  # [layers, tokens]
+        pl_module.top1_record = []
+        previous, self.previous_top1 = self.previous_top1, top1
+        if previous is None or previous.shape != top1.shape:
+            return {}
+        return routing_change_metrics(previous, top1, pl_module.moe_layer_names)
 
     def on_train_end(self, trainer, pl_module) -> None:
         """Per-layer curves of the last validation (gate entropy, dead experts, purity, ...)."""

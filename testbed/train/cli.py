@@ -86,7 +86,8 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
 
         load_weights(module, run.init_from)
     metrics_callback = SpecializationMetrics(run_dir)
-    callbacks = [metrics_callback]
+    # a dense model (model=<name>_dense) has no routing to measure: no routing metrics, counts or plots
+    callbacks = [metrics_callback] if module.model.moe_layers else []
     if run.trainer.progress_bar and not quiet:
         callbacks.append(RichProgressBar(leave=True))
     if run.trainer.enable_checkpointing:

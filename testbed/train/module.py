@@ -14,6 +14,7 @@ from testbed.losses import AUX_LOSSES, BALANCE, AuxLoss
 from testbed.losses.expert_bias import ExpertBiasTracker
 from testbed.losses.scope import GlobalScopeState
 from testbed.model import LayerOutput, MoETransformer
+from testbed.model.lm_loss import linear_cross_entropy
 from testbed.train.finetune import apply_finetune
 
 
@@ -60,6 +61,7 @@ class MoELanguageModel(L.LightningModule):
             else None
         )
         self.tokens_seen = 0
+        self.top1_record: list[torch.Tensor] = []  # filled during validation while routing_stats is set
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step = -1
         self.register_buffer(
@@ -75,6 +77,16 @@ class MoELanguageModel(L.LightningModule):
 
     def forward(self, input_ids, domain_ids=None, extras=None):
         return self.model(input_ids, domain_ids, extras)
+
+    def lm_loss(self, input_ids, domain_ids, targets, extras) -> tuple[torch.Tensor, list[LayerOutput]]:
+        """Mean next-token cross-entropy and the MoE layers' outputs; chunked (no [N, V] logits) unless
+        `trainer.chunked_cross_entropy=false`."""
+        targets = targets.reshape(-1)
+        if self.run_config.trainer.chunked_cross_entropy:
+            hidden, outputs = self.model(input_ids, domain_ids, extras, return_hidden=True)
+            return linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, targets), outputs
+        logits, outputs = self.model(input_ids, domain_ids, extras)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets), outputs
 
     def training_extras(self, batch_idx: int) -> dict:
         """What the layers need during a training forward: scope state and the expert-bias tracker."""
@@ -107,8 +119,9 @@ class MoELanguageModel(L.LightningModule):
             )
 
     def training_step(self, batch, batch_idx):
-        logits, outputs = self.model(batch["input_ids"], batch["domain_ids"], self.training_extras(batch_idx))
-        lm_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].reshape(-1))
+        lm_loss, outputs = self.lm_loss(
+            batch["input_ids"], batch["domain_ids"], batch["targets"], self.training_extras(batch_idx)
+        )
         terms = aux_loss_terms(outputs)
         self.calibrate_coefficients(terms)
         weighted = [
@@ -138,6 +151,10 @@ class MoELanguageModel(L.LightningModule):
             correct = logits.flatten(0, 1).argmax(-1) == targets
             for moe_index, out in enumerate(outputs):
                 self.routing_stats.update_accuracy(moe_index, out.routing, correct)
+            # top-1 expert of every validation token, per layer: compared across validations (routing_change)
+            self.top1_record.append(
+                torch.stack([out.routing.probs.argmax(-1) for out in outputs]).to(torch.int16)
+            )
         domains = batch["domain_ids"].reshape(-1)
         self.val_loss_sums.index_add_(0, domains, token_loss.double())
         self.val_token_counts.index_add_(0, domains, torch.ones_like(token_loss, dtype=torch.float64))
@@ -161,10 +178,24 @@ class MoELanguageModel(L.LightningModule):
         cfg, max_steps = self.run_config.optim, self.run_config.trainer.max_steps
         masked = {id(p) for p in self.masked_parameters}  # partially frozen expert banks: no decay
         trainable = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n and id(p) not in masked]
-        no_decay = [p for n, p in trainable if p.ndim < 2 or "embed" in n or id(p) in masked]
+        router = [(n, p) for n, p in trainable if ".router." in n]
+        rest = [(n, p) for n, p in trainable if ".router." not in n]
+        decay = [p for n, p in rest if p.ndim >= 2 and "embed" not in n and id(p) not in masked]
+        no_decay = [p for n, p in rest if p.ndim < 2 or "embed" in n or id(p) in masked]
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        if router:  # own group: its learning rate scale and weight decay are options (optim.router_*)
+            groups.append(
+                {
+                    "params": [p for _, p in router],
+                    "weight_decay": cfg.weight_decay if cfg.router_weight_decay else 0.0,
+                    "lr": cfg.lr * cfg.router_lr_scale,
+                }
+            )
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            groups,
             lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2),
             fused=self.run_config.trainer.fused_optimizer or None,
