@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import os
 import shlex
 import subprocess
@@ -215,6 +216,11 @@ class Job:
     sweep: str
     sweep_dir: Path
     args: list[str]
+    runs: int = 1  # training runs this process makes (the grid points it sweeps)
+
+    def finished(self) -> bool:
+        """Every run of this process wrote summary.json (a rerun of the experiment skips it)."""
+        return len(list(self.sweep_dir.glob("*/summary.json"))) >= self.runs
 
 
 def plan_sweep(
@@ -235,11 +241,13 @@ def plan_sweep(
         # One process per seed and value of the first swept key (so N parallel processes stay busy).
         split = next((k for k, v in sweep.grid.items() if len(v) > 1 and not first_only), None)
         parts = [[f"{split}={hydra_value(v)}"] for v in sweep.grid[split]] if split else [[]]
+        sizes = [1 if first_only else len(v) for k, v in sweep.grid.items() if k != split]
+        runs = int(math.prod(sizes))
         for seed in seeds:
             for i, part in enumerate(parts):
                 args = merge_overrides(base, sweep.overrides, grid, part, extra, [f"seed={seed}"])
                 name = f"s{seed}" + (f"-{i}" if split else "")
-                jobs.append(Job(sweep.name, out / sweep.name / name, args))
+                jobs.append(Job(sweep.name, out / sweep.name / name, args, runs))
         return jobs
     for index, (run_dir, inherited) in enumerate(parent_runs(out, sweep.parent)):
         own = [f"init_from={run_dir / 'checkpoints' / 'last.ckpt'}"]
@@ -406,6 +414,10 @@ def main(argv: list[str] | None = None) -> int:
             for job in jobs:
                 log(shlex.join(["testbed-train", "-m", *job.args, f"hydra.sweep.dir={job.sweep_dir}"]))
             continue
+        done = [job for job in jobs if job.finished()]
+        for job in done:
+            log(f"[{job.sweep}] finished before, skipped: {job.sweep_dir}")
+        jobs = [job for job in jobs if job not in done]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             codes = list(pool.map(lambda job: run_job(job, threads, sys.executable, log), jobs))
         failures += sum(code != 0 for code in codes)

@@ -25,6 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from scipy import stats
+
+from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check
+
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 DEFAULT_COLUMNS = (
     "val/loss",
@@ -64,12 +69,101 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
             if not summary_path.exists():
                 failed.append(run_dir)
                 continue
-            summary = json.loads(summary_path.read_text())
+            summary = with_resolved_config(json.loads(summary_path.read_text()), run_dir)
             relative = run_dir.relative_to(root).parts
             # <experiment out>/<sweep>/<process>/<job>: the sweep is the first of three levels
             sweep = relative[0] if len(relative) >= 3 else ""
             finished.append({"dir": run_dir, "overrides": overrides, "summary": summary, "sweep": sweep})
     return finished, failed
+
+
+def with_resolved_config(summary: dict, run_dir: Path) -> dict:
+    """Summaries written before the resolved model/data/optim/trainer sections were recorded get them from
+    the run's composed config (.hydra/config.yaml), so that the regime check can match their baselines."""
+    resolved = summary.setdefault("resolved", {})
+    config_path = run_dir / ".hydra" / "config.yaml"
+    missing = [k for k in ("model", "data", "optim", "trainer") if k not in resolved]
+    if missing and config_path.exists():
+        config = yaml.safe_load(config_path.read_text()) or {}
+        for key in missing:
+            if isinstance(config.get(key), dict):
+                resolved[key] = config[key]
+        if "router" not in resolved and isinstance(config.get("router"), dict):
+            resolved["router"] = config["router"]
+        summary.setdefault("init_from", config.get("init_from"))
+    return summary
+
+
+def add_regime(runs: list[dict], extra_roots: list[Path]) -> None:
+    """Regime keys (SPEC "Regime check") of every run, from baselines among the runs and under extra_roots
+    (the committed experiments/): stored in each run's summary, recomputed even where summary.json has them
+    (a baseline may have finished after the run)."""
+    candidates = {str(Path(run["dir"]).resolve()): run["summary"] for run in runs}
+    for summary in read_summaries(extra_roots):
+        key = str(Path(summary["_dir"]).resolve())
+        if key not in candidates:
+            candidates[key] = with_resolved_config(summary, Path(summary["_dir"]))
+    pool = list(candidates.values())
+    for run in runs:
+        for key in REGIME_KEYS:
+            run["summary"].pop(key, None)
+        run["summary"].update(regime_check(run["summary"], pool))
+
+
+def ci95(values: list) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% t confidence interval, n) over the finite values (half-width nan for
+    n < 2)."""
+    mean, std, n = aggregate(values)
+    if n < 2:
+        return mean, float("nan"), n
+    return mean, float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)), n
+
+
+def regime_table(runs: list[dict]) -> str:
+    """Per configuration: n, gap to unigram and the gains over the baselines (mean ± 95% CI over seeds,
+    paired by seed where the baseline has that seed); configurations below the dense-active line flagged."""
+    _, groups = group_runs(runs)
+    keys = [k for k in REGIME_KEYS]
+    lines = [
+        "| configuration | n | " + " | ".join(k.removeprefix("regime/") for k in keys) + " | regime |",
+        "|" + "---|" * (len(keys) + 3),
+    ]
+    shown = 0
+    for group in groups:
+        cells, gains = [], {}
+        for key in keys:
+            mean, half, n = ci95([run["summary"].get(key) for run in group["runs"]])
+            gains[key] = (mean, half, n)
+            cells.append("" if n == 0 else f"{mean:+.3f}" + (f" ± {half:.3f}" if n > 1 else ""))
+        if all(n == 0 for _, _, n in gains.values()):
+            continue
+        shown += 1
+        mean, half, n = gains["regime/gain_over_dense_active"]
+        below = sum(
+            1 for run in group["runs"] if (run["summary"].get("regime/gain_over_dense_active") or 0.0) < 0
+        )
+        if n == 0:
+            verdict = "no dense-active baseline" if is_moe(group["runs"][0]["summary"]) else "(dense)"
+        elif n > 1 and mean - half > 0:
+            verdict = "above dense-active"
+        elif mean < 0:
+            verdict = f"**BELOW DENSE-ACTIVE** ({below}/{n} runs)"
+        else:
+            verdict = f"not separated from dense-active ({below}/{n} runs below)"
+        lines.append(
+            f"| {group_label(group)} | {len(group['runs'])} | " + " | ".join(cells) + f" | {verdict} |"
+        )
+    if not shown:
+        return ""
+    return "\n".join(
+        [
+            "",
+            "Regime check (nats/token; gain = baseline val loss - this val loss, > 0 better; "
+            "mean ± 95% CI over seeds; gap_to_unigram = unigram entropy - val loss):",
+            "",
+            *lines,
+        ]
+    )
 
 
 def settings_of(run: dict) -> dict[str, str]:
@@ -328,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--where", action="append", default=[], help="keep runs whose override KEY=VALUE matches (repeatable)"
     )
+    parser.add_argument(
+        "--no-committed-baselines",
+        action="store_true",
+        help="look for regime baselines only among the given runs, not also under experiments/",
+    )
     parser.add_argument("--plots", action="store_true", help="also write figures beside --out (or in .)")
     parser.add_argument(
         "--layer-metrics", default=",".join(DEFAULT_LAYER_METRICS), help="spec metrics for per-layer plots"
@@ -345,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    add_regime(runs, [] if args.no_committed_baselines else [CHECKOUT / "experiments"])
     for condition in args.where:
         key, _, value = condition.partition("=")
         runs = [run for run in runs if settings_of(run).get(key) == value]
@@ -357,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         csv_header = [*header[: len(header) - len(columns)]]
         csv_header += [f"{c}:{s}" for c in columns for s in ("mean", "std", "n")]
     text = markdown(header, rows, failed) if header else markdown(["run"], [], failed)
+    text += regime_table(runs) if runs and not args.per_run else ""
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

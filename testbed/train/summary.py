@@ -9,7 +9,21 @@ from pathlib import Path
 
 import torch
 
+from testbed.metrics.regime import ROLES, read_summaries, regime_check
 from testbed.metrics.summary import HEADLINE
+
+CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+def baseline_roots(run_dir: Path) -> list[Path]:
+    """Where a finished run looks for its baselines: the runs of its own sweep or experiment (the folder
+    above the Hydra sweep folder, or the parent of a single run's date folder) and the committed runs under
+    experiments/. A folder that contains the checkout itself is never searched."""
+    run_dir = Path(run_dir).resolve()
+    levels = 2 if (run_dir.parent / "multirun.yaml").exists() else 1
+    roots = [run_dir.parents[levels]] if len(run_dir.parents) > levels else []
+    roots.append(CHECKOUT / "experiments")
+    return [r for r in roots if r != CHECKOUT and CHECKOUT not in r.parents and r not in CHECKOUT.parents]
 
 
 def unigram_entropies(datamodule) -> dict[str, float]:
@@ -53,12 +67,18 @@ def write_summary(
         "coefficients": coefficients or {},  # loss weights actually used (after `auto` calibration)
         **(extra or {}),
         "data": data,
+        "init_from": run.init_from,
         "resolved": {
+            "model": dataclasses.asdict(run.model),
+            "data": dataclasses.asdict(run.data),
+            "optim": dataclasses.asdict(run.optim),
+            "trainer": dataclasses.asdict(run.trainer),
             "router": dataclasses.asdict(run.router),
             "balance": dataclasses.asdict(run.balance),
             "aux_loss": {k: dataclasses.asdict(v) for k, v in run.aux_loss.items()},
         },
     }
+    summary.update(regime_check(summary, read_summaries(baseline_roots(run_dir), exclude=Path(run_dir))))
     (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
 
@@ -87,4 +107,46 @@ def print_summary(summary: dict) -> None:
         value = summary.get(f"spec/{metric}/mean")
         if value is not None:
             spec.add_row(metric, f"{value:.4f}")
-    console.print(spec)
+    if spec.row_count:
+        console.print(spec)
+    print_regime(console, summary)
+
+
+def print_regime(console, summary: dict) -> None:
+    """The regime check next to the losses: unigram gap and gains over the baselines found (or how to get
+    them)."""
+    from rich.table import Table
+
+    table = Table(title="regime check (validation loss, nats/token; gain > 0: this run is better)")
+    table.add_column("against")
+    table.add_column("their val loss", justify="right")
+    table.add_column("gain", justify="right")
+    gap = summary.get("regime/gap_to_unigram")
+    if gap is not None:
+        table.add_row("unigram entropy (mean over domains)", "", f"{gap:+.3f}")
+    baselines = summary.get("regime/baselines", {})
+    for role in ROLES:
+        if role in baselines:
+            found = baselines[role]
+            plural = "s" if found["runs"] > 1 else ""
+            note = f" ({found['runs']} run{plural}{', same seed' if found['paired'] else ''})"
+            table.add_row(
+                role.replace("_", "-") + note,
+                f"{found['val/loss']:.3f}",
+                f"{summary[f'regime/gain_over_{role}']:+.3f}",
+            )
+    console.print(table)
+    model = summary.get("resolved", {}).get("model", {})
+    missing = [r for r in ROLES if r not in baselines]
+    if model.get("dense_layers", 0) < model.get("n_layers", 0) and missing:
+        name = summary.get("config", {}).get("model", model.get("name", "<model>"))
+        hints = {
+            "dense_active": f"model={name}_dense",
+            "dense_total": f"model={name}_dense_total",
+            "hash": "router=hash balance=none",
+        }
+        console.print(
+            "no baseline run with these data, optimizer and token settings for: "
+            + ", ".join(f"{r} ({hints[r]})" for r in missing)
+            + "; train them with the same overrides (README: regime check)"
+        )

@@ -1,0 +1,149 @@
+"""Regime check (SPEC "Regime check"): does a MoE run beat the models it must beat, at equal tokens?
+
+Pure functions over `summary.json` dicts (no torch). A baseline is another run's summary trained on the same
+data, validation set, optimizer, schedule and number of tokens, with the same attention trunk; its role
+follows from its FFN:
+- `dense_active`: every block dense with hidden = top_k x expert_hidden (+ shared experts): equal active
+  parameters (`model=<name>_dense`);
+- `dense_total`: every block dense with hidden = num_experts x expert_hidden (+ shared): equal total
+  parameters (`model=<name>_dense_total`);
+- `hash`: the same MoE (every model field) routed by the hash router with the same top_k.
+Gains are `baseline val loss - run val loss` (> 0: the run is better), against the baseline run of the same
+seed where there is one (paired), else the mean over the baseline's seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+REGIME_KEYS = (
+    "regime/gap_to_unigram",
+    "regime/gain_over_dense_active",
+    "regime/gain_over_dense_total",
+    "regime/gain_over_hash",
+)
+ROLES = ("dense_active", "dense_total", "hash")
+# Settings that must be equal for two runs to be compared (resolved config sections of summary.json).
+TRUNK_MODEL_KEYS = (
+    "vocab_size",
+    "d_model",
+    "n_layers",
+    "n_heads",
+    "max_seq_len",
+    "tie_embeddings",
+    "rope_base",
+)
+DATA_IGNORED = ("name", "cache_dir", "num_workers")
+OPTIM_IGNORED = ("router_lr_scale", "router_weight_decay")  # a dense model has no router
+TRAINER_KEYS = ("max_steps", "accumulate_grad_batches", "gradient_clip_val", "devices")
+
+
+def comparable_key(summary: dict) -> str | None:
+    """What must match between a run and its baselines, as a canonical string; None for summaries written
+    before the resolved model/data/optim/trainer sections were recorded."""
+    resolved = summary.get("resolved", {})
+    if not all(k in resolved for k in ("model", "data", "optim", "trainer")):
+        return None
+    key = {
+        "model": {k: resolved["model"].get(k) for k in TRUNK_MODEL_KEYS},
+        "data": {k: v for k, v in resolved["data"].items() if k not in DATA_IGNORED},
+        "optim": {k: v for k, v in resolved["optim"].items() if k not in OPTIM_IGNORED},
+        "trainer": {k: resolved["trainer"].get(k) for k in TRAINER_KEYS},
+        "tokens_seen": summary.get("tokens_seen"),
+        "steps": summary.get("steps"),
+        "init_from": summary.get("init_from"),
+    }
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def is_moe(summary: dict) -> bool:
+    model = summary.get("resolved", {}).get("model", {})
+    return bool(model) and model.get("dense_layers", 0) < model.get("n_layers", 0)
+
+
+def baseline_role(candidate: dict, run: dict) -> str | None:
+    """The role `candidate` plays as a baseline of MoE `run` (one of ROLES), or None."""
+    if candidate is run or not is_moe(run) or run["resolved"]["model"].get("dense_layers", 0) != 0:
+        return None
+    key = comparable_key(run)
+    if key is None or comparable_key(candidate) != key:
+        return None
+    run_model, cand_model = run["resolved"]["model"], candidate["resolved"]["model"]
+    moe = run_model["moe"]
+    top_k = run["resolved"].get("router", {}).get("top_k")
+    shared = moe.get("num_shared_experts", 0) * moe["expert_hidden"]
+    if cand_model.get("dense_layers") == cand_model.get("n_layers"):  # all dense
+        if top_k is not None and cand_model["dense_hidden"] == top_k * moe["expert_hidden"] + shared:
+            return "dense_active"
+        if cand_model["dense_hidden"] == moe["num_experts"] * moe["expert_hidden"] + shared:
+            return "dense_total"
+        return None
+    cand_router = candidate["resolved"].get("router", {})
+    if (
+        cand_router.get("name") == "hash"
+        and run["resolved"].get("router", {}).get("name") != "hash"
+        and cand_router.get("top_k") == top_k
+        and {k: v for k, v in cand_model.items() if k != "name"}
+        == {k: v for k, v in run_model.items() if k != "name"}
+    ):
+        return "hash"
+    return None
+
+
+def gap_to_unigram(summary: dict) -> float | None:
+    """Mean over domains of (unigram entropy - val loss), nats/token; > 0: beyond token frequencies."""
+    unigram = summary.get("unigram_entropy") or {}
+    gaps = [u - summary[f"val/loss/{d}"] for d, u in unigram.items() if f"val/loss/{d}" in summary]
+    return sum(gaps) / len(gaps) if gaps else None
+
+
+def regime_check(run: dict, candidates: list[dict]) -> dict:
+    """The regime keys of `run` from the candidate summaries that are its baselines (see module doc), plus
+    `regime/baselines`: per role, the baseline loss used, how many runs it averages and whether paired."""
+    out: dict = {}
+    gap = gap_to_unigram(run)
+    if gap is not None:
+        out["regime/gap_to_unigram"] = gap
+    loss = run.get("val/loss")
+    if loss is None or not is_moe(run):
+        return out
+    by_role: dict[str, list[dict]] = {}
+    for candidate in candidates:
+        role = baseline_role(candidate, run)
+        if role is not None and isinstance(candidate.get("val/loss"), int | float):
+            by_role.setdefault(role, []).append(candidate)
+    used = {}
+    for role, baselines in by_role.items():
+        paired = [b for b in baselines if b.get("seed") == run.get("seed")]
+        chosen = paired or baselines
+        value = sum(b["val/loss"] for b in chosen) / len(chosen)
+        if math.isfinite(value) and math.isfinite(loss):
+            out[f"regime/gain_over_{role}"] = value - loss
+            used[role] = {"val/loss": value, "runs": len(chosen), "paired": bool(paired)}
+    if used:
+        out["regime/baselines"] = used
+    return out
+
+
+def read_summaries(roots: list[Path], exclude: Path | None = None) -> list[dict]:
+    """Every readable summary.json below `roots` (unreadable or partial files are skipped: they are not
+    baselines), each with its folder under `_dir`."""
+    found, seen = [], set()
+    for root in roots:
+        if not root.is_dir():
+            continue
+        for path in root.rglob("summary.json"):
+            resolved = path.resolve()
+            if resolved in seen or (exclude is not None and resolved.parent == exclude.resolve()):
+                continue
+            seen.add(resolved)
+            try:
+                summary = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(summary, dict):
+                summary["_dir"] = str(path.parent)
+                found.append(summary)
+    return found

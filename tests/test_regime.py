@@ -1,0 +1,152 @@
+"""Regime check (SPEC): baselines matched by role, gains by hand, report flags; dense configs."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from testbed.analysis import report
+from testbed.config import parse_config
+from testbed.metrics.regime import baseline_role, gap_to_unigram, regime_check
+from testbed.model import MoETransformer
+from testbed.train.module import build_losses
+from tests.conftest import compose
+
+
+def summary(seed=0, loss=5.0, dense_hidden=None, router="topk_softmax", tokens=4096, name="m"):
+    """A hand-made summary.json: a 2-layer MoE (top-2 of 4 experts of hidden 8), or all-dense with
+    `dense_hidden`."""
+    dense = dense_hidden is not None
+    return {
+        "seed": seed,
+        "steps": 2,
+        "tokens_seen": tokens,
+        "val/loss": loss,
+        "val/loss/a": loss - 0.5,
+        "val/loss/b": loss + 0.5,
+        "unigram_entropy": {"a": 6.0, "b": 7.0},
+        "init_from": None,
+        "resolved": {
+            "model": {
+                "name": name,
+                "vocab_size": 64,
+                "d_model": 16,
+                "n_layers": 2,
+                "n_heads": 2,
+                "max_seq_len": 32,
+                "tie_embeddings": True,
+                "rope_base": 10000.0,
+                "dense_layers": 2 if dense else 0,
+                "dense_hidden": dense_hidden or 64,
+                "moe": {"num_experts": 4, "expert_hidden": 8, "num_shared_experts": 0},
+            },
+            "data": {"name": "x", "domains": ["a", "b"], "seq_len": 32, "batch_size": 4, "cache_dir": None},
+            "optim": {"lr": 1e-3, "router_lr_scale": 1.0},
+            "trainer": {"max_steps": 2, "accumulate_grad_batches": 1, "gradient_clip_val": 1.0, "devices": 1},
+            "router": {"name": router, "top_k": 2},
+        },
+    }
+
+
+def test_roles_follow_the_ffn_shape_and_need_equal_settings():
+    run = summary()
+    assert baseline_role(summary(dense_hidden=16), run) == "dense_active"  # 2 x 8
+    assert baseline_role(summary(dense_hidden=32), run) == "dense_total"  # 4 x 8
+    assert baseline_role(summary(router="hash"), run) == "hash"
+    assert baseline_role(summary(dense_hidden=24), run) is None  # neither shape
+    assert baseline_role(summary(dense_hidden=16, tokens=8192), run) is None  # other token count
+    other_lr = summary(dense_hidden=16)
+    other_lr["resolved"]["optim"]["lr"] = 3e-3
+    assert baseline_role(other_lr, run) is None
+    router_lr = summary(dense_hidden=16)  # the router's own lr scale does not matter to a dense model
+    router_lr["resolved"]["optim"]["router_lr_scale"] = 0.1
+    assert baseline_role(router_lr, run) == "dense_active"
+    other_width = summary(router="hash")
+    other_width["resolved"]["model"]["moe"]["expert_hidden"] = 16
+    assert baseline_role(other_width, run) is None  # hash must be the same MoE
+    assert baseline_role(summary(dense_hidden=16), summary(dense_hidden=32)) is None  # dense runs have none
+
+
+def test_gains_paired_by_seed_else_mean_over_seeds():
+    run = summary(seed=1, loss=5.0)
+    candidates = [
+        summary(seed=0, loss=5.3, dense_hidden=16),
+        summary(seed=1, loss=5.2, dense_hidden=16),  # same seed: used alone
+        summary(seed=0, loss=4.7, dense_hidden=32),
+        summary(seed=2, loss=4.9, dense_hidden=32),  # no seed 1: the mean 4.8
+        summary(seed=1, loss=5.5, router="hash"),
+    ]
+    out = regime_check(run, candidates)
+    assert out["regime/gain_over_dense_active"] == pytest.approx(0.2)
+    assert out["regime/gain_over_dense_total"] == pytest.approx(-0.2)
+    assert out["regime/gain_over_hash"] == pytest.approx(0.5)
+    # unigram 6 and 7 against domain losses 4.5 and 5.5: gaps 1.5 and 1.5
+    assert out["regime/gap_to_unigram"] == pytest.approx(1.5)
+    assert out["regime/baselines"]["dense_active"] == {"val/loss": 5.2, "runs": 1, "paired": True}
+    assert out["regime/baselines"]["dense_total"]["runs"] == 2
+    assert out["regime/baselines"]["dense_total"]["paired"] is False
+
+
+def test_gap_to_unigram_by_hand():
+    s = {"unigram_entropy": {"a": 6.0, "b": 5.0}, "val/loss/a": 5.0, "val/loss/b": 5.5}
+    assert gap_to_unigram(s) == pytest.approx((1.0 - 0.5) / 2)
+    assert gap_to_unigram({"unigram_entropy": {}}) is None
+
+
+def write_run(root, name, summ, overrides):
+    run_dir = root / name
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps(summ))
+    (run_dir / ".hydra" / "overrides.yaml").write_text("\n".join(f"- {o}" for o in overrides) + "\n")
+
+
+def test_report_prints_regime_and_flags_runs_below_dense(tmp_path, capsys):
+    for seed, (moe, dense, hashed) in enumerate([(5.1, 5.0, 5.3), (5.2, 5.0, 5.4), (5.15, 5.0, 5.2)]):
+        write_run(tmp_path, f"moe{seed}", summary(seed, moe), ["model=m", f"seed={seed}"])
+        write_run(
+            tmp_path, f"dense{seed}", summary(seed, dense, dense_hidden=16), ["model=m_dense", f"seed={seed}"]
+        )
+        write_run(
+            tmp_path, f"hash{seed}", summary(seed, hashed, router="hash"), ["model=m_hash", f"seed={seed}"]
+        )
+    assert report.main([str(tmp_path), "--no-committed-baselines"]) == 0
+    text = capsys.readouterr().out.split("Regime check")[1]
+    line = next(row for row in text.splitlines() if row.startswith("| m | 3 |"))
+    cells = [c.strip() for c in line.split("|")]
+    # gains over dense-active: -0.1, -0.2, -0.15: mean -0.15, std 0.05, CI t(0.975, 2) = 4.303 x 0.05 / sqrt 3
+    assert cells[4] == "-0.150 ± 0.124"
+    assert cells[6] == "+0.150 ± 0.215"  # over hash: +0.2, +0.2, +0.05: std 0.0866
+    assert "BELOW DENSE-ACTIVE** (3/3 runs)" in line
+    assert "| m_dense | 3 |" in text and "(dense)" in text
+
+
+def test_summaries_without_resolved_sections_read_them_from_hydra_config(tmp_path):
+    run = summary()
+    bare = copy.deepcopy(run)
+    del bare["resolved"]["model"]
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "config.yaml").write_text(json.dumps({"model": run["resolved"]["model"]}))
+    filled = report.with_resolved_config(bare, tmp_path)
+    assert filled["resolved"]["model"] == run["resolved"]["model"]
+
+
+def ffn_parameters(overrides):
+    run = parse_config(compose(overrides))
+    with torch.device("meta"):  # shapes only: model=base has 1.6B parameters
+        model = MoETransformer(run.model, run.router, build_losses(run), num_domains=8)
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".ffn." in n and ".router." not in n)
+    router = sum(p.numel() for n, p in model.named_parameters() if ".router." in n)
+    return run, experts, router
+
+
+@pytest.mark.parametrize("name,top_k", [("micro", 2), ("tiny", 2), ("small", 4), ("base", 4)])
+def test_dense_baselines_have_equal_active_and_total_parameters(name, top_k):
+    run, moe_ffn, router = ffn_parameters([f"model={name}", f"router.top_k={top_k}"])
+    num_experts = run.model.moe.num_experts
+    _, dense_ffn, dense_router = ffn_parameters([f"model={name}_dense"])
+    _, total_ffn, _ = ffn_parameters([f"model={name}_dense_total"])
+    assert dense_router == 0
+    assert dense_ffn * num_experts == moe_ffn * top_k  # active: K of E experts
+    assert total_ffn == moe_ffn  # total: all E experts
+    assert router == run.model.n_layers * run.model.d_model * num_experts  # the unmatched router weights
