@@ -90,3 +90,16 @@ def test_router_parameters_get_their_own_learning_rate_and_decay():
     assert router_group["weight_decay"] == 0.0
     others = [id(p) for group in optimizer.param_groups[:-1] for p in group["params"]]
     assert not gates & set(others)
+
+
+def test_router_logits_stay_fp32_under_bf16_autocast():
+    from testbed.routing import ROUTERS
+
+    router_cls, config_cls = ROUTERS.get("topk_softmax")
+    router = router_cls(16, 4, config_cls())
+    x = torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = router.router_logits(x)
+        plain = router.gate(x)
+    assert logits.dtype == torch.float32 and plain.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, x @ router.gate.weight.t())

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from testbed.registry import Registry
@@ -114,6 +115,12 @@ class Router(nn.Module):
     @property
     def top_k(self) -> int:
         return self.config.top_k
+
+    def router_logits(self, x: Tensor) -> Tensor:
+        """z = W_r x, always in fp32: under bf16 autocast (GPU) the logits would otherwise be bf16, whose
+        8-bit mantissa ties and flips close top-k choices (routers in OLMoE and DeepSeek-V3 run in fp32)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.gate.weight.float())
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -35,7 +35,7 @@ class ExpertChoiceRouter(Router):
     token_choice = False
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
-        logits = self.gate(x)
+        logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # P = softmax(Z), [T, E]
         num_tokens, num_experts = probs.shape
         if self.config.scope == "sequence":

@@ -57,7 +57,7 @@ class OracleRouter(Router):
             gates = x.new_full((num_tokens, top_k), 1.0 / top_k)
             probs = in_block.float() / size.float()  # uniform over the block
             return routing_from_choices(logits, probs, chosen, gates)
-        logits = self.gate(x)
+        logits = self.router_logits(x)
         # z restricted to B_{d_t}: -inf outside, so the softmax is exactly 0 there
         masked = logits.float().masked_fill(~in_block, float("-inf"))
         probs = torch.softmax(masked, dim=-1)

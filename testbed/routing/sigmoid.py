@@ -24,7 +24,7 @@ class SigmoidRouter(Router):
     supports_expert_bias = True
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
-        logits = self.gate(x)
+        logits = self.router_logits(x)
         scores = torch.sigmoid(logits.float())  # s_{t,e} = sigma(z_{t,e})
         # S_t = TopK(s_t + b, K): the expert bias b changes which experts are selected, never the gates
         chosen = torch.topk(scores + self.expert_bias, self.config.top_k, dim=-1).indices

@@ -69,7 +69,7 @@ class SinkhornRouter(Router):
     scopes = SCOPES
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
-        logits = self.gate(x)
+        logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         top_k = self.config.top_k
         if self.training:

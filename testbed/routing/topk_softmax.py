@@ -31,7 +31,7 @@ class TopKSoftmaxRouter(Router):
         if self.training and self.config.jitter > 0:
             noise = torch.empty_like(x).uniform_(1 - self.config.jitter, 1 + self.config.jitter)
             x = x * noise
-        logits = self.gate(x)
+        logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         chosen = torch.topk(
             probs + self.expert_bias, self.config.top_k, dim=-1
