@@ -150,3 +150,21 @@ def test_dense_baselines_have_equal_active_and_total_parameters(name, top_k):
     assert dense_ffn * num_experts == moe_ffn * top_k  # active: K of E experts
     assert total_ffn == moe_ffn  # total: all E experts
     assert router == run.model.n_layers * run.model.d_model * num_experts  # the unmatched router weights
+
+
+def test_curves_against_tokens(tmp_path, monkeypatch):
+    """--curve-x tokens: a row logged at step s follows s + 1 steps of tokens_seen / steps tokens."""
+    from testbed.analysis import plots
+
+    s = summary(loss=5.0)
+    s["steps"], s["tokens_seen"] = 4, 4096  # 1,024 tokens a step
+    write_run(tmp_path, "run", s, ["model=m"])
+    (tmp_path / "run" / "metrics.csv").write_text("step,val/loss\n1,6.0\n3,5.0\n")
+    captured = {}
+    monkeypatch.setattr(plots, "training_curves", lambda series, metric, **kw: captured.update(series, **kw))
+    runs, _ = report.find_runs([tmp_path])
+    report.curve_plots(runs, tmp_path, ("val/loss",), x="tokens")
+    xs, mean, _ = captured["m"]
+    assert list(xs) == [2048.0, 4096.0] and list(mean) == [6.0, 5.0]
+    assert captured["x_label"] == "training tokens"
+    assert captured["title"] == "val/loss (one seed)"

@@ -182,8 +182,9 @@ def training_curves(
     metric: str,
     out_path: str | Path | None = None,
     title: str | None = None,
+    x_label: str = "step",
 ) -> Figure:
-    """One line per label over training steps from (steps, mean, std), the spread shaded."""
+    """One line per label over training steps (or tokens) from (x, mean, std), the spread shaded."""
     fig = Figure(figsize=(5.5, 3.5), layout="constrained")
     ax = fig.add_subplot()
     for label, (steps, mean, std) in series.items():
@@ -191,7 +192,7 @@ def training_curves(
         (line,) = ax.plot(steps, mean, marker="o" if len(steps) < 4 else None, markersize=3, label=label)
         if np.any(std > 0):
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
-    _style(ax, "step", metric, title, legend=bool(series))
+    _style(ax, x_label, metric, title, legend=bool(series))
     if len(series) > 8:
         ax.legend(fontsize=5, ncols=2)
     return _finish(fig, out_path)

@@ -387,8 +387,9 @@ def curve_of(run_dir: Path, metric: str) -> dict[int, float]:
     }
 
 
-def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> list[Path]:
-    """Training curves of `metrics` from metrics.csv: per group, mean over seeds at the steps all share."""
+def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: str = "step") -> list[Path]:
+    """Training curves of `metrics` from metrics.csv: per group, mean over seeds at the steps all share;
+    x = "tokens" puts training tokens (step x the run's tokens per step) on the x axis."""
     from testbed.analysis.plots import training_curves
 
     _, groups = group_runs(runs)
@@ -401,10 +402,23 @@ def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             values = np.array([[c[s] for s in steps] for c in curves])
-            series[group_label(group)] = (steps, values.mean(axis=0), values.std(axis=0))
+            xs = steps
+            if x == "tokens":
+                summary = group["runs"][0]["summary"]
+                per_step = summary["tokens_seen"] / max(1, summary["steps"])
+                xs = [(s + 1) * per_step for s in steps]  # a row logged at step s follows s + 1 steps
+            series[group_label(group)] = (xs, values.mean(axis=0), values.std(axis=0))
         if series:
             path = out_dir / f"curve_{metric.replace('/', '_')}.png"
-            training_curves(series, metric, out_path=path, title=f"{metric} (mean ± std over seeds)")
+            n = max(len(g["runs"]) for g in groups)
+            spread = "mean ± std over seeds" if n > 1 else "one seed"
+            training_curves(
+                series,
+                metric,
+                out_path=path,
+                title=f"{metric} ({spread})",
+                x_label="training tokens" if x == "tokens" else "step",
+            )
             paths.append(path)
     return paths
 
@@ -432,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         "--layer-metrics", default=",".join(DEFAULT_LAYER_METRICS), help="spec metrics for per-layer plots"
     )
     parser.add_argument("--curves", default=",".join(DEFAULT_CURVES), help="metrics.csv columns to plot")
+    parser.add_argument(
+        "--curve-x", choices=("step", "tokens"), default="step", help="x axis of the training curves"
+    )
     args = parser.parse_args(argv)
     try:
         runs, failed = find_runs(args.dirs)
@@ -470,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = args.out.parent if args.out else Path(".")
         paths = frontier_plots(runs, out_dir)
         paths += layer_plots(runs, out_dir, split_list(args.layer_metrics))
-        paths += curve_plots(runs, out_dir, split_list(args.curves))
+        paths += curve_plots(runs, out_dir, split_list(args.curves), args.curve_x)
         for path in paths:
             print(f"wrote {path}")
     return 0
