@@ -1,6 +1,10 @@
-"""Data module: loading formats with `datasets`, holdout, single-domain packing, batch composition."""
+"""Data module: loading formats (with and without `datasets`), the shared token cache, holdout,
+single-domain packing, batch composition."""
 
 import json
+import logging
+import multiprocessing
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -9,6 +13,7 @@ import pytest
 import torch
 
 from testbed.config import DataConfig, DomainSourceConfig, parse_config
+from testbed.data import loading
 from testbed.data.datamodule import DomainBatchSampler, DomainMixDataModule, pack, split_documents
 from testbed.data.loading import load_documents
 from tests.conftest import SYNTH_DOMAINS, compose, synth_overrides
@@ -153,3 +158,83 @@ def test_token_cache_round_trip(tmp_path, synth_mix):
     assert first == fresh and second == fresh and fresh[1] == []
     assert encode_documents(tokenizer, documents[:2], str(tmp_path)) == fresh[:2]
     assert len(list((tmp_path / "tokens").glob("*.npz"))) == 2
+
+
+def test_local_files_load_without_datasets_to_the_same_token_ids(tmp_path, monkeypatch):
+    """With `datasets` not installed (a bare GPU image), the shipped jsonl.gz mix, json, jsonl and text
+    folders load through the plain reader: the same documents, hence the same token ids and batches."""
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i}", "n": i}) for i in range(3)))
+    (tmp_path / "b.json").write_text(json.dumps([{"text": "one"}, {"text": " "}, {"text": "two"}]))
+    text_dir = tmp_path / "texts"
+    text_dir.mkdir()
+    for i in range(3):
+        (text_dir / f"{i}.txt").write_text(f"line one of {i}\n\nline two\n")
+    sources = {
+        "a": DomainSourceConfig(path=str(tmp_path / "a.jsonl")),
+        "b": DomainSourceConfig(path=str(tmp_path / "b.json")),
+        "t": DomainSourceConfig(path=str(text_dir)),
+        "x": DomainSourceConfig(path=str(tmp_path / "a.jsonl"), text_field="body"),
+    }
+    config = DataConfig(val_tokens_per_domain=1024, max_train_tokens_per_domain=8192)
+    with_datasets = {name: load_documents(name, sources[name], None) for name in "abt"}
+    missing_field = pytest.raises(ValueError, match=r"no field 'body'; its fields are \['text', 'n'\]")
+    with missing_field:
+        load_documents("x", sources["x"], None)
+    reference = DomainMixDataModule(config)
+    reference.setup()
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now raises ImportError
+    assert not loading.datasets_available()
+    assert {name: load_documents(name, sources[name], None) for name in "abt"} == with_datasets
+    assert with_datasets["b"] == ["one", "two"]
+    with missing_field:
+        load_documents("x", sources["x"], None)
+    with pytest.raises(ValueError, match="needs Hugging Face `datasets`"):
+        load_documents("h", DomainSourceConfig(hf_dataset="some/set"), None)
+    plain = DomainMixDataModule(config)
+    plain.setup()
+    for ours, theirs in zip(plain.splits, reference.splits, strict=True):
+        assert torch.equal(ours.train, theirs.train) and torch.equal(ours.val, theirs.val)
+
+
+def _encode_in_child(cache_dir, documents, tokenizer_path, barrier, results):
+    from testbed.data.datamodule import encode_documents
+    from testbed.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    records = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("testbed.data.datamodule").addHandler(handler)
+    logging.getLogger("testbed.data.datamodule").setLevel(logging.INFO)
+    barrier.wait()  # all processes ask for the same cache entry at once
+    results.put((encode_documents(tokenizer, documents, cache_dir), records))
+
+
+def test_token_cache_is_written_once_by_concurrent_processes(tmp_path, synth_mix):
+    """Three processes ask for the same uncached entry at the same moment: one encodes and writes it, the
+    other two wait on the lock and read it; all get the fresh encoding and no temporary file is left."""
+    from testbed.data.datamodule import encode_documents
+    from testbed.data.tokenizer import load_tokenizer
+
+    documents = [f"abc def {i} " * 50 for i in range(40)]
+    tokenizer_path = str(synth_mix / "tokenizer.json")
+    fresh = encode_documents(load_tokenizer(tokenizer_path), documents, None)
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(3), context.Queue()
+    children = [
+        context.Process(
+            target=_encode_in_child, args=(str(tmp_path), documents, tokenizer_path, barrier, results)
+        )
+        for _ in range(3)
+    ]
+    for child in children:
+        child.start()
+    outcomes = [results.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+        assert child.exitcode == 0
+    assert all(ids == fresh for ids, _ in outcomes)
+    messages = sorted(m.split(":")[1].split()[0] for _, records in outcomes for m in records)
+    assert messages == ["read", "read", "wrote"]
+    assert [p.suffix for p in sorted((tmp_path / "tokens").iterdir())] == [".lock", ".npz"]

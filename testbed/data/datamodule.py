@@ -7,8 +7,12 @@ into one optimizer step) come from different domains (SPEC "Balancing scope").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import math
+import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +26,8 @@ from testbed.config import DataConfig
 from testbed.data.loading import SHIPPED_TOKENIZER, load_documents
 from testbed.data.tokenizer import load_tokenizer
 from testbed.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 EOS_ID = 0  # "<|endoftext|>" separates documents inside a packed domain stream
 
@@ -169,9 +175,20 @@ class DomainBatchSampler(Sampler[list[int]]):
                 yield batch
 
 
+def _read_token_cache(path: Path) -> list[list[int]]:
+    with np.load(path) as cached:
+        ids, lengths = cached["ids"], cached["lengths"]
+    return [chunk.tolist() for chunk in np.split(ids, np.cumsum(lengths)[:-1])] if len(lengths) else []
+
+
 def encode_documents(tokenizer, documents: list[str], cache_dir: str | None) -> list[list[int]]:
     """Token ids of each document. With `data.cache_dir` set, cached in <cache_dir>/tokens/<sha256>.npz,
-    keyed by the tokenizer's JSON and the exact documents (a sweep tokenizes its data once)."""
+    keyed by the tokenizer's JSON and the exact documents (a sweep tokenizes its data once).
+
+    Safe for concurrent runs (`testbed-experiment --jobs N`, packed GPU grids): the first process to take
+    the lock file encodes and writes (to a temporary file of its own, then an atomic rename); the others
+    wait on the lock and read what it wrote. Without `fcntl` (not POSIX) the rename alone keeps readers
+    from ever seeing a half-written file."""
     if not cache_dir:
         return [e.ids for e in tokenizer.encode_batch(documents)]
     digest = hashlib.sha256(tokenizer.to_str().encode("utf-8"))
@@ -180,16 +197,36 @@ def encode_documents(tokenizer, documents: list[str], cache_dir: str | None) -> 
         digest.update(document.encode("utf-8"))
     path = Path(cache_dir) / "tokens" / f"{digest.hexdigest()}.npz"
     if path.exists():
-        with np.load(path) as cached:
-            ids, lengths = cached["ids"], cached["lengths"]
-        return [chunk.tolist() for chunk in np.split(ids, np.cumsum(lengths)[:-1])] if len(lengths) else []
-    encoded = [e.ids for e in tokenizer.encode_batch(documents)]
+        logger.info("token cache: read %s", path)
+        return _read_token_cache(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{path.stem}.{id(encoded)}.tmp.npz")
-    ids = np.fromiter((i for doc in encoded for i in doc), dtype=np.int32)
-    np.savez(temporary, ids=ids, lengths=np.array([len(doc) for doc in encoded], dtype=np.int64))
-    temporary.replace(path)  # atomic: parallel runs never read a half-written file
+    with _exclusive(path.with_suffix(".lock")):
+        if path.exists():  # another process wrote it while this one waited
+            logger.info("token cache: read %s", path)
+            return _read_token_cache(path)
+        encoded = [e.ids for e in tokenizer.encode_batch(documents)]
+        temporary = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npz")
+        ids = np.fromiter((i for doc in encoded for i in doc), dtype=np.int32)
+        np.savez(temporary, ids=ids, lengths=np.array([len(doc) for doc in encoded], dtype=np.int64))
+        os.replace(temporary, path)  # atomic: parallel runs never read a half-written file
+        logger.info("token cache: wrote %s", path)
     return encoded
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Hold an exclusive advisory lock on `lock_path` (POSIX fcntl; a no-op where it is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class DomainMixDataModule(L.LightningDataModule):

@@ -1,4 +1,8 @@
-"""Read one domain's documents with Hugging Face `datasets`: local jsonl/json/text/parquet, or a hub dataset.
+"""Read one domain's documents: local jsonl/json/text/parquet files, or a hub dataset (`datasets`).
+
+Local files load through `datasets` when it is installed, and otherwise with a plain reader
+(`read_local_documents`: gzip/json/text, pyarrow for parquet) that yields the same documents, so a machine
+without `datasets` (a bare GPU image) trains on the shipped mix.
 
 Every problem (missing or empty file, bad encoding, missing text field) is a DataError naming the
 file and what is allowed, raised before training starts.
@@ -6,7 +10,10 @@ file and what is allowed, raised before training starts.
 
 from __future__ import annotations
 
+import bz2
 import gzip
+import json
+import lzma
 from pathlib import Path
 
 from testbed import PROJECT_ROOT
@@ -94,15 +101,68 @@ def check_utf8(path: Path) -> None:
         ) from err
 
 
+def datasets_available() -> bool:
+    """Whether Hugging Face `datasets` can be imported (it is optional for local files)."""
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _open_text(path: Path):
+    """Open a possibly compressed file as UTF-8 text (the compressions `datasets` reads by extension)."""
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    return openers.get(path.suffix, open)(path, "rt", encoding="utf-8")
+
+
+def _json_records(path: Path) -> list[dict]:
+    """JSON Lines (one object per line) or one JSON document (a list of objects, or one object)."""
+    with _open_text(path) as fh:
+        text = fh.read()
+    lines = [line for line in text.splitlines() if line.strip()]
+    try:
+        records = [json.loads(line) for line in lines]
+        if all(isinstance(r, dict) for r in records):
+            return records
+    except json.JSONDecodeError:
+        pass
+    whole = json.loads(text)  # a malformed file raises here, with the position
+    return [r for r in whole if isinstance(r, dict)] if isinstance(whole, list) else [whole]
+
+
+def read_local_documents(fmt: str, files: list[Path]) -> tuple[list[dict], list[str]]:
+    """Rows and column names of local files without `datasets`: json/jsonl records, one document per text
+    file (`sample_by: document`), or parquet through pyarrow."""
+    rows: list[dict] = []
+    for file in files:
+        if fmt == "json":
+            rows.extend(_json_records(file))
+        elif fmt == "text":
+            with _open_text(file) as fh:
+                rows.append({"text": fh.read()})
+        else:
+            import pyarrow.parquet as pq
+
+            rows.extend(pq.read_table(file).to_pylist())
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    return rows, columns
+
+
 def load_documents(
     domain: str, source: DomainSourceConfig | None, root: str | None, cache_dir: str | None = None
 ) -> list[str]:
     """All non-empty documents of one domain, in file order."""
-    import datasets
-
-    datasets.disable_progress_bars()
     source = source or DomainSourceConfig()
     if source.hf_dataset:
+        try:
+            import datasets
+        except ImportError as err:
+            raise DataError(
+                f"domain '{domain}': hub dataset {source.hf_dataset!r} needs Hugging Face `datasets` "
+                "(pip install datasets), or a local file instead: data.sources.<domain>.path"
+            ) from err
+        datasets.disable_progress_bars()
         try:
             dataset = datasets.load_dataset(
                 source.hf_dataset, source.hf_config, split=source.hf_split, cache_dir=cache_dir
@@ -114,6 +174,8 @@ def load_documents(
                 "need a local file instead: data.sources.<domain>.path"
             ) from err
         origin = f"hub dataset {source.hf_dataset}"
+        columns = dataset.column_names
+        texts = dataset[source.text_field] if source.text_field in columns else []
     else:
         path = resolve_data_path(source.path or Path(root or SHIPPED_MIX) / f"{domain}.jsonl.gz")
         if not source.path and not path.parent.is_dir():
@@ -138,20 +200,29 @@ def load_documents(
         if fmt != "parquet":
             for file in files:
                 check_utf8(file)
-        kwargs = {"sample_by": "document"} if fmt == "text" else {}
         try:
-            dataset = datasets.load_dataset(
-                fmt, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir, **kwargs
-            )
+            if datasets_available():
+                import datasets
+
+                datasets.disable_progress_bars()
+                kwargs = {"sample_by": "document"} if fmt == "text" else {}
+                dataset = datasets.load_dataset(
+                    fmt, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir, **kwargs
+                )
+                columns = dataset.column_names
+                texts = dataset[source.text_field] if source.text_field in columns else []
+            else:
+                rows, columns = read_local_documents(fmt, files)
+                texts = [row.get(source.text_field) for row in rows]
         except Exception as err:
             raise DataError(f"domain '{domain}': cannot parse {path} as {fmt}: {err}") from err
         origin = f"data file {path}"
-    if source.text_field not in dataset.column_names:
+    if source.text_field not in columns:
         raise DataError(
             f"domain '{domain}': {origin} has no field {source.text_field!r}; "
-            f"its fields are {dataset.column_names} (set data.sources.{domain}.text_field)"
+            f"its fields are {columns} (set data.sources.{domain}.text_field)"
         )
-    documents = [t for t in dataset[source.text_field] if isinstance(t, str) and t.strip()]
+    documents = [t for t in texts if isinstance(t, str) and t.strip()]
     if len(documents) < 2:
         raise DataError(
             f"domain '{domain}': {origin} holds {len(documents)} non-empty documents; "

@@ -36,15 +36,16 @@ class OrthogonalityConfig:
 def per_token_slots(routing: Routing, max_per_token: int | None) -> tuple[Tensor, int]:
     """Slot of each assignment within its token (0..n_t-1), and the number of slots K_max.
 
-    K_max comes from the router when it is static (token choice: top_k); otherwise it is read from the
-    data, which costs one host sync (expert-choice, capacity drops make it data-dependent)."""
+    K_max comes from the router when it is static (token choice: top_k). Otherwise (expert choice) it is
+    bounded by the number of experts, a static shape: reading the per-token maximum from the data would
+    cost one device-to-host sync per layer. Empty slots are zero rows, which add exactly nothing."""
     num_tokens = routing.num_tokens
     if routing.slot_index is not None and max_per_token is not None:  # token choice: known, no sort needed
         return routing.slot_index, max(max_per_token, 1)
     per_token = torch.zeros(num_tokens, dtype=torch.long, device=routing.token_index.device)
     per_token.index_add_(0, routing.token_index, torch.ones_like(routing.token_index))
     if max_per_token is None:
-        max_per_token = int(per_token.max()) if num_tokens else 0
+        max_per_token = min(routing.num_experts, routing.num_assignments)
     order = torch.argsort(routing.token_index, stable=True)
     starts = torch.cumsum(per_token, 0) - per_token
     slot_sorted = torch.arange(order.numel(), device=order.device) - starts[routing.token_index[order]]
@@ -96,6 +97,36 @@ def projection_energy(outputs: Tensor, eps: float = 1e-6, normalize: bool = Fals
     return energy
 
 
+GRAM_SCHMIDT_MAX_SLOTS = 4
+"""Up to this many slots per token the energies come from Gram-Schmidt (its Python loops grow as K^3);
+above it, from the inverse of the per-token Gram matrix (a few batched kernels, any K)."""
+
+
+def projection_energy_by_inverse(outputs: Tensor, eps: float = 1e-6, normalize: bool = False) -> Tensor:
+    """The energies of `projection_energy` for any K, from the per-token Gram matrix in float64.
+
+    Leave-one-out projection by the Schur complement: with H = G + eps^2 I and h_k the k-th column of G
+    without row k, ||Proj_{others} o_k||^2 ~= h_k^T (H_{-k})^{-1} h_k = H_kk - 1 / (H^{-1})_kk.
+    The ridge eps^2 plays the role of Gram-Schmidt's eps (zero rows, i.e. empty slots, and outputs that lie
+    in the span of the others stay finite); the two agree to ~eps^2 / ||o||^2. Cholesky without error
+    checks: no host sync."""
+    num_tokens, num_slots, _ = outputs.shape
+    if num_slots < 2:
+        return outputs.new_zeros(num_tokens, num_slots)
+    wide = outputs.double()
+    gram = wide @ wide.transpose(1, 2)
+    ridge = eps * eps
+    eye = torch.eye(num_slots, dtype=gram.dtype, device=gram.device)
+    factor, _ = torch.linalg.cholesky_ex(gram + ridge * eye)
+    inverse_factor = torch.linalg.solve_triangular(factor, eye.expand_as(gram), upper=False)
+    inverse_diagonal = inverse_factor.square().sum(-2)  # (H^{-1})_kk = sum_i (L^{-1})_ik^2
+    diagonal = torch.diagonal(gram, dim1=1, dim2=2)
+    energy = (diagonal + ridge - 1.0 / inverse_diagonal).clamp_min(0)
+    if normalize:
+        energy = energy / (diagonal + eps)
+    return energy.to(outputs.dtype)
+
+
 @AUX_LOSSES.register("orthogonality", OrthogonalityConfig)
 class OrthogonalityLoss(AuxLoss):
     needs_expert_outputs = True
@@ -111,7 +142,8 @@ class OrthogonalityLoss(AuxLoss):
         slot, num_slots = per_token_slots(routing, context.extras.get("max_experts_per_token"))
         padded = outputs.new_zeros(routing.num_tokens, num_slots, outputs.shape[-1])
         padded = padded.index_put((routing.token_index, slot), outputs)
-        energy = projection_energy(padded, self.config.eps, self.config.normalize)
+        energy_of = projection_energy if num_slots <= GRAM_SCHMIDT_MAX_SLOTS else projection_energy_by_inverse
+        energy = energy_of(padded, self.config.eps, self.config.normalize)
         return energy.sum() / max(routing.num_assignments, 1)
 
     @classmethod

@@ -124,9 +124,26 @@ def grouped_matmul(mat_a: Tensor, mat_b: Tensor, offsets: Tensor) -> Tensor:
 
 
 def combine(expert_outputs: Tensor, routing: Routing, num_tokens: int) -> Tensor:
-    """y_t = sum_k g_{t,k} o_{t,k}; tokens with no (kept) assignment get 0 (the residual carries them)."""
+    """y_t = sum_k g_{t,k} o_{t,k}; tokens with no (kept) assignment get 0 (the residual carries them).
+
+    Token choice (every token has exactly K assignments, `slot_index` set, no capacity drops): the
+    assignments are put back in (token, slot) order by one permutation (each row written once, so no
+    atomics) and summed over a [T, K, d] view, a fixed-order sum that is deterministic on GPU. Otherwise
+    (expert choice, oracle, capacity drops: counts per token vary) an `index_add_` over tokens."""
     weighted = expert_outputs * routing.weight.unsqueeze(-1).to(expert_outputs.dtype)
-    y = expert_outputs.new_zeros(num_tokens, expert_outputs.shape[-1])
+    num_assignments, d_model = weighted.shape
+    if (
+        routing.slot_index is not None
+        and routing.dropped is None
+        and num_tokens > 0
+        and num_assignments % num_tokens == 0
+    ):
+        top_k = num_assignments // num_tokens
+        # position of each (expert-sorted) assignment in token-major order: token * K + slot
+        token_major = routing.token_index * top_k + routing.slot_index
+        unsorted = weighted.new_zeros(num_assignments, d_model).index_copy(0, token_major, weighted)
+        return unsorted.view(num_tokens, top_k, d_model).sum(1)
+    y = expert_outputs.new_zeros(num_tokens, d_model)
     return y.index_add_(0, routing.token_index, weighted)
 
 

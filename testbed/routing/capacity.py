@@ -1,8 +1,16 @@
 """Expert capacity for token-choice routers: each expert keeps at most ceil(cf * K * T / E) assignments,
 the ones with the highest gates; dropped assignments contribute nothing (the residual carries the token).
 
-The kept set has a data-dependent size, so on CUDA the boolean selection costs one device-to-host sync;
-the default is dropless (`capacity_factor: null`), which has none.
+Which assignments are kept is computed with fixed shapes and no host sync (`capacity_keep_mask`: sort by
+(expert, -gate), rank within the expert from the expert offsets). Two forms use it:
+- `apply_capacity` (what the MoE layer uses): removes the dropped assignments, so every consumer (experts,
+  losses, counters) sees only the kept ones. The kept set has a data-dependent size, so on CUDA this costs
+  one device-to-host sync (a single `nonzero`); the default is dropless (`capacity_factor: null`), which
+  has none.
+- `mask_capacity`: the static-shape form, no sync. All T*K assignments stay, dropped ones with gate 0
+  (so they add nothing to the output and get no gradient) and `kept` says which. Consumers that count
+  assignments (load balance, routing counters) would have to weight their counts by `kept` to give the
+  same numbers as `apply_capacity`.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor
 
 from testbed.routing.base import Routing, count_per_expert
 
@@ -21,26 +30,50 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(1, min(num_tokens, capacity))
 
 
-def apply_capacity(routing: Routing, capacity_factor: float, top_k: int) -> Routing:
-    """Drop, per expert, the lowest-gate assignments beyond capacity; `dropped` counts them."""
-    num_experts = routing.num_experts
-    capacity = expert_capacity(routing.num_tokens, num_experts, top_k, capacity_factor)
-    # order by expert, and within an expert by descending gate (ties: token order)
+def capacity_keep_mask(routing: Routing, capacity_factor: float, top_k: int) -> tuple[Tensor, Tensor]:
+    """(order, keep): `order` [A] sorts the assignments by expert, and within an expert by descending gate
+    (ties: token order); `keep` [A] (in that order) is True for the first C of each expert. No host sync."""
+    capacity = expert_capacity(routing.num_tokens, routing.num_experts, top_k, capacity_factor)
     by_gate = torch.argsort(routing.weight.detach(), descending=True, stable=True)
     order = by_gate[torch.argsort(routing.expert_index[by_gate], stable=True)]
     expert_index = routing.expert_index[order]
     starts = torch.cumsum(routing.tokens_per_expert, 0) - routing.tokens_per_expert
     rank_in_expert = torch.arange(order.numel(), device=order.device) - starts[expert_index]
-    keep = rank_in_expert < capacity
-    kept = order[keep]
-    kept_experts = expert_index[keep]
+    return order, rank_in_expert < capacity
+
+
+def apply_capacity(routing: Routing, capacity_factor: float, top_k: int) -> Routing:
+    """Drop, per expert, the lowest-gate assignments beyond capacity; `dropped` counts them."""
+    order, keep = capacity_keep_mask(routing, capacity_factor, top_k)
+    kept = order[torch.nonzero(keep).squeeze(1)]  # the one host sync: the kept set's size
+    kept_experts = routing.expert_index[kept]
     return Routing(
         logits=routing.logits,
         probs=routing.probs,
         token_index=routing.token_index[kept],
         expert_index=kept_experts,
         weight=routing.weight[kept],
-        tokens_per_expert=count_per_expert(kept_experts, num_experts),
-        dropped=(~keep).sum(),
+        tokens_per_expert=count_per_expert(kept_experts, routing.num_experts),
+        dropped=keep.numel() - keep.sum(),
         slot_index=None if routing.slot_index is None else routing.slot_index[kept],
     )
+
+
+def mask_capacity(routing: Routing, capacity_factor: float, top_k: int) -> tuple[Routing, Tensor]:
+    """The static-shape form: (routing with every assignment, dropped ones at gate 0; kept mask [A]).
+
+    Same output and gradients as `apply_capacity` through the experts and `combine`, without a host sync;
+    `tokens_per_expert` still counts every assignment (the experts compute the dropped ones too)."""
+    order, keep = capacity_keep_mask(routing, capacity_factor, top_k)
+    weight = routing.weight[order]
+    capped = Routing(
+        logits=routing.logits,
+        probs=routing.probs,
+        token_index=routing.token_index[order],
+        expert_index=routing.expert_index[order],
+        weight=torch.where(keep, weight, torch.zeros_like(weight)),
+        tokens_per_expert=routing.tokens_per_expert,
+        dropped=keep.numel() - keep.sum(),
+        slot_index=None if routing.slot_index is None else routing.slot_index[order],
+    )
+    return capped, keep
