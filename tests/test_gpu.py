@@ -1,4 +1,6 @@
-"""GPU checks (skipped without CUDA): the MoE path makes no device-to-host synchronization."""
+"""GPU checks (skipped without CUDA): the MoE path makes no device-to-host synchronization (every router,
+every loss, expert choice with orthogonality, static capacity), and the token-choice combine is
+deterministic. tests/test_sync_free.py checks the same on CPU with a dispatch mode."""
 
 import pytest
 import torch
@@ -24,8 +26,7 @@ def test_moe_layer_step_makes_no_host_sync(router):
         ZLoss(ZLossConfig()),
         VarianceLoss(VarianceConfig(coefficient=1.0)),
     ]
-    if router != "expert_choice":  # per-token losses under expert choice read the per-token maximum
-        losses.append(OrthogonalityLoss(OrthogonalityConfig(coefficient=1.0)))
+    losses.append(OrthogonalityLoss(OrthogonalityConfig(coefficient=1.0)))  # expert choice: E slots, static
     layer = MoELayer(
         256, MoEConfig(num_experts=16, expert_hidden=256), config_cls(), losses, 0, num_domains=8
     )
@@ -44,3 +45,55 @@ def test_moe_layer_step_makes_no_host_sync(router):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+def no_sync(fn):
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        return fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+
+
+def test_static_capacity_makes_no_host_sync_and_matches_dropping():
+    from testbed.model.experts import combine
+    from testbed.routing import routing_from_choices
+    from testbed.routing.capacity import apply_capacity, mask_capacity
+
+    torch.manual_seed(0)
+    probs = torch.randn(4096, 32, device="cuda").softmax(-1)
+    chosen = probs.topk(4, dim=-1).indices
+    routing = routing_from_choices(probs.log(), probs, chosen, probs.gather(1, chosen))
+    masked, kept = no_sync(lambda: mask_capacity(routing, 1.0, 4))
+    dropped = apply_capacity(routing, 1.0, 4)
+    assert masked.dropped.item() == dropped.dropped.item() > 0
+    outputs = torch.randn(routing.num_assignments, 64, device="cuda")
+    position = {
+        p: i
+        for i, p in enumerate(zip(routing.token_index.tolist(), routing.expert_index.tolist(), strict=True))
+    }
+
+    def rows(capped):
+        keys = zip(capped.token_index.tolist(), capped.expert_index.tolist(), strict=True)
+        return outputs[torch.tensor([position[k] for k in keys], device="cuda")]
+
+    torch.testing.assert_close(combine(rows(masked), masked, 4096), combine(rows(dropped), dropped, 4096))
+
+
+def test_token_choice_combine_is_deterministic_on_cuda():
+    """The permutation + [T, K, d] sum has a fixed summation order: two runs are bitwise equal."""
+    from testbed.model.experts import combine
+    from testbed.routing import routing_from_choices
+
+    torch.manual_seed(0)
+    probs = torch.randn(8192, 32, device="cuda").softmax(-1)
+    chosen = probs.topk(4, dim=-1).indices
+    routing = routing_from_choices(probs.log(), probs, chosen, probs.gather(1, chosen))
+    outputs = torch.randn(routing.num_assignments, 512, device="cuda", requires_grad=True)
+    first = no_sync(lambda: combine(outputs, routing, 8192))
+    second = combine(outputs, routing, 8192)
+    assert torch.equal(first, second)
+    reference = torch.zeros_like(first).index_add_(0, routing.token_index, outputs * routing.weight[:, None])
+    torch.testing.assert_close(first, reference)

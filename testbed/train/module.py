@@ -132,7 +132,9 @@ class MoELanguageModel(L.LightningModule):
         aux_total = sum(weighted, start=torch.zeros((), device=lm_loss.device))
         loss = lm_loss + aux_total
         self.tokens_seen += batch["input_ids"].numel()
-        self.log("train/loss", loss, prog_bar=True)
+        # not prog_bar: the bar would turn the loss into a Python float (a host sync) on every step;
+        # the loggers read it only every log_every_n_steps
+        self.log("train/loss", loss)
         self.log("train/lm_loss", lm_loss)
         for name, value in terms.items():
             self.log(f"train/aux/{name}", value)
