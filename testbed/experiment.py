@@ -20,8 +20,11 @@ what every run shares (model size, steps, data), and its `experiment:` block lis
       smoke: {seeds: [0], overrides: [trainer.max_steps=4, ...]}   # --smoke: the CI variant (may also
                                                                     # replace `commands`)
 
-Each (sweep, seed) is one `testbed-train -m` process; `--jobs N` runs N of them at once with
-`trainer.num_threads = cores // N`. Finally `testbed-report` writes `<out>/report.md`, `report.csv`
+Each (sweep, seed) is one `testbed-train -m` process; `--jobs N` runs N of them at once (on a GPU: N
+processes sharing the one device, no MPS needed) with `trainer.num_threads = cores // N` (on a GPU at most
+4: the CPU only feeds the device; `--threads` overrides). Concurrent runs share the token-id cache
+(`data.cache_dir`): the first encodes and writes each entry once, under a lock, the others read it.
+Finally `testbed-report` writes `<out>/report.md`, `report.csv`
 and the figures. Failed runs are listed by the report and make the exit status non-zero.
 """
 
@@ -329,6 +332,29 @@ def check_grid(experiment: Experiment, extra: list[str], data: str = "all") -> i
     return checked
 
 
+GPU_THREADS_CAP = 4
+"""CPU threads per packed GPU process at most: torch's CPU ops only feed the device there, and more
+threads per process than this oversubscribe the cores that N processes and their compile workers share."""
+
+
+def threads_per_job(jobs: int, gpu: bool, cores: int | None = None) -> int:
+    """`trainer.num_threads` for each of `jobs` concurrent processes."""
+    share = max(1, (cores or os.cpu_count() or 1) // jobs)
+    return min(share, GPU_THREADS_CAP) if gpu else share
+
+
+def runs_on_gpu(experiment: Experiment, extra: list[str]) -> bool:
+    """Whether the experiment's first grid point trains on a GPU (trainer.accelerator gpu/cuda)."""
+    from hydra import compose, initialize_config_dir
+
+    from testbed.config import parse_config
+
+    point = merge_overrides(experiment.sweeps[0].overrides, *grid_points(experiment.sweeps[0])[:1], extra)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        run = parse_config(compose("config", overrides=[f"+experiment={experiment.name}", *point]))
+    return run.trainer.accelerator in ("gpu", "cuda")
+
+
 def run_job(job: Job, threads: int, python: str, log) -> int:
     command = [
         python,
@@ -377,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output folder (default multirun/<id>[-smoke]/<date_time>)")
     parser.add_argument("--seeds", help="comma-separated seeds instead of the experiment's")
     parser.add_argument("--jobs", type=int, default=1, help="(sweep, seed) processes at once (default 1)")
+    parser.add_argument(
+        "--threads", type=int, help="trainer.num_threads per process (default: cores // jobs; GPU: at most 4)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the testbed-train commands only")
     args = parser.parse_intermixed_args(argv)  # overrides may follow options
     try:
@@ -392,7 +421,6 @@ def main(argv: list[str] | None = None) -> int:
     extra = [*(experiment.smoke.get("overrides", []) if args.smoke else []), *args.overrides]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out = args.out or Path("multirun") / f"{args.name}{'-smoke' if args.smoke else ''}" / stamp
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
     log = print
     start = time.perf_counter()
     failures = 0
@@ -402,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     log(f"experiment {args.name}: {checked} configurations compose and validate")
+    threads = args.threads or threads_per_job(args.jobs, runs_on_gpu(experiment, extra))
+    if args.jobs > 1:
+        log(f"{args.jobs} training processes at once, trainer.num_threads={threads} each")
     for stage in stages(experiment.sweeps):
         jobs = []
         for sweep in stage:

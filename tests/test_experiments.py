@@ -142,3 +142,45 @@ def test_missing_mix_fails_the_grid_up_front(tmp_path, monkeypatch):
     checked.clear()
     ex.check_grid(experiment, [], data="all")
     assert checked.count("languages") == checked.count("shipped") == 20
+
+
+def test_threads_per_packed_job():
+    assert ex.threads_per_job(2, gpu=False, cores=2) == 1
+    assert ex.threads_per_job(1, gpu=False, cores=16) == 16
+    assert ex.threads_per_job(1, gpu=True, cores=16) == ex.GPU_THREADS_CAP == 4
+    assert ex.threads_per_job(8, gpu=True, cores=16) == 2
+    assert ex.threads_per_job(32, gpu=True, cores=16) == 1
+    x2 = ex.load_experiment("x2")
+    assert not ex.runs_on_gpu(x2, []) and ex.runs_on_gpu(x2, ["trainer=gpu"])
+
+
+@pytest.mark.slow
+def test_packed_grid_runs_two_processes_sharing_one_token_cache(tmp_path, synth_mix):
+    """`--jobs 2` on a 2-point grid (X2's smoke variant, seeds 0 and 1): two training processes at once,
+    both finish with summary.json, and the shared token cache holds one file per (domain, split), written
+    once and read by the other process."""
+    from tests.conftest import SMALL_MODEL, SYNTH_DOMAINS
+
+    cache = tmp_path / "cache"
+    data = [
+        f"data.root={synth_mix}",
+        f"data.tokenizer={synth_mix / 'tokenizer.json'}",
+        f"data.domains=[{','.join(SYNTH_DOMAINS)}]",
+        "data.seq_len=32",
+        f"data.cache_dir={cache}",
+        *SMALL_MODEL,
+    ]
+    out = tmp_path / "x2"
+    assert ex.main(["x2", "--smoke", "--seeds", "0,1", "--jobs", "2", "--out", str(out), *data]) == 0
+    runs = summaries(out)
+    assert sorted(path.relative_to(out).parts[:2] for path in runs) == [
+        ("capacity", "s0"),
+        ("capacity", "s1"),
+    ]
+    assert all(summary["steps"] == 2 for summary in runs.values())
+    entries = sorted(p.name for p in (cache / "tokens").glob("*.npz"))
+    assert len(entries) == 2 * len(SYNTH_DOMAINS)  # train and validation ids of each domain
+    logs = "".join((out / "capacity" / seed / "sweep.log").read_text() for seed in ("s0", "s1"))
+    wrote = sorted(line.rsplit("/", 1)[1] for line in logs.splitlines() if "token cache: wrote" in line)
+    read = sorted(line.rsplit("/", 1)[1] for line in logs.splitlines() if "token cache: read" in line)
+    assert wrote == entries and read == entries  # each entry: one process wrote it, the other read it
