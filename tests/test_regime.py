@@ -112,13 +112,13 @@ def test_report_prints_regime_and_flags_runs_below_dense(tmp_path, capsys):
         )
     assert report.main([str(tmp_path), "--no-committed-baselines"]) == 0
     text = capsys.readouterr().out.split("Regime check")[1]
-    line = next(row for row in text.splitlines() if row.startswith("| m | 3 |"))
+    line = next(row for row in text.splitlines() if row.startswith("| model=m | 3 |"))
     cells = [c.strip() for c in line.split("|")]
     # gains over dense-active: -0.1, -0.2, -0.15: mean -0.15, std 0.05, CI t(0.975, 2) = 4.303 x 0.05 / sqrt 3
     assert cells[4] == "-0.150 ± 0.124"
     assert cells[6] == "+0.150 ± 0.215"  # over hash: +0.2, +0.2, +0.05: std 0.0866
     assert "BELOW DENSE-ACTIVE** (3/3 runs)" in line
-    assert "| m_dense | 3 |" in text and "(dense)" in text
+    assert "| model=m_dense | 3 |" in text and "(dense)" in text
 
 
 def test_summaries_without_resolved_sections_read_them_from_hydra_config(tmp_path):

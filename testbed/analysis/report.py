@@ -291,6 +291,12 @@ def group_label(group: dict) -> str:
     return " ".join(values) or group["settings"].get("sweep") or "run"
 
 
+def settings_label(group: dict) -> str:
+    """The group's settings as short key=value pairs (last part of each key), for tables that stand alone."""
+    items = [f"{k.rpartition('.')[2]}={v}" for k, v in group["settings"].items() if v and k != "sweep"]
+    return " ".join(items) or group["settings"].get("sweep") or "run"
+
+
 def router_kind(group: dict) -> str:
     routers = {run["summary"].get("config", {}).get("router", "") for run in group["runs"]}
     router = routers.pop() if len(routers) == 1 else ""
