@@ -151,7 +151,7 @@ def regime_table(runs: list[dict]) -> str:
         else:
             verdict = f"not separated from dense-active ({below}/{n} runs below)"
         lines.append(
-            f"| {group_label(group)} | {len(group['runs'])} | " + " | ".join(cells) + f" | {verdict} |"
+            f"| {settings_label(group)} | {len(group['runs'])} | " + " | ".join(cells) + f" | {verdict} |"
         )
     if not shown:
         return ""
