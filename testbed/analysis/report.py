@@ -146,6 +146,8 @@ def regime_table(runs: list[dict]) -> str:
             verdict = "no dense-active baseline" if is_moe(group["runs"][0]["summary"]) else "(dense)"
         elif n > 1 and mean - half > 0:
             verdict = "above dense-active"
+        elif n == 1 and mean > 0:
+            verdict = "above dense-active in its one run (no interval)"
         elif mean < 0:
             verdict = f"**BELOW DENSE-ACTIVE** ({below}/{n} runs)"
         else:
