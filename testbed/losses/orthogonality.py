@@ -86,7 +86,11 @@ def projection_energy(outputs: Tensor, eps: float = 1e-6, normalize: bool = Fals
             c = eye[j].expand(num_tokens, num_slots)
             for q in basis:  # v <- v - (q . v) q
                 c = c - quadratic(q, gram, c).unsqueeze(-1) * q
-            norm = quadratic(c, gram, c).clamp_min(0).sqrt()
+            squared = quadratic(c, gram, c).clamp_min(0)
+            # sqrt's slope is infinite at 0: for an empty slot (zero row: capacity drop, expert choice) its
+            # zero upstream gradient would become NaN and spread over the token's Gram matrix. Slope 0 there.
+            nonzero = squared > 0
+            norm = torch.where(nonzero, torch.where(nonzero, squared, 1.0).sqrt(), 0.0)
             q = c / (norm + eps).unsqueeze(-1)
             basis.append(q)
             total = total + (q * gram[:, :, k]).sum(-1).square()  # (q . o_k)^2
