@@ -17,7 +17,8 @@ from testbed.losses.load_balance import LoadBalanceConfig, LoadBalanceLoss
 from testbed.losses.scope import GlobalScopeState
 from testbed.metrics import specialization as S
 from testbed.routing import RoutingContext, routing_from_choices
-from testbed.routing.capacity import apply_capacity, expert_capacity
+from testbed.routing.base import Routing, count_per_expert
+from testbed.routing.capacity import expert_capacity, mask_capacity
 from testbed.routing.sinkhorn import SinkhornConfig, SinkhornRouter, sinkhorn_log
 from testbed.routing.topk_softmax import TopKSoftmaxConfig, TopKSoftmaxRouter
 from tests.conftest import compose
@@ -225,17 +226,31 @@ def test_sinkhorn_global_scope_evens_out_across_accumulation():
 
 
 # ---------------------------------------------------------------- capacity
+def kept_pairs(routing):
+    pairs = zip(routing.token_index.tolist(), routing.expert_index.tolist(), strict=True)
+    return sorted(p for p, kept in zip(pairs, routing.kept.tolist(), strict=True) if kept)
+
+
 def test_capacity_drops_exactly_the_lowest_gates_beyond_capacity():
     # 4 tokens, 2 experts, K=1, cf=1.0 -> capacity ceil(1*1*4/2) = 2
     probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
     routing = top1(probs)  # expert 0 gets tokens 0 (.9), 1 (.6), 2 (.7); expert 1 gets token 3
     assert expert_capacity(4, 2, 1, 1.0) == 2
-    capped = apply_capacity(routing, 1.0, top_k=1)
-    kept = sorted(zip(capped.token_index.tolist(), capped.expert_index.tolist(), strict=True))
-    assert kept == [(0, 0), (2, 0), (3, 1)]  # token 1 (gate .6, the lowest on expert 0) is dropped
-    assert capped.dropped.item() == 1 and capped.tokens_per_expert.tolist() == [2, 1]
+    capped = mask_capacity(routing, 1.0, top_k=1)
+    assert capped.num_assignments == 4  # static shape: the dropped assignment stays, with gate 0
+    assert kept_pairs(capped) == [
+        (0, 0),
+        (2, 0),
+        (3, 1),
+    ]  # token 1 (gate .6, the lowest on expert 0) is dropped
+    dropped = ~capped.kept
+    assert capped.token_index[dropped].tolist() == [1] and capped.weight[dropped].tolist() == [0.0]
+    assert capped.dropped.item() == 1
+    assert count_per_expert(capped.expert_index, 2, capped.kept).tolist() == [2, 1]
+    assert capped.tokens_per_expert.tolist() == [3, 1]  # the experts' groups still hold every assignment
     assert S.drop_rate(1, 3) == pytest.approx(0.25)
-    assert apply_capacity(routing, 2.0, top_k=1).dropped.item() == 0
+    roomy = mask_capacity(routing, 2.0, top_k=1)
+    assert roomy.dropped.item() == 0 and bool(roomy.kept.all())
 
 
 def test_capacity_in_the_moe_layer_and_counters():
@@ -254,9 +269,116 @@ def test_capacity_in_the_moe_layer_and_counters():
     stats = RoutingStats(1, 1, 4)
     _, out = layer(torch.randn(1, 40, 16), RoutingContext(1, 40, extras={"routing_stats": stats}))
     capacity = math.ceil(0.5 * 2 * 40 / 4)
-    assert out.routing.tokens_per_expert.max().item() <= capacity
-    assert out.routing.num_assignments + out.routing.dropped.item() == 80
+    kept = out.routing.kept
+    assert count_per_expert(out.routing.expert_index, 4, kept).max().item() <= capacity
+    assert out.routing.num_assignments == 80 and out.routing.tokens_per_expert.sum().item() == 80
+    assert kept.sum().item() + out.routing.dropped.item() == 80
     assert stats.dropped[0].item() == out.routing.dropped.item() > 0
+    assert stats.counts[0].sum().item() == kept.sum().item()  # the counters see the kept assignments only
+
+
+def remove_dropped(routing: Routing) -> Routing:
+    """The removal semantics the layer had before (`apply_capacity`): the masked routing with its dropped
+    assignments taken out, everything else as it is."""
+    index = routing.kept.nonzero().squeeze(1)
+    expert_index = routing.expert_index[index]
+    return Routing(
+        logits=routing.logits,
+        probs=routing.probs,
+        token_index=routing.token_index[index],
+        expert_index=expert_index,
+        weight=routing.weight[index],
+        tokens_per_expert=count_per_expert(expert_index, routing.num_experts),
+        dropped=routing.dropped,
+        slot_index=routing.slot_index[index],
+    )
+
+
+@pytest.mark.parametrize("scope", ["sequence", "micro_batch", "global"])
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.0])
+@pytest.mark.parametrize("router", ["topk_softmax", "sigmoid"])
+def test_masked_capacity_in_the_layer_equals_removing_the_dropped_assignments(
+    router, capacity_factor, scope, monkeypatch
+):
+    """The layer's static-shape capacity (dropped assignments kept at gate 0, `Routing.kept`) gives the same
+    outputs, gradients, aux-loss values, expert-bias loads and routing metrics as removing them."""
+    import testbed.model.moe as moe_module
+    from testbed.config import MoEConfig
+    from testbed.losses.expert_bias import ExpertBiasBalance, ExpertBiasConfig
+    from testbed.losses.orthogonality import OrthogonalityConfig, OrthogonalityLoss
+    from testbed.losses.variance import VarianceConfig, VarianceLoss
+    from testbed.losses.z_loss import ZLoss, ZLossConfig
+    from testbed.metrics.stats import RoutingStats
+    from testbed.metrics.summary import per_layer, spec_metrics
+    from testbed.model.moe import MoELayer
+    from testbed.routing import ROUTERS
+
+    class GatedOrthogonality(OrthogonalityLoss):
+        name = "gated_orthogonality"
+
+    _, config_cls = ROUTERS.get(router)
+    losses = [
+        LoadBalanceLoss(LoadBalanceConfig(scope=scope)),
+        ExpertBiasBalance(ExpertBiasConfig(scope=scope, sequence_coefficient=1.0)),
+        OrthogonalityLoss(OrthogonalityConfig(coefficient=1.0)),
+        GatedOrthogonality(OrthogonalityConfig(coefficient=1.0, gated=True, normalize=True)),
+        ZLoss(ZLossConfig()),
+        VarianceLoss(VarianceConfig(coefficient=1.0)),
+    ]
+    torch.manual_seed(0)
+    moe = MoEConfig(num_experts=8, expert_hidden=16, capacity_factor=capacity_factor, num_shared_experts=1)
+    layer = MoELayer(32, moe, config_cls(top_k=2), losses, 0, num_domains=4).train()
+    batch, seq = 2, 24
+    tokens = batch * seq
+    generator = torch.Generator().manual_seed(1)
+    xs = [torch.randn(batch, seq, 32, generator=generator) for _ in range(2)]  # two micro-batches
+    domain_ids = torch.randint(0, 4, (tokens,), generator=generator)
+    correct = torch.rand(tokens, generator=generator) < 0.5
+    token_mask = torch.rand(tokens, generator=generator) < 0.7
+
+    def run(capacity):
+        monkeypatch.setattr(moe_module, "mask_capacity", capacity)
+        layer.zero_grad(set_to_none=True)
+        state, stats = GlobalScopeState(), RoutingStats(1, 4, 8)
+        tracker = ExpertBiasTracker(scope, 1e-3)
+        state.start_step()
+        inputs = [x.clone().requires_grad_(True) for x in xs]
+        ys, routings, loss_values, total = [], [], [], 0.0
+        for i, x in enumerate(inputs):
+            if i > 0:
+                state.next_micro_batch()
+            extras = {"scope_state": state, "routing_stats": stats, "expert_bias_tracker": tracker}
+            y, out = layer(x, RoutingContext(batch, seq, domain_ids=domain_ids, extras=extras))
+            ys.append(y)
+            routings.append(out.routing)
+            loss_values.append(out.losses)
+            total = total + (y * torch.linspace(-1, 1, 32)).square().mean() + sum(out.losses.values())
+        total.backward()
+        stats.update_accuracy(0, routings[0], correct)
+        stats.update_stiffness(0, routings[0], routings[1], token_mask)
+        grads = [x.grad for x in inputs] + [p.grad for p in layer.parameters()]
+        loads = (tracker.sums[0], tracker.groups[0])
+        return ys, grads, loss_values, loads, routings, per_layer(stats), spec_metrics(stats, ["layer0"])
+
+    masked = run(mask_capacity)
+    assert masked[4][0].kept is not None and masked[4][0].num_assignments == 2 * tokens
+    removed = run(lambda routing, cf, top_k: remove_dropped(mask_capacity(routing, cf, top_k)))
+    assert removed[4][0].kept is None and removed[4][0].num_assignments < 2 * tokens
+    for a, b in zip(masked[0] + masked[1], removed[0] + removed[1], strict=True):
+        assert torch.isfinite(a).all()  # no NaN from the orthogonality loss's empty slots either
+        torch.testing.assert_close(a, b)
+    for a, b in zip(masked[2], removed[2], strict=True):
+        assert a.keys() == b.keys() and len(a) == len(losses)
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], msg=name)
+    for a, b in zip(masked[3], removed[3], strict=True):
+        torch.testing.assert_close(a, b)
+    assert masked[5][0].keys() == removed[5][0].keys()
+    for name, value in masked[5][0].items():
+        assert value == pytest.approx(removed[5][0][name], rel=1e-9, abs=1e-12, nan_ok=True), name
+    assert masked[5][0]["drop_rate"] > 0 and masked[5][0]["routing_stiffness"] > 0
+    assert masked[6].keys() == removed[6].keys()
+    assert masked[6] == pytest.approx(removed[6], rel=1e-9, abs=1e-12)
 
 
 # ---------------------------------------------------------------- bad combinations

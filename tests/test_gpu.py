@@ -1,5 +1,5 @@
 """GPU checks (skipped without CUDA): the MoE path makes no device-to-host synchronization (every router,
-every loss, expert choice with orthogonality, static capacity), and the token-choice combine is
+every loss, expert choice with orthogonality, capacity in the layer), and the token-choice combine is
 deterministic. tests/test_sync_free.py checks the same on CPU with a dispatch mode."""
 
 import pytest
@@ -18,8 +18,13 @@ from testbed.routing import ROUTERS, RoutingContext
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("router", ["topk_softmax", "sigmoid", "expert_choice", "oracle", "sinkhorn", "hash"])
-def test_moe_layer_step_makes_no_host_sync(router):
+@pytest.mark.parametrize(
+    "router,capacity_factor",
+    [(name, None) for name in ("topk_softmax", "sigmoid", "expert_choice", "oracle", "sinkhorn", "hash")]
+    + [(name, 1.0) for name in ("topk_softmax", "sigmoid", "oracle", "sinkhorn", "hash")],
+)
+def test_moe_layer_step_makes_no_host_sync(router, capacity_factor):
+    """Forward, backward, every loss and the routing counters; with capacity (token choice) too."""
     _, config_cls = ROUTERS.get(router)
     losses = [
         LoadBalanceLoss(LoadBalanceConfig(scope="global")),
@@ -28,13 +33,20 @@ def test_moe_layer_step_makes_no_host_sync(router):
     ]
     losses.append(OrthogonalityLoss(OrthogonalityConfig(coefficient=1.0)))  # expert choice: E slots, static
     layer = MoELayer(
-        256, MoEConfig(num_experts=16, expert_hidden=256), config_cls(), losses, 0, num_domains=8
+        256,
+        MoEConfig(num_experts=16, expert_hidden=256, capacity_factor=capacity_factor),
+        config_cls(),
+        losses,
+        0,
+        num_domains=8,
     )
     layer = layer.cuda().train()
     x = torch.randn(4, 256, 256, device="cuda", requires_grad=True)
     token_ids = torch.randint(0, 4096, (1024,), device="cuda")
     domain_ids = torch.randint(0, 8, (1024,), device="cuda")
-    extras = {"scope_state": GlobalScopeState(), "routing_stats": RoutingStats(1, 8, 16, "cuda")}
+    stats = RoutingStats(1, 8, 16, "cuda")
+    extras = {"scope_state": GlobalScopeState(), "routing_stats": stats}
+    correct = torch.rand(1024, device="cuda") < 0.5
     context = RoutingContext(4, 256, token_ids=token_ids, domain_ids=domain_ids, extras=extras)
     layer(x, context)  # warm-up: lazy initialization may synchronize once
     torch.cuda.synchronize()
@@ -42,9 +54,15 @@ def test_moe_layer_step_makes_no_host_sync(router):
     try:
         y, out = layer(x, context)
         (y.float().square().mean() + sum(out.losses.values())).backward()
+        stats.update_accuracy(0, out.routing, correct)
+        stats.update_stiffness(0, out.routing, out.routing, correct)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+    if capacity_factor is not None:
+        assert out.routing.kept is not None
+        if router in ("topk_softmax", "sigmoid"):  # unbalanced at init: some experts overflow
+            assert out.routing.dropped.item() > 0
 
 
 def no_sync(fn):
@@ -66,7 +84,7 @@ def test_static_capacity_makes_no_host_sync_and_matches_dropping():
     probs = torch.randn(4096, 32, device="cuda").softmax(-1)
     chosen = probs.topk(4, dim=-1).indices
     routing = routing_from_choices(probs.log(), probs, chosen, probs.gather(1, chosen))
-    masked, kept = no_sync(lambda: mask_capacity(routing, 1.0, 4))
+    masked = no_sync(lambda: mask_capacity(routing, 1.0, 4))
     dropped = apply_capacity(routing, 1.0, 4)
     assert masked.dropped.item() == dropped.dropped.item() > 0
     outputs = torch.randn(routing.num_assignments, 64, device="cuda")

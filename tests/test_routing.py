@@ -64,6 +64,22 @@ def test_routing_from_choices_by_hand():
     assert r.token_index.tolist() == [0, 2, 1, 0, 1, 2]
     torch.testing.assert_close(r.weight, torch.tensor([0.4, 0.9, 0.7, 0.6, 0.3, 0.1]))
     assert r.tokens_per_expert.tolist() == [2, 1, 2, 1]
+    assert r.kept is None and r.kept_as(torch.long).tolist() == [1] * 6  # dropless: every assignment counts
+
+
+def test_kept_mask_counts_only_the_kept_assignments():
+    from testbed.routing.base import count_per_expert
+
+    r = routing_from_choices(
+        torch.zeros(3, 4),
+        torch.full((3, 4), 0.25),
+        torch.tensor([[2, 0], [1, 2], [0, 3]]),
+        torch.full((3, 2), 0.5),
+    )
+    r.kept = torch.tensor([True, False, True, True, False, True])  # e.g. dropped by capacity
+    assert r.num_assignments == 6 and r.kept_as(torch.float32).tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert count_per_expert(r.expert_index, 4).tolist() == [2, 1, 2, 1]
+    assert count_per_expert(r.expert_index, 4, r.kept).tolist() == [1, 1, 1, 1]
 
 
 def test_jitter_only_in_training():

@@ -107,7 +107,8 @@ def step(layer, batch=2, seq=24):
     torch.manual_seed(1)
     x = torch.randn(batch, seq, 32, requires_grad=True)
     tokens = batch * seq
-    extras = {"scope_state": GlobalScopeState(), "routing_stats": RoutingStats(1, 4, 8)}
+    stats = RoutingStats(1, 4, 8)
+    extras = {"scope_state": GlobalScopeState(), "routing_stats": stats}
     context = RoutingContext(
         batch,
         seq,
@@ -116,9 +117,12 @@ def step(layer, batch=2, seq=24):
         extras=extras,
     )
     layer(x, context)  # warm-up outside the mode (lazy initialization)
+    correct = torch.arange(tokens) % 3 == 0
     with NoSync() as mode:
         y, out = layer(x, context)
         (y.square().mean() + sum(out.losses.values())).backward()
+        stats.update_accuracy(0, out.routing, correct)  # the counters fed outside the layer
+        stats.update_stiffness(0, out.routing, out.routing, correct)
     assert "aten.mm.default" in mode.seen or "aten._grouped_mm.default" in mode.seen
     assert set(out.losses) == {loss.name for loss in layer.losses}
     return y, out
@@ -127,7 +131,8 @@ def step(layer, batch=2, seq=24):
 @pytest.mark.parametrize("router", sorted(ROUTERS.names()))
 def test_every_router_with_every_loss_is_sync_free(router):
     """Grouped backend, training mode, global-scope load balance, z-loss, variance, orthogonality (also
-    under expert choice: its per-token slot count is bounded by E, not read from the data), counters."""
+    under expert choice: its per-token slot count is bounded by E, not read from the data), counters
+    (accuracy and stiffness included)."""
     step(make_layer(router, all_losses()))
 
 
@@ -144,7 +149,8 @@ def test_static_capacity_is_sync_free_and_equals_the_dropping_form(capacity_fact
         apply_capacity(routing, capacity_factor, 2)
     dropped = apply_capacity(routing, capacity_factor, 2)
     with NoSync():
-        masked, kept = mask_capacity(routing, capacity_factor, 2)
+        masked = mask_capacity(routing, capacity_factor, 2)
+    kept = masked.kept
     assert masked.dropped.item() == dropped.dropped.item() == (~kept).sum().item()
     assert masked.num_assignments == 80 and dropped.num_assignments == 80 - dropped.dropped.item()
     pairs = {
@@ -176,12 +182,18 @@ def test_static_capacity_is_sync_free_and_equals_the_dropping_form(capacity_fact
     assert dropped_gates.sum() == dropped.dropped and torch.all(results[1][1][dropped_gates] == 0)
 
 
-def test_capacity_in_the_layer_syncs_once_by_design():
-    """With `model.moe.capacity_factor` the layer uses the dropping form: its only sync is the kept set's
-    size (one `nonzero`); everything before it (sort, ranks, keep mask) is sync-free."""
-    layer = make_layer("topk_softmax", all_losses(), capacity_factor=1.0)
-    with pytest.raises(SyncError, match="nonzero"):
-        step(layer)
+TOKEN_CHOICE = sorted(name for name in ROUTERS.names() if ROUTERS.get(name)[0].token_choice)
+
+
+@pytest.mark.parametrize("capacity_factor", [0.5, 1.25])
+@pytest.mark.parametrize("router", TOKEN_CHOICE)
+def test_capacity_in_the_layer_is_sync_free(router, capacity_factor):
+    """With `model.moe.capacity_factor` the layer uses `mask_capacity`: forward, backward, every loss and
+    the counters make no sync, and assignments are really dropped."""
+    y, out = step(make_layer(router, all_losses(), capacity_factor=capacity_factor))
+    assert out.routing.kept is not None and out.routing.num_assignments == 48 * 2
+    if capacity_factor < 1:
+        assert out.routing.dropped.item() > 0 and torch.isfinite(y).all()
 
 
 def test_combine_token_choice_equals_index_add():

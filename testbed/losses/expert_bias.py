@@ -1,7 +1,8 @@
 """Auxiliary-loss-free balancing by expert bias (Wang et al. 2024, arXiv 2408.15664; DeepSeek-V3).
 
 After each optimizer step, outside autograd: b_e <- b_e + gamma * sign(mean_j c_j - c_e), with the
-counts c over the balancing scope. The bias only changes which experts are selected, never the gates.
+counts c (of kept assignments, under capacity) over the balancing scope. The bias only changes which
+experts are selected, never the gates.
 Scopes [defined here for scopes narrower than the optimizer step]: `global` uses one count vector
 summed over the step's micro-batches and all ranks; `micro_batch` and `sequence` average the sign
 vectors of each micro-batch (resp. each sequence) seen in the step. Optionally a tiny sequence-scope
@@ -52,7 +53,7 @@ class ExpertBiasTracker:
         counts = counts.index_add_(
             0,
             group * num_experts + routing.expert_index,
-            torch.ones_like(routing.expert_index, dtype=counts.dtype),
+            routing.kept_as(counts.dtype),
         )
         counts = counts.view(num_groups, num_experts)
         if self.scope == "global":
@@ -105,6 +106,7 @@ class ExpertBiasBalance(AuxLoss):
             routing.num_experts,
             groups,
             context.batch_size,
+            routing.kept,
         )
 
     @classmethod

@@ -1,8 +1,9 @@
 """Load-balance loss (Switch / GShard form) at a chosen balancing scope.
 
-L = alpha * E * sum_e f_e * P_e, with f_e the fraction of assignments sent to expert e (hard counts,
-no gradient) and P_e the mean router probability of e over the scope's local tokens (full softmax).
-Equals 1 at perfect balance (Fedus et al. 2021; scopes: Qiu et al. 2025, Falke et al. 2026).
+L = alpha * E * sum_e f_e * P_e, with f_e the fraction of assignments sent to expert e (hard counts of
+the kept assignments under capacity, no gradient) and P_e the mean router probability of e over the
+scope's local tokens (full softmax). Equals 1 at perfect balance (Fedus et al. 2021; scopes: Qiu et
+al. 2025, Falke et al. 2026).
 """
 
 from __future__ import annotations
@@ -32,19 +33,20 @@ def load_balance_value(
     num_experts: int,
     group_of_token: Tensor | None = None,
     num_groups: int = 1,
+    kept: Tensor | None = None,
 ) -> Tensor:
     """E * sum_e f_e P_e computed within each group of tokens, averaged over groups.
 
-    probs [T, E]; expert_index/token_index [A]; group_of_token [T] (None = one group, the micro-batch).
+    probs [T, E]; expert_index/token_index [A]; group_of_token [T] (None = one group, the micro-batch);
+    kept [A] bool (None = all): f_e counts only the kept assignments (capacity).
     """
     num_tokens = probs.shape[0]
     if group_of_token is None:
         group_of_token = torch.zeros(num_tokens, dtype=torch.long, device=probs.device)
     flat = group_of_token[token_index] * num_experts + expert_index
     counts = torch.zeros(num_groups * num_experts, device=probs.device, dtype=probs.dtype)
-    counts = counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=probs.dtype)).view(
-        num_groups, num_experts
-    )
+    ones = torch.ones_like(flat, dtype=probs.dtype) if kept is None else kept.to(probs.dtype)
+    counts = counts.scatter_add_(0, flat, ones).view(num_groups, num_experts)
     fractions = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).detach()
     prob_sums = torch.zeros(num_groups, num_experts, device=probs.device, dtype=probs.dtype)
     prob_sums = prob_sums.index_add_(0, group_of_token, probs)
@@ -54,11 +56,13 @@ def load_balance_value(
     return (num_experts * (fractions * mean_probs).sum(-1)).mean()
 
 
-def global_load_balance(probs: Tensor, expert_index: Tensor, context: RoutingContext) -> Tensor:
-    """Global scope: f_e from the running counts of this optimizer step, summed over all ranks and the
-    micro-batches so far; P_e over this micro-batch's local tokens."""
+def global_load_balance(
+    probs: Tensor, expert_index: Tensor, context: RoutingContext, kept: Tensor | None = None
+) -> Tensor:
+    """Global scope: f_e from the running (kept) counts of this optimizer step, summed over all ranks and
+    the micro-batches so far; P_e over this micro-batch's local tokens."""
     num_experts = probs.shape[1]
-    local_counts = count_per_expert(expert_index, num_experts).to(probs.dtype)
+    local_counts = count_per_expert(expert_index, num_experts, kept).to(probs.dtype)
     state = context.extras.get("scope_state")
     if state is None:  # outside training steps (e.g. a bare forward): the micro-batch is the whole scope
         counts = local_counts
@@ -75,7 +79,7 @@ class LoadBalanceLoss(AuxLoss):
     ) -> Tensor:
         probs = routing.probs.float()
         if self.config.scope == "global":
-            return global_load_balance(probs, routing.expert_index, context)
+            return global_load_balance(probs, routing.expert_index, context, routing.kept)
         if self.config.scope == "sequence":
             groups = context.sequence_ids.to(probs.device)
             return load_balance_value(
@@ -85,8 +89,11 @@ class LoadBalanceLoss(AuxLoss):
                 routing.num_experts,
                 groups,
                 context.batch_size,
+                routing.kept,
             )
-        return load_balance_value(probs, routing.expert_index, routing.token_index, routing.num_experts)
+        return load_balance_value(
+            probs, routing.expert_index, routing.token_index, routing.num_experts, kept=routing.kept
+        )
 
     @classmethod
     def check(cls, config: LoadBalanceConfig, key: str) -> None:

@@ -5,7 +5,8 @@ o_tk = output of expert k for token t before gating; the span is built by Gram-S
 Computed per token over that token's co-selected experts, the paper's intent (its released code groups
 outputs by expert instead, a known discrepancy). `normalize: true` divides each term by ||o_tk||^2, a
 cosine form that cannot be lowered by shrinking outputs. Tokens with fewer than 2 experts add nothing
-(their assignments still count in the denominator).
+(their assignments still count in the denominator). Assignments dropped by capacity (`Routing.kept`
+False) are not among S_t: their outputs become empty (zero) slots and they leave the denominator.
 
 Gradient: o_tk does not depend on this layer's router, so by this definition the loss trains the experts
 (and, through the hidden states, earlier layers). `gated: true` uses g_tk * o_tk instead [defined here],
@@ -143,12 +144,16 @@ class OrthogonalityLoss(AuxLoss):
         outputs = expert_outputs.float()
         if self.config.gated:
             outputs = outputs * routing.weight.float().unsqueeze(-1)
+        if routing.kept is not None:  # dropped by capacity: an empty slot, as if never routed
+            outputs = torch.where(routing.kept.unsqueeze(-1), outputs, torch.zeros_like(outputs))
         slot, num_slots = per_token_slots(routing, context.extras.get("max_experts_per_token"))
         padded = outputs.new_zeros(routing.num_tokens, num_slots, outputs.shape[-1])
         padded = padded.index_put((routing.token_index, slot), outputs)
         energy_of = projection_energy if num_slots <= GRAM_SCHMIDT_MAX_SLOTS else projection_energy_by_inverse
         energy = energy_of(padded, self.config.eps, self.config.normalize)
-        return energy.sum() / max(routing.num_assignments, 1)
+        if routing.kept is None:
+            return energy.sum() / max(routing.num_assignments, 1)
+        return energy.sum() / routing.kept.sum().clamp_min(1)  # on device: no host sync
 
     @classmethod
     def check(cls, config: OrthogonalityConfig, key: str) -> None:

@@ -2,6 +2,7 @@
 
 Only scatter/index adds and reductions: no .item(), .tolist(), bincount or nonzero, so the step never
 waits on the host. Metrics are derived from these tables only when they are logged (summary.py).
+Assignments dropped by capacity (`Routing.kept` False) count nowhere except in `dropped`.
 """
 
 from __future__ import annotations
@@ -15,20 +16,20 @@ from torch import Tensor
 class RoutingStats:
     """Per-layer counters over the tokens seen since the last reset (L MoE layers, D domains, E experts).
 
-    counts [L, D, E]          n_{d,e}: assignments of domain-d tokens to expert e
+    counts [L, D, E]          n_{d,e}: (kept) assignments of domain-d tokens to expert e
     prob_sums [L, E]          sum_t p_{t,e}
     entropy_sums [L]          sum_t H(p_t) / log E
     variance_sums [L]         sum_t Var_e(p_{t,e}) (unbiased)
     tokens [L, D]             tokens seen per domain
-    dropped [L]               assignments removed by capacity
+    dropped [L]               assignments dropped by capacity
     ngram_hits [L, N]         windows of length n (per `ngram_sizes`) whose tokens share the top-1 expert
     ngram_windows [L, N]      windows counted
-    correct [L, E]            assignments to e whose token's next-token prediction was right
-    accuracy_routed [L, E]    assignments to e counted for accuracy
+    correct [L, E]            kept assignments to e whose token's next-token prediction was right
+    accuracy_routed [L, E]    kept assignments to e counted for accuracy
     overlap_sums [L]          sum over tokens of the mean pairwise cosine of their experts' outputs
-    overlap_tokens [L]        tokens with at least two experts
+    overlap_tokens [L]        tokens with at least two (kept) experts
     stiffness_kept [L]        sum_t |S_t ∩ S'_t| (routing kept when the context prefix is replaced)
-    stiffness_routed [L]      sum_t |S_t|
+    stiffness_routed [L]      sum_t |S_t| (S_t: the token's kept experts)
     """
 
     NAMES = (
@@ -92,7 +93,7 @@ class RoutingStats:
         if domain_ids is None:
             domain_ids = torch.zeros(num_tokens, dtype=torch.long, device=probs.device)
         flat = domain_ids[routing.token_index] * num_experts + routing.expert_index
-        self.counts[layer].view(-1).index_add_(0, flat, torch.ones_like(flat))
+        self.counts[layer].view(-1).index_add_(0, flat, routing.kept_as(torch.long))
         self.prob_sums[layer] += probs.sum(0)
         if num_experts > 1:  # normalized entropy and unbiased variance of the full router distribution
             entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(num_experts)
@@ -117,13 +118,14 @@ class RoutingStats:
             self.ngram_windows[layer, i] += same.numel()
 
     def _overlap(self, layer: int, routing, expert_outputs: Tensor, num_tokens: int) -> None:
-        """Mean pairwise cosine of each token's co-selected expert outputs, via sum-of-unit-vectors:
-        sum_{j<k} cos = (||sum_k u_k||^2 - n) / 2 over n(n-1)/2 pairs."""
-        unit = torch.nn.functional.normalize(expert_outputs.double(), dim=-1)
+        """Mean pairwise cosine of each token's co-selected (kept) expert outputs, via sum-of-unit-vectors:
+        sum_{j<k} cos = (||sum_k u_k||^2 - n) / 2 over n(n-1)/2 pairs. Dropped assignments: zero vectors."""
+        kept = routing.kept_as(torch.float64)
+        unit = torch.nn.functional.normalize(expert_outputs.double(), dim=-1) * kept.unsqueeze(-1)
         summed = torch.zeros(num_tokens, unit.shape[-1], dtype=unit.dtype, device=unit.device)
         summed.index_add_(0, routing.token_index, unit)
         per_token = torch.zeros(num_tokens, dtype=unit.dtype, device=unit.device)
-        per_token.index_add_(0, routing.token_index, torch.ones_like(unit[:, 0]))
+        per_token.index_add_(0, routing.token_index, kept)
         pairs = per_token * (per_token - 1)
         has_pairs = pairs > 0
         mean_cos = (summed.square().sum(-1) - per_token) / pairs.clamp_min(1)
@@ -132,18 +134,21 @@ class RoutingStats:
 
     @torch.no_grad()
     def update_accuracy(self, layer: int, routing, correct: Tensor) -> None:
-        """Per-expert next-token accuracy counters; `correct` [T] says whether each token was predicted."""
-        self.correct[layer].index_add_(0, routing.expert_index, correct[routing.token_index].long())
-        self.accuracy_routed[layer].index_add_(0, routing.expert_index, torch.ones_like(routing.expert_index))
+        """Per-expert next-token accuracy counters over the kept assignments; `correct` [T] says whether each
+        token was predicted."""
+        kept = routing.kept_as(torch.long)
+        self.correct[layer].index_add_(0, routing.expert_index, correct[routing.token_index].long() * kept)
+        self.accuracy_routed[layer].index_add_(0, routing.expert_index, kept)
 
     @torch.no_grad()
     def update_stiffness(self, layer: int, original, perturbed, token_mask: Tensor) -> None:
-        """Routing Stiffness counters: |S_t ∩ S'_t| and |S_t| over the tokens in `token_mask` [T]."""
+        """Routing Stiffness counters: |S_t ∩ S'_t| and |S_t| over the tokens in `token_mask` [T], with S_t
+        the token's kept experts. (token, expert) pairs are unique in a routing: each cell is written once."""
         num_tokens, num_experts = original.probs.shape
         member = torch.zeros(num_tokens, num_experts, dtype=torch.bool, device=token_mask.device)
         member_perturbed = torch.zeros_like(member)
-        member[original.token_index, original.expert_index] = True
-        member_perturbed[perturbed.token_index, perturbed.expert_index] = True
+        member[original.token_index, original.expert_index] = original.kept_as(torch.bool)
+        member_perturbed[perturbed.token_index, perturbed.expert_index] = perturbed.kept_as(torch.bool)
         mask = token_mask.unsqueeze(-1)
         self.stiffness_kept[layer] += (member & member_perturbed & mask).sum()
         self.stiffness_routed[layer] += (member & mask).sum()

@@ -44,6 +44,7 @@ def layer_metrics(state: dict[str, np.ndarray], ngram_sizes: tuple[int, ...] = (
     counts = state["counts"]
     tokens = float(state["tokens"].sum())
     out = table_metrics(counts)
+    # dropped / routed: `counts` holds the kept assignments only, so routed = kept + dropped
     out["drop_rate"] = S.drop_rate(float(state["dropped"]), float(counts.sum()))
     out["gate_entropy"] = S.ratio(float(state["entropy_sums"]), tokens)
     out["routing_variance"] = S.ratio(float(state["variance_sums"]), tokens)

@@ -10,7 +10,7 @@ from testbed.config import MoEConfig
 from testbed.losses.base import AuxLoss
 from testbed.model.experts import DenseSwiGLU, ExpertBank
 from testbed.routing.base import ROUTERS, Routing, RoutingContext
-from testbed.routing.capacity import apply_capacity
+from testbed.routing.capacity import mask_capacity
 
 
 @dataclass
@@ -55,7 +55,9 @@ class MoELayer(nn.Module):
         context.extras["max_experts_per_token"] = self.router.top_k if self.router.token_choice else None
         routing = self.router(flat, context)
         if self.capacity_factor is not None and self.router.token_choice:
-            routing = apply_capacity(routing, self.capacity_factor, self.router.top_k)
+            # static shapes, no host sync: dropped assignments stay with gate 0 and `routing.kept` False;
+            # losses and counters count only the kept ones
+            routing = mask_capacity(routing, self.capacity_factor, self.router.top_k)
         y, expert_outputs = self.experts(flat, routing, return_expert_outputs=True)
         if self.shared is not None:
             y = y + self.shared(flat)

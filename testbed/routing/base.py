@@ -1,7 +1,9 @@
 """The routing contract: every router returns one `Routing`, which experts, losses and metrics consume.
 
 Assignments are flat and sorted by expert, so token-choice (K per token), expert-choice (C per expert)
-and oracle routing all fit, including tokens with zero or many experts.
+and oracle routing all fit, including tokens with zero or many experts. Under expert capacity the
+assignments beyond capacity stay in place (static shapes, no host sync) with gate 0 and `kept` False:
+every consumer that counts assignments counts only the kept ones (`kept_as`).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ class Routing:
     token_index: Tensor  # [A] long: token of each assignment, sorted by expert
     expert_index: Tensor  # [A] long: expert of each assignment, non-decreasing
     weight: Tensor  # [A] combine weight (gate) of each assignment
-    tokens_per_expert: Tensor  # [E] long: assignments per expert, on device
-    dropped: Tensor | None = None  # scalar long: assignments removed by capacity (None when dropless)
+    tokens_per_expert: Tensor  # [E] long: assignments per expert, dropped ones included (the experts' groups)
+    dropped: Tensor | None = None  # scalar long: assignments dropped by capacity (None when dropless)
     slot_index: Tensor | None = None  # [A] optional: rank of each assignment among its token's choices
+    kept: Tensor | None = None  # [A] bool: False for an assignment dropped by capacity (None = all kept)
 
     @property
     def num_tokens(self) -> int:
@@ -38,7 +41,15 @@ class Routing:
 
     @property
     def num_assignments(self) -> int:
+        """Assignments held, dropped ones included (a static shape)."""
         return self.token_index.shape[0]
+
+    def kept_as(self, dtype: torch.dtype) -> Tensor:
+        """[A] 1 for a kept assignment, 0 for a dropped one, in `dtype`: what consumers count instead of
+        1 per assignment, so that their numbers are those of the kept assignments alone."""
+        if self.kept is None:
+            return torch.ones_like(self.expert_index, dtype=dtype)
+        return self.kept.to(dtype)
 
 
 @dataclass
@@ -59,10 +70,12 @@ class RoutingContext:
         return torch.arange(self.batch_size, device=device).repeat_interleave(self.seq_len)
 
 
-def count_per_expert(expert_index: Tensor, num_experts: int) -> Tensor:
-    """Assignments per expert with a scatter-add (no host sync, unlike bincount on CUDA)."""
+def count_per_expert(expert_index: Tensor, num_experts: int, kept: Tensor | None = None) -> Tensor:
+    """Assignments per expert with a scatter-add (no host sync, unlike bincount on CUDA); with `kept` [A]
+    bool, only the kept ones."""
     counts = torch.zeros(num_experts, dtype=torch.long, device=expert_index.device)
-    return counts.scatter_add_(0, expert_index, torch.ones_like(expert_index))
+    ones = torch.ones_like(expert_index) if kept is None else kept.long()
+    return counts.scatter_add_(0, expert_index, ones)
 
 
 def routing_from_choices(logits: Tensor, probs: Tensor, chosen_experts: Tensor, gates: Tensor) -> Routing:

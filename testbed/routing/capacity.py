@@ -3,14 +3,14 @@ the ones with the highest gates; dropped assignments contribute nothing (the res
 
 Which assignments are kept is computed with fixed shapes and no host sync (`capacity_keep_mask`: sort by
 (expert, -gate), rank within the expert from the expert offsets). Two forms use it:
-- `apply_capacity` (what the MoE layer uses): removes the dropped assignments, so every consumer (experts,
-  losses, counters) sees only the kept ones. The kept set has a data-dependent size, so on CUDA this costs
-  one device-to-host sync (a single `nonzero`); the default is dropless (`capacity_factor: null`), which
-  has none.
-- `mask_capacity`: the static-shape form, no sync. All T*K assignments stay, dropped ones with gate 0
-  (so they add nothing to the output and get no gradient) and `kept` says which. Consumers that count
-  assignments (load balance, routing counters) would have to weight their counts by `kept` to give the
-  same numbers as `apply_capacity`.
+- `mask_capacity` (what the MoE layer uses): sync-free, static shapes. All T*K assignments stay, dropped
+  ones with gate 0 (so they add nothing to the output and get no gradient), `Routing.kept` says which and
+  `Routing.dropped` counts the others. Every consumer that counts assignments (routing counters,
+  load balance, expert bias, orthogonality) counts only the kept ones, so every number, output and
+  gradient equals the removal form's (tested); the experts still compute the dropped rows.
+- `apply_capacity`: the removal form, kept as the reference (e.g. for tests that walk the assignments
+  one by one): removes the dropped assignments. The kept set has a data-dependent size, so on CUDA this
+  costs one device-to-host sync (a single `nonzero`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,30 @@ def capacity_keep_mask(routing: Routing, capacity_factor: float, top_k: int) -> 
     return order, rank_in_expert < capacity
 
 
+def mask_capacity(routing: Routing, capacity_factor: float, top_k: int) -> Routing:
+    """The static-shape form, no host sync: every assignment stays, in the order of `capacity_keep_mask`,
+    dropped ones at gate 0 and `kept` False; `dropped` (on device) counts them.
+
+    Same output and gradients as `apply_capacity` through the experts and `combine`; `tokens_per_expert`
+    still counts every assignment (the experts compute the dropped ones too)."""
+    order, keep = capacity_keep_mask(routing, capacity_factor, top_k)
+    weight = routing.weight[order]
+    return Routing(
+        logits=routing.logits,
+        probs=routing.probs,
+        token_index=routing.token_index[order],
+        expert_index=routing.expert_index[order],
+        weight=torch.where(keep, weight, torch.zeros_like(weight)),
+        tokens_per_expert=routing.tokens_per_expert,
+        dropped=keep.numel() - keep.sum(),
+        slot_index=None if routing.slot_index is None else routing.slot_index[order],
+        kept=keep,
+    )
+
+
 def apply_capacity(routing: Routing, capacity_factor: float, top_k: int) -> Routing:
-    """Drop, per expert, the lowest-gate assignments beyond capacity; `dropped` counts them."""
+    """The removal form: drop, per expert, the lowest-gate assignments beyond capacity; `dropped` counts
+    them. The kept ones come in the order of `mask_capacity`'s kept assignments. One host sync."""
     order, keep = capacity_keep_mask(routing, capacity_factor, top_k)
     kept = order[torch.nonzero(keep).squeeze(1)]  # the one host sync: the kept set's size
     kept_experts = routing.expert_index[kept]
@@ -57,23 +79,3 @@ def apply_capacity(routing: Routing, capacity_factor: float, top_k: int) -> Rout
         dropped=keep.numel() - keep.sum(),
         slot_index=None if routing.slot_index is None else routing.slot_index[kept],
     )
-
-
-def mask_capacity(routing: Routing, capacity_factor: float, top_k: int) -> tuple[Routing, Tensor]:
-    """The static-shape form: (routing with every assignment, dropped ones at gate 0; kept mask [A]).
-
-    Same output and gradients as `apply_capacity` through the experts and `combine`, without a host sync;
-    `tokens_per_expert` still counts every assignment (the experts compute the dropped ones too)."""
-    order, keep = capacity_keep_mask(routing, capacity_factor, top_k)
-    weight = routing.weight[order]
-    capped = Routing(
-        logits=routing.logits,
-        probs=routing.probs,
-        token_index=routing.token_index[order],
-        expert_index=routing.expert_index[order],
-        weight=torch.where(keep, weight, torch.zeros_like(weight)),
-        tokens_per_expert=routing.tokens_per_expert,
-        dropped=keep.numel() - keep.sum(),
-        slot_index=None if routing.slot_index is None else routing.slot_index[order],
-    )
-    return capped, keep
