@@ -402,6 +402,8 @@ def restrict(routing: Routing, keep: Tensor) -> Routing:
     """The routing of the tokens where `keep` [T] is true, renumbered 0..T'-1 (other assignments dropped)."""
     renumber = torch.cumsum(keep.long(), 0) - 1
     assigned = keep[routing.token_index]
+    if routing.kept is not None:  # assignments dropped by capacity count nowhere
+        assigned = assigned & routing.kept
     expert_index = routing.expert_index[assigned]
     return Routing(
         logits=routing.logits[keep],
@@ -430,6 +432,8 @@ class QuizRouting:
         self.stats.update(layer, restrict(routing, counted), subject[counted])
         item = question_item[routing.token_index]
         is_question = item >= 0
+        if routing.kept is not None:
+            is_question = is_question & routing.kept
         flat = item[is_question] * self.num_experts + routing.expert_index[is_question]
         self.item_experts[layer].view(-1).index_add_(0, flat.cpu(), torch.ones_like(flat.cpu()))
 
