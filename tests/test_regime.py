@@ -168,3 +168,16 @@ def test_curves_against_tokens(tmp_path, monkeypatch):
     assert list(xs) == [2048.0, 4096.0] and list(mean) == [6.0, 5.0]
     assert captured["x_label"] == "training tokens"
     assert captured["title"] == "val/loss (one seed)"
+
+
+def test_curve_table_means_over_seeds_at_shared_steps(tmp_path):
+    for seed, rows in enumerate(["1,6.0\n3,5.0\n", "1,5.0\n3,4.0\n5,3.0\n"]):
+        s = summary(seed=seed)
+        s["steps"], s["tokens_seen"] = 4, 4096
+        write_run(tmp_path, f"r{seed}", s, ["model=m", f"seed={seed}"])
+        (tmp_path / f"r{seed}" / "metrics.csv").write_text("step,val/loss\n" + rows)
+    runs, _ = report.find_runs([tmp_path])
+    lines = report.curve_table(runs, "val/loss").splitlines()
+    assert "| step | tokens (M) | model=m (n=2) |" in lines
+    assert "| 2 | 0.002 | 5.500 |" in lines and "| 4 | 0.004 | 4.500 |" in lines
+    assert not any(line.startswith("| 6 |") for line in lines)  # step 5 is in one seed only

@@ -431,6 +431,42 @@ def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: st
     return paths
 
 
+def curve_table(runs: list[dict], metric: str) -> str:
+    """`metric` at each logged step (and its training tokens), one column per configuration: mean over
+    seeds at the steps all its runs share, with the seed count."""
+    _, groups = group_runs(runs)
+    columns, steps_all = [], set()
+    for group in groups:
+        curves = [c for c in (curve_of(run["dir"], metric) for run in group["runs"]) if c]
+        if not curves:
+            continue
+        shared = set.intersection(*(set(c) for c in curves))
+        summary = group["runs"][0]["summary"]
+        per_step = summary["tokens_seen"] / max(1, summary["steps"])
+        columns.append(
+            (
+                settings_label(group),
+                len(curves),
+                {s: np.mean([c[s] for c in curves]) for s in shared},
+                per_step,
+            )
+        )
+        steps_all |= shared
+    if not columns:
+        return ""
+    header = ["step", "tokens (M)", *[f"{label} (n={n})" for label, n, _, _ in columns]]
+    lines = [f"{metric} over training:", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for step in sorted(steps_all):
+        tokens = {
+            round((step + 1) * per_step / 1e6, 3) for _, _, values, per_step in columns if step in values
+        }
+        cells = [f"{v[step]:.3f}" if step in v else "" for _, _, v, _ in columns]
+        lines.append(
+            f"| {step + 1} | {'/'.join(str(t) for t in sorted(tokens))} | " + " | ".join(cells) + " |"
+        )
+    return "\n".join(["", *lines])
+
+
 def split_list(value: str) -> tuple[str, ...]:
     return tuple(c for c in value.split(",") if c)
 
@@ -454,6 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         "--layer-metrics", default=",".join(DEFAULT_LAYER_METRICS), help="spec metrics for per-layer plots"
     )
     parser.add_argument("--curves", default=",".join(DEFAULT_CURVES), help="metrics.csv columns to plot")
+    parser.add_argument(
+        "--curve-table", default="", help="metrics.csv columns to tabulate per step (e.g. val/loss)"
+    )
     parser.add_argument(
         "--curve-x", choices=("step", "tokens"), default="step", help="x axis of the training curves"
     )
@@ -483,6 +522,8 @@ def main(argv: list[str] | None = None) -> int:
         csv_header += [f"{c}:{s}" for c in columns for s in ("mean", "std", "n")]
     text = markdown(header, rows, failed) if header else markdown(["run"], [], failed)
     text += regime_table(runs) if runs and not args.per_run else ""
+    for metric in split_list(args.curve_table):
+        text += curve_table(runs, metric)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
