@@ -69,7 +69,7 @@ class DataConfig:
     batch_composition: str = "mixed"  # mixed | homogeneous
     val_fraction: float = 0.1  # documents held out per domain
     split_seed: int = 0  # which documents are held out: fixed, so every training seed validates on the same
-    val_tokens_per_domain: int = 16384  # cap on validation tokens per domain (0 = all)
+    val_tokens_per_domain: int = 8192  # cap on validation tokens per domain (0 = all)
     max_train_tokens_per_domain: int = 0  # 0 = all
     num_workers: int = 0
     cache_dir: str | None = None  # Hugging Face datasets cache and token-id cache (null = none / HF default)
@@ -93,8 +93,8 @@ class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
     precision: str = "32-true"
-    max_steps: int = 600
-    val_check_interval: int = 200  # validate every N training steps (and at the end)
+    max_steps: int = 1500
+    val_check_interval: int = 250  # validate every N training steps (and at the end)
     limit_val_batches: float = 1.0
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
