@@ -114,6 +114,11 @@ class DomainBatchSampler(Sampler[list[int]]):
 
     Within each domain, sequences are drawn without replacement from a permutation that is reshuffled
     when used up. Deterministic given the seed; each new iteration (epoch) continues the random stream.
+
+    Data parallel: every rank draws the same global stream of micro-batches and keeps those with
+    index % world_size == rank, so ranks see distinct batches and N ranks see exactly the micro-batches
+    one process would see with N times the gradient accumulation (with `homogeneous`, consecutive
+    batches of the stream, hence the ranks' batches of one step, come from different domains).
     """
 
     def __init__(
@@ -124,7 +129,12 @@ class DomainBatchSampler(Sampler[list[int]]):
         composition: str,
         seed: int,
         batches_per_epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
     ):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.rank, self.world_size = rank, world_size
         self.offsets, self.batch_size, self.composition = offsets, batch_size, composition
         self.weights = weights / weights.sum()
         self.batches_per_epoch = batches_per_epoch
@@ -163,16 +173,28 @@ class DomainBatchSampler(Sampler[list[int]]):
                 self.schedule = self.rng.permutation(np.repeat(np.arange(len(counts)), counts)).tolist()
         return self.schedule.pop(0)
 
+    def _next_batch(self) -> list[int]:
+        """The next micro-batch of the global stream (shared by all ranks)."""
+        if self.composition == "homogeneous":
+            return self._take(self._next_domain(), self.batch_size)
+        domains = self.rng.choice(len(self.sizes), size=self.batch_size, p=self.weights)
+        batch = []
+        for domain in np.unique(domains):
+            batch.extend(self._take(int(domain), int((domains == domain).sum())))
+        return batch
+
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(self.batches_per_epoch):
-            if self.composition == "homogeneous":
-                yield self._take(self._next_domain(), self.batch_size)
-            else:
-                domains = self.rng.choice(len(self.sizes), size=self.batch_size, p=self.weights)
-                batch = []
-                for domain in np.unique(domains):
-                    batch.extend(self._take(int(domain), int((domains == domain).sum())))
-                yield batch
+            # one micro-batch per rank from the global stream; this rank keeps its own
+            batches = [self._next_batch() for _ in range(self.world_size)]
+            yield batches[self.rank]
+
+
+def data_parallel_rank() -> tuple[int, int]:
+    """(rank, world size) of this process among the data-parallel ranks; (0, 1) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _read_token_cache(path: Path) -> list[list[int]]:
@@ -274,7 +296,8 @@ class DomainMixDataModule(L.LightningDataModule):
             self.config.weights if self.config.weights is not None else [1.0] * len(self.domains),
             dtype=np.float64,
         )
-        batches = max(1, len(self.train_set) // self.config.batch_size)
+        rank, world_size = data_parallel_rank()
+        batches = max(1, len(self.train_set) // (self.config.batch_size * world_size))
         sampler = DomainBatchSampler(
             self.train_set.offsets,
             weights,
@@ -282,6 +305,8 @@ class DomainMixDataModule(L.LightningDataModule):
             self.config.batch_composition,
             self.seed,
             batches,
+            rank=rank,
+            world_size=world_size,
         )
         return DataLoader(
             self.train_set, batch_sampler=sampler, collate_fn=collate, num_workers=self.config.num_workers

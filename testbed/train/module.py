@@ -131,7 +131,7 @@ class MoELanguageModel(L.LightningModule):
         ]  # a zero-weight term is logged, kept out of the backward
         aux_total = sum(weighted, start=torch.zeros((), device=lm_loss.device))
         loss = lm_loss + aux_total
-        self.tokens_seen += batch["input_ids"].numel()
+        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size  # all ranks (same size)
         # not prog_bar: the bar would turn the loss into a Python float (a host sync) on every step;
         # the loggers read it only every log_every_n_steps
         self.log("train/loss", loss)
