@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -91,7 +92,8 @@ class OptimConfig:
 class TrainerConfig:
     name: str = "cpu"
     accelerator: str = "cpu"
-    devices: Any = 1
+    devices: Any = 1  # a count >= 1, -1 (all), "auto", or a list of device ids
+    num_nodes: int = 1  # machines; each runs `devices` processes (multi-node DDP, e.g. SLURM)
     precision: str = "32-true"
     max_steps: int = 1500
     val_check_interval: int = 250  # validate every N training steps (and at the end)
@@ -170,16 +172,59 @@ SECTIONS = {
 TOP_LEVEL_KEYS = {"seed", "run_name", "init_from", "experiment", "router", "balance", "aux_loss", *SECTIONS}
 
 
+def _lookup(node: Any, dotted: str) -> Any:
+    """The raw value at `dotted` in a nested dict (None when absent)."""
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _type_name(annotation: Any) -> str:
+    names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _field_type(schema: type, dotted: str) -> Any:
+    """The annotated type of a (nested) dataclass field, or None."""
+    for part in dotted.split("."):
+        fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+        if part not in fields:
+            return None
+        schema = fields[part].type
+        if isinstance(schema, str):  # postponed annotations
+            schema = {"bool": bool, "int": int, "float": float, "str": str}.get(schema, schema)
+    return schema
+
+
 def _structured(section: str, schema: type, node: Any) -> Any:
+    """Merge `node` into the dataclass `schema`: unknown keys and values of the wrong type (a string for a
+    bool, int or float field) fail with the key, the value and the expected type."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = f"{section}.{err.full_key}" if getattr(err, "full_key", None) else section
-        allowed = f"the fields of {schema.__name__}: {[f.name for f in dataclasses.fields(schema)]}"
-        raise ConfigError(
-            key, getattr(err, "value", None), f"{allowed} ({err.msg if hasattr(err, 'msg') else err})"
-        ) from None
+        full_key = getattr(err, "full_key", None) or ""
+        key = f"{section}.{full_key}" if full_key else section
+        value = getattr(err, "value", None)
+        if value is None and full_key:
+            value = _lookup(node, full_key)
+        expected = _field_type(schema, full_key) if full_key else None
+        if expected is None:
+            parent = _field_type(schema, full_key.rpartition(".")[0]) if "." in full_key else schema
+            fields = [f.name for f in dataclasses.fields(parent)] if dataclasses.is_dataclass(parent) else []
+            allowed = f"the fields of {getattr(parent, '__name__', schema.__name__)}: {fields}"
+        else:
+            allowed = _type_name(expected)
+        raise ConfigError(key, value, allowed) from None
+
+
+def _component(registry: Any, name: str, options: dict, key: str) -> Any:
+    """A router/balance/aux-loss config: unknown options fail in the registry, then the values are typed
+    through the component's dataclass (so `renormalize=nope` or `jitter=abc` fail instead of passing)."""
+    config = registry.build_config(name, options, key)
+    return _structured(key, type(config), options)
 
 
 def parse_config(cfg: DictConfig | dict) -> RunConfig:
@@ -200,11 +245,11 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
     router_name = router_raw.pop("name", None)
     if router_name is None:
         raise ConfigError("router.name", None, f"one of {ROUTERS.names()}")
-    router = ROUTERS.build_config(router_name, {"name": router_name, **router_raw}, "router")
+    router = _component(ROUTERS, router_name, {"name": router_name, **router_raw}, "router")
 
     balance_raw = dict(raw.get("balance") or {"name": "none"})
     balance_name = balance_raw.get("name")
-    balance = BALANCE.build_config(balance_name, balance_raw, "balance")
+    balance = _component(BALANCE, balance_name, balance_raw, "balance")
 
     aux_raw = raw.get("aux_loss") or {}
     if not isinstance(aux_raw, dict):
@@ -212,7 +257,7 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
             "aux_loss", aux_raw, f"a list of config names from conf/aux_loss: {AUX_LOSSES.names()}"
         )
     aux = {
-        name: AUX_LOSSES.build_config(name, dict(options or {}), f"aux_loss.{name}")
+        name: _component(AUX_LOSSES, name, dict(options or {}), f"aux_loss.{name}")
         for name, options in aux_raw.items()
     }
 
@@ -220,18 +265,141 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
         router=router,
         balance=balance,
         aux_loss=aux,
-        seed=int(raw.get("seed", 0)),
+        seed=_integer("seed", raw.get("seed", 0), 0, 2**32 - 1),
         run_name=str(raw.get("run_name", "run")),
         init_from=raw.get("init_from"),
         **sections,
     )
     validate(run)
+    run.trainer.strategy = resolve_strategy(run)
     return run
 
 
 def _positive(key: str, value: int) -> None:
     if not isinstance(value, int) or value < 1:
         raise ConfigError(key, value, "a positive integer")
+
+
+def _integer(key: str, value: Any, low: int, high: int | None = None) -> int:
+    """`value` as an integer in [low, high] (booleans and strings are not integers)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+        raise ConfigError(key, value, allowed)
+    return value
+
+
+def _in_range(
+    key: str, value: float, low: float, high: float | None, low_open: bool = False, high_open: bool = False
+) -> None:
+    bad = value < low or (low_open and value == low)
+    if high is not None:
+        bad = bad or value > high or (high_open and value == high)
+    if bad:
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        allowed = (
+            f"a number in {lo}{low}, {high}{hi}"
+            if high is not None
+            else (f"a number {'>' if low_open else '>='} {low}")
+        )
+        raise ConfigError(key, value, allowed)
+
+
+ACCELERATORS = ["auto", "cpu", "cuda", "gpu", "mps"]
+PRECISIONS = ["16-mixed", "16-true", "32", "32-true", "64-true", "bf16-mixed", "bf16-true"]
+
+
+def _devices_ok(devices: Any) -> bool:
+    if devices == "auto" or devices == -1:
+        return True
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        return devices >= 1
+    if isinstance(devices, str):
+        return (
+            devices.strip().isdigit()
+            and int(devices) >= 1
+            or ("," in devices and all(p.strip().isdigit() for p in devices.split(",") if p.strip()))
+        )
+    if isinstance(devices, list):
+        return bool(devices) and all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices
+        )
+    return False
+
+
+def strategy_names() -> list[str]:
+    """Lightning's registered strategy names (ddp, ddp_spawn, fsdp, ...) plus "auto"."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    return sorted({"auto", *StrategyRegistry.available_strategies()})
+
+
+def validate_trainer(run: RunConfig) -> None:
+    """Lightning Trainer arguments, checked here so that a bad one fails before data loading."""
+    t = run.trainer
+    if t.accelerator not in ACCELERATORS:
+        raise ConfigError("trainer.accelerator", t.accelerator, f"one of {ACCELERATORS}")
+    if str(t.precision) not in PRECISIONS:
+        raise ConfigError("trainer.precision", t.precision, f"one of {PRECISIONS}")
+    if not _devices_ok(t.devices):
+        raise ConfigError(
+            "trainer.devices", t.devices, "a count >= 1, -1 (all devices), 'auto' or a list of device ids"
+        )
+    _positive("trainer.num_nodes", t.num_nodes)
+    strategies = strategy_names()
+    if t.strategy not in strategies:
+        raise ConfigError("trainer.strategy", t.strategy, f"one of {strategies}")
+    limit = t.limit_val_batches
+    if isinstance(limit, float) and not limit.is_integer():
+        _in_range("trainer.limit_val_batches", limit, 0.0, 1.0, low_open=True)
+    elif limit > 1:
+        t.limit_val_batches = int(limit)  # a batch count (Lightning reads a float as a fraction)
+    elif limit < 1:
+        raise ConfigError(
+            "trainer.limit_val_batches",
+            limit,
+            "a fraction in (0, 1] or a batch count >= 1 (validation is "
+            "where the losses and metrics come from)",
+        )
+    _in_range("trainer.gradient_clip_val", t.gradient_clip_val, 0.0, None)
+    _positive("trainer.log_every_n_steps", t.log_every_n_steps)
+    _integer("trainer.num_threads", t.num_threads, 0)
+
+
+def check_hardware(run: RunConfig) -> None:
+    """The accelerator exists on this machine (a training run, not `testbed-analyze`, asks for it)."""
+    import torch
+
+    if run.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            "trainer.accelerator",
+            run.trainer.accelerator,
+            "'cpu' on this machine: it has no CUDA GPU (torch.cuda.is_available() is false); use trainer=cpu",
+        )
+
+
+def _gateless_router(run: RunConfig) -> bool:
+    """Routers whose gate gets no gradient (hash; oracle with uniform within-block choice)."""
+    return run.router.name == "hash" or (
+        run.router.name == "oracle" and getattr(run.router, "within_block", None) == "uniform"
+    )
+
+
+def resolve_strategy(run: RunConfig) -> str:
+    """The Lightning strategy to use: DDP with a gate-less router needs `find_unused_parameters`, which
+    is chosen here (the gate never gets a gradient, and plain DDP fails at the first backward)."""
+    t = run.trainer
+    distributed = t.strategy in ("ddp", "ddp_spawn") or (
+        t.strategy == "auto" and (t.num_nodes > 1 or t.devices not in (1, "1", "auto"))
+    )
+    if distributed and _gateless_router(run):
+        base = "ddp" if t.strategy == "auto" else t.strategy
+        return f"{base}_find_unused_parameters_true"
+    return t.strategy
 
 
 def validate(run: RunConfig) -> None:
@@ -281,6 +449,10 @@ def validate(run: RunConfig) -> None:
                 d.weights,
                 f"null (balanced) or {len(d.domains)} non-negative numbers, one per data.domains entry",
             )
+    _integer("data.val_tokens_per_domain", d.val_tokens_per_domain, 0)
+    _integer("data.max_train_tokens_per_domain", d.max_train_tokens_per_domain, 0)
+    _integer("data.split_seed", d.split_seed, 0, 2**32 - 1)
+    _integer("data.num_workers", d.num_workers, 0)
     if not 0 < d.val_fraction < 1:
         raise ConfigError("data.val_fraction", d.val_fraction, "a fraction in (0, 1)")
     unknown_sources = sorted(set(d.sources) - set(d.domains))
@@ -299,6 +471,7 @@ def validate(run: RunConfig) -> None:
     _positive("trainer.max_steps", t.max_steps)
     _positive("trainer.val_check_interval", t.val_check_interval)
     _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
+    validate_trainer(run)
     if run.logger.name not in ("csv", "tensorboard", "wandb"):
         raise ConfigError("logger.name", run.logger.name, "one of ['csv', 'tensorboard', 'wandb']")
     validate_finetune(run)
@@ -319,6 +492,19 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("optim.lr", run.optim.lr, "a float > 0")
     if run.optim.router_lr_scale <= 0:
         raise ConfigError("optim.router_lr_scale", run.optim.router_lr_scale, "a float > 0")
+    o = run.optim
+    _in_range("optim.weight_decay", o.weight_decay, 0.0, None)
+    _in_range("optim.beta1", o.beta1, 0.0, 1.0, high_open=True)
+    _in_range("optim.beta2", o.beta2, 0.0, 1.0, high_open=True)
+    _integer("optim.warmup_steps", o.warmup_steps, 0)
+    _in_range("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
+    if run.init_from is not None and Path(str(run.init_from)).is_dir():
+        raise ConfigError(
+            "init_from",
+            run.init_from,
+            "a checkpoint file (.ckpt), not a directory; for a run folder pass "
+            f"{Path(str(run.init_from)) / 'checkpoints' / 'last.ckpt'}",
+        )
 
     router_cls, _ = ROUTERS.get(run.router.name, "router.name")
     router_cls.check(run.router, run, "router")

@@ -37,7 +37,7 @@ def test_default_config_is_valid():
         ("data.seq_len=4096", "data.seq_len", "model.max_seq_len"),
         ("data.weights=[1,2]", "data.weights", "one per data.domains"),
         ("+router.temperature=2", "router.temperature", "options of router"),
-        ("model.n_layers=two", "model.n_layers", "fields of ModelConfig"),
+        ("model.n_layers=two", "model.n_layers", "an integer"),
         ("logger.name=mlflow", "logger.name", "wandb"),
     ],
 )
