@@ -157,6 +157,8 @@ class RunConfig:
     seed: int = 0
     run_name: str = "run"
     init_from: str | None = None
+    resume: str | None = None  # auto | <path to a .ckpt>: continue a run in its own folder
+    overwrite: bool = False  # true: clear a used run folder's files before training
 
 
 SECTIONS = {
@@ -169,7 +171,18 @@ SECTIONS = {
     "optim": OptimConfig,
 }
 # `experiment`: the grid block of conf/experiment/<id>.yaml, read by testbed-experiment; training ignores it.
-TOP_LEVEL_KEYS = {"seed", "run_name", "init_from", "experiment", "router", "balance", "aux_loss", *SECTIONS}
+TOP_LEVEL_KEYS = {
+    "seed",
+    "run_name",
+    "init_from",
+    "resume",
+    "overwrite",
+    "experiment",
+    "router",
+    "balance",
+    "aux_loss",
+    *SECTIONS,
+}
 
 
 def _lookup(node: Any, dotted: str) -> Any:
@@ -227,6 +240,12 @@ def _component(registry: Any, name: str, options: dict, key: str) -> Any:
     return _structured(key, type(config), options)
 
 
+def _strict_bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
+    return value
+
+
 def parse_config(cfg: DictConfig | dict) -> RunConfig:
     """Turn a composed Hydra config into a validated `RunConfig`; raises ConfigError on the first problem."""
     from testbed.losses import AUX_LOSSES, BALANCE
@@ -268,6 +287,8 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
         seed=_integer("seed", raw.get("seed", 0), 0, 2**32 - 1),
         run_name=str(raw.get("run_name", "run")),
         init_from=raw.get("init_from"),
+        resume=None if raw.get("resume") is None else str(raw.get("resume")),
+        overwrite=_strict_bool("overwrite", raw.get("overwrite", False)),
         **sections,
     )
     validate(run)
