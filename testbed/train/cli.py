@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from testbed.config import RunConfig, parse_config
+from testbed.config import RunConfig, check_hardware, parse_config
 from testbed.errors import ConfigError, TestbedError
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
@@ -105,6 +105,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
         accelerator=t.accelerator,
         strategy=t.strategy,
         devices=t.devices,
+        num_nodes=t.num_nodes,
         precision=t.precision,
         max_steps=t.max_steps,
         val_check_interval=min(t.val_check_interval, t.max_steps),
@@ -158,6 +159,9 @@ def _hydra_train(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
     try:
+        check_hardware(
+            parse_config(cfg)
+        )  # a GPU config on a machine without one fails here, not in Lightning
         summary = run_training(cfg, HydraConfig.get().runtime.output_dir)
     except TestbedError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -187,10 +191,80 @@ def check_group_choices(argv: list[str], conf_dir: str = CONF_DIR) -> None:
                 raise ConfigError(key, name, f"one of {groups[key]} (files in conf/{key}/)")
 
 
+HYDRA_CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+
+
+def quote_values_with_equals(argv: list[str]) -> list[str]:
+    """`init_from=/runs/lr=1e-3/last.ckpt` -> `init_from='/runs/lr=1e-3/last.ckpt'`: Hydra's override
+    grammar rejects a bare `=` in a value, which paths of sweep folders often hold."""
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and not arg.startswith("-") and "=" in value and value[:1] not in ("'", '"'):
+            arg = f"{key}='{value.replace(chr(39), chr(92) + chr(39))}'"
+        out.append(arg)
+    return out
+
+
+def check_overrides(argv: list[str], conf_dir: str = CONF_DIR) -> None:
+    """Compose the config with the command line's overrides (the first value of each sweep) so that a key
+    that does not exist (`foo=1`) or a malformed override is a ConfigError (exit 2), not Hydra's exit 1."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(arg.startswith(HYDRA_CONFIG_FLAGS) for arg in argv):
+        return  # another config tree: Hydra checks it
+    parser = OverridesParser.create()
+    concrete = []
+    for arg in argv:
+        if "=" not in arg or arg.startswith(("-", "hydra.", "hydra/", "+hydra", "~hydra")):
+            continue
+        key, _, value = arg.partition("=")
+        try:
+            override = parser.parse_override(arg)
+        except HydraException as err:
+            raise ConfigError(
+                key.lstrip("+~"),
+                value,
+                f"a value in Hydra's override syntax ({str(err).splitlines()[0]}); "
+                "quote values with special characters: key='...'",
+            ) from None
+        if override.is_sweep_override():
+            first = next(iter(override.sweep_string_iterator()), "")
+            concrete.append(f"{override.get_key_element()}={first}")
+        else:
+            concrete.append(arg)
+    if not concrete:
+        return
+    with initialize_config_dir(conf_dir, version_base="1.3"):
+        try:
+            compose("config", overrides=concrete)
+        except (HydraException, OmegaConfBaseException) as err:
+            cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
+            key = getattr(cause, "full_key", None) or ""
+            arg = next((a for a in concrete if a.split("=", 1)[0].lstrip("+~") == key), None)
+            if not key or arg is None:
+                raise ConfigError("command line", " ".join(concrete), str(err).splitlines()[0]) from None
+            parent = key.rpartition(".")[0]
+            base = compose("config", overrides=[a for a in concrete if a is not arg])
+            node = OmegaConf.select(base, parent) if parent else base
+            keys = sorted(node.keys()) if hasattr(node, "keys") else []
+            raise ConfigError(
+                key,
+                arg.split("=", 1)[1],
+                f"an existing key ({parent or 'top-level'} keys: {keys}); to add a new key write +{key}=...",
+            ) from None
+
+
 def train_main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    sys.argv[1:] = quote_values_with_equals(sys.argv[1:])
     try:
         check_group_choices(sys.argv[1:])
+        check_overrides(sys.argv[1:])
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
