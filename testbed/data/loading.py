@@ -74,13 +74,71 @@ def infer_format(path: Path) -> str:
     )
 
 
-def _files(path: Path) -> list[Path]:
+TEXT_SUFFIXES = [s for s, fmt in FORMATS.items() if fmt == "text"]
+COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
+
+
+def _files(path: Path, fmt: str = "text") -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
         if not files:
             raise DataError(f"data directory {path} holds no files; expected text files, one document each")
+        allowed = TEXT_SUFFIXES if fmt == "text" else [s for s, f in FORMATS.items() if f == fmt]
+        for file in files:
+            suffixes = [s for s in file.suffixes if s not in COMPRESSIONS]
+            if not suffixes or suffixes[-1] not in allowed:
+                raise DataError(
+                    f"data directory {path}: file {file.name} is not a {fmt} file; a directory read as "
+                    f"'{fmt}' holds files ending in {allowed} (optionally compressed: {list(COMPRESSIONS)}). "
+                    f"Other formats: one file per domain, one of {sorted(FORMATS)}"
+                )
         return files
     return [path]
+
+
+def check_json_rows(path: Path, text_field: str) -> None:
+    """Every row of a json/jsonl file parses and has a string `text_field` (or lacks it entirely, which
+    the missing-field error reports): a malformed row or a number, null or list as text names the row."""
+    with _open_text(path) as fh:
+        text = fh.read()
+    if text.lstrip().startswith("["):  # one JSON document holding a list of rows
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(
+                f"data file {path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}"
+            ) from err
+        numbered = list(enumerate(rows if isinstance(rows, list) else [rows], start=1))
+        where = "element"
+    else:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((number, json.loads(line)))
+            except json.JSONDecodeError as err:
+                if number == 1 and len(text.splitlines()) > 1 and text.lstrip().startswith("{"):
+                    try:  # one pretty-printed JSON object spread over several lines
+                        numbered = [(1, json.loads(text))]
+                        break
+                    except json.JSONDecodeError:
+                        pass
+                raise DataError(
+                    f"data file {path}: row {number} (line {number}) is not valid JSON ({err.msg} at column "
+                    f"{err.colno}); every line of a .jsonl file must be one JSON object"
+                ) from err
+        where = "row"
+    for number, row in numbered:
+        if not isinstance(row, dict):
+            raise DataError(f"data file {path}: {where} {number} is {type(row).__name__}, not a JSON object")
+        if text_field in row and not isinstance(row[text_field], str):
+            value = row[text_field]
+            kind = "null" if value is None else type(value).__name__
+            raise DataError(
+                f"data file {path}: {where} {number} has {text_field!r} = {json.dumps(value)[:60]} ({kind}); "
+                "allowed: a string (fix or remove the row)"
+            )
 
 
 def check_utf8(path: Path) -> None:
@@ -196,10 +254,13 @@ def load_documents(
             raise DataError(
                 f"domain '{domain}': format {fmt!r} for {path}; allowed: ['json', 'text', 'parquet']"
             )
-        files = _files(path)
+        files = _files(path, fmt)
         if fmt != "parquet":
             for file in files:
                 check_utf8(file)
+        if fmt == "json":
+            for file in files:
+                check_json_rows(file, source.text_field)
         try:
             if datasets_available():
                 import datasets
@@ -222,7 +283,19 @@ def load_documents(
             f"domain '{domain}': {origin} has no field {source.text_field!r}; "
             f"its fields are {columns} (set data.sources.{domain}.text_field)"
         )
-    documents = [t for t in texts if isinstance(t, str) and t.strip()]
+    bad = next(((i, t) for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:  # parquet or hub rows (json rows are checked per file above)
+        raise DataError(
+            f"domain '{domain}': {origin}, row {bad[0] + 1}: {source.text_field!r} is {bad[1]!r}; "
+            "allowed: a string"
+        )
+    documents = [t for t in texts if t.strip()]
+    if len(documents) < 2 and not source.hf_dataset and fmt == "text" and not path.is_dir():
+        raise DataError(
+            f"domain '{domain}': {origin} is a single text file, read as one document; a domain needs at "
+            "least 2 (one is held out for validation): give a directory of .txt files (one document each) "
+            "or a .jsonl file with one document per row"
+        )
     if len(documents) < 2:
         raise DataError(
             f"domain '{domain}': {origin} holds {len(documents)} non-empty documents; "

@@ -93,8 +93,9 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
                 f"tokenizer file {path} not found; run `{command}` to build it, or set data.tokenizer"
             )
         raise DataError(
-            f"tokenizer file {path} not found; set data.tokenizer or build it with "
-            f"`testbed-data --out data/mix --tokenizer {path}` (or `make data`)"
+            f"data.tokenizer: tokenizer file {path} not found; set data.tokenizer to an existing "
+            f"tokenizer.json, or train one on your mix with `testbed-data --out <your data folder> "
+            f"--tokenizer {path}` (the shipped data/tokenizer.json fits the shipped mix)"
         )
     try:
         return Tokenizer.from_file(str(path))
