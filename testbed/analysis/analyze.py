@@ -29,17 +29,40 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def load_run(checkpoint: Path, overrides: list[str]):
     """The run config stored in the checkpoint, with dotted overrides applied, validated."""
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     from testbed.config import parse_config
+    from testbed.errors import ConfigError
 
-    payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        if not sep or not key.strip() or key != key.strip():
+            raise ConfigError(
+                "testbed-analyze override",
+                override,
+                "key=value with a dotted config key, e.g. data.root=/my/mix",
+            )
+    try:
+        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    except Exception as err:  # garbage, truncated or empty files raise pickle, zip or EOF errors
+        raise CheckpointError(
+            f"{checkpoint} is not a readable torch checkpoint ({type(err).__name__}: {err}); "
+            "pass a .ckpt written by testbed-train (<run dir>/checkpoints/last.ckpt)"
+        ) from err
     hparams = payload.get("hyper_parameters", {}) if isinstance(payload, dict) else {}
     if "run" not in hparams:
         raise CheckpointError(
             f"{checkpoint} holds no run config (hyper_parameters.run): not written by testbed-train"
         )
-    cfg = OmegaConf.merge(OmegaConf.create(hparams["run"]), OmegaConf.from_dotlist(overrides))
+    try:
+        cfg = OmegaConf.merge(OmegaConf.create(hparams["run"]), OmegaConf.from_dotlist(overrides))
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as err:  # values are parsed as YAML
+        key = getattr(err, "full_key", None) or "testbed-analyze override"
+        raise ConfigError(
+            key, overrides, f"overrides of existing config keys ({str(err).splitlines()[0]})"
+        ) from None
     cfg.init_from = None
     return parse_config(cfg)
 
