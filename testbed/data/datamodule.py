@@ -143,6 +143,7 @@ class DomainBatchSampler(Sampler[list[int]]):
         self.perms = [self.rng.permutation(n) for n in self.sizes]
         self.cursor = np.zeros(len(self.sizes), dtype=np.int64)
         self.schedule: list[int] = []
+        self.start_batch = 0  # set by skip() when resuming
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -183,8 +184,17 @@ class DomainBatchSampler(Sampler[list[int]]):
             batch.extend(self._take(int(domain), int((domains == domain).sum())))
         return batch
 
+    def skip(self, batches: int) -> None:
+        """Resume: the next iteration continues the stream after `batches` micro-batches of this rank (drawn
+        again from the seed and discarded: cheap index arithmetic) and yields only the rest of that epoch,
+        so every later epoch starts where it did in the uninterrupted run."""
+        self.start_batch = batches
+
     def __iter__(self) -> Iterator[list[int]]:
-        for _ in range(self.batches_per_epoch):
+        skipped, self.start_batch = self.start_batch, 0
+        for _ in range(skipped * self.world_size):
+            self._next_batch()
+        for _ in range(self.batches_per_epoch - skipped % self.batches_per_epoch):
             # one micro-batch per rank from the global stream; this rank keeps its own
             batches = [self._next_batch() for _ in range(self.world_size)]
             yield batches[self.rank]
@@ -256,6 +266,7 @@ class DomainMixDataModule(L.LightningDataModule):
         super().__init__()
         self.config, self.seed = config, seed
         self.splits: list[DomainSplit] | None = None
+        self.train_start_batch = 0  # resume: micro-batches (of this rank) trained before the checkpoint
         self.tokenizer = None
 
     @property
@@ -308,8 +319,15 @@ class DomainMixDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
         )
+        sampler.skip(self.train_start_batch)  # > 0 when resuming: micro-batches this rank already trained on
         return DataLoader(
-            self.train_set, batch_sampler=sampler, collate_fn=collate, num_workers=self.config.num_workers
+            self.train_set,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=self.config.num_workers,
+            # its own generator: starting an epoch draws no number from torch's global RNG, so a resumed run's
+            # random stream (router jitter, noise) does not depend on where the epochs of the first part fell
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:

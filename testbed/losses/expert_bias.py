@@ -79,6 +79,18 @@ class ExpertBiasTracker:
         self.sums.clear()
         self.groups.clear()
 
+    def state_dict(self) -> dict:
+        """The current step's statistics (empty between optimizer steps), for checkpoints; the bias itself is
+        a router buffer and travels in the model's state dict."""
+        return {
+            "sums": {layer: value.detach().cpu() for layer, value in self.sums.items()},
+            "groups": {layer: value.detach().cpu() for layer, value in self.groups.items()},
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
+        self.sums = {int(layer): value.to(device) for layer, value in state.get("sums", {}).items()}
+        self.groups = {int(layer): value.to(device) for layer, value in state.get("groups", {}).items()}
+
 
 @BALANCE.register("expert_bias", ExpertBiasConfig)
 class ExpertBiasBalance(AuxLoss):

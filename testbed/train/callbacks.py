@@ -93,6 +93,27 @@ class SpecializationMetrics(L.Callback):
         self.previous_top1: torch.Tensor | None = (
             None  # [layers, tokens] top-1 experts at the last validation
         )
+        self.last_train_metrics: dict = {"epoch": -1, "metrics": {}}  # the last train/spec/* logged
+        self._relog: dict = {}
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict:
+        """Saved in checkpoints: a resumed run computes routing_change against the last validation before the
+        interruption and keeps the metrics history."""
+        return {
+            "last_metrics": dict(self.last_metrics),
+            "history": list(self.history),
+            "previous_top1": self.previous_top1,
+            "last_train_metrics": dict(self.last_train_metrics),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_metrics = dict(state_dict.get("last_metrics", {}))
+        self.history = list(state_dict.get("history", []))
+        self.previous_top1 = state_dict.get("previous_top1")
+        # Lightning writes a step metric at the next logging step, holding its last value until then; the
+        # resumed run logs it again so that those rows of metrics.csv match the uninterrupted run's
+        self._relog = dict(state_dict.get("last_train_metrics", {}))
 
     # ------------------------------------------------------------------ training-time routing stats
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -102,12 +123,18 @@ class SpecializationMetrics(L.Callback):
             pl_module.train_routing_stats = new_stats(pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        relog, self._relog = self._relog, {}
+        if relog.get("metrics") and relog.get("epoch") == trainer.current_epoch:
+            pl_module.log_dict(relog["metrics"])
+            self.last_train_metrics = relog
         stats = pl_module.train_routing_stats
         if stats is None:
             return
         pl_module.train_routing_stats = None
         metrics = spec_metrics(stats, pl_module.moe_layer_names, prefix="train/spec")
-        pl_module.log_dict({k: v for k, v in metrics.items() if k.endswith("/mean")})
+        means = {k: v for k, v in metrics.items() if k.endswith("/mean")}
+        pl_module.log_dict(means)
+        self.last_train_metrics = {"epoch": trainer.current_epoch, "metrics": means}
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self, trainer, pl_module) -> None:

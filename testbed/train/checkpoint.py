@@ -1,12 +1,51 @@
-"""Loading weights from a checkpoint into a configured model, with clear errors on mismatch."""
+"""Checkpoints, resume and run folders: loading weights with clear errors, the run's own `last.ckpt`
+(written at every validation and on SIGTERM / SIGUSR1), `resume=auto|<path>`, the used-folder refusal,
+`overwrite=true` and the lock that keeps two processes out of one run folder."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import shutil
+import signal
+import time
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
-from testbed.errors import CheckpointError
+from testbed.errors import CheckpointError, TestbedError
+
+LAST = Path("checkpoints") / "last.ckpt"
+# What a run writes into its folder (Hydra's .hydra/ is rewritten by Hydra itself for every run).
+RUN_FILES = ("summary.json", "metrics.csv", "hparams.yaml")
+RUN_FOLDERS = ("checkpoints", "routing", "plots", "tensorboard", "wandb")
+LOCK_NAME = ".run.lock"
+INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class RunDirError(TestbedError):
+    """The run folder holds another run or is in use by another process."""
+
+
+class TrainingDiverged(TestbedError):
+    """A loss term became NaN or infinite."""
+
+    def __init__(self, message: str, step: int, term: str):
+        super().__init__(message)
+        self.step, self.term = step, term
+
+
+class RunInterrupted(TestbedError):
+    """SIGTERM or SIGUSR1 stopped the run after a checkpoint was saved."""
+
+    def __init__(self, message: str, signum: int, step: int):
+        super().__init__(message)
+        self.signum, self.step = signum, step
 
 
 def load_weights(module: torch.nn.Module, path: str | Path, what: str = "init_from") -> None:
@@ -43,3 +82,298 @@ def load_weights(module: torch.nn.Module, path: str | Path, what: str = "init_fr
             "use the same model.* settings as the run that wrote it"
         )
     module.load_state_dict(state)
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+def is_launch_rank_zero() -> bool:
+    """True in the process that owns the run folder: not a DDP child started by Lightning or a cluster."""
+    return all(
+        os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    )
+
+
+def previous_run_files(run_dir: Path) -> list[str]:
+    """The files and folders of an earlier run in `run_dir` (empty: the folder is fresh)."""
+    return [name for name in (*RUN_FILES, *RUN_FOLDERS) if (run_dir / name).exists()]
+
+
+def clear_run(run_dir: Path) -> list[str]:
+    """Delete an earlier run's files (count tables, plots, metrics.csv, checkpoints, summary.json, ...)."""
+    removed = previous_run_files(run_dir)
+    for name in removed:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return removed
+
+
+def read_status(run_dir: Path) -> str | None:
+    """`status` of the summary.json in `run_dir` (summaries written before statuses existed: finished)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError:
+        return "unreadable"
+    return summary.get("status", "finished") if isinstance(summary, dict) else "unreadable"
+
+
+def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """Apply the run-folder policy before training; returns the checkpoint to resume from (or None).
+
+    A folder that holds a run is refused unless `resume` or `overwrite=true` is given; `overwrite` clears
+    the old run's files; `resume=auto` continues from <run_dir>/checkpoints/last.ckpt when it exists and
+    otherwise starts fresh (clearing what an interrupted run left without a checkpoint)."""
+    if resume is not None and overwrite:
+        raise RunDirError(
+            "resume and overwrite=true exclude each other: resume continues the run, overwrite deletes it"
+        )
+    used = previous_run_files(run_dir)
+    if resume is None:
+        if used and not overwrite:
+            status = read_status(run_dir)
+            raise RunDirError(
+                f"run folder {run_dir} already holds a run ({', '.join(used)}"
+                f"{f'; status {status}' if status else ''}); "
+                "use resume=auto to continue it, overwrite=true to delete it and start over, "
+                "or another hydra.run.dir"
+            )
+        if used:
+            clear_run(run_dir)
+        return None
+    if resume == "auto":
+        checkpoint = run_dir / LAST
+        if checkpoint.is_file():
+            return checkpoint
+        if used:  # an interrupted run that saved no checkpoint: nothing to continue
+            print(f"resume=auto: no checkpoint in {run_dir}; starting over ({', '.join(used)} removed)")
+            clear_run(run_dir)
+        return None
+    checkpoint = Path(resume)
+    if checkpoint.is_dir() and (checkpoint / LAST).is_file():
+        checkpoint = checkpoint / LAST
+    if not checkpoint.is_file():
+        raise CheckpointError(
+            f"resume: checkpoint {checkpoint} does not exist; allowed: auto (this run folder's "
+            f"{LAST}) or the path of a .ckpt file written by a testbed run"
+        )
+    return checkpoint
+
+
+class RunLock:
+    """An exclusive lock file in the run folder for the run's lifetime (POSIX fcntl): a second process that
+    trains into the same folder is refused instead of interleaving its files with this one's."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.handle = None
+
+    def __enter__(self) -> RunLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise RunDirError(
+                f"run folder {self.path.parent} is in use by another training process (pid {holder}, "
+                f"lock file {self.path}); wait for it to end or use another hydra.run.dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import fcntl
+
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+            self.handle = None
+
+
+# ---------------------------------------------------------------------------------------------- resume
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint to resume from, with a clear error when it is unreadable or not a testbed run's."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:
+        raise CheckpointError(f"resume: {path} is not a readable torch checkpoint ({err})") from err
+    if not isinstance(payload, dict) or "testbed" not in payload or "optimizer_states" not in payload:
+        raise CheckpointError(
+            f"resume: {path} is not a training checkpoint of a testbed run (no optimizer or run state); "
+            "to start from its weights only use init_from"
+        )
+    return payload
+
+
+RESUME_SECTIONS = ("model", "data", "optim", "router", "balance", "aux_loss", "finetune", "seed")
+
+
+def check_same_run(run_config: dict, payload: dict, path: Path) -> None:
+    """A resumed run must be the run that wrote the checkpoint: the same model, data, optimizer, routing,
+    losses and seed (trainer settings such as threads may differ)."""
+    saved = payload.get("hyper_parameters", {}).get("run", {})
+    differing = []
+    for section in RESUME_SECTIONS:
+        old, new = saved.get(section), run_config.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differing += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            differing.append(section)
+    if differing:
+        raise CheckpointError(
+            f"resume: {path} was written by a run with other settings ({', '.join(differing[:6])}"
+            f"{' ...' if len(differing) > 6 else ''}); resume with the same overrides as that run"
+        )
+
+
+def truncate_csv(path: Path, rows: int) -> None:
+    """Keep the header and the first `rows` data rows of metrics.csv: rows logged after the checkpoint by the
+    interrupted run are logged again by the resumed one."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as handle:
+        lines = list(csv.reader(handle))
+    if len(lines) - 1 > rows:
+        with open(path, "w", newline="") as handle:
+            csv.writer(handle).writerows(lines[: rows + 1])
+
+
+def csv_data_rows(path: Path) -> int:
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as handle:
+        return max(0, sum(1 for _ in csv.reader(handle)) - 1)
+
+
+# ---------------------------------------------------------------------------------------------- callback
+class RunCheckpoint(L.Callback):
+    """Writes <run_dir>/checkpoints/last.ckpt at the end of every validation during training (after checking
+    that no loss went non-finite, so a diverged state is never saved). On SIGTERM / SIGUSR1 (what clusters
+    send before pre-emption) it saves at the end of the current optimizer step, or of the validation that
+    follows it, and stops the run with RunInterrupted. Saving goes through a temporary file and a rename: a
+    kill during the save leaves the previous checkpoint intact."""
+
+    def __init__(self, run_dir: Path, started: float | None = None, previous_wall_time: float = 0.0):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LAST
+        self.signum: int | None = None
+        self.started = started if started is not None else time.perf_counter()
+        self.previous_wall_time = previous_wall_time
+        self._handlers: dict[int, object] = {}
+        self.saved_step: int | None = None
+
+    # signals -------------------------------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self.signum = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in INTERRUPT_SIGNALS:  # replaces Lightning's SIGTERM handler (it would exit 0, unsaved)
+            self._handlers[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._on_signal)
+
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        self._handlers = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore_handlers()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore_handlers()
+
+    # saving --------------------------------------------------------------------------------------------
+    def wall_time(self) -> float:
+        return self.previous_wall_time + time.perf_counter() - self.started
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["testbed_run"] = {
+            "csv_rows": csv_data_rows(self.run_dir / "metrics.csv"),
+            "wall_time_s": self.wall_time(),
+        }
+
+    def save(self, trainer, pl_module) -> None:
+        for logger in trainer.loggers:  # metrics logged so far reach the disk first: their count is saved
+            logger.save()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".last.{os.getpid()}.tmp")
+        trainer.save_checkpoint(str(temporary))
+        if trainer.is_global_zero:
+            os.replace(temporary, self.path)
+        self.saved_step = trainer.global_step
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            pl_module.check_finite()  # raises TrainingDiverged: the diverged state is never saved
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
+            return
+        self.save(trainer, pl_module)
+        self._stop_if_signalled(trainer)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        """After a signal: save at the end of the optimizer step (the state Lightning restarts from), unless a
+        validation follows this step (it saves and stops at its end) or this was the last step."""
+        if self.signum is None:
+            return
+        loop = trainer.fit_loop.epoch_loop
+        if loop._should_accumulate() or trainer.global_step >= trainer.max_steps:
+            return  # mid-accumulation the step's gradients would be lost; after the last step it finishes
+        if loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            return
+        pl_module.check_finite()
+        self.save(trainer, pl_module)
+        self._stop_if_signalled(trainer)
+
+    def _stop_if_signalled(self, trainer) -> None:
+        if self.signum is None:
+            return
+        name = signal.Signals(self.signum).name
+        raise RunInterrupted(
+            f"run interrupted by {name} after step {trainer.global_step}: checkpoint {self.path} saved; "
+            "continue with resume=auto (same overrides, same run folder)",
+            self.signum,
+            trainer.global_step,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- metrics log
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that it continues an existing metrics.csv (a resumed run) instead of
+    deleting it: whether the folder may be used was decided by `prepare_run_dir` before training."""
+
+    def __init__(self, log_dir: str):
+        super().__init__(log_dir)
+        if os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as handle:
+                self.metrics_keys = next(csv.reader(handle), [])
+
+    def _check_log_dir_exists(self) -> None:
+        pass
+
+
+class RunCSVLogger(CSVLogger):
+    """metrics.csv in the run folder, appended to when the run is resumed."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment

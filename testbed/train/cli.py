@@ -27,7 +27,9 @@ def build_logger(run: RunConfig, run_dir: Path):
         return loggers.WandbLogger(
             project=run.logger.project, name=run.run_name, save_dir=str(run_dir), offline=run.logger.offline
         )
-    return loggers.CSVLogger(str(run_dir), name="", version="")
+    from testbed.train.checkpoint import RunCSVLogger
+
+    return RunCSVLogger(str(run_dir), name="", version="")  # appends to metrics.csv when resuming
 
 
 def finish_loggers(trainer) -> None:
@@ -49,19 +51,16 @@ def hydra_choices() -> dict[str, str]:
         return {}
 
 
-def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> dict:
-    """Validate, train, validate at the end, write summary.json; returns the summary."""
-    import lightning as L
+def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, callbacks: tuple = ()) -> dict:
+    """Validate, train, validate at the end, write summary.json; returns the summary.
+
+    The run folder policy comes first: a folder holding a run is refused unless `resume` or `overwrite=true`
+    is given, and a lock file keeps other processes out for the run's lifetime. `callbacks`: extra Lightning
+    callbacks (tests use them to interrupt a run at a chosen step)."""
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
-    from testbed.data.datamodule import DomainMixDataModule
-    from testbed.train.callbacks import SpecializationMetrics
-    from testbed.train.finetune import trainable_parameter_count
-    from testbed.train.module import MoELanguageModel
-    from testbed.train.summary import print_summary, unigram_entropies, write_summary
+    from testbed.train.checkpoint import RunLock, is_launch_rank_zero
 
-    warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
     warnings.filterwarnings(
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
     )  # Lightning/torch version skew
@@ -70,6 +69,59 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
     run_dir.mkdir(parents=True, exist_ok=True)
     if run.trainer.num_threads > 0:
         torch.set_num_threads(run.trainer.num_threads)
+    if not is_launch_rank_zero():  # a DDP rank started by Lightning: rank 0 holds the folder
+        return _train(run, run_dir, quiet, callbacks, owner=False)
+    with RunLock(run_dir):
+        return _train(run, run_dir, quiet, callbacks, owner=True)
+
+
+def ended_run(run: RunConfig, run_dir: Path) -> dict | None:
+    """resume=auto on a run that already ended (finished, or failed: rerunning a deterministic failure fails
+    again) returns its summary without training, so that a rerun of a sweep continues only the others."""
+    import json
+
+    from testbed.train.checkpoint import read_status
+
+    status = read_status(run_dir)
+    if run.resume != "auto" or status not in ("finished", "failed"):
+        return None
+    print(f"resume=auto: the run in {run_dir} has already ended (status {status}); not trained again")
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, owner: bool) -> dict:
+    import dataclasses
+
+    import lightning as L
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from testbed.data.datamodule import DomainMixDataModule
+    from testbed.train.callbacks import SpecializationMetrics
+    from testbed.train.checkpoint import (
+        LAST,
+        RunCheckpoint,
+        RunInterrupted,
+        TrainingDiverged,
+        check_same_run,
+        prepare_run_dir,
+        read_checkpoint,
+        truncate_csv,
+    )
+    from testbed.train.finetune import trainable_parameter_count
+    from testbed.train.module import MoELanguageModel
+    from testbed.train.summary import print_summary, unigram_entropies, write_summary
+
+    if owner:
+        ended = ended_run(run, run_dir)
+        if ended is not None:
+            return ended
+        resume_from = prepare_run_dir(run_dir, run.resume, run.overwrite)
+    else:
+        auto = run_dir / LAST
+        resume_from = (auto if auto.is_file() else None) if run.resume == "auto" else run.resume
+    payload = read_checkpoint(Path(resume_from)) if resume_from else None
+    if payload is not None:
+        check_same_run(dataclasses.asdict(run), payload, Path(resume_from))
     L.seed_everything(run.seed, workers=True, verbose=False)
 
     datamodule = DomainMixDataModule(run.data, seed=run.seed)
@@ -81,25 +133,26 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
         )
 
     module = MoELanguageModel(run, datamodule.domains)
-    if run.init_from:
+    if run.init_from and payload is None:
         from testbed.train.checkpoint import load_weights
 
         load_weights(module, run.init_from)
+    run_state = (payload or {}).get("testbed_run", {})
+    if payload is not None:
+        datamodule.train_start_batch = payload["testbed"]["batches_seen"]
+        if owner:  # rows the interrupted run logged after its checkpoint are logged again
+            truncate_csv(run_dir / "metrics.csv", run_state.get("csv_rows", 0))
+        print(f"resuming from {resume_from} (step {payload.get('global_step')})")
     metrics_callback = SpecializationMetrics(run_dir)
     # a dense model (model=<name>_dense) has no routing to measure: no routing metrics, counts or plots
-    callbacks = [metrics_callback] if module.model.moe_layers else []
+    callbacks = [*extra_callbacks, metrics_callback] if module.model.moe_layers else [*extra_callbacks]
     if run.trainer.progress_bar and not quiet:
         callbacks.append(RichProgressBar(leave=True))
+    start = time.perf_counter()
+    checkpointer = RunCheckpoint(run_dir, start, previous_wall_time=run_state.get("wall_time_s", 0.0))
     if run.trainer.enable_checkpointing:
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=str(run_dir / "checkpoints"),
-                filename="last",
-                save_top_k=0,
-                save_last=True,
-                enable_version_counter=False,
-            )
-        )
+        callbacks.append(checkpointer)
+        module.checkpoint_path = str(run_dir / LAST)
     t = run.trainer
     trainer = L.Trainer(
         accelerator=t.accelerator,
@@ -117,41 +170,82 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False) -> d
         deterministic=t.deterministic,
         logger=build_logger(run, run_dir),
         callbacks=callbacks,
-        enable_checkpointing=t.enable_checkpointing,
+        # our RunCheckpoint writes last.ckpt (every validation, SIGTERM/SIGUSR1): no ModelCheckpoint
+        enable_checkpointing=False,
         enable_progress_bar=t.progress_bar and not quiet,
         enable_model_summary=not quiet,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
         default_root_dir=str(run_dir),
     )
-    start = time.perf_counter()
-    initial = {}
-    if run.init_from:  # the starting point's validation, for post-training gains (init/val/loss...)
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        initial = {f"init/{k}": v for k, v in module.last_val_metrics.items()}
-    trainer.fit(module, datamodule=datamodule)
-    if module.last_val_step != trainer.global_step:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-    wall_time = time.perf_counter() - start
+    summary_args = dict(
+        run=run,
+        choices=hydra_choices(),
+        unigram=unigram_entropies(datamodule),
+        data=datamodule.describe(),
+    )
+    initial = dict((payload or {}).get("testbed", {}).get("initial_metrics", {}))
+    try:
+        if run.init_from and payload is None:  # the starting point's validation (init/val/loss...)
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            initial = {f"init/{k}": v for k, v in module.last_val_metrics.items()}
+        module.initial_metrics = initial
+        # weights_only=False: the run state holds numpy RNG states and metric history (as init_from trusts)
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=str(resume_from) if resume_from else None,
+            weights_only=False,
+        )
+        module.check_finite()
+        if module.last_val_step != trainer.global_step:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+    except (TrainingDiverged, RunInterrupted) as err:
+        failed = isinstance(err, TrainingDiverged)
+        for logger in trainer.loggers:
+            logger.save()
+        if trainer.is_global_zero:
+            write_summary(
+                run_dir,
+                **summary_args,
+                steps=trainer.global_step,
+                tokens_seen=module.tokens_seen,
+                wall_time=checkpointer.wall_time(),
+                val_metrics=module.last_val_metrics,
+                spec=metrics_callback.last_metrics,
+                coefficients=module.loss_coefficients,
+                status="failed" if failed else "interrupted",
+                extra={
+                    "error": str(err),
+                    **({"failed_step": err.step, "failed_term": err.term} if failed else {}),
+                    **({"signal": signal_name(err.signum)} if not failed else {}),
+                    "checkpoint": str(run_dir / LAST) if (run_dir / LAST).is_file() else None,
+                    "checkpoint_step": checkpointer.saved_step,
+                },
+            )
+        raise
     finish_loggers(trainer)
 
     summary = write_summary(
         run_dir,
-        run=run,
-        choices=hydra_choices(),
+        **summary_args,
         steps=trainer.global_step,
         tokens_seen=module.tokens_seen,
-        wall_time=wall_time,
+        wall_time=checkpointer.wall_time(),
         val_metrics=module.last_val_metrics,
         spec=metrics_callback.last_metrics,
-        unigram=unigram_entropies(datamodule),
-        data=datamodule.describe(),
         coefficients=module.loss_coefficients,
         extra={"trainable_params": trainable_parameter_count(module.model, run.finetune), **initial},
     )
     if not quiet and trainer.is_global_zero:
         print_summary(summary)
     return summary
+
+
+def signal_name(signum: int) -> str:
+    import signal
+
+    return signal.Signals(signum).name
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +17,7 @@ from testbed.losses.expert_bias import ExpertBiasTracker
 from testbed.losses.scope import GlobalScopeState
 from testbed.model import LayerOutput, MoETransformer
 from testbed.model.lm_loss import linear_cross_entropy
+from testbed.train.checkpoint import TrainingDiverged
 from testbed.train.finetune import apply_finetune
 
 
@@ -39,6 +42,45 @@ def aux_loss_terms(outputs: list[LayerOutput]) -> dict[str, torch.Tensor]:
     }
 
 
+class NonFiniteGuard:
+    """Remembers, on the device, the first training step whose loss terms were not all finite, and which term
+    and value it was: no host sync per step. `check` reads it on the host (every log_every_n_steps steps
+    and before each checkpoint) and raises TrainingDiverged."""
+
+    def __init__(self):
+        self.first_step: torch.Tensor | None = None  # -1: every step so far finite
+        self.term: torch.Tensor | None = None
+        self.value: torch.Tensor | None = None
+        self.names: list[str] = []
+
+    @torch.no_grad()
+    def update(self, terms: dict[str, torch.Tensor], step: int) -> None:
+        self.names = list(terms)
+        values = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        bad = ~torch.isfinite(values)
+        if self.first_step is None:
+            self.first_step = torch.full((), -1, dtype=torch.long, device=values.device)
+            self.term = torch.zeros((), dtype=torch.long, device=values.device)
+            self.value = torch.zeros((), dtype=torch.float32, device=values.device)
+        new = (self.first_step < 0) & bad.any()
+        index = bad.int().argmax()
+        self.first_step = torch.where(new, torch.full_like(self.first_step, step), self.first_step)
+        self.term = torch.where(new, index, self.term)
+        self.value = torch.where(new, values[index], self.value)
+
+    def check(self, detected_at: int, checkpoint: str) -> None:
+        if self.first_step is None or int(self.first_step) < 0:
+            return
+        step, term = int(self.first_step), self.names[int(self.term)]
+        raise TrainingDiverged(
+            f"training diverged: non-finite loss at step {step}: {term} = {float(self.value)} (the first "
+            f"non-finite term of {self.names}; detected at step {detected_at}); the last good checkpoint is "
+            f"kept ({checkpoint}); lower optim.lr, raise optim.warmup_steps or set trainer.gradient_clip_val",
+            step,
+            term,
+        )
+
+
 class MoELanguageModel(L.LightningModule):
     def __init__(self, run: RunConfig, domains: list[str]):
         super().__init__()
@@ -61,6 +103,12 @@ class MoELanguageModel(L.LightningModule):
             else None
         )
         self.tokens_seen = 0
+        self.initial_metrics: dict[str, float] = {}  # init_from: the starting point's validation (init/...)
+        self.batches_seen = 0  # micro-batches of this rank trained on: the data position when resuming
+        self.nonfinite = NonFiniteGuard()
+        self.checkpoint_path = "none saved yet"  # named by the divergence error
+        self._resume_rng: dict | None = None  # RNG states from a checkpoint, restored when training starts
+        self._checked_step = -1
         self.top1_record: list[torch.Tensor] = []  # filled during validation while routing_stats is set
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step = -1
@@ -134,11 +182,68 @@ class MoELanguageModel(L.LightningModule):
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size  # all ranks (same size)
         # not prog_bar: the bar would turn the loss into a Python float (a host sync) on every step;
         # the loggers read it only every log_every_n_steps
+        self.batches_seen += 1
+        # 1-based number of the optimizer step this micro-batch belongs to
+        self.nonfinite.update({"lm_loss": lm_loss, **terms, "loss": loss}, self.global_step + 1)
         self.log("train/loss", loss)
         self.log("train/lm_loss", lm_loss)
         for name, value in terms.items():
             self.log(f"train/aux/{name}", value)
         return loss
+
+    def check_finite(self) -> None:
+        """Host read of the non-finite guard; raises TrainingDiverged naming the step and the term."""
+        self.nonfinite.check(self.global_step, self.checkpoint_path)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        """The guard is read every `trainer.log_every_n_steps` optimizer steps, when the loggers read the
+        losses anyway (and before every checkpoint): a diverged run stops within that many steps."""
+        step = self.global_step
+        if step != self._checked_step and step % self.trainer.log_every_n_steps == 0:
+            self._checked_step = step
+            self.check_finite()
+
+    # ------------------------------------------------------------------ resume
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What a resumed run needs beyond weights, optimizer, schedule and loop counters."""
+        checkpoint["testbed"] = {
+            "tokens_seen": self.tokens_seen,
+            "batches_seen": self.batches_seen,
+            "last_val_metrics": dict(self.last_val_metrics),
+            "last_val_step": self.last_val_step,
+            "initial_metrics": dict(self.initial_metrics),
+            "loss_coefficients": dict(self.loss_coefficients),  # `auto` coefficients after calibration
+            "expert_bias_tracker": self.expert_bias_tracker.state_dict()
+            if self.expert_bias_tracker
+            else None,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("testbed", {})
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.batches_seen = state.get("batches_seen", 0)
+        self.last_val_metrics = dict(state.get("last_val_metrics", {}))
+        self.last_val_step = state.get("last_val_step", -1)
+        self.loss_coefficients.update(state.get("loss_coefficients", {}))
+        if self.expert_bias_tracker is not None and state.get("expert_bias_tracker"):
+            self.expert_bias_tracker.load_state_dict(state["expert_bias_tracker"], self.device)
+        self._resume_rng = state.get("rng")
+
+    def on_train_start(self) -> None:
+        """RNG states of the checkpoint, set once the data loaders are ready, right before the first step."""
+        rng, self._resume_rng = self._resume_rng, None
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            np.random.set_state(rng["numpy"])
+            random.setstate(rng["python"])
 
     def on_validation_epoch_start(self) -> None:
         self.val_loss_sums.zero_()

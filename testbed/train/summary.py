@@ -52,17 +52,22 @@ def write_summary(
     data: list[dict],
     coefficients: dict | None = None,
     extra: dict | None = None,
+    status: str = "finished",
 ) -> dict:
+    """`status`: finished (the results), or interrupted / failed: then the last validation's losses and
+    metrics go under `last_validation` only, so that nothing reads them as the run's results."""
+    finished = status == "finished"
+    metrics = {**val_metrics, **{k: v for k, v in spec.items() if k.endswith("/mean")}}
     summary = {
         "run_name": run.run_name,
+        "status": status,
         "config": choices
         or {"router": run.router.name, "balance": run.balance.name, "model": run.model.name},
         "seed": run.seed,
         "steps": steps,
         "tokens_seen": tokens_seen,
         "wall_time_s": round(wall_time, 2),
-        **{k: v for k, v in val_metrics.items()},
-        **{k: v for k, v in spec.items() if k.endswith("/mean")},
+        **(metrics if finished else {"last_validation": metrics}),
         "unigram_entropy": unigram,
         "coefficients": coefficients or {},  # loss weights actually used (after `auto` calibration)
         **(extra or {}),
@@ -78,9 +83,32 @@ def write_summary(
             "aux_loss": {k: dataclasses.asdict(v) for k, v in run.aux_loss.items()},
         },
     }
-    summary.update(regime_check(summary, read_summaries(baseline_roots(run_dir), exclude=Path(run_dir))))
-    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    if finished:
+        summary.update(regime_check(summary, read_summaries(baseline_roots(run_dir), exclude=Path(run_dir))))
+    summary = strict_json(summary)
+    (Path(run_dir) / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False))
     return summary
+
+
+def strict_json(value):
+    """`value` with NaN / infinity as None and numpy or torch scalars as Python numbers: strict JSON."""
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [strict_json(v) for v in value]
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return strict_json(value.item())
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if number.is_integer() and "int" in type(value).__name__:
+        return int(number)
+    return strict_json(number)
 
 
 def print_summary(summary: dict) -> None:
