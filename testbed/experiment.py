@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import shlex
@@ -188,13 +189,23 @@ def parent_runs(out: Path, sweep: str) -> list[tuple[Path, list[str]]]:
     """(run dir, its own overrides minus hydra/experiment/init_from ones) for each finished run of `sweep`."""
     runs = []
     for summary in sorted((out / sweep).rglob("summary.json")):
+        if summary_status(summary) != "finished":
+            continue
         run_dir = summary.parent
         overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
         kept = [
             o
             for o in overrides
             if not o.startswith(
-                ("hydra.", "+experiment=", "init_from=", "trainer.num_threads=", "trainer.progress_bar=")
+                (
+                    "hydra.",
+                    "+experiment=",
+                    "init_from=",
+                    "trainer.num_threads=",
+                    "trainer.progress_bar=",
+                    "resume=",
+                    "overwrite=",
+                )
             )
         ]
         runs.append((run_dir, kept))
@@ -222,8 +233,23 @@ class Job:
     runs: int = 1  # training runs this process makes (the grid points it sweeps)
 
     def finished(self) -> bool:
-        """Every run of this process wrote summary.json (a rerun of the experiment skips it)."""
-        return len(list(self.sweep_dir.glob("*/summary.json"))) >= self.runs
+        """Every run of this process ended: its summary.json says finished or failed (a rerun of the
+        experiment skips the process; a failed run would fail again). Interrupted or unfinished runs make the
+        rerun start the process again, with resume=auto: finished runs are not retrained, interrupted ones
+        continue from their last checkpoint."""
+        ended = [
+            p for p in self.sweep_dir.glob("*/summary.json") if summary_status(p) in ("finished", "failed")
+        ]
+        return len(ended) >= self.runs
+
+
+def summary_status(path: Path) -> str:
+    """`status` of a run's summary.json (finished for summaries written before statuses existed)."""
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return str(summary.get("status", "finished")) if isinstance(summary, dict) else "unreadable"
 
 
 def plan_sweep(
@@ -365,10 +391,12 @@ def run_job(job: Job, threads: int, python: str, log) -> int:
         f"hydra.sweep.dir={job.sweep_dir}",
         f"trainer.num_threads={threads}",
         "trainer.progress_bar=false",
+        # a rerun continues interrupted runs from their last checkpoint and does not retrain ended ones
+        "resume=auto",
     ]
     job.sweep_dir.mkdir(parents=True, exist_ok=True)
     log(f"[{job.sweep}] {shlex.join(command[3:])}")
-    with open(job.sweep_dir / "sweep.log", "w") as fh:
+    with open(job.sweep_dir / "sweep.log", "a") as fh:
         result = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0:
         log(f"[{job.sweep}] exit status {result.returncode}; see {job.sweep_dir / 'sweep.log'}")
@@ -471,7 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     log(f"experiment {args.name}{' (smoke)' if args.smoke else ''}: {minutes:.1f} min, out {out}")
     if failures:
-        log(f"{failures} sweep process(es) or command(s) failed; the report lists runs without summary.json")
+        log(
+            f"{failures} sweep process(es) or command(s) failed; the report lists runs that did not finish"
+        )
     return 1 if failures or code else 0
 
 

@@ -49,7 +49,8 @@ GROUP_IGNORED = ("seed", "init_from")
 
 
 def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
-    """(finished runs with their overrides, run directories without summary.json)."""
+    """(finished runs with their overrides, run directories without a finished summary.json: failed,
+    interrupted or unfinished runs)."""
     finished, failed = [], []
     for root in roots:
         if not root.exists():
@@ -66,7 +67,8 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
             overrides_path = run_dir / ".hydra" / "overrides.yaml"
             overrides = yaml.safe_load(overrides_path.read_text()) if overrides_path.exists() else []
             overrides = [o for o in overrides or [] if not o.startswith(("hydra.", "+experiment="))]
-            if not summary_path.exists():
+            status = run_status(summary_path)
+            if status != "finished":  # no summary, or a run that failed or was interrupted: never a result
                 failed.append(run_dir)
                 continue
             summary = with_resolved_config(json.loads(summary_path.read_text()), run_dir)
@@ -75,6 +77,18 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
             sweep = relative[0] if len(relative) >= 3 else ""
             finished.append({"dir": run_dir, "overrides": overrides, "summary": summary, "sweep": sweep})
     return finished, failed
+
+
+def run_status(summary_path: Path) -> str:
+    """`status` of a summary.json: finished (summaries from before statuses existed too), failed,
+    interrupted; `missing` / `unreadable` when there is no valid summary."""
+    if not summary_path.exists():
+        return "missing"
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return str(summary.get("status", "finished")) if isinstance(summary, dict) else "unreadable"
 
 
 def with_resolved_config(summary: dict, run_dir: Path) -> dict:
@@ -282,7 +296,10 @@ def markdown(header: list[str], rows: list[list], failed: list[Path]) -> str:
     lines = ["| " + " | ".join(short) + " |", "|" + "---|" * len(short)]
     lines += ["| " + " | ".join(format_value(v) for v in row) + " |" for row in rows]
     if failed:
-        lines += ["", f"Runs without summary.json (failed or unfinished): {len(failed)}"]
+        lines += [
+            "",
+            f"Runs without a finished summary.json (interrupted, failed or unfinished): {len(failed)}",
+        ]
         lines += [f"- {p}" for p in failed]
     return "\n".join(lines)
 
