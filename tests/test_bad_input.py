@@ -1,0 +1,225 @@
+"""Issue 13, items 5-7: every bad value or file stops before training with its key or file, the bad value
+and what is allowed (exit code 2 on the command line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from testbed.analysis.analyze import main as analyze_main
+from testbed.config import DomainSourceConfig, parse_config
+from testbed.data.loading import load_documents
+from testbed.data.tokenizer import load_tokenizer
+from testbed.errors import ConfigError, DataError
+from testbed.train.cli import check_overrides, quote_values_with_equals
+from tests.conftest import compose, synth_overrides
+
+TRAIN = Path(sys.executable).with_name("testbed-train")
+
+
+@pytest.mark.parametrize(
+    "overrides,key,allowed",
+    [
+        (["optim.min_lr_ratio=-1"], "optim.min_lr_ratio", "a number in [0.0, 1.0]"),
+        (["router.renormalize=nope"], "router.renormalize", "a boolean (true or false)"),
+        (["trainer.limit_val_batches=0"], "trainer.limit_val_batches", "a fraction in (0, 1]"),
+        (["optim.weight_decay=-0.1"], "optim.weight_decay", "a number >= 0.0"),
+        (["trainer.gradient_clip_val=-1"], "trainer.gradient_clip_val", "a number >= 0.0"),
+        (["optim.warmup_steps=-5"], "optim.warmup_steps", "an integer >= 0"),
+        (["data.val_tokens_per_domain=-1"], "data.val_tokens_per_domain", "an integer >= 0"),
+        (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps", "a positive integer"),
+        (["seed=abc"], "seed", "an integer from 0 to 4294967295"),
+        (["router.jitter=abc"], "router.jitter", "a number"),
+        (["router=sigmoid", "balance=expert_bias", "balance.gamma=abc"], "balance.gamma", "a number"),
+        (["router=sinkhorn", "router.iterations=abc"], "router.iterations", "an integer"),
+        (["router=hash", "balance=none", "router.seed=abc"], "router.seed", "an integer"),
+        (["aux_loss.z_loss.coefficient=abc"], "aux_loss.z_loss.coefficient", "a number"),
+        (["trainer.deterministic=nope"], "trainer.deterministic", "a boolean"),
+        (["optim.beta1=1.5"], "optim.beta1", "a number in [0.0, 1.0)"),
+        (["data.split_seed=-1"], "data.split_seed", "an integer from 0"),
+        (["data.num_workers=-1"], "data.num_workers", "an integer >= 0"),
+        (["trainer.precision=fp7"], "trainer.precision", "'bf16-mixed'"),
+        (["trainer.accelerator=tpu"], "trainer.accelerator", "['auto', 'cpu', 'cuda', 'gpu', 'mps']"),
+        (["trainer.devices=0"], "trainer.devices", "a count >= 1, -1 (all devices)"),
+        (["trainer.num_nodes=0"], "trainer.num_nodes", "a positive integer"),
+        (["trainer.strategy=nonsense"], "trainer.strategy", "'ddp_find_unused_parameters_true'"),
+        (["+model.foo=1"], "model.foo", "the fields of ModelConfig"),
+    ],
+)
+def test_bad_value_names_key_value_and_allowed(overrides, key, allowed):
+    with pytest.raises(ConfigError) as info:
+        parse_config(compose(overrides))
+    assert info.value.key == key
+    assert allowed in info.value.allowed
+    bad = overrides[-1].split("=", 1)[1]
+    assert bad in str(info.value.value)  # the bad value itself, not "got None"
+
+
+def test_init_from_directory_says_it_is_a_directory(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        parse_config(compose([f"init_from={tmp_path}"]))
+    assert info.value.key == "init_from"
+    assert "not a directory" in info.value.allowed and "checkpoints/last.ckpt" in info.value.allowed
+
+
+def test_limit_val_batches_above_one_is_a_batch_count():
+    assert parse_config(compose(["trainer.limit_val_batches=3"])).trainer.limit_val_batches == 3
+    assert parse_config(compose(["trainer.limit_val_batches=0.5"])).trainer.limit_val_batches == 0.5
+
+
+def test_gpu_config_on_a_machine_without_gpu():
+    from testbed.config import check_hardware
+
+    run = parse_config(compose(["trainer=gpu"]))  # valid as a config (testbed-analyze reads GPU runs)
+    if torch.cuda.is_available():
+        check_hardware(run)
+        return
+    with pytest.raises(ConfigError) as info:
+        check_hardware(run)
+    assert info.value.key == "trainer.accelerator" and "no CUDA GPU" in info.value.allowed
+
+
+@pytest.mark.parametrize(
+    "argv,key,allowed",
+    [
+        (["foo=1"], "foo", "top-level keys: ['aux_loss'"),
+        (["model.foo=1"], "model.foo", "model keys: ['d_model'"),
+        (["seed=[1,2"], "seed", "Hydra's override syntax"),
+        (["-m", "seed=0,1", "optim.nope=1,2"], "optim.nope", "optim keys: ["),
+    ],
+)
+def test_unknown_key_or_malformed_override(argv, key, allowed):
+    with pytest.raises(ConfigError) as info:
+        check_overrides(argv)
+    assert info.value.key == key and allowed in info.value.allowed
+    check_overrides(["-m", "seed=0,1", "router=topk_softmax", "aux_loss=[z_loss],[]"])  # good ones pass
+
+
+def test_paths_with_equals_are_quoted_for_hydra():
+    argv = ["init_from=/runs/lr=1e-3/last.ckpt", "seed=1", "-m", "data.root='/a=b'"]
+    assert quote_values_with_equals(argv) == [
+        "init_from='/runs/lr=1e-3/last.ckpt'",
+        "seed=1",
+        "-m",
+        "data.root='/a=b'",
+    ]
+    check_overrides(quote_values_with_equals(argv))
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "value,shown",
+    [("5", "= 5 (int)"), ("null", "= null (null)"), ('["a", "b"]', '= ["a", "b"] (list)')],
+)
+def test_data_row_whose_text_is_not_a_string(tmp_path, value, shown):
+    path = _write(tmp_path / "d.jsonl", ['{"text": "one doc"}', f'{{"text": {value}}}', '{"text": "two"}'])
+    with pytest.raises(DataError) as info:
+        load_documents("a", DomainSourceConfig(path=str(path)), None)
+    assert str(info.value) == (
+        f"data file {path}: row 2 has 'text' {shown}; allowed: a string (fix or remove the row)"
+    )
+
+
+def test_malformed_json_row_is_named(tmp_path):
+    path = _write(tmp_path / "d.jsonl", ['{"text": "a"}', '{"text": "b"', '{"text": "c"}'])
+    with pytest.raises(DataError, match=r"d.jsonl: row 2 \(line 2\) is not valid JSON"):
+        load_documents("a", DomainSourceConfig(path=str(path)), None)
+
+
+def test_folder_of_csv_files_is_refused(tmp_path):
+    folder = tmp_path / "csvs"
+    folder.mkdir()
+    for name in ("x.csv", "y.csv"):
+        (folder / name).write_text("a,b\n1,2\n")
+    with pytest.raises(DataError) as info:
+        load_documents("a", DomainSourceConfig(path=str(folder)), None)
+    message = str(info.value)
+    assert "file x.csv is not a text file" in message and "['.txt', '.text']" in message
+    assert "'.jsonl', '.parquet'" in message
+
+
+def test_single_text_file_is_explained(tmp_path):
+    path = _write(tmp_path / "one.txt", ["a single document", "of two lines"])
+    with pytest.raises(DataError, match="single text file, read as one document.*directory of .txt files"):
+        load_documents("a", DomainSourceConfig(path=str(path)), None)
+
+
+def test_missing_tokenizer_does_not_suggest_the_shipped_mix(tmp_path):
+    with pytest.raises(DataError) as info:
+        load_tokenizer(tmp_path / "mine" / "tokenizer.json")
+    message = str(info.value)
+    assert "--out data/mix" not in message and "--out <your data folder>" in message
+    assert str(tmp_path / "mine" / "tokenizer.json") in message
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage\n", b"PK\x03\x04truncated zip"])
+def test_analyze_unreadable_checkpoint_exits_2(tmp_path, capsys, content):
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(content)
+    assert analyze_main([str(path)]) == 2
+    assert f"error: {path} is not a readable torch checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override", ["data.root", "=3", "model.d_model=[1"])
+def test_analyze_malformed_override_exits_2(tmp_path, capsys, override):
+    path = tmp_path / "run.ckpt"
+    torch.save({"hyper_parameters": {"run": json.loads(json.dumps({"seed": 0}))}}, path)
+    assert analyze_main([str(path), override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: config key") and override in err
+
+
+def test_dense_layers_covering_every_layer_trains(synth_mix, tmp_path):
+    """model.dense_layers = n_layers (a dense model in MoE clothing): no routing metrics, no plot crash."""
+    from testbed.train.cli import run_training
+
+    cfg = compose(
+        synth_overrides(
+            synth_mix,
+            "model.dense_layers=2",
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            "trainer.num_threads=1",
+        )
+    )
+    summary = run_training(cfg, tmp_path / "run", quiet=True)
+    assert summary["steps"] == 2 and summary["val/loss"] > 0
+    assert not any(key.startswith("spec/") for key in summary)
+
+
+def _cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [str(TRAIN), *args, "trainer.num_threads=1", f"hydra.run.dir={tmp_path / 'run'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["foo=1"], "error: config key 'foo': got '1'; allowed: an existing key"),
+        (
+            ["router.renormalize=nope"],
+            "error: config key 'router.renormalize': got 'nope'; allowed: a boolean",
+        ),
+    ],
+)
+def test_cli_exit_code_2(tmp_path, args, expected):
+    done = _cli(*args, tmp_path=tmp_path)
+    assert done.returncode == 2
+    assert expected in done.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
