@@ -291,7 +291,11 @@ class RunCheckpoint(L.Callback):
         self._handlers = {}
 
     def on_train_end(self, trainer, pl_module) -> None:
+        """The final weights too, when the last step was not followed by a validation inside training."""
         self._restore_handlers()
+        if self.saved_step != trainer.global_step:
+            pl_module.check_finite()
+            self.save(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore_handlers()
