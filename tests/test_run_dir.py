@@ -1,0 +1,99 @@
+"""Run folders are never shared silently: a used folder is refused (exit 2) unless resume or overwrite=true
+is given, overwrite leaves nothing of the old run, and a lock keeps a second process out."""
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from testbed.errors import CheckpointError, ConfigError
+from testbed.train.checkpoint import RunDirError, RunLock
+from testbed.train.cli import run_training
+from tests.conftest import compose, synth_overrides
+
+pytestmark = pytest.mark.slow
+
+SHORT = ("trainer.num_threads=1", "trainer.max_steps=2", "trainer.val_check_interval=2")
+
+
+def train(root, run_dir, *extra, **kwargs):
+    return run_training(compose(synth_overrides(root, *SHORT, *extra)), run_dir, quiet=True, **kwargs)
+
+
+def test_used_folder_is_refused_and_overwrite_clears_it(synth_mix, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = train(synth_mix, tmp_path)
+    assert not [w for w in caught if "exists and is not empty" in str(w.message)]  # no filter needed now
+    assert first["status"] == "finished"
+    with pytest.raises(RunDirError) as err:
+        train(synth_mix, tmp_path, "seed=1")
+    message = str(err.value)
+    assert f"run folder {tmp_path} already holds a run" in message and "status finished" in message
+    assert "resume=auto" in message and "overwrite=true" in message
+    assert json.loads((tmp_path / "summary.json").read_text())["seed"] == 0  # untouched
+
+    (tmp_path / "routing" / "counts_step999.pt").write_bytes(b"old")
+    (tmp_path / "plots" / "heatmap_step999.png").write_bytes(b"old")
+    second = train(synth_mix, tmp_path, "seed=1", "overwrite=true")
+    assert second["seed"] == 1 and json.loads((tmp_path / "summary.json").read_text())["seed"] == 1
+    assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == ["counts_step2.pt"]
+    assert not (tmp_path / "plots" / "heatmap_step999.png").exists()
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + 1  # header + the one validation row of the new run; none of the old run's
+
+
+def test_resume_auto_on_a_finished_run_does_not_train_again(synth_mix, tmp_path):
+    first = train(synth_mix, tmp_path)
+    mtime = (tmp_path / "summary.json").stat().st_mtime_ns
+    again = train(synth_mix, tmp_path, "resume=auto")
+    assert again == json.loads(json.dumps(first)) and (tmp_path / "summary.json").stat().st_mtime_ns == mtime
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(synth_mix, tmp_path):
+    (tmp_path / "metrics.csv").write_text("step,train/loss\n0,9.0\n")  # a run killed before any checkpoint
+    summary = train(synth_mix, tmp_path, "resume=auto")
+    assert summary["status"] == "finished" and summary["steps"] == 2
+    assert "9.0" not in (tmp_path / "metrics.csv").read_text()
+
+
+def test_bad_resume_and_overwrite_values(synth_mix, tmp_path):
+    with pytest.raises(RunDirError, match="resume and overwrite=true exclude each other"):
+        train(synth_mix, tmp_path / "a", "resume=auto", "overwrite=true")
+    with pytest.raises(
+        CheckpointError, match=r"resume: checkpoint .*none.ckpt does not exist; allowed: auto"
+    ):
+        train(synth_mix, tmp_path / "b", f"resume={tmp_path / 'none.ckpt'}")
+    with pytest.raises(ConfigError, match="config key 'overwrite': got 'yes'; allowed: true or false"):
+        train(synth_mix, tmp_path / "c", "overwrite=yes")
+    train(synth_mix, tmp_path / "d")
+    with pytest.raises(CheckpointError, match=r"written by a run with other settings \(optim.lr\)"):
+        train(
+            synth_mix,
+            tmp_path / "d",
+            f"resume={tmp_path / 'd' / 'checkpoints' / 'last.ckpt'}",
+            "optim.lr=0.5",
+        )
+
+
+def test_a_second_process_in_the_same_folder_is_refused(synth_mix, tmp_path):
+    with RunLock(tmp_path):  # another training process holds the folder
+        with pytest.raises(RunDirError, match=rf"in use by another training process \(pid {os.getpid()}"):
+            train(synth_mix, tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+    assert train(synth_mix, tmp_path)["status"] == "finished"  # the lock is released with its holder
+    assert not (tmp_path / ".run.lock").exists()
+
+
+def test_cli_refuses_a_used_folder_with_exit_2(synth_mix, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    exe = os.path.join(os.path.dirname(sys.executable), "testbed-train")
+    args = [exe, *synth_overrides(synth_mix, *SHORT), f"hydra.run.dir={tmp_path}"]
+    assert subprocess.run(args, capture_output=True, text=True, env=env, timeout=300).returncode == 0
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2
+    assert f"error: run folder {tmp_path} already holds a run" in result.stderr
+    assert "Traceback" not in result.stderr
