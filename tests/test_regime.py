@@ -181,3 +181,19 @@ def test_curve_table_means_over_seeds_at_shared_steps(tmp_path):
     assert "| step | tokens (M) | model=m (n=2) |" in lines
     assert "| 2 | 0.002 | 5.500 |" in lines and "| 4 | 0.004 | 4.500 |" in lines
     assert not any(line.startswith("| 6 |") for line in lines)  # step 5 is in one seed only
+
+
+def test_compare_pairs_by_seed_with_t_interval(tmp_path):
+    """B - A per seed: 0.1, 0.2, 0.3 -> mean 0.2, std 0.1, CI 4.303 x 0.1 / sqrt 3 = 0.2484; a seed that
+    only A has is left out."""
+    for seed, (a, b) in enumerate([(5.0, 5.1), (5.0, 5.2), (5.0, 5.3)]):
+        write_run(tmp_path, f"a{seed}", summary(seed, a), ["model=m", f"seed={seed}"])
+        write_run(
+            tmp_path, f"b{seed}", summary(seed, b), ["model=m", "router.renormalize=True", f"seed={seed}"]
+        )
+    write_run(tmp_path, "a9", summary(9, 1.0), ["model=m", "seed=9"])
+    runs, _ = report.find_runs([tmp_path])
+    line = report.compare(runs, "model=m;router.renormalize=", "router.renormalize=true")
+    assert "= +0.2000 ± 0.2484 (95% CI over n = 3 seed pairs" in line
+    assert "the interval includes 0" in line
+    assert "no seed has both" in report.compare(runs, "model=x", "model=m")

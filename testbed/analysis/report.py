@@ -484,6 +484,39 @@ def curve_table(runs: list[dict], metric: str) -> str:
     return "\n".join(["", *lines])
 
 
+def matches(run: dict, conditions: str) -> bool:
+    """`conditions`: `key=value` pairs joined by ';' (values compared case-insensitively: true == True);
+    `key=` matches runs that do not set the key."""
+    settings = {k: v.lower() for k, v in settings_of(run).items()}
+    pairs = [c.partition("=") for c in conditions.split(";") if c]
+    return all(settings.get(k) == v.lower() if v else k not in settings for k, _, v in pairs)
+
+
+def compare(runs: list[dict], a: str, b: str, metric: str = "val/loss") -> str:
+    """Paired comparison of two configurations over the seeds both have: the mean of (B - A) per seed, its
+    95% t confidence interval and the paired t-test p-value."""
+    by_seed = {}
+    for side, conditions in (("A", a), ("B", b)):
+        for run in runs:
+            if matches(run, conditions):
+                value = run_value(run, metric)
+                if isinstance(value, int | float) and math.isfinite(value):
+                    by_seed.setdefault(run["summary"].get("seed"), {})[side] = float(value)
+    pairs = [(v["A"], v["B"]) for _, v in sorted(by_seed.items(), key=lambda kv: str(kv[0])) if len(v) == 2]
+    if not pairs:
+        return f"compare {metric}: no seed has both A ({a}) and B ({b})"
+    diffs = [y - x for x, y in pairs]
+    mean, half, n = ci95(diffs)
+    line = f"compare {metric}: B ({b}) - A ({a}) = {mean:+.4f}"
+    if n < 2:
+        return line + f" (n = {n} seed pair: no interval)"
+    p = float(stats.ttest_rel([y for _, y in pairs], [x for x, _ in pairs]).pvalue) if half > 0 else 0.0
+    verdict = "excludes 0" if abs(mean) > half else "includes 0"
+    return (
+        line + f" ± {half:.4f} (95% CI over n = {n} seed pairs; paired t p = {p:.3g}; the interval {verdict})"
+    )
+
+
 def split_list(value: str) -> tuple[str, ...]:
     return tuple(c for c in value.split(",") if c)
 
@@ -507,6 +540,15 @@ def main(argv: list[str] | None = None) -> int:
         "--layer-metrics", default=",".join(DEFAULT_LAYER_METRICS), help="spec metrics for per-layer plots"
     )
     parser.add_argument("--curves", default=",".join(DEFAULT_CURVES), help="metrics.csv columns to plot")
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="paired difference B - A over seeds; A, B: key=value conditions joined by ';' (repeatable)",
+    )
+    parser.add_argument("--compare-metric", default="val/loss", help="the summary key --compare uses")
     parser.add_argument(
         "--curve-table", default="", help="metrics.csv columns to tabulate per step (e.g. val/loss)"
     )
@@ -541,6 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     text += regime_table(runs) if runs and not args.per_run else ""
     for metric in split_list(args.curve_table):
         text += curve_table(runs, metric)
+    for a, b in args.compare:
+        text += "\n" + compare(runs, a, b, args.compare_metric)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
