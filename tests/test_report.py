@@ -156,3 +156,24 @@ def test_report_where_filters_runs(tmp_path, capsys):
     assert main([str(tmp_path / "s"), "--columns", "spec/purity/mean", "--where", "data=shipped"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[2] == "| shipped | 2 | 0.450 ± 0.071 |" and len(lines) == 3
+
+
+def test_failed_and_interrupted_runs_are_listed_never_reported(tmp_path, capsys):
+    """A diverged or interrupted run's summary (status != finished) is listed as failed/unfinished, even when
+    it holds numbers; summaries from before statuses existed count as finished."""
+    from testbed.analysis.report import find_runs
+
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "0", ["router=oracle"], {"val/loss": 4.25, "spec/purity/mean": 1.0})  # no status: old
+    fake_run(sweep / "1", ["router=hash"], {"status": "finished", "val/loss": 5.5, "spec/purity/mean": 0.1})
+    fake_run(sweep / "2", ["router=sigmoid"], {"status": "failed", "val/loss": 0.1, "spec/purity/mean": 0.9})
+    fake_run(
+        sweep / "3", ["router=sinkhorn"], {"status": "interrupted", "last_validation": {"val/loss": 3.0}}
+    )
+    finished, failed = find_runs([sweep])
+    assert sorted(r["dir"].name for r in finished) == ["0", "1"]
+    assert sorted(p.name for p in failed) == ["2", "3"]
+    assert main([str(sweep), "--columns", "val/loss", "--per-run"]) == 0
+    out = capsys.readouterr().out
+    assert "sigmoid" not in out.split("Runs without")[0] and "0.100" not in out
+    assert "(interrupted, failed or unfinished): 2" in out
