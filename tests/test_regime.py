@@ -164,7 +164,7 @@ def test_curves_against_tokens(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "training_curves", lambda series, metric, **kw: captured.update(series, **kw))
     runs, _ = report.find_runs([tmp_path])
     report.curve_plots(runs, tmp_path, ("val/loss",), x="tokens")
-    xs, mean, _ = captured["m"]
+    xs, mean, _ = captured["model=m"]
     assert list(xs) == [2048.0, 4096.0] and list(mean) == [6.0, 5.0]
     assert captured["x_label"] == "training tokens"
     assert captured["title"] == "val/loss (one seed)"

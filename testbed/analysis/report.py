@@ -396,7 +396,7 @@ def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
             per_run = [last_layer_values(run["dir"], metric) for run in group["runs"]]
             per_run = [v for v in per_run if v]
             if per_run and len({len(v) for v in per_run}) == 1:
-                series[group_label(group)] = np.mean(per_run, axis=0).tolist()
+                series[settings_label(group)] = np.mean(per_run, axis=0).tolist()
         if series:
             path = out_dir / f"layers_{metric.replace('/', '_')}.png"
             per_layer_curves(series, metric, out_path=path, title=f"{metric} per layer (mean over seeds)")
@@ -432,7 +432,7 @@ def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: st
                 summary = group["runs"][0]["summary"]
                 per_step = summary["tokens_seen"] / max(1, summary["steps"])
                 xs = [(s + 1) * per_step for s in steps]  # a row logged at step s follows s + 1 steps
-            series[group_label(group)] = (xs, values.mean(axis=0), values.std(axis=0))
+            series[settings_label(group)] = (xs, values.mean(axis=0), values.std(axis=0))
         if series:
             path = out_dir / f"curve_{metric.replace('/', '_')}.png"
             n = max(len(g["runs"]) for g in groups)
