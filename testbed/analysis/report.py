@@ -174,6 +174,7 @@ def regime_table(runs: list[dict]) -> str:
     return "\n".join(
         [
             "",
+            "",
             "Regime check (nats/token; gain = baseline val loss - this val loss, > 0 better; "
             "mean ± 95% CI over seeds; gap_to_unigram = unigram entropy - val loss):",
             "",
@@ -481,7 +482,7 @@ def curve_table(runs: list[dict], metric: str) -> str:
         lines.append(
             f"| {step + 1} | {'/'.join(str(t) for t in sorted(tokens))} | " + " | ".join(cells) + " |"
         )
-    return "\n".join(["", *lines])
+    return "\n".join(["", "", *lines])
 
 
 def matches(run: dict, conditions: str) -> bool:
@@ -584,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     for metric in split_list(args.curve_table):
         text += curve_table(runs, metric)
     for a, b in args.compare:
-        text += "\n" + compare(runs, a, b, args.compare_metric)
+        text += "\n\n" + compare(runs, a, b, args.compare_metric)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
