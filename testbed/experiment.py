@@ -499,9 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     log(f"experiment {args.name}{' (smoke)' if args.smoke else ''}: {minutes:.1f} min, out {out}")
     if failures:
-        log(
-            f"{failures} sweep process(es) or command(s) failed; the report lists runs that did not finish"
-        )
+        log(f"{failures} sweep process(es) or command(s) failed; the report lists runs that did not finish")
     return 1 if failures or code else 0
 
 

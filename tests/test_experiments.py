@@ -184,3 +184,60 @@ def test_packed_grid_runs_two_processes_sharing_one_token_cache(tmp_path, synth_
     wrote = sorted(line.rsplit("/", 1)[1] for line in logs.splitlines() if "token cache: wrote" in line)
     read = sorted(line.rsplit("/", 1)[1] for line in logs.splitlines() if "token cache: read" in line)
     assert wrote == entries and read == entries  # each entry: one process wrote it, the other read it
+
+
+@pytest.mark.slow
+def test_rerun_resumes_a_killed_run(tmp_path, synth_mix):
+    """A grid whose training process was killed (SIGTERM after its first checkpoint) is rerun: the process is
+    not skipped, its run continues with resume=auto and ends with the numbers of an uninterrupted grid."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import SMALL_MODEL, SYNTH_DOMAINS
+
+    args = [
+        "x2",
+        "--smoke",
+        "--seeds",
+        "0",
+        f"data.root={synth_mix}",
+        f"data.tokenizer={synth_mix / 'tokenizer.json'}",
+        f"data.domains=[{','.join(SYNTH_DOMAINS)}]",
+        "data.seq_len=32",
+        *SMALL_MODEL,
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=5",
+        "--threads",
+        "1",
+    ]
+    out = tmp_path / "killed"
+    run_dir = out / "capacity" / "s0" / "0"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    grid = subprocess.Popen(
+        [sys.executable, "-m", "testbed.experiment", *args, "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 180
+    while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(int((run_dir / ".run.lock").read_text()), signal.SIGTERM)  # the training process holds the lock
+    grid.communicate(timeout=300)
+    assert grid.returncode == 1  # the killed process counts as failed
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    job = ex.Job("capacity", out / "capacity" / "s0", [])
+    assert not job.finished()
+
+    assert ex.main([*args, "--out", str(out)]) == 0
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["status"] == "finished" and resumed["steps"] == 40 and job.finished()
+    assert "resuming from" in (out / "capacity" / "s0" / "sweep.log").read_text()
+    assert ex.main([*args, "--out", str(tmp_path / "full")]) == 0
+    full = json.loads((tmp_path / "full" / "capacity" / "s0" / "0" / "summary.json").read_text())
+    keys = [k for k in full if k.startswith(("val/", "spec/"))]
+    assert keys and {k: resumed[k] for k in keys} == {k: full[k] for k in keys}

@@ -40,6 +40,7 @@ def test_summary_holds_losses_and_metrics(first_run):
     run_dir, summary = first_run
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["steps"] == summary["steps"] == 60
+    assert on_disk["status"] == "finished"
     assert on_disk["tokens_seen"] == 60 * 8 * 32
     for domain in SYNTH_DOMAINS:  # the LM has learned more than token frequencies
         assert on_disk[f"val/loss/{domain}"] < on_disk["unigram_entropy"][domain]

@@ -271,6 +271,7 @@ class RunCheckpoint(L.Callback):
         self.previous_wall_time = previous_wall_time
         self._handlers: dict[int, object] = {}
         self.saved_step: int | None = None
+        self.pending = False  # a validation ended inside an optimizer step: save at the step's end
 
     # signals -------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -327,13 +328,19 @@ class RunCheckpoint(L.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            # a validation inside an optimizer step (trainer.val_check_interval counts micro-batches): the
+            # step's accumulated gradients are not in a checkpoint; save at the end of the step instead
+            self.pending = True
+            return
         self.save(trainer, pl_module)
         self._stop_if_signalled(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        """After a signal: save at the end of the optimizer step (the state Lightning restarts from), unless a
-        validation follows this step (it saves and stops at its end) or this was the last step."""
-        if self.signum is None:
+        """After a signal (or a validation inside the step): save at the end of the optimizer step (the state
+        Lightning restarts from), unless a validation follows this step (it saves and stops at its end) or
+        this was the last step (on_train_end saves)."""
+        if self.signum is None and not self.pending:
             return
         loop = trainer.fit_loop.epoch_loop
         if loop._should_accumulate() or trainer.global_step >= trainer.max_steps:
@@ -342,6 +349,7 @@ class RunCheckpoint(L.Callback):
             return
         pl_module.check_finite()
         self.save(trainer, pl_module)
+        self.pending = False
         self._stop_if_signalled(trainer)
 
     def _stop_if_signalled(self, trainer) -> None:
