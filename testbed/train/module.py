@@ -42,6 +42,21 @@ def aux_loss_terms(outputs: list[LayerOutput]) -> dict[str, torch.Tensor]:
     }
 
 
+def numpy_rng_state() -> dict:
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(position),
+        "has_gauss": int(has_gauss),
+        "gauss": float(gauss),
+    }
+
+
+def set_numpy_rng_state(state: dict) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, state["pos"], state["has_gauss"], state["gauss"]))
+
+
 class NonFiniteGuard:
     """Remembers, on the device, the first training step whose loss terms were not all finite, and which term
     and value it was: no host sync per step. `check` reads it on the host (every log_every_n_steps steps
@@ -219,7 +234,7 @@ class MoELanguageModel(L.LightningModule):
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                "numpy": np.random.get_state(),
+                "numpy": numpy_rng_state(),  # as tensors and ints: the checkpoint loads with weights_only
                 "python": random.getstate(),
             },
         }
@@ -242,7 +257,7 @@ class MoELanguageModel(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
-            np.random.set_state(rng["numpy"])
+            set_numpy_rng_state(rng["numpy"])
             random.setstate(rng["python"])
 
     def on_validation_epoch_start(self) -> None:
