@@ -12,7 +12,6 @@ $R screen --columns val/loss --no-committed-baselines --out screen/regime.md
     --curve-table val/loss,spec/routing_change/mean --compare "model=micro" "router.renormalize=true" \
     --compare "model=micro" "router=hash" --out ../micro/report.md --plots --curves val/loss,spec/routing_change/mean \
     --curve-x tokens --layer-metrics purity)
-# tiny: 2,000 steps, 3 seeds (+ dense-total and hash, one seed)
-(cd runs && $R tiny tiny_renorm tiny_dense_total tiny_hash --columns $COLS --no-committed-baselines \
-    --curve-table val/loss,spec/routing_change/mean --compare "model=tiny;router.renormalize=" "router.renormalize=true" \
-    --out ../tiny/report.md --plots --curves val/loss,spec/routing_change/mean --curve-x tokens --layer-metrics purity)
+# tiny: 2,000 steps, seed 0 (dense-active, learned, learned with renormalized gates, hash)
+(cd runs && $R tiny tiny_renorm tiny_hash --columns $COLS --no-committed-baselines \
+    --curve-table val/loss,spec/routing_change/mean --out ../tiny/report.md --plots --curves val/loss,spec/routing_change/mean --curve-x tokens --layer-metrics purity)
