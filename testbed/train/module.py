@@ -194,7 +194,8 @@ class MoELanguageModel(L.LightningModule):
         ]  # a zero-weight term is logged, kept out of the backward
         aux_total = sum(weighted, start=torch.zeros((), device=lm_loss.device))
         loss = lm_loss + aux_total
-        self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size  # all ranks (same size)
+        world_size = self._trainer.world_size if self._trainer is not None else 1  # benchmarks: no Trainer
+        self.tokens_seen += batch["input_ids"].numel() * world_size  # all ranks (same size)
         # not prog_bar: the bar would turn the loss into a Python float (a host sync) on every step;
         # the loggers read it only every log_every_n_steps
         self.batches_seen += 1
