@@ -197,3 +197,16 @@ def test_compare_pairs_by_seed_with_t_interval(tmp_path):
     assert "= +0.2000 ± 0.2484 (95% CI over n = 3 seed pairs" in line
     assert "the interval includes 0" in line
     assert "no seed has both" in report.compare(runs, "model=x", "model=m")
+
+
+def test_baseline_roots_search_the_sweep_and_the_committed_runs_never_the_checkout(tmp_path):
+    from testbed.train.summary import CHECKOUT, baseline_roots
+
+    single = CHECKOUT / "outputs" / "2026-01-01" / "12-00-00"  # a make train run
+    assert baseline_roots(single) == [CHECKOUT / "outputs", CHECKOUT / "experiments"]
+    job = tmp_path / "exp" / "sweep" / "s0" / "0"  # <out>/<sweep>/<process>/<job> of testbed-experiment
+    job.mkdir(parents=True)
+    (job.parent / "multirun.yaml").write_text("{}")
+    assert baseline_roots(job) == [(tmp_path / "exp").resolve(), CHECKOUT / "experiments"]
+    shallow = CHECKOUT / "run"  # its parent's parent contains the checkout: not searched
+    assert baseline_roots(shallow) == [CHECKOUT / "experiments"]

@@ -316,7 +316,7 @@ class RunCheckpoint(L.Callback):
             logger.save()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f".last.{os.getpid()}.tmp")
-        trainer.save_checkpoint(str(temporary))
+        trainer.save_checkpoint(str(temporary), weights_only=False)  # full state; also no log line per save
         if trainer.is_global_zero:
             os.replace(temporary, self.path)
         self.saved_step = trainer.global_step

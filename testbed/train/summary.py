@@ -23,7 +23,7 @@ def baseline_roots(run_dir: Path) -> list[Path]:
     levels = 2 if (run_dir.parent / "multirun.yaml").exists() else 1
     roots = [run_dir.parents[levels]] if len(run_dir.parents) > levels else []
     roots.append(CHECKOUT / "experiments")
-    return [r for r in roots if r != CHECKOUT and CHECKOUT not in r.parents and r not in CHECKOUT.parents]
+    return [r for r in roots if r != CHECKOUT and r not in CHECKOUT.parents]
 
 
 def unigram_entropies(datamodule) -> dict[str, float]:
