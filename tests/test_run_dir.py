@@ -93,7 +93,10 @@ def test_cli_refuses_a_used_folder_with_exit_2(synth_mix, tmp_path):
     exe = os.path.join(os.path.dirname(sys.executable), "testbed-train")
     args = [exe, *synth_overrides(synth_mix, *SHORT), f"hydra.run.dir={tmp_path}"]
     assert subprocess.run(args, capture_output=True, text=True, env=env, timeout=300).returncode == 0
-    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    overrides = (tmp_path / ".hydra" / "overrides.yaml").read_text()
+    result = subprocess.run([*args, "seed=7"], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2
     assert f"error: run folder {tmp_path} already holds a run" in result.stderr
     assert "Traceback" not in result.stderr
+    # refused before Hydra starts: the old run's .hydra/ is left as it was (no seed=7 written over it)
+    assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == overrides

@@ -353,13 +353,34 @@ def check_overrides(argv: list[str], conf_dir: str = CONF_DIR) -> None:
             ) from None
 
 
+def refuse_used_run_dir(argv: list[str]) -> None:
+    """A single run into an explicit `hydra.run.dir` that already holds a run is refused here, before Hydra
+    starts: Hydra would otherwise write the new run's `.hydra/` over the old run's first. (Multirun job
+    folders are fresh; the same check runs again in `run_training` for every run.)"""
+    if any(arg in ("-m", "--multirun") for arg in argv):
+        return
+    values = {}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and not arg.startswith("-"):
+            values[key.lstrip("+~")] = value.strip("'\"")
+    run_dir = values.get("hydra.run.dir")
+    resume = values.get("resume")
+    if run_dir is None or (resume not in (None, "null")) or values.get("overwrite", "").lower() == "true":
+        return
+    from testbed.train.checkpoint import prepare_run_dir
+
+    prepare_run_dir(Path(run_dir), None, False)  # raises RunDirError for a used folder, changes nothing
+
+
 def train_main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     sys.argv[1:] = quote_values_with_equals(sys.argv[1:])
     try:
         check_group_choices(sys.argv[1:])
         check_overrides(sys.argv[1:])
-    except ConfigError as err:
+        refuse_used_run_dir(sys.argv[1:])
+    except TestbedError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     _hydra_train()
