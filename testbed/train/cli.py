@@ -208,12 +208,7 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
             write_summary(
                 run_dir,
                 **summary_args,
-                steps=trainer.global_step,
-                tokens_seen=module.tokens_seen,
-                wall_time=checkpointer.wall_time(),
-                val_metrics=module.last_val_metrics,
-                spec=metrics_callback.last_metrics,
-                coefficients=module.loss_coefficients,
+                **training_state(trainer, module, checkpointer, metrics_callback),
                 status="failed" if failed else "interrupted",
                 extra={
                     "error": str(err),
@@ -229,17 +224,24 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
     summary = write_summary(
         run_dir,
         **summary_args,
-        steps=trainer.global_step,
-        tokens_seen=module.tokens_seen,
-        wall_time=checkpointer.wall_time(),
-        val_metrics=module.last_val_metrics,
-        spec=metrics_callback.last_metrics,
-        coefficients=module.loss_coefficients,
+        **training_state(trainer, module, checkpointer, metrics_callback),
         extra={"trainable_params": trainable_parameter_count(module.model, run.finetune), **initial},
     )
     if not quiet and trainer.is_global_zero:
         print_summary(summary)
     return summary
+
+
+def training_state(trainer, module, checkpointer, metrics_callback) -> dict:
+    """What summary.json records of where training stands (finished, failed or interrupted alike)."""
+    return {
+        "steps": trainer.global_step,
+        "tokens_seen": module.tokens_seen,
+        "wall_time": checkpointer.wall_time(),
+        "val_metrics": module.last_val_metrics,
+        "spec": metrics_callback.last_metrics,
+        "coefficients": module.loss_coefficients,
+    }
 
 
 def signal_name(signum: int) -> str:
