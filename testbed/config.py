@@ -371,6 +371,13 @@ def validate_trainer(run: RunConfig) -> None:
             "trainer.devices", t.devices, "a count >= 1, -1 (all devices), 'auto' or a list of device ids"
         )
     _positive("trainer.num_nodes", t.num_nodes)
+    if t.fused_optimizer and str(t.precision) == "16-mixed" and t.gradient_clip_val:
+        raise ConfigError(
+            "trainer.fused_optimizer",
+            t.fused_optimizer,
+            "false with trainer.precision=16-mixed and gradient clipping (the fused step unscales fp16 gradients "
+            "itself, after clipping would have run); bf16-mixed, or trainer.gradient_clip_val=0",
+        )
     strategies = strategy_names()
     if t.strategy not in strategies:
         raise ConfigError("trainer.strategy", t.strategy, f"one of {strategies}")
