@@ -329,7 +329,8 @@ class RunCheckpoint(L.Callback):
         if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         if trainer.fit_loop.epoch_loop._should_accumulate():
-            # a validation inside an optimizer step (trainer.val_check_interval counts micro-batches): the
+            # a validation inside an optimizer step (not made by trainer.val_check_interval, which counts
+            # optimizer steps; a guard for a Lightning-level interval): the
             # step's accumulated gradients are not in a checkpoint; save at the end of the step instead
             self.pending = True
             return

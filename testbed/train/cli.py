@@ -161,7 +161,8 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
         num_nodes=t.num_nodes,
         precision=t.precision,
         max_steps=t.max_steps,
-        val_check_interval=min(t.val_check_interval, t.max_steps),
+        # Lightning counts micro-batches here; trainer.val_check_interval counts optimizer steps
+        val_check_interval=min(t.val_check_interval, t.max_steps) * t.accumulate_grad_batches,
         check_val_every_n_epoch=None,
         limit_val_batches=t.limit_val_batches,
         accumulate_grad_batches=t.accumulate_grad_batches,
