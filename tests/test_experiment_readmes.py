@@ -19,3 +19,22 @@ def test_regime_readme_micro_table_rebuilds_from_committed_runs(capsys):
     assert len(regime_rows) == 5
     for row in regime_rows:
         assert row in readme, row
+
+
+def test_x7_readme_tables_rebuild_from_committed_runs(capsys):
+    runs = ROOT / "experiments" / "x7_scale" / "runs"
+    cols = "val/loss,spec/utilization/mean,spec/max_violation/mean,spec/purity/mean,spec/nmi/mean,"
+    cols += "spec/reference_precision/mean,spec/domain_isolation/mean"
+    dirs = [str(runs / name) for name in ("micro_batch", "global", "dense_active", "hash")]
+    assert report.main([*dirs, "--columns", cols, "--no-committed-baselines"]) == 0
+    text = capsys.readouterr().out
+    rows = [line for line in text.splitlines() if line.startswith(("| tiny", "| model="))]
+    readme = (ROOT / "experiments" / "x7_scale" / "README.md").read_text()
+    assert len(rows) == 8
+    for row in rows:
+        assert row in readme, row
+    assert report.main([*dirs[:2], "--no-committed-baselines", "--columns", "val/loss", "--compare",
+                        "balance.scope=micro_batch;router=", "balance.scope=global;router=",
+                        "--compare-metric", "spec/purity/mean"]) == 0
+    assert "+0.0364 ± 0.0177" in capsys.readouterr().out
+    assert "| purity | +0.0364 ± 0.0177 | 0.0125 | excludes 0 |" in readme
