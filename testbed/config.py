@@ -375,8 +375,8 @@ def validate_trainer(run: RunConfig) -> None:
         raise ConfigError(
             "trainer.fused_optimizer",
             t.fused_optimizer,
-            "false with trainer.precision=16-mixed and gradient clipping (the fused step unscales fp16 gradients "
-            "itself, after clipping would have run); bf16-mixed, or trainer.gradient_clip_val=0",
+            "false with trainer.precision=16-mixed and gradient clipping (the fused step unscales fp16 "
+            "gradients itself, after clipping would have run); bf16-mixed, or trainer.gradient_clip_val=0",
         )
     strategies = strategy_names()
     if t.strategy not in strategies:

@@ -15,8 +15,8 @@ CLIP = 0.05
 
 
 class GradNorms(L.Callback):
-    """Total gradient norm before clipping (Lightning's hook) and as the optimizer step used it (the step leaves
-    the gradients as they were)."""
+    """Total gradient norm before clipping (Lightning's hook) and as the optimizer step used it (the step
+    leaves the gradients as they were)."""
 
     def __init__(self):
         self.before, self.at_step = [], []
@@ -60,7 +60,10 @@ def test_bf16_mixed_clips_with_and_without_fused_adamw(synth_mix, tmp_path, fuse
 def test_fp16_mixed_fused_and_clipping_is_refused(synth_mix):
     cfg = compose(
         synth_overrides(
-            synth_mix, "trainer.precision=16-mixed", "trainer.fused_optimizer=true", "trainer.gradient_clip_val=1.0"
+            synth_mix,
+            "trainer.precision=16-mixed",
+            "trainer.fused_optimizer=true",
+            "trainer.gradient_clip_val=1.0",
         )
     )
     with pytest.raises(ConfigError, match="trainer.fused_optimizer.*16-mixed"):

@@ -123,3 +123,33 @@ def test_gateless_routers_get_find_unused_parameters_under_ddp():
     )
     assert strategy("router=hash", "balance=none") == "auto"  # one device: no DDP
     assert strategy("trainer.strategy=ddp") == "ddp"  # a learned gate: plain DDP
+
+
+def _rank_counts(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    """One rank: two micro-batches of global-scope counts through GlobalScopeState."""
+    from testbed.losses.scope import GlobalScopeState
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        state = GlobalScopeState()
+        state.start_step()
+        local = [torch.tensor([1.0, 0, 2, 0]) * (rank + 1), torch.tensor([0.0, 3, 0, 1]) * (rank + 1)]
+        totals = []
+        for counts in local:
+            state.next_micro_batch()
+            totals.append(state.accumulate(("lbl", 0), counts))
+        torch.save(totals, Path(out_dir) / f"counts_rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_scope_counts_are_summed_over_ranks_and_running_over_micro_batches(tmp_path):
+    """SPEC "Balancing scope": every rank sees the all-reduced counts, running over the step's micro-batches.
+    Rank r's counts are (r + 1) x the base counts, so the sum over 2 ranks is 3 x."""
+    mp.start_processes(
+        _rank_counts, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn"
+    )
+    first, second = torch.tensor([3.0, 0, 6, 0]), torch.tensor([3.0, 9, 6, 3])
+    for rank in range(2):
+        totals = torch.load(tmp_path / f"counts_rank{rank}.pt")
+        assert torch.equal(totals[0], first) and torch.equal(totals[1], second)

@@ -33,8 +33,21 @@ def test_x7_readme_tables_rebuild_from_committed_runs(capsys):
     assert len(rows) == 8
     for row in rows:
         assert row in readme, row
-    assert report.main([*dirs[:2], "--no-committed-baselines", "--columns", "val/loss", "--compare",
-                        "balance.scope=micro_batch;router=", "balance.scope=global;router=",
-                        "--compare-metric", "spec/purity/mean"]) == 0
+    assert (
+        report.main(
+            [
+                *dirs[:2],
+                "--no-committed-baselines",
+                "--columns",
+                "val/loss",
+                "--compare",
+                "balance.scope=micro_batch;router=",
+                "balance.scope=global;router=",
+                "--compare-metric",
+                "spec/purity/mean",
+            ]
+        )
+        == 0
+    )
     assert "+0.0364 ± 0.0177" in capsys.readouterr().out
     assert "| purity | +0.0364 ± 0.0177 | 0.0125 | excludes 0 |" in readme
