@@ -1,5 +1,6 @@
 """`trainer.val_check_interval` counts optimizer steps, also with gradient accumulation (Lightning's
-own argument counts micro-batches: X2's and X7's curves showed four times the validations the config asked for)."""
+own argument counts micro-batches: X2's and X7's curves showed four times the validations asked
+for)."""
 
 import csv
 

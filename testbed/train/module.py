@@ -299,8 +299,9 @@ class MoELanguageModel(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Lightning's mixed-precision plugin refuses to clip for a fused optimizer, since with fp16's
-        gradient scaler the fused step unscales the gradients itself. bf16-mixed has no scaler: the gradients are
-        already true values, so they are clipped here directly (norm over all parameters, no host sync).
+        gradient scaler the fused step unscales the gradients itself. bf16-mixed has no scaler: the
+        gradients are already true values, so they are clipped here directly (norm over all parameters,
+        no host sync).
         fp16-mixed + fused + clipping is refused by the config check (testbed.config.validate_trainer)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused") and scaler is None:
