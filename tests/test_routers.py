@@ -51,6 +51,10 @@ ROUTER_OPTIONS = {
         "iterations": data.draw(st.integers(1, 30), label="iterations"),
         "scope": data.draw(st.sampled_from(["sequence", "micro_batch", "global"]), label="scope"),
     },
+    "balanced_assignment": lambda data, e, d: {
+        "top_k": draw_top_k(data, e, d),
+        "scope": data.draw(st.sampled_from(["sequence", "micro_batch"]), label="scope"),
+    },
 }
 ALL = list(ROUTER_OPTIONS)
 TOKEN_CHOICE = [name for name in ALL if ROUTERS.get(name)[0].token_choice]

@@ -128,7 +128,14 @@ def step(layer, batch=2, seq=24):
     return y, out
 
 
-@pytest.mark.parametrize("router", sorted(ROUTERS.names()))
+SYNC_FREE = sorted(name for name in ROUTERS.names() if not ROUTERS.get(name)[0].host_sync)
+
+
+def test_only_the_balanced_assignment_auction_reads_the_device():
+    assert sorted(set(ROUTERS.names()) - set(SYNC_FREE)) == ["balanced_assignment"]
+
+
+@pytest.mark.parametrize("router", SYNC_FREE)
 def test_every_router_with_every_loss_is_sync_free(router):
     """Grouped backend, training mode, global-scope load balance, z-loss, variance, orthogonality (also
     under expert choice: its per-token slot count is bounded by E, not read from the data), counters
@@ -182,7 +189,7 @@ def test_static_capacity_is_sync_free_and_equals_the_dropping_form(capacity_fact
     assert dropped_gates.sum() == dropped.dropped and torch.all(results[1][1][dropped_gates] == 0)
 
 
-TOKEN_CHOICE = sorted(name for name in ROUTERS.names() if ROUTERS.get(name)[0].token_choice)
+TOKEN_CHOICE = sorted(name for name in SYNC_FREE if ROUTERS.get(name)[0].token_choice)
 
 
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.25])

@@ -158,8 +158,9 @@ def test_analyze_recomputes_the_run_metrics(first_run, tmp_path, capsys):
         ("balance=expert_bias", "balance.scope=sequence", "router=sigmoid"),
         ("balance.scope=global", "data.batch_composition=homogeneous", "trainer.accumulate_grad_batches=3"),
         ("router=sinkhorn", "balance=none", "router.scope=global", "trainer.accumulate_grad_batches=2"),
+        ("router=balanced_assignment", "balance=none", "router.scope=sequence"),
     ],
-    ids=["eb_global_accum", "eb_sequence_sigmoid", "lb_global_homogeneous", "sinkhorn_global"],
+    ids=["eb_global_accum", "eb_sequence_sigmoid", "lb_global_homogeneous", "sinkhorn_global", "ba_sequence"],
 )
 def test_balancing_methods_train_end_to_end(synth_mix, tmp_path, overrides):
     summary = train(synth_mix, tmp_path, *overrides, "trainer.max_steps=6", "trainer.val_check_interval=6")

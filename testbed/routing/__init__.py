@@ -1,6 +1,7 @@
 """Routers: one file each, registered by name in ROUTERS; all return the `Routing` contract."""
 
 from testbed.routing import (
+    balanced_assignment,  # noqa: F401  (registers)
     expert_choice,  # noqa: F401  (registers)
     hash,  # noqa: F401  (registers)
     oracle,  # noqa: F401  (registers)

@@ -107,13 +107,16 @@ class Router(nn.Module):
     Class flags tell the rest of the system what a router can do:
     - `token_choice`: each token picks its experts (capacity_factor may then drop assignments);
     - `supports_expert_bias`: selection adds the `expert_bias` buffer (auxiliary-loss-free balancing);
-    - `scopes`: balancing scopes the router itself uses (e.g. Sinkhorn); empty = none.
+    - `scopes`: balancing scopes the router itself uses (e.g. Sinkhorn); empty = none;
+    - `host_sync`: its training-time routing reads device values on the host (the balanced-assignment
+      auction's stopping test); every other router is sync-free (tests/test_sync_free.py).
     """
 
     registry_name = "base"
     token_choice = True
     supports_expert_bias = False
     scopes: tuple[str, ...] = ()
+    host_sync = False
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__()
