@@ -82,7 +82,7 @@ def test_top_domain_experts_by_hand():
 def test_every_shipped_experiment_grid_composes():
     """Every point of every grid (and post-training on every parent point) is a valid run config."""
     sizes = {name: ex.check_grid(ex.load_experiment(name), [], data="none") for name in ex.available()}
-    assert sizes["x1"] == 2 * 2 + 3 * (2 * 2 * 3)  # references + {LBL, EB, SH} x mix x composition x scope
+    assert sizes["x1"] == 1 + 2 + 3 * 3 + 2 + 2  # dense, oracle + hash, {LBL, EB, SH} x 3 scopes, BA x 2, mixed
     assert sizes["x2"] == 4 and sizes["x3"] == 6 and sizes["x8"] == 4
     assert sizes["x4"] == 4 + 4 and sizes["x5"] == 2 and sizes["x6"] == 3
     broken = ex.Experiment(
