@@ -135,3 +135,20 @@ def test_bad_options_are_refused(overrides, key, allowed):
     with pytest.raises(ConfigError, match=key) as err:
         parse_config(compose(["router=balanced_assignment", "balance=none", *overrides]))
     assert allowed in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["sinkhorn", "balanced_assignment"])
+def test_eval_balanced_routes_at_evaluation_as_in_training(name):
+    """`router.eval_balanced=true` scores a balancing router on its training-time routing."""
+    from testbed.routing import ROUTERS
+
+    router_cls, config_cls = ROUTERS.get(name)
+    torch.manual_seed(0)
+    router = router_cls(16, 8, config_cls(top_k=2, eval_balanced=True), 1)
+    with torch.no_grad():
+        router.gate.weight[0] += 1.0
+    x = torch.randn(128, 16).abs()
+    trained = router.train()(x, RoutingContext(4, 32))
+    evaluated = router.eval()(x, RoutingContext(4, 32))
+    assert torch.equal(evaluated.tokens_per_expert, trained.tokens_per_expert)
+    assert evaluated.tokens_per_expert.max() <= 40  # balanced (plain top-k sends all 128 to expert 0)

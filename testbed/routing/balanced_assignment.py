@@ -49,6 +49,7 @@ class BalancedAssignmentConfig:
     check_every: int = 8  # rounds between host-side "done?" checks
     max_rounds: int = 20000  # per phase; beyond it the assignment is reported as not found
     renormalize: bool = False  # gates of the chosen experts sum to 1
+    eval_balanced: bool = False  # true: evaluation routes as training does (balanced), not plain top-k
 
 
 def expert_capacities(num_tokens: int, top_k: int, num_experts: int, device=None) -> Tensor:
@@ -129,7 +130,7 @@ class BalancedAssignmentRouter(Router):
         logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         top_k = self.config.top_k
-        if self.training:
+        if self.training or self.config.eval_balanced:
             chosen = self._assign(logits.detach().float(), context)
         else:
             chosen = torch.topk(probs, top_k, dim=-1).indices

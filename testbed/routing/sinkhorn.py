@@ -36,6 +36,7 @@ class SinkhornConfig:
     iterations: int = 20  # alternating row/column normalizations
     scope: str = "micro_batch"  # sequence | micro_batch | global
     renormalize: bool = False  # gates of the chosen experts sum to 1
+    eval_balanced: bool = False  # true: evaluation routes as training does (balanced), not plain top-k
 
 
 def sinkhorn_log(
@@ -72,7 +73,7 @@ class SinkhornRouter(Router):
         logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         top_k = self.config.top_k
-        if self.training:
+        if self.training or self.config.eval_balanced:
             chosen = self._balanced_choice(logits.detach().float(), context)
         else:
             chosen = torch.topk(probs, top_k, dim=-1).indices
