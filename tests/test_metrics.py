@@ -122,3 +122,13 @@ def test_gate_entropy_uniform_and_one_hot():
     assert metrics["spec/gate_entropy/layer0"] == pytest.approx(1.0)
     assert metrics["spec/gate_entropy/layer1"] == pytest.approx(0.0, abs=1e-9)
     assert metrics["spec/gate_entropy/mean"] == pytest.approx(0.5)
+
+
+def test_lbl_value_by_hand():
+    # 2 domains x 2 experts: expert loads 3 and 1 -> f = (0.75, 0.25); mean probs (0.6, 0.4) over 4 tokens
+    counts = np.array([[2, 1], [1, 0]])
+    assert S.lbl_value(counts, np.array([2.4, 1.6]), 4) == pytest.approx(2 * (0.75 * 0.6 + 0.25 * 0.4))
+    # perfect balance with uniform probabilities gives 1; collapse onto one confident expert gives E
+    assert S.lbl_value(np.array([[5, 5, 5, 5]]), np.full(4, 2.5), 10) == pytest.approx(1.0)
+    assert S.lbl_value(np.array([[10, 0, 0, 0]]), np.array([10.0, 0, 0, 0]), 10) == pytest.approx(4.0)
+    assert math.isnan(S.lbl_value(np.zeros((1, 4)), np.zeros(4), 0))

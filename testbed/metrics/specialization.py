@@ -54,6 +54,17 @@ def dead_experts(expert_counts) -> float:
     return float((counts == 0).mean())
 
 
+def lbl_value(domain_expert_counts, prob_sums, num_tokens: float) -> float:
+    """The load-balance loss value E * sum_e f_e P_e over one fixed token set (the validation set)
+    [defined here]: f_e the fraction of assignments to e, P_e the mean router probability of e.
+    1 at perfect balance; runs trained at different balancing scopes compare on the same tokens (X8)."""
+    f = load_fractions(domain_expert_counts)
+    if num_tokens <= 0 or f.sum() == 0:
+        return math.nan
+    mean_probs = np.asarray(prob_sums, dtype=np.float64) / num_tokens
+    return float(len(f) * np.dot(f, mean_probs))
+
+
 def gate_entropy(entropy_sum: float, num_tokens: int) -> float:
     """mean_t H(p_t) / log E from the streamed sum of normalized entropies; 1 = uniform routing."""
     return float(entropy_sum / num_tokens) if num_tokens > 0 else float("nan")
