@@ -83,7 +83,7 @@ def test_every_shipped_experiment_grid_composes():
     """Every point of every grid (and post-training on every parent point) is a valid run config."""
     sizes = {name: ex.check_grid(ex.load_experiment(name), [], data="none") for name in ex.available()}
     assert sizes["x1"] == 1 + 2 + 3 * 3 + 2 + 2  # dense, oracle + hash, {LBL, EB, SH} x 3 scopes, BA x 2, mixed
-    assert sizes["x2"] == 4 and sizes["x3"] == 6 and sizes["x8"] == 4
+    assert sizes["x2"] == 4 and sizes["x3"] == 6 and sizes["x8"] == 3
     assert sizes["x4"] == 4 + 4 and sizes["x5"] == 2 and sizes["x6"] == 3
     broken = ex.Experiment(
         "x3", ex.EXPERIMENT_DIR / "x3.yaml", [0], [ex.Sweep("s", {"router.top_k": [0]})], [], {}, {}
