@@ -13,6 +13,7 @@ what every run shares (model size, steps, data), and its `experiment:` block lis
           from: pretrain                    # once per finished run of sweep `pretrain`: its overrides,
           overrides: [data.domains=[code]]  # init_from=<its last.ckpt>, then this sweep's settings
           select_experts: {domain: code, fraction: 0.15}    # optional: finetune.experts per layer
+                                                            # (pick: random = as many, drawn at random)
       commands:                             # optional, after the sweeps; {out} {run} {conf} filled in
         - {once: "testbed-quiz build --out {out}/quiz"}
         - {each_run_of: pretrain, run: "testbed-quiz eval {run} --quiz {out}/quiz"}
@@ -114,8 +115,15 @@ def load_experiment(name: str, conf_dir: Path = EXPERIMENT_DIR) -> Experiment:
                 f"{parent!r} is not an earlier sweep; earlier: {[s.name for s in sweeps]}",
             )
         select = raw.get("select_experts")
-        if select is not None and (parent is None or set(select) != {"domain", "fraction"}):
-            fail(f"sweeps[{i}].select_experts", "{domain: <name>, fraction: <0..1>} on a sweep with `from`")
+        if select is not None and (
+            parent is None
+            or not {"domain", "fraction"} <= set(select) <= {"domain", "fraction", "pick"}
+            or select.get("pick", "top") not in ("top", "random")
+        ):
+            fail(
+                f"sweeps[{i}].select_experts",
+                "{domain: <name>, fraction: <0..1>, pick: top|random (optional)} on a sweep with `from`",
+            )
         sweeps.append(Sweep(raw["name"], grid, list(raw.get("overrides") or []), parent, select))
     if not sweeps:
         fail("sweeps", "at least one sweep")
@@ -166,8 +174,21 @@ def top_domain_experts(counts, domain: int, fraction: float) -> list[list[int]]:
     return chosen
 
 
-def expert_path_override(run_dir: Path, domain: str, fraction: float) -> str:
-    """finetune.experts={layer0:[...],...} from the last routing table saved by the run at `run_dir`."""
+def random_experts(num_layers: int, num_experts: int, fraction: float, seed: int) -> list[list[int]]:
+    """Per layer, round(fraction * E) experts (at least 1) drawn at random (seeded), sorted by id: the
+    control for the domain's expert path (as many trained experts, chosen without the domain)."""
+    import numpy as np
+
+    keep = max(1, round(fraction * num_experts))
+    rng = np.random.default_rng(seed)
+    return [sorted(int(e) for e in rng.choice(num_experts, keep, replace=False)) for _ in range(num_layers)]
+
+
+def expert_path_override(
+    run_dir: Path, domain: str, fraction: float, pick: str = "top", seed: int = 0
+) -> str:
+    """finetune.experts={layer0:[...],...} from the last routing table saved by the run at `run_dir`: the
+    experts that serve `domain` most (pick=top), or as many drawn at random per layer (pick=random)."""
     import torch
 
     tables = sorted(
@@ -180,7 +201,11 @@ def expert_path_override(run_dir: Path, domain: str, fraction: float) -> str:
         raise ExperimentError(
             f"select_experts.domain {domain!r} not in {run_dir}'s domains {table['domains']}"
         )
-    chosen = top_domain_experts(table["counts"].numpy(), table["domains"].index(domain), fraction)
+    counts = table["counts"].numpy()
+    if pick == "random":
+        chosen = random_experts(counts.shape[0], counts.shape[-1], fraction, seed)
+    else:
+        chosen = top_domain_experts(counts, table["domains"].index(domain), fraction)
     # table["layers"] are the module's moe_layer_names, layer<i>: the keys finetune.experts takes
     return "finetune.experts=" + hydra_value(dict(zip(table["layers"], chosen, strict=True)))
 
@@ -281,7 +306,7 @@ def plan_sweep(
     for index, (run_dir, inherited) in enumerate(parent_runs(out, sweep.parent)):
         own = [f"init_from={run_dir / 'checkpoints' / 'last.ckpt'}"]
         if sweep.select_experts:
-            own.append(expert_path_override(run_dir, **sweep.select_experts))
+            own.append(expert_path_override(run_dir, **sweep.select_experts, seed=index))
         args = merge_overrides(base, inherited, sweep.overrides, grid, extra, own)
         jobs.append(Job(sweep.name, out / sweep.name / f"from{index}", args))
     return jobs

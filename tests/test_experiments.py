@@ -82,9 +82,11 @@ def test_top_domain_experts_by_hand():
 def test_every_shipped_experiment_grid_composes():
     """Every point of every grid (and post-training on every parent point) is a valid run config."""
     sizes = {name: ex.check_grid(ex.load_experiment(name), [], data="none") for name in ex.available()}
-    assert sizes["x1"] == 1 + 2 + 3 * 3 + 2 + 2  # dense, oracle + hash, {LBL, EB, SH} x 3 scopes, BA x 2, mixed
+    assert (
+        sizes["x1"] == 1 + 2 + 3 * 3 + 2 + 2
+    )  # dense, oracle + hash, {LBL, EB, SH} x 3 scopes, BA x 2, mixed
     assert sizes["x2"] == 4 and sizes["x3"] == 6 and sizes["x8"] == 3
-    assert sizes["x4"] == 4 + 4 and sizes["x5"] == 2 and sizes["x6"] == 3
+    assert sizes["x4"] == 4 + 4 and sizes["x5"] == 2 and sizes["x6"] == 5
     broken = ex.Experiment(
         "x3", ex.EXPERIMENT_DIR / "x3.yaml", [0], [ex.Sweep("s", {"router.top_k": [0]})], [], {}, {}
     )
@@ -241,3 +243,11 @@ def test_rerun_resumes_a_killed_run(tmp_path, synth_mix):
     full = json.loads((tmp_path / "full" / "capacity" / "s0" / "0" / "summary.json").read_text())
     keys = [k for k in full if k.startswith(("val/", "spec/"))]
     assert keys and {k: resumed[k] for k in keys} == {k: full[k] for k in keys}
+
+
+def test_random_expert_path_control_draws_as_many_experts_per_layer():
+    chosen = ex.random_experts(num_layers=3, num_experts=16, fraction=0.15, seed=4)
+    assert [len(c) for c in chosen] == [2, 2, 2]  # round(0.15 * 16) = 2, as the domain's path
+    assert all(c == sorted(set(c)) and all(0 <= e < 16 for e in c) for c in chosen)
+    assert chosen == ex.random_experts(3, 16, 0.15, seed=4)  # seeded
+    assert chosen != ex.random_experts(3, 16, 0.15, seed=5)
