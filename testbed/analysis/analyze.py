@@ -1,6 +1,10 @@
 """`testbed-analyze <checkpoint or run dir> [key=value ...]`: recompute every SPEC metric of a trained
 model on the validation set of its data config (or of overrides such as `data.root=... data.domains=[...]`),
 and write `analysis.json`, the count table, plots and a short Markdown summary.
+
+`testbed-analyze --hf <model id or directory> [data overrides]` does the same for a pretrained Hugging Face
+MoE (testbed/hf/): the mix is tokenized with the model's own tokenizer and routing is reconstructed from the
+router logits as the model routes.
 """
 
 from __future__ import annotations
@@ -86,7 +90,11 @@ def evaluate(module, datamodule, stiffness_batches: int):
     return dict(zip(module.domains, losses, strict=True)), stats
 
 
-def write_report(out: Path, checkpoint: Path, run, domains, losses, stats, layer_names) -> dict:
+def write_report(
+    out: Path, checkpoint, router: str, domains, losses, stats, layer_names, extra: dict | None = None
+) -> dict:
+    """analysis.json, routing_counts.pt, the heatmap, per-layer plots and summary.md. `router` labels the
+    plots (a testbed run's router name, a pretrained model's family); `extra` adds keys to analysis.json."""
     from testbed.analysis.plots import domain_expert_heatmaps, per_layer_curves
     from testbed.metrics.summary import per_layer, spec_metrics
 
@@ -97,7 +105,7 @@ def write_report(out: Path, checkpoint: Path, run, domains, losses, stats, layer
     accuracy = torch.where(routed > 0, state["correct"].double() / routed.clamp_min(1), torch.nan)
     analysis = {
         "checkpoint": str(checkpoint),
-        "router": run.router.name,
+        "router": router,
         "domains": domains,
         "layers": layer_names,
         "val_loss": losses,
@@ -106,6 +114,7 @@ def write_report(out: Path, checkpoint: Path, run, domains, losses, stats, layer
         "per_layer": dict(zip(layer_names, layers, strict=True)),
         "expert_accuracy": {name: accuracy[i].tolist() for i, name in enumerate(layer_names)},
         "expert_load": {name: state["counts"][i].sum(0).tolist() for i, name in enumerate(layer_names)},
+        **(extra or {}),
     }
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float).replace("NaN", "null"))
     torch.save(
@@ -117,11 +126,11 @@ def write_report(out: Path, checkpoint: Path, run, domains, losses, stats, layer
         domains,
         layer_names,
         out_path=out / "heatmap.png",
-        title=f"p(expert | domain): {run.router.name}",
+        title=f"p(expert | domain): {router}",
     )
     for metric in ("gate_entropy", "dead_experts", "expert_accuracy_spread", "purity"):
         per_layer_curves(
-            {run.router.name: [m[metric] for m in layers]},
+            {router: [m[metric] for m in layers]},
             metric,
             out_path=out / f"{metric}.png",
             title=f"{metric} per layer",
@@ -161,20 +170,87 @@ def markdown_summary(analysis: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def analyze_hf_main(args) -> int:
+    """`testbed-analyze --hf MODEL [data overrides]`: the same report for a pretrained Hugging Face MoE."""
+    from testbed.analysis.quiz import compose_data
+    from testbed.hf.load import load_hf_model
+    from testbed.hf.mix import analyze_mix
+
+    hf = load_hf_model(args.hf, args.device, args.dtype, args.tokenizer)
+    data = compose_data(args.overrides)
+    seq_len = args.seq_len or data.seq_len
+    budget = data.val_tokens_per_domain if args.max_tokens_per_domain is None else args.max_tokens_per_domain
+    result = analyze_mix(hf, data, seq_len, args.batch_size, budget, progress=not args.no_progress)
+    out = args.out or Path("analysis") / Path(str(args.hf).rstrip("/")).name
+    extra = {
+        "hf": {
+            "model": hf.name,
+            **hf.spec.describe(),
+            "dtype": str(hf.dtype).removeprefix("torch."),
+            "tokens": result.extra["tokens"],
+            "seq_len": seq_len,
+            "max_tokens_per_domain": budget,
+            "selection_agreement": result.agreement,
+        }
+    }
+    write_report(
+        out,
+        hf.name,
+        hf.spec.family.label,
+        result.domains,
+        result.losses,
+        result.stats,
+        result.layer_names,
+        extra,
+    )
+    print((out / "summary.md").read_text())
+    print(f"wrote {out}/analysis.json, summary.md, heatmap.png and per-layer plots")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="testbed-analyze", description=__doc__.splitlines()[0])
     parser.add_argument(
-        "checkpoint", type=Path, help="a .ckpt file, or a run directory with checkpoints/last.ckpt"
+        "checkpoint",
+        type=Path,
+        nargs="?",
+        help="a .ckpt file, or a run directory with checkpoints/last.ckpt (not with --hf)",
     )
     parser.add_argument(
-        "overrides", nargs="*", help="config overrides, e.g. data.root=/my/mix 'data.domains=[a,b]'"
+        "overrides",
+        nargs="*",
+        help="config overrides, e.g. data.root=/my/mix 'data.domains=[a,b]' (with --hf: Hydra-style data "
+        "overrides such as data=languages)",
     )
     parser.add_argument("--out", type=Path, help="output directory (default: <run dir>/analysis)")
     parser.add_argument(
         "--stiffness-batches", type=int, default=None, help="default: metrics.stiffness_batches"
     )
     parser.add_argument("--device", default="cpu")
+    hf = parser.add_argument_group("pretrained Hugging Face MoEs (pip install -e .[hf])")
+    hf.add_argument("--hf", help="a hub model id or a local model directory, instead of a checkpoint")
+    hf.add_argument("--tokenizer", help="tokenizer directory or id (default: the model's own)")
+    hf.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
+    hf.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (default: data.seq_len)")
+    hf.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    hf.add_argument(
+        "--max-tokens-per-domain",
+        type=int,
+        default=None,
+        help="token budget per domain (default: data.val_tokens_per_domain; 0: every validation token)",
+    )
+    hf.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if args.hf is not None:
+        if args.checkpoint is not None:  # argparse puts the first override into `checkpoint`
+            args.overrides.insert(0, str(args.checkpoint))
+        try:
+            return analyze_hf_main(args)
+        except TestbedError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    if args.checkpoint is None:
+        parser.error("give a checkpoint (or run directory), or --hf MODEL")
     from testbed.data.datamodule import DomainMixDataModule
     from testbed.train.checkpoint import load_weights
     from testbed.train.module import MoELanguageModel
@@ -193,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     stiffness = run.metrics.stiffness_batches if args.stiffness_batches is None else args.stiffness_batches
     losses, stats = evaluate(module, datamodule, stiffness)
     out = args.out or checkpoint.parent.parent / "analysis"
-    write_report(out, checkpoint, run, datamodule.domains, losses, stats, module.moe_layer_names)
+    write_report(out, checkpoint, run.router.name, datamodule.domains, losses, stats, module.moe_layer_names)
     print((out / "summary.md").read_text())
     print(f"wrote {out}/analysis.json, summary.md, heatmap.png and per-layer plots")
     return 0
