@@ -90,11 +90,10 @@ class SpecializationMetrics(L.Callback):
         self.run_dir = Path(run_dir) if run_dir else None
         self.last_metrics: dict[str, float] = {}
         self.history: list[dict] = []  # (step, per-layer gate entropy ...) for end-of-run plots
+        self.train_stats_step = 0
         self.previous_top1: torch.Tensor | None = (
             None  # [layers, tokens] top-1 experts at the last validation
         )
-        self.last_train_metrics: dict = {"epoch": -1, "metrics": {}}  # the last train/spec/* logged
-        self._relog: dict = {}
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
@@ -104,16 +103,12 @@ class SpecializationMetrics(L.Callback):
             "last_metrics": dict(self.last_metrics),
             "history": list(self.history),
             "previous_top1": self.previous_top1,
-            "last_train_metrics": dict(self.last_train_metrics),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
         self.history = list(state_dict.get("history", []))
         self.previous_top1 = state_dict.get("previous_top1")
-        # Lightning writes a step metric at the next logging step, holding its last value until then; the
-        # resumed run logs it again so that those rows of metrics.csv match the uninterrupted run's
-        self._relog = dict(state_dict.get("last_train_metrics", {}))
 
     # ------------------------------------------------------------------ training-time routing stats
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -121,20 +116,19 @@ class SpecializationMetrics(L.Callback):
         first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
         if every > 0 and first_micro_batch and trainer.global_step % every == 0:
             pl_module.train_routing_stats = new_stats(pl_module)
+            self.train_stats_step = trainer.global_step  # the step measured (Lightning's step index)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        relog, self._relog = self._relog, {}
-        if relog.get("metrics") and relog.get("epoch") == trainer.current_epoch:
-            pl_module.log_dict(relog["metrics"])
-            self.last_train_metrics = relog
         stats = pl_module.train_routing_stats
         if stats is None:
             return
         pl_module.train_routing_stats = None
         metrics = spec_metrics(stats, pl_module.moe_layer_names, prefix="train/spec")
         means = {k: v for k, v in metrics.items() if k.endswith("/mean")}
-        pl_module.log_dict(means)
-        self.last_train_metrics = {"epoch": trainer.current_epoch, "metrics": means}
+        # straight to the loggers, once, at the step measured: self.log would write the value again at
+        # every logging step until the next collection (a flat, stale curve between measurements)
+        for logger in trainer.loggers:
+            logger.log_metrics(means, step=self.train_stats_step)
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self, trainer, pl_module) -> None:

@@ -21,7 +21,10 @@ def build_logger(run: RunConfig, run_dir: Path):
     from lightning.pytorch import loggers
 
     if run.logger.name == "tensorboard":
-        return loggers.TensorBoardLogger(str(run_dir), name="tensorboard", version="")
+        # hp_metric: the final val/loss (finish_loggers), not Lightning's placeholder -1
+        return loggers.TensorBoardLogger(
+            str(run_dir), name="tensorboard", version="", default_hp_metric=False
+        )
     if run.logger.name == "wandb":
         os.environ.setdefault("WANDB_MODE", "offline" if run.logger.offline else "online")
         return loggers.WandbLogger(
@@ -32,11 +35,15 @@ def build_logger(run: RunConfig, run_dir: Path):
     return RunCSVLogger(str(run_dir), name="", version="")  # appends to metrics.csv when resuming
 
 
-def finish_loggers(trainer) -> None:
-    """Close W&B runs so that offline runs are complete on disk (summary, media) when training returns."""
-    from lightning.pytorch.loggers import WandbLogger
+def finish_loggers(trainer, module) -> None:
+    """TensorBoard's hp_metric becomes the final val/loss; W&B runs are closed so that offline runs are
+    complete on disk (summary, media) when training returns."""
+    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+    val_loss = module.last_val_metrics.get("val/loss")
     for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and val_loss is not None:
+            logger.log_hyperparams(dict(module.hparams), metrics={"hp_metric": val_loss})
         if isinstance(logger, WandbLogger):
             logger.experiment.finish()
 
@@ -93,12 +100,12 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
     import dataclasses
 
     import lightning as L
-    from lightning.pytorch.callbacks import RichProgressBar
 
     from testbed.data.datamodule import DomainMixDataModule
     from testbed.train.callbacks import SpecializationMetrics
     from testbed.train.checkpoint import (
         LAST,
+        is_launch_rank_zero,
         RunCheckpoint,
         RunInterrupted,
         TrainingDiverged,
@@ -109,6 +116,7 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
     )
     from testbed.train.finetune import trainable_parameter_count
     from testbed.train.module import MoELanguageModel
+    from testbed.train.progress import RunProgressBar, quiet_lightning_logs
     from testbed.train.summary import print_summary, unigram_entropies, write_summary
 
     if owner:
@@ -143,11 +151,17 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
         if owner:  # rows the interrupted run logged after its checkpoint are logged again
             truncate_csv(run_dir / "metrics.csv", run_state.get("csv_rows", 0))
         print(f"resuming from {resume_from} (step {payload.get('global_step')})")
+    quiet_lightning_logs()
+    if not quiet and is_launch_rank_zero():
+        total = sum(p.numel() for p in module.parameters())
+        print(
+            f"model: {total:,} parameters ({trainable_parameter_count(module.model, run.finetune):,} trainable)"
+        )
     metrics_callback = SpecializationMetrics(run_dir)
     # a dense model (model=<name>_dense) has no routing to measure: no routing metrics, counts or plots
     callbacks = [*extra_callbacks, metrics_callback] if module.model.moe_layers else [*extra_callbacks]
     if run.trainer.progress_bar and not quiet:
-        callbacks.append(RichProgressBar(leave=True))
+        callbacks.append(RunProgressBar())
     start = time.perf_counter()
     checkpointer = RunCheckpoint(run_dir, start, previous_wall_time=run_state.get("wall_time_s", 0.0))
     if run.trainer.enable_checkpointing:
@@ -174,7 +188,7 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
         # our RunCheckpoint writes last.ckpt (every validation, SIGTERM/SIGUSR1): no ModelCheckpoint
         enable_checkpointing=False,
         enable_progress_bar=t.progress_bar and not quiet,
-        enable_model_summary=not quiet,
+        enable_model_summary=False,  # its FLOPs column reads 0; the parameter counts are printed below
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
         default_root_dir=str(run_dir),
@@ -220,7 +234,7 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
                 },
             )
         raise
-    finish_loggers(trainer)
+    finish_loggers(trainer, module)
 
     summary = write_summary(
         run_dir,
@@ -230,6 +244,7 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
     )
     if not quiet and trainer.is_global_zero:
         print_summary(summary)
+        print(f"run folder: {run_dir}")
     return summary
 
 

@@ -1,0 +1,51 @@
+"""The progress bar and console logging of a training run (README: "Console output").
+
+- `RunProgressBar`: Lightning's Rich bar counts optimizer steps here, so its description says "train"
+  instead of "Epoch 0/-2" (the loader is endless and max_epochs is -1), and it shows the last validation
+  loss and the tokens per second since the run (re)started: host values only, no device sync.
+- `quiet_lightning_logs`: drops Lightning's advertising tip from its console log.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from lightning.pytorch.callbacks import RichProgressBar
+
+
+class RunProgressBar(RichProgressBar):
+    def __init__(self):
+        super().__init__(leave=True)
+        self._start: tuple[float, int] | None = None
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        return "train"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start = (time.perf_counter(), pl_module.tokens_seen)
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items: dict = {}
+        val = getattr(pl_module, "last_val_metrics", {}).get("val/loss")
+        if val is not None:
+            items["val"] = f"{val:.3f}"
+        if self._start is not None:
+            seconds = time.perf_counter() - self._start[0]
+            tokens = pl_module.tokens_seen - self._start[1]
+            if seconds > 0 and tokens > 0:
+                items["tok/s"] = f"{tokens / seconds:,.0f}"
+        return items
+
+
+class _DropAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage().lower()
+
+
+def quiet_lightning_logs() -> None:
+    """Install the filter once on Lightning's console logger."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdverts) for f in logger.filters):
+        logger.addFilter(_DropAdverts())

@@ -1,0 +1,67 @@
+"""What a training run prints and logs (README "Console output"): a step-based progress bar with the last
+val loss and tokens/s, no Lightning advert or FLOPs table, the run folder at the end, train/spec/* only at
+the steps where routing was measured, and TensorBoard's hp_metric = the final val loss."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import synth_overrides
+
+
+def test_console_output_logged_steps_and_hp_metric(synth_mix, tmp_path):
+    out = tmp_path / "run"
+    exe = os.path.join(os.path.dirname(sys.executable), "testbed-train")
+    result = subprocess.run(
+        [
+            exe,
+            *synth_overrides(synth_mix),
+            "trainer.progress_bar=true",
+            "trainer.max_steps=12",
+            "trainer.log_every_n_steps=2",
+            "metrics.train_every_n_steps=5",
+            "metrics.plots=false",
+            "logger=tensorboard",
+            f"hydra.run.dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "100"},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout + result.stderr
+    assert "litlogger" not in text and "Total FLOPs" not in text and "Epoch 0/-2" not in text
+    assert "train " in text and "tok/s" in text  # the bar: "train ━━━ ... val: ... tok/s: ..."
+    assert result.stdout.rstrip().endswith(f"run folder: {out}")
+    assert "parameters" in result.stdout.splitlines()[0]  # "model: N parameters (N trainable)"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    summary = json.loads((out / "summary.json").read_text())
+    hp = []
+    for events in (out / "tensorboard").glob("events*"):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if "hp_metric" in acc.Tags()["scalars"]:
+            hp += [e.value for e in acc.Scalars("hp_metric")]
+    assert hp and abs(hp[-1] - summary["val/loss"]) < 1e-4
+
+
+def test_train_spec_is_logged_only_where_measured(synth_mix, tmp_path):
+    from tests.conftest import compose
+    from testbed.train.cli import run_training
+
+    cfg = compose(
+        synth_overrides(
+            synth_mix, "trainer.max_steps=12", "trainer.log_every_n_steps=2", "metrics.train_every_n_steps=5"
+        )
+    )
+    run_training(cfg, tmp_path, quiet=True)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    measured = [int(r["step"]) for r in rows if r.get("train/spec/purity/mean")]
+    assert measured == [0, 5, 10]  # not repeated at every logging step in between
+    assert len([r for r in rows if r.get("train/loss")]) == 6  # Lightning's own step logging is unchanged
