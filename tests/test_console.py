@@ -51,8 +51,8 @@ def test_console_output_logged_steps_and_hp_metric(synth_mix, tmp_path):
 
 
 def test_train_spec_is_logged_only_where_measured(synth_mix, tmp_path):
-    from tests.conftest import compose
     from testbed.train.cli import run_training
+    from tests.conftest import compose
 
     cfg = compose(
         synth_overrides(

@@ -105,11 +105,11 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
     from testbed.train.callbacks import SpecializationMetrics
     from testbed.train.checkpoint import (
         LAST,
-        is_launch_rank_zero,
         RunCheckpoint,
         RunInterrupted,
         TrainingDiverged,
         check_same_run,
+        is_launch_rank_zero,
         prepare_run_dir,
         read_checkpoint,
         truncate_csv,
@@ -154,9 +154,8 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
     quiet_lightning_logs()
     if not quiet and is_launch_rank_zero():
         total = sum(p.numel() for p in module.parameters())
-        print(
-            f"model: {total:,} parameters ({trainable_parameter_count(module.model, run.finetune):,} trainable)"
-        )
+        trainable = trainable_parameter_count(module.model, run.finetune)
+        print(f"model: {total:,} parameters ({trainable:,} trainable)")
     metrics_callback = SpecializationMetrics(run_dir)
     # a dense model (model=<name>_dense) has no routing to measure: no routing metrics, counts or plots
     callbacks = [*extra_callbacks, metrics_callback] if module.model.moe_layers else [*extra_callbacks]
