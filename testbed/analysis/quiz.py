@@ -15,6 +15,9 @@ Every option starts at a token that begins with whitespace (a word boundary of t
 is used only if decoding and re-encoding it gives the same token ids, so at evaluation the model sees exactly
 the original tokens. Item passages of one domain do not overlap each other.
 
+`testbed-quiz --hf <model id or directory> --quiz <dir or csv files>` does Chernov's analysis of a pretrained
+Hugging Face MoE instead (testbed/hf/quiz.py: MMLU prompt, letter scoring, routing at the answer position).
+
 `testbed-quiz eval <run dir or .ckpt> --quiz <dir or csv files> [--out DIR]` scores these files or real MMLU
 files (`load_quiz`: a `*_test.csv` file, a directory of them, or the hendrycks layout with `test/` or
 `data/test/`; the subject is the file stem without `_test`). Definitions [defined here, after Chernov 2025]:
@@ -810,7 +813,34 @@ def load_tokenizer_of(run):
     return load_tokenizer(run.data.tokenizer or SHIPPED_TOKENIZER)
 
 
+def _eval_hf(args) -> int:
+    """`testbed-quiz --hf MODEL --quiz FILES`: Chernov's per-layer analysis of a pretrained HF MoE
+    (testbed/hf/quiz.py: letter scoring, routing at the answer position) and its three figures."""
+    from testbed.hf.load import load_hf_model
+    from testbed.hf.quiz import chernov_figures, evaluate_hf_quiz, quiz_payload
+    from testbed.hf.quiz import markdown as hf_markdown
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    items = load_quiz(args.quiz)
+    hf = load_hf_model(args.hf, args.device, args.dtype, args.tokenizer)
+    result = evaluate_hf_quiz(hf, items, args.batch_items, args.max_length, progress=not args.no_progress)
+    payload = {"quiz": [str(p) for p in args.quiz], **quiz_payload(hf, result, items)}
+    out = args.out or Path("quiz") / Path(str(args.hf).rstrip("/")).name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quiz.json").write_text(json.dumps(_finite(payload), indent=2) + "\n")
+    (out / "quiz.md").write_text(hf_markdown(payload))
+    figures = chernov_figures(payload, out)
+    print((out / "quiz.md").read_text())
+    print(f"wrote {out}/quiz.json, quiz.md, {', '.join(figures)}")
+    return 0
+
+
 def _eval(args) -> int:
+    if args.hf is not None:
+        return _eval_hf(args)
+    if args.checkpoint is None:
+        raise QuizError("testbed-quiz eval: give a checkpoint (or run directory), or --hf MODEL")
     from testbed.analysis.analyze import load_run, resolve_checkpoint
     from testbed.train.checkpoint import load_weights
     from testbed.train.module import MoELanguageModel
@@ -854,7 +884,10 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--seed", type=int, default=0)
     ev = commands.add_parser("eval", help="score a checkpoint on quiz files, with the routing analysis")
     ev.add_argument(
-        "checkpoint", type=Path, help="a .ckpt file, or a run directory with checkpoints/last.ckpt"
+        "checkpoint",
+        type=Path,
+        nargs="?",
+        help="a .ckpt file, or a run directory with checkpoints/last.ckpt (not with --hf)",
     )
     ev.add_argument(
         "--quiz", type=Path, nargs="+", required=True, help="quiz directories or *_test.csv files"
@@ -863,6 +896,15 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--batch-items", type=int, default=32, help="items per forward pass (one row each)")
     ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ev.add_argument("--device", default="cpu")
+    hf = ev.add_argument_group("pretrained Hugging Face MoEs (pip install -e .[hf]; testbed/hf/quiz.py)")
+    hf.add_argument("--hf", help="a hub model id or a local model directory, instead of a checkpoint")
+    hf.add_argument("--tokenizer", help="tokenizer directory or id (default: the model's own)")
+    hf.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
+    hf.add_argument("--max-length", type=int, default=2048, help="prompt tokens kept (the end is kept)")
+    hf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--hf"):  # `testbed-quiz --hf MODEL --quiz ...` means `eval --hf`
+        argv.insert(0, "eval")
     args, extra = parser.parse_known_args(argv)  # overrides may also come after the options
     if args.command == "build" and not any(x.startswith("-") for x in extra):
         args.overrides += extra
