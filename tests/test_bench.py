@@ -36,12 +36,21 @@ def test_metrics_overhead_benchmark_runs(tmp_path):
     data = run_benchmark(
         "metrics_overhead.py", tmp_path / "bench.json", "--steps", "2", "--warmup", "1", *SMALL
     )
-    assert data["step_ms_without_stats"] > 0 and data["step_ms_with_stats"] > 0
+    base, with_stats = data["step_ms_without_stats"], data["step_ms_with_stats"]
+    assert base > 0 and with_stats > 0
+    # the reported overheads are the ratios of the reported medians (to their rounding)
+    assert data["overhead_collected_step"] == pytest.approx((with_stats - base) / base, abs=2e-3)
+    assert data["overhead_amortized"] == pytest.approx(
+        data["overhead_collected_step"] / data["train_every_n_steps"], abs=1e-5
+    )
 
 
 def test_moe_layer_benchmark_runs_at_tiny_sizes(tmp_path):
     rows = run_benchmark("moe_layer.py", tmp_path / "moe.json", "--tiny", "--repeats", "2")["rows"]
     assert len(rows) == 2 and all(r["grouped_ms"] > 0 and r["dense_ms"] > 0 for r in rows)
+    for r in rows:  # the ratios are those of the reported times
+        assert r["grouped_over_loop"] == pytest.approx(r["loop_ms"] / r["grouped_ms"], rel=2e-2)
+        assert r["moe_over_dense"] == pytest.approx(r["dense_ms"] / r["grouped_ms"], rel=2e-2)
 
 
 def test_step_time_benchmark_reports_ratios_and_throughput(tmp_path):
@@ -62,3 +71,10 @@ def test_step_time_benchmark_reports_ratios_and_throughput(tmp_path):
         "1",
     )["rows"]
     assert rows[0]["ratio_to_baseline"] == 1.0 and all(r["tokens_per_s"] > 0 and r["mfu"] > 0 for r in rows)
+    tokens = rows[0]["tokens_per_s"] * rows[0]["step_ms"] / 1000  # tokens per step, the same for both
+    assert tokens == pytest.approx(16 * 128, rel=2e-2)  # the default batch: 16 x 128 tokens
+    assert rows[1]["ratio_to_baseline"] == pytest.approx(rows[1]["step_ms"] / rows[0]["step_ms"], rel=2e-2)
+    # MFU = tokens/s x FLOPs per token / peak: the same FLOPs per token, so MFU scales as tokens/s
+    assert rows[1]["mfu"] / rows[0]["mfu"] == pytest.approx(
+        rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"], rel=5e-2
+    )

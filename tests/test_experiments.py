@@ -79,6 +79,7 @@ def test_top_domain_experts_by_hand():
     assert ex.top_domain_experts(counts, domain=0, fraction=0.01) == [[1], [2]]  # at least one
 
 
+@pytest.mark.slow  # composes every grid point with Hydra (20-40 s)
 def test_every_shipped_experiment_grid_composes():
     """Every point of every grid (and post-training on every parent point) is a valid run config."""
     sizes = {name: ex.check_grid(ex.load_experiment(name), [], data="none") for name in ex.available()}
@@ -129,6 +130,7 @@ def test_smoke_variant_runs_and_reports(tmp_path, name):
     assert (out / "frontier_purity.png").exists()
 
 
+@pytest.mark.slow  # composes every grid point with Hydra (20-40 s)
 def test_missing_mix_fails_the_grid_up_front(tmp_path, monkeypatch):
     """A data folder that does not exist stops the whole experiment before any run, naming the folder."""
     experiment = ex.load_experiment("x1")

@@ -65,8 +65,13 @@ def test_report_frontier_plots(tmp_path):
             },
         )
     assert main([str(sweep), "--out", str(tmp_path / "r.md"), "--plots"]) == 0
+    from matplotlib.image import imread
+
     for metric in ("purity", "nmi", "reference_precision"):
-        assert (tmp_path / f"frontier_{metric}.png").stat().st_size > 1000
+        image = imread(tmp_path / f"frontier_{metric}.png")
+        height, width = image.shape[:2]
+        assert 300 <= height <= 2000 and 300 <= width <= 2000  # a figure that fits a page
+        assert image[..., :3].std() > 0.05  # something is drawn, not a blank canvas
 
 
 def write_metrics_csv(path, rows):

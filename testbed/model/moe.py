@@ -45,7 +45,6 @@ class MoELayer(nn.Module):
         )
         self.capacity_factor = moe.capacity_factor
         self.losses = losses
-        self.needs_expert_outputs = any(loss.needs_expert_outputs for loss in losses)
 
     def forward(self, x: Tensor, context: RoutingContext) -> tuple[Tensor, LayerOutput]:
         batch, seq, d_model = x.shape
