@@ -18,7 +18,7 @@ from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.losses.base import BALANCE, AuxLoss
-from testbed.losses.load_balance import load_balance_value
+from testbed.losses.load_balance import sequence_load_balance
 from testbed.losses.scope import SCOPES, all_reduce_sum
 from testbed.routing.base import Routing, RoutingContext
 
@@ -110,16 +110,7 @@ class ExpertBiasBalance(AuxLoss):
         tracker = context.extras.get("expert_bias_tracker")
         if tracker is not None:
             tracker.observe(context.layer_index, routing, context)
-        groups = context.sequence_ids.to(routing.probs.device)
-        return load_balance_value(
-            routing.probs.float(),
-            routing.expert_index,
-            routing.token_index,
-            routing.num_experts,
-            groups,
-            context.batch_size,
-            routing.kept,
-        )
+        return sequence_load_balance(routing, context)
 
     @classmethod
     def check(cls, config: ExpertBiasConfig, key: str) -> None:

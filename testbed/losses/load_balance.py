@@ -56,6 +56,21 @@ def load_balance_value(
     return (num_experts * (fractions * mean_probs).sum(-1)).mean()
 
 
+def sequence_load_balance(routing: Routing, context: RoutingContext) -> Tensor:
+    """Sequence scope (DeepSeek's sequence-wise loss): the value within each sequence, averaged; also the
+    complementary loss beside expert-bias balancing (`sequence_coefficient`)."""
+    probs = routing.probs.float()
+    return load_balance_value(
+        probs,
+        routing.expert_index,
+        routing.token_index,
+        routing.num_experts,
+        context.sequence_ids.to(probs.device),
+        context.batch_size,
+        routing.kept,
+    )
+
+
 def global_load_balance(
     probs: Tensor, expert_index: Tensor, context: RoutingContext, kept: Tensor | None = None
 ) -> Tensor:
@@ -81,16 +96,7 @@ class LoadBalanceLoss(AuxLoss):
         if self.config.scope == "global":
             return global_load_balance(probs, routing.expert_index, context, routing.kept)
         if self.config.scope == "sequence":
-            groups = context.sequence_ids.to(probs.device)
-            return load_balance_value(
-                probs,
-                routing.expert_index,
-                routing.token_index,
-                routing.num_experts,
-                groups,
-                context.batch_size,
-                routing.kept,
-            )
+            return sequence_load_balance(routing, context)
         return load_balance_value(
             probs, routing.expert_index, routing.token_index, routing.num_experts, kept=routing.kept
         )
