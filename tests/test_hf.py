@@ -443,3 +443,35 @@ def test_bad_models_exit_2_with_a_clear_message(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "transformers", None)
     assert main(["--hf", str(dense)]) == 2
     assert "pip install -e .[hf]" in capsys.readouterr().err
+
+
+def test_intervene_on_a_testbed_checkpoint(synth_mix, tmp_path):
+    """The same commands on the testbed's own models: the dead set is the zero-load experts of the cloze quiz
+    (every counted token), so pruning it changes nothing; reweighting the two most accurate experts does."""
+    from conftest import compose, synth_overrides
+
+    from testbed.analysis import quiz as Q
+    from testbed.hf.intervene import main
+    from testbed.train.cli import run_training
+
+    run_dir = tmp_path / "run"
+    overrides = synth_overrides(synth_mix, "trainer.max_steps=6", "metrics.plots=false")
+    run_training(compose(overrides), run_dir, quiet=True)
+    quiz = tmp_path / "quiz"
+    assert (
+        Q.main(["build", *synth_overrides(synth_mix)[:6], "--out", str(quiz), "--items-per-domain", "6"]) == 0
+    )
+    assert Q.main(["eval", str(run_dir), "--quiz", str(quiz), "--out", str(tmp_path / "eval")]) == 0
+    baseline = json.loads((tmp_path / "eval" / "quiz.json").read_text())
+    out = tmp_path / "prune"
+    assert main(["prune", str(run_dir), "--quiz", str(quiz), "--out", str(out)]) == 0
+    result = json.loads((out / "intervention.json").read_text())
+    assert result["before"] == result["after"]
+    for name in baseline["layers"]:
+        load = baseline["per_layer"][name]["expert_load"]
+        assert result["experts"][name] == [e for e, n in enumerate(load) if n == 0]
+    out = tmp_path / "reweight"
+    assert main(["reweight", str(run_dir), "--quiz", str(quiz), "--min-items", "1", "--out", str(out)]) == 0
+    result = json.loads((out / "intervention.json").read_text())
+    assert all(len(experts) == 2 for experts in result["experts"].values())
+    assert result["after"]["loss"] != result["before"]["loss"]
