@@ -16,6 +16,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 SCOPES = ("sequence", "micro_batch", "global")
+# the scopes within one forward pass: routers that need every token of the scope at once (expert choice,
+# balanced assignment) cannot span accumulated micro-batches
+LOCAL_SCOPES = SCOPES[:2]
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:

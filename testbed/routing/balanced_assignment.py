@@ -34,9 +34,8 @@ import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
+from testbed.losses.scope import LOCAL_SCOPES
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
-
-BA_SCOPES = ("sequence", "micro_batch")
 
 
 @dataclass
@@ -123,7 +122,7 @@ def balanced_assignment(
 
 @ROUTERS.register("balanced_assignment", BalancedAssignmentConfig)
 class BalancedAssignmentRouter(Router):
-    scopes = BA_SCOPES
+    scopes = LOCAL_SCOPES
     host_sync = True  # the auction's "done?" test every check_every rounds
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
@@ -155,11 +154,11 @@ class BalancedAssignmentRouter(Router):
     @classmethod
     def check(cls, config: BalancedAssignmentConfig, run, key: str) -> None:
         super().check(config, run, key)
-        if config.scope not in BA_SCOPES:
+        if config.scope not in LOCAL_SCOPES:
             raise ConfigError(
                 f"{key}.scope",
                 config.scope,
-                f"one of {list(BA_SCOPES)} (an exact assignment cannot span accumulated micro-batches)",
+                f"one of {list(LOCAL_SCOPES)} (an exact assignment cannot span accumulated micro-batches)",
             )
         for name, low in (("eps", 0.0), ("eps_factor", 1.0)):
             value = getattr(config, name)

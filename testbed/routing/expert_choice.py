@@ -16,10 +16,9 @@ import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
+from testbed.losses.scope import LOCAL_SCOPES
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, count_per_expert
 from testbed.routing.capacity import expert_capacity
-
-SCOPES = ("micro_batch", "sequence")
 
 
 @dataclass
@@ -72,5 +71,5 @@ class ExpertChoiceRouter(Router):
         cf = config.capacity_factor
         if not isinstance(cf, (int, float)) or isinstance(cf, bool) or not cf > 0:
             raise ConfigError(f"{key}.capacity_factor", cf, "a float > 0")
-        if config.scope not in SCOPES:
-            raise ConfigError(f"{key}.scope", config.scope, f"one of {list(SCOPES)}")
+        if config.scope not in LOCAL_SCOPES:
+            raise ConfigError(f"{key}.scope", config.scope, f"one of {list(LOCAL_SCOPES)}")
