@@ -448,11 +448,10 @@ def test_bad_models_exit_2_with_a_clear_message(tmp_path, capsys, monkeypatch):
 def test_intervene_on_a_testbed_checkpoint(synth_mix, tmp_path):
     """The same commands on the testbed's own models: the dead set is the zero-load experts of the cloze quiz
     (every counted token), so pruning it changes nothing; reweighting the two most accurate experts does."""
-    from tests.conftest import compose, synth_overrides
-
     from testbed.analysis import quiz as Q
     from testbed.hf.intervene import main
     from testbed.train.cli import run_training
+    from tests.conftest import compose, synth_overrides
 
     run_dir = tmp_path / "run"
     overrides = synth_overrides(synth_mix, "trainer.max_steps=6", "metrics.plots=false")
