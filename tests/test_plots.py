@@ -11,9 +11,9 @@ from matplotlib.collections import PathCollection
 
 from testbed.analysis.plots import (
     domain_expert_heatmaps,
+    frontier_scatter,
     per_layer_curves,
     save_figure,
-    specialization_scatter,
 )
 from testbed.metrics.layout import block_layout
 
@@ -92,22 +92,29 @@ def test_heatmap_rejects_bad_order():
         domain_expert_heatmaps(oracle_table()[None], DOMAINS, ["l0"], order="random")
 
 
-def test_scatter_one_point_per_input_and_markers(tmp_path):
+def test_frontier_marker_per_method_colour_per_scope(tmp_path):
     points = [
-        {"label": "oracle", "kind": "oracle", "utilization": 1.0, "purity": 1.0},
-        {"label": "hash", "kind": "hash", "utilization": 0.99, "purity": 0.2},
-        {"label": "topk", "kind": "router", "utilization": 0.8, "purity": 0.5, "yerr": 0.05},
-        {"label": "topk+aux", "utilization": 0.95, "purity": 0.4, "xerr": 0.01},
+        {"method": "oracle", "scope": "", "utilization": 1.0, "purity": 1.0},
+        {"method": "hash", "scope": "", "utilization": 0.93, "purity": 0.16},
+        {"method": "LBL", "scope": "sequence", "utilization": 0.9, "purity": 0.3, "yerr": 0.01},
+        {"method": "LBL", "scope": "global", "utilization": 0.9, "purity": 0.4, "xerr": 0.01},
+        {"method": "SH", "scope": "global", "utilization": 0.95, "purity": 0.35, "hollow": True},
     ]
-    out = tmp_path / "scatter.png"
-    fig = specialization_scatter(points, out_path=out, title="frontier")
+    out = tmp_path / "frontier.png"
+    fig = frontier_scatter(points, out_path=out, title="frontier")
     assert_png(out)
-    scatters = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
-    assert sum(len(c.get_offsets()) for c in scatters) == len(points)
-    by_kind = {c.get_label(): c.get_paths()[0].vertices for c in scatters}
-    assert set(by_kind) == {"oracle", "hash", "router"}
-    assert not np.array_equal(by_kind["oracle"], by_kind["hash"])
-    assert not np.array_equal(by_kind["oracle"], by_kind["router"])
+    ax = fig.axes[0]
+    scatters = [c for c in ax.collections if isinstance(c, PathCollection)]
+    assert len(scatters) == len(points)  # one marker per point
+    edge = [tuple(np.round(c.get_edgecolor()[0], 3)) for c in scatters]
+    assert edge[2] != edge[3] and edge[3] == edge[4]  # colour = scope: sequence vs global; global twice
+    shapes = [c.get_paths()[0].vertices.shape for c in scatters]
+    assert shapes[2] == shapes[3] and shapes[3] != shapes[4]  # marker = method: LBL twice, SH differs
+    assert len(scatters[4].get_facecolor()) == 0 or scatters[4].get_facecolor()[0][3] == 0  # hollow: mixed
+    legends = [a for a in ax.artists if a.__class__.__name__ == "Legend"] + [ax.get_legend()]
+    titles = {leg.get_title().get_text() for leg in legends if leg is not None}
+    assert titles == {"method", "scope"}
+    assert ax.get_xlabel() == "utilization (1 = perfect balance)"
 
 
 def test_per_layer_curves_and_save_figure(tmp_path):

@@ -16,7 +16,6 @@ from testbed.metrics.specialization import purity, reference_assignment, referen
 
 DPI = 120
 MAX_COLUMNS = 4
-MARKERS = {"oracle": "*", "hash": "x"}  # anything else (e.g. "router") is drawn as a circle
 
 
 def save_figure(fig: Figure, out_path: str | Path) -> Path:
@@ -120,31 +119,67 @@ def domain_expert_heatmaps(
     return _finish(fig, out_path)
 
 
-def specialization_scatter(
+# The Testbed paper's frontier: one marker per balancing method, one colour per balancing scope.
+METHOD_MARKERS = {
+    "LBL": "o",
+    "EB": "s",
+    "SH": "^",
+    "BA": "D",
+    "EC": "v",
+    "oracle": "*",
+    "hash": "X",
+    "none": "P",
+}
+SCOPE_COLOURS = {"sequence": "tab:blue", "micro_batch": "tab:orange", "global": "tab:green", "": "black"}
+AXIS_LABELS = {
+    "utilization": "utilization (1 = perfect balance)",
+    "purity": "purity (1 = every expert serves one domain)",
+    "nmi": "NMI(domain; expert)",
+    "reference_precision": "reference precision (agreement with the oracle's blocks)",
+}
+
+
+def frontier_scatter(
     points: Sequence[Mapping],
     out_path: str | Path | None = None,
     x: str = "utilization",
     y: str = "purity",
     title: str | None = None,
 ) -> Figure:
-    """Scatter of metric `y` against metric `x` across runs (the utilization-vs-specialization frontier):
-    one labelled point per dict; oracle a star, hash an x, other routers circles; optional xerr/yerr."""
-    fig = Figure(figsize=(5.0, 4.0), layout="constrained")
+    """The specialization-vs-utilization frontier with a marker per `method` and a colour per `scope`
+    (a point's keys; references such as oracle and hash have scope ""). Hollow markers: mixed batches
+    (`hollow`). Error bars: `xerr`/`yerr`. Two legends: methods (grey) and scopes (colours)."""
+    from matplotlib.lines import Line2D
+
+    fig = Figure(figsize=(6.0, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    kinds = dict.fromkeys(p.get("kind", "router") for p in points)  # first-seen order, for the legend
-    for kind in kinds:
-        group = [p for p in points if p.get("kind", "router") == kind]
-        xs = [float(p[x]) for p in group]
-        ys = [float(p[y]) for p in group]
-        marker = MARKERS.get(kind, "o")
-        ax.scatter(xs, ys, marker=marker, s=90 if marker == "*" else 40, label=kind, zorder=3)
-        xerr = [p.get("xerr", 0.0) or 0.0 for p in group]
-        yerr = [p.get("yerr", 0.0) or 0.0 for p in group]
-        if any(xerr) or any(yerr):
-            ax.errorbar(xs, ys, xerr=xerr, yerr=yerr, fmt="none", ecolor="gray", elinewidth=0.8, capsize=2)
-        for p, px, py in zip(group, xs, ys, strict=True):
-            ax.annotate(str(p["label"]), (px, py), xytext=(4, 4), textcoords="offset points", fontsize=6)
-    _style(ax, x, y, title, legend=bool(points))
+    for p in points:
+        colour = SCOPE_COLOURS.get(p.get("scope", ""), "tab:gray")
+        marker = METHOD_MARKERS.get(p.get("method", "none"), "P")
+        px, py = float(p[x]), float(p[y])
+        if p.get("xerr") or p.get("yerr"):
+            ax.errorbar(px, py, xerr=p.get("xerr") or 0.0, yerr=p.get("yerr") or 0.0, fmt="none",
+                        ecolor=colour, alpha=0.5, elinewidth=0.8, capsize=2, zorder=2)  # fmt: skip
+        face = "none" if p.get("hollow") else colour
+        size = 140 if marker == "*" else 55
+        ax.scatter(
+            [px], [py], marker=marker, s=size, facecolors=face, edgecolors=colour, linewidths=1.2, zorder=3
+        )
+    methods = list(dict.fromkeys(p.get("method", "none") for p in points))
+    scopes = [s for s in SCOPE_COLOURS if s and any(p.get("scope") == s for p in points)]
+    handles = [
+        Line2D([], [], ls="", marker=METHOD_MARKERS.get(m, "P"), color="dimgray", label=m) for m in methods
+    ]
+    if any(p.get("hollow") for p in points):
+        handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="dimgray", label="mixed batches"))
+    first = ax.legend(handles=handles, title="method", fontsize=7, title_fontsize=7, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0))  # fmt: skip
+    ax.add_artist(first)
+    if scopes:
+        scope_handles = [Line2D([], [], ls="", marker="s", color=SCOPE_COLOURS[s], label=s) for s in scopes]
+        ax.legend(handles=scope_handles, title="scope", fontsize=7, title_fontsize=7, loc="lower left",
+                  bbox_to_anchor=(1.01, 0.0))  # fmt: skip
+    _style(ax, AXIS_LABELS.get(x, x), AXIS_LABELS.get(y, y), title, legend=False)
     return _finish(fig, out_path)
 
 

@@ -317,16 +317,27 @@ def settings_label(group: dict) -> str:
     return " ".join(items) or group["settings"].get("sweep") or "run"
 
 
-def router_kind(group: dict) -> str:
-    routers = {run["summary"].get("config", {}).get("router", "") for run in group["runs"]}
-    router = routers.pop() if len(routers) == 1 else ""
-    return router if router in ("oracle", "hash") else "router"
+def method_and_scope(summary: dict) -> tuple[str, str]:
+    """A run's balancing method (LBL, EB, SH, BA, EC, oracle, hash, none) and the scope it balances over
+    ("" for the references and unscoped methods), from its summary's chosen and resolved config."""
+    config, resolved = summary.get("config", {}), summary.get("resolved", {})
+    router, balance = config.get("router", ""), config.get("balance", "")
+    if router in ("oracle", "hash"):
+        return router, ""
+    routers = {"sinkhorn": "SH", "balanced_assignment": "BA", "expert_choice": "EC"}
+    if router in routers:
+        return routers[router], str(resolved.get("router", {}).get("scope", "") or "")
+    balances = {"load_balance": "LBL", "expert_bias": "EB"}
+    if balance in balances:
+        return balances[balance], str(resolved.get("balance", {}).get("scope", "") or "")
+    return "none", ""
 
 
 def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
-    """Utilization vs specialization across groups (purity, nmi, reference precision); oracle, hash marked;
-    error bars are the spread over seeds."""
-    from testbed.analysis.plots import specialization_scatter
+    """Utilization vs specialization across groups (purity, nmi, reference precision), the Testbed paper's
+    picture: one marker per balancing method, one colour per scope, oracle and hash as references, hollow
+    for mixed batches; error bars are the std over seeds (n in the title)."""
+    from testbed.analysis.plots import frontier_scatter
 
     _, groups = group_runs(runs)
     paths = []
@@ -336,20 +347,33 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
             util = aggregate([r["summary"].get("spec/utilization/mean") for r in group["runs"]])
             value = aggregate([r["summary"].get(f"spec/{metric}/mean") for r in group["runs"]])
             if util[2] and value[2]:
+                summary = group["runs"][0]["summary"]
+                method, scope = method_and_scope(summary)
+                composition = summary.get("resolved", {}).get("data", {}).get("batch_composition")
                 points.append(
                     {
                         "label": group_label(group),
-                        "kind": router_kind(group),
+                        "method": method,
+                        "scope": scope,
+                        "hollow": composition == "mixed" and method not in ("oracle", "hash"),
                         "utilization": util[0],
                         metric: value[0],
                         "xerr": util[1],
                         "yerr": value[1],
+                        "n": min(util[2], value[2]),
                     }
                 )
         if points:
             path = out_dir / f"frontier_{metric}.png"
-            specialization_scatter(
-                points, out_path=path, x="utilization", y=metric, title=f"utilization vs {metric}"
+            counts = sorted({p["n"] for p in points})
+            seeds = f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}-{counts[-1]}"
+            spread = "mean ± std over seeds" if counts[-1] > 1 else "one seed each"
+            frontier_scatter(
+                points,
+                out_path=path,
+                x="utilization",
+                y=metric,
+                title=f"specialization vs balance ({spread}, {seeds})",
             )
             paths.append(path)
     return paths
