@@ -50,7 +50,11 @@ def explain(router: str, losses, router_options=None, with_stats=False):
     return dynamo.explain(step)(x, token_ids, domain_ids)
 
 
-@pytest.mark.parametrize("router", ["topk_softmax", "sigmoid", "expert_choice", "oracle", "sinkhorn", "hash"])
+# every registered router but the one whose routing runs a host-checked loop (BA: torch.compiler.disable)
+COMPILABLE = sorted(name for name in ROUTERS.names() if not ROUTERS.get(name)[0].host_sync)
+
+
+@pytest.mark.parametrize("router", COMPILABLE)
 def test_moe_layer_has_no_graph_breaks(router):
     result = explain(router, [LoadBalanceLoss(LoadBalanceConfig()), ZLoss(ZLossConfig())])
     assert (result.graph_count, result.graph_break_count) == (1, 0), result.break_reasons

@@ -141,7 +141,7 @@ def test_token_choice_gives_k_distinct_experts(name, data):
 
 
 def test_registry_lists_routers():
-    assert set(ALL) <= set(ROUTERS.names())
+    assert set(ALL) == set(ROUTERS.names())  # a new router needs its options strategy above to be tested
     assert [n for n in ALL if not ROUTERS.get(n)[0].token_choice] == ["expert_choice"]
     assert {n for n in ALL if ROUTERS.get(n)[0].supports_expert_bias} == {"topk_softmax", "sigmoid"}
 
@@ -380,3 +380,10 @@ def test_gradients_reach_the_gate_through_the_gates(name, options):
     (routing.weight * torch.randn_like(routing.weight)).sum().backward()
     grad = router.gate.weight.grad
     assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_references_are_flagged_on_the_router_classes():
+    from testbed.analysis.report import reference_routers
+
+    assert reference_routers() == {"oracle", "hash"}
+    assert ROUTERS.get("oracle")[0].reference == "upper" and ROUTERS.get("hash")[0].reference == "floor"

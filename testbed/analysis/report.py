@@ -317,12 +317,19 @@ def settings_label(group: dict) -> str:
     return " ".join(items) or group["settings"].get("sweep") or "run"
 
 
+def reference_routers() -> set[str]:
+    """Registered routers that are references (Router.reference: the oracle, hash), not learned routers."""
+    from testbed.routing import ROUTERS
+
+    return {name for name in ROUTERS.names() if ROUTERS.get(name)[0].reference}
+
+
 def method_and_scope(summary: dict) -> tuple[str, str]:
     """A run's balancing method (LBL, EB, SH, BA, EC, oracle, hash, none) and the scope it balances over
     ("" for the references and unscoped methods), from its summary's chosen and resolved config."""
     config, resolved = summary.get("config", {}), summary.get("resolved", {})
     router, balance = config.get("router", ""), config.get("balance", "")
-    if router in ("oracle", "hash"):
+    if router in reference_routers():
         return router, ""
     routers = {"sinkhorn": "SH", "balanced_assignment": "BA", "expert_choice": "EC"}
     if router in routers:
@@ -355,7 +362,7 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
                         "label": group_label(group),
                         "method": method,
                         "scope": scope,
-                        "hollow": composition == "mixed" and method not in ("oracle", "hash"),
+                        "hollow": composition == "mixed" and method not in reference_routers(),
                         "utilization": util[0],
                         metric: value[0],
                         "xerr": util[1],

@@ -1,7 +1,16 @@
-"""Balancing methods (BALANCE, one at a time) and auxiliary losses (AUX_LOSSES, any list)."""
+"""Balancing methods (BALANCE, one at a time) and auxiliary losses (AUX_LOSSES, any list).
 
-from testbed.losses import expert_bias, load_balance, orthogonality, variance, z_loss  # noqa: F401  (registers)
+Every module of this package is imported here (found on disk, not listed), so a new loss is one file with
+`@BALANCE.register(...)` or `@AUX_LOSSES.register(...)` plus its YAML in conf/balance/ or conf/aux_loss/.
+"""
+
+import importlib
+import pkgutil
+
 from testbed.losses.base import AUX_LOSSES, BALANCE, AuxLoss
 from testbed.losses.load_balance import load_balance_value
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")  # registers its losses
 
 __all__ = ["AUX_LOSSES", "BALANCE", "AuxLoss", "load_balance_value"]

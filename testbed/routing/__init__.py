@@ -1,14 +1,15 @@
-"""Routers: one file each, registered by name in ROUTERS; all return the `Routing` contract."""
+"""Routers: one file each, registered by name in ROUTERS; all return the `Routing` contract.
 
-from testbed.routing import (
-    balanced_assignment,  # noqa: F401  (registers)
-    expert_choice,  # noqa: F401  (registers)
-    hash,  # noqa: F401  (registers)
-    oracle,  # noqa: F401  (registers)
-    sigmoid,  # noqa: F401  (registers)
-    sinkhorn,  # noqa: F401  (registers)
-    topk_softmax,  # noqa: F401  (registers)
-)
+Every module of this package is imported here (found on disk, not listed), so a new router is one file
+with `@ROUTERS.register(...)` plus its YAML in conf/router/; the tests parametrize over `ROUTERS.names()`.
+"""
+
+import importlib
+import pkgutil
+
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")  # registers its routers
 
 __all__ = ["ROUTERS", "Router", "Routing", "RoutingContext", "routing_from_choices"]

@@ -109,7 +109,9 @@ class Router(nn.Module):
     - `supports_expert_bias`: selection adds the `expert_bias` buffer (auxiliary-loss-free balancing);
     - `scopes`: balancing scopes the router itself uses (e.g. Sinkhorn); empty = none;
     - `host_sync`: its training-time routing reads device values on the host (the balanced-assignment
-      auction's stopping test); every other router is sync-free (tests/test_sync_free.py).
+      auction's stopping test); every other router is sync-free (tests/test_sync_free.py);
+    - `reference`: "upper" (specialization by construction: the oracle) or "floor" (no semantic routing:
+      hash); reports draw references apart from the learned routers. None for a learned router.
     """
 
     registry_name = "base"
@@ -117,6 +119,7 @@ class Router(nn.Module):
     supports_expert_bias = False
     scopes: tuple[str, ...] = ()
     host_sync = False
+    reference: str | None = None
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__()

@@ -25,6 +25,8 @@ class HashConfig:
 
 @ROUTERS.register("hash", HashConfig)
 class HashRouter(Router):
+    reference = "floor"  # the reports' reference, not a learned router
+
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__(d_model, num_experts, config, num_domains)
         generator = torch.Generator().manual_seed(config.seed)

@@ -25,6 +25,8 @@ class OracleConfig:
 
 @ROUTERS.register("oracle", OracleConfig)
 class OracleRouter(Router):
+    reference = "upper"  # the reports' reference, not a learned router
+
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__(d_model, num_experts, config, num_domains)
         blocks = block_layout(num_experts, num_domains)
