@@ -36,7 +36,7 @@ def test_global_scope_uses_running_counts_over_micro_batches():
     state.start_step()
     mb1 = torch.tensor([[0.9, 0.1], [0.8, 0.2]])  # both tokens -> expert 0: counts [2, 0]
     mb2 = torch.tensor([[0.3, 0.7], [0.4, 0.6]])  # both tokens -> expert 1: running counts [2, 2]
-    ctx = RoutingContext(1, 2, extras={"scope_state": state})
+    ctx = RoutingContext(1, 2, scope_state=state)
     first = loss(top1(mb1), ctx)
     # f = [1, 0], P = [0.85, 0.15] -> 2 * 0.85
     assert first.item() == pytest.approx(1.7)
@@ -84,7 +84,7 @@ def two_rank_worker(rank, port, out_dir):
     # load balance at global scope
     state = GlobalScopeState()
     state.start_step()
-    ctx = RoutingContext(1, half, extras={"scope_state": state})
+    ctx = RoutingContext(1, half, scope_state=state)
     value = LoadBalanceLoss(LoadBalanceConfig(scope="global"))(top1(local), ctx)
     counts = state.counts[("load_balance", 0)]
     # sinkhorn at global scope
@@ -195,7 +195,7 @@ def test_sinkhorn_router_balances_in_training_and_is_top_k_at_eval(scope):
     with torch.no_grad():
         router.gate.weight[0] += 0.5
     x = torch.randn(4 * 64, 16).abs()
-    ctx = RoutingContext(4, 64, extras={"scope_state": GlobalScopeState()})
+    ctx = RoutingContext(4, 64, scope_state=GlobalScopeState())
     balanced = router.train()(x, ctx)
     plain = router.eval()(x, ctx)
     assert S.max_violation(balanced.tokens_per_expert.numpy()) < 0.3
@@ -216,12 +216,12 @@ def test_sinkhorn_global_scope_evens_out_across_accumulation():
     state.accumulate(("sinkhorn", 0), torch.tensor([16.0, 16, 16, 16, 0, 0, 0, 0], dtype=torch.float64))
     state.next_micro_batch()
     x = torch.randn(64, 16)
-    second = router(x, RoutingContext(1, 64, extras={"scope_state": state}))
+    second = router(x, RoutingContext(1, 64, scope_state=state))
     # cumulative targets: 128/8 = 16 per expert, so micro-batch 2 should go to experts 4-7
     assert second.tokens_per_expert[4:].sum() >= 56, second.tokens_per_expert
     total = second.tokens_per_expert + torch.tensor([16, 16, 16, 16, 0, 0, 0, 0])
     assert S.max_violation(total.numpy()) < 0.3
-    alone = router(x, RoutingContext(1, 64, extras={"scope_state": GlobalScopeState()}))
+    alone = router(x, RoutingContext(1, 64, scope_state=GlobalScopeState()))
     assert alone.tokens_per_expert[4:].sum() <= 40  # without history it balances the micro-batch alone
 
 
@@ -267,7 +267,7 @@ def test_capacity_in_the_moe_layer_and_counters():
         layer_index=0,
     ).eval()
     stats = RoutingStats(1, 1, 4)
-    _, out = layer(torch.randn(1, 40, 16), RoutingContext(1, 40, extras={"routing_stats": stats}))
+    _, out = layer(torch.randn(1, 40, 16), RoutingContext(1, 40, routing_stats=stats))
     capacity = math.ceil(0.5 * 2 * 40 / 4)
     kept = out.routing.kept
     assert count_per_expert(out.routing.expert_index, 4, kept).max().item() <= capacity
@@ -348,7 +348,7 @@ def test_masked_capacity_in_the_layer_equals_removing_the_dropped_assignments(
             if i > 0:
                 state.next_micro_batch()
             extras = {"scope_state": state, "routing_stats": stats, "expert_bias_tracker": tracker}
-            y, out = layer(x, RoutingContext(batch, seq, domain_ids=domain_ids, extras=extras))
+            y, out = layer(x, RoutingContext(batch, seq, domain_ids=domain_ids, **extras))
             ys.append(y)
             routings.append(out.routing)
             loss_values.append(out.losses)

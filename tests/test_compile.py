@@ -43,7 +43,7 @@ def explain(router: str, losses, router_options=None, with_stats=False):
         extras["routing_stats"] = RoutingStats(1, 4, 8)
 
     def step(x, token_ids, domain_ids):
-        y, out = layer(x, RoutingContext(2, 16, token_ids=token_ids, domain_ids=domain_ids, extras=extras))
+        y, out = layer(x, RoutingContext(2, 16, token_ids=token_ids, domain_ids=domain_ids, **extras))
         return y, out.losses
 
     dynamo.reset()

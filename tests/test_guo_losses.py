@@ -103,7 +103,7 @@ def test_variable_experts_per_token_match_a_per_token_loop(capacity_factor):
             assert counts.min() < 2 <= counts.max()
         loss = OrthogonalityLoss(OrthogonalityConfig(coefficient=1.0))
         max_k = 3 if router.name == "topk_softmax" else None
-        value = loss(routing, RoutingContext(1, 24, extras={"max_experts_per_token": max_k}), outputs)
+        value = loss(routing, RoutingContext(1, 24, max_experts_per_token=max_k), outputs)
         assert value.item() == pytest.approx(brute_force_orthogonality(routing, outputs.detach()), rel=1e-4)
 
 

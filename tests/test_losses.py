@@ -84,7 +84,7 @@ def test_each_aux_loss_sends_gradient_to_router(loss, backend):
     )
     layer.train()
     extras = {"scope_state": GlobalScopeState()}
-    _, out = layer(torch.randn(2, 12, 16), RoutingContext(batch_size=2, seq_len=12, extras=extras))
+    _, out = layer(torch.randn(2, 12, 16), RoutingContext(batch_size=2, seq_len=12, **extras))
     assert set(out.losses) == {loss.name}
     out.losses[loss.name].backward()
     grad = layer.router.gate.weight.grad

@@ -114,7 +114,7 @@ def step(layer, batch=2, seq=24):
         seq,
         token_ids=torch.randint(0, 100, (tokens,)),
         domain_ids=torch.arange(tokens) % 4,
-        extras=extras,
+        **extras,
     )
     layer(x, context)  # warm-up outside the mode (lazy initialization)
     correct = torch.arange(tokens) % 3 == 0

@@ -107,7 +107,7 @@ class ExpertBiasBalance(AuxLoss):
     def __call__(
         self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
     ) -> Tensor:
-        tracker = context.extras.get("expert_bias_tracker")
+        tracker = context.expert_bias_tracker
         if tracker is not None:
             tracker.observe(context.layer_index, routing, context)
         return sequence_load_balance(routing, context)

@@ -78,7 +78,7 @@ def global_load_balance(
     the micro-batches so far; P_e over this micro-batch's local tokens."""
     num_experts = probs.shape[1]
     local_counts = count_per_expert(expert_index, num_experts, kept).to(probs.dtype)
-    state = context.extras.get("scope_state")
+    state = context.scope_state
     if state is None:  # outside training steps (e.g. a bare forward): the micro-batch is the whole scope
         counts = local_counts
     else:

@@ -146,7 +146,7 @@ class OrthogonalityLoss(AuxLoss):
             outputs = outputs * routing.weight.float().unsqueeze(-1)
         if routing.kept is not None:  # dropped by capacity: an empty slot, as if never routed
             outputs = torch.where(routing.kept.unsqueeze(-1), outputs, torch.zeros_like(outputs))
-        slot, num_slots = per_token_slots(routing, context.extras.get("max_experts_per_token"))
+        slot, num_slots = per_token_slots(routing, context.max_experts_per_token)
         padded = outputs.new_zeros(routing.num_tokens, num_slots, outputs.shape[-1])
         padded = padded.index_put((routing.token_index, slot), outputs)
         energy_of = projection_energy if num_slots <= GRAM_SCHMIDT_MAX_SLOTS else projection_energy_by_inverse

@@ -49,9 +49,8 @@ class MoELayer(nn.Module):
     def forward(self, x: Tensor, context: RoutingContext) -> tuple[Tensor, LayerOutput]:
         batch, seq, d_model = x.shape
         flat = x.reshape(batch * seq, d_model)
-        context.layer_index = self.layer_index
         # static bound on experts per token for per-token losses (None: data-dependent, e.g. expert choice)
-        context.extras["max_experts_per_token"] = self.router.top_k if self.router.token_choice else None
+        context = context.for_layer(self.layer_index, self.router.top_k if self.router.token_choice else None)
         routing = self.router(flat, context)
         if self.capacity_factor is not None and self.router.token_choice:
             # static shapes, no host sync: dropped assignments stay with gate 0 and `routing.kept` False;
@@ -66,7 +65,7 @@ class MoELayer(nn.Module):
                 losses[loss.name] = loss(
                     routing, context, expert_outputs if loss.needs_expert_outputs else None
                 )
-        stats = context.extras.get("routing_stats")
+        stats = context.routing_stats
         if stats is not None:
             stats.update(self.moe_index, routing, context.domain_ids, expert_outputs, (batch, seq))
         return y.view(batch, seq, d_model), LayerOutput(losses=losses, routing=routing)

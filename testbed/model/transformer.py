@@ -14,6 +14,19 @@ from testbed.model.experts import DenseSwiGLU
 from testbed.model.moe import LayerOutput, MoELayer
 from testbed.routing.base import RoutingContext
 
+# What `MoETransformer.forward(..., extras)` accepts: training state for the routing context, the counters to
+# update, and inputs of the attention trunk (testbed-quiz's packed continuations, the stiffness perturbation)
+EXTRAS = frozenset(
+    {
+        "scope_state",
+        "expert_bias_tracker",
+        "routing_stats",
+        "attention_mask",
+        "position_ids",
+        "embedding_offset",
+    }
+)
+
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
     """cos/sin tables [seq, head_dim/2] for rotary position embeddings (Su et al. 2021)."""
@@ -114,25 +127,31 @@ class MoETransformer(nn.Module):
         """Logits [B, S, V], or with `return_hidden` the final normed hidden states [B, S, d] (the LM head's
         input, for a chunked LM loss that never builds the logits)."""
         batch, seq = input_ids.shape
+        extras = dict(extras or {})
+        unknown = set(extras) - EXTRAS
+        if unknown:
+            raise ValueError(f"unknown model extras {sorted(unknown)}; allowed: {sorted(EXTRAS)}")
         context = RoutingContext(
             batch_size=batch,
             seq_len=seq,
             token_ids=input_ids.reshape(-1),
             domain_ids=None if domain_ids is None else domain_ids.reshape(-1),
-            extras=extras or {},
+            scope_state=extras.get("scope_state"),
+            expert_bias_tracker=extras.get("expert_bias_tracker"),
+            routing_stats=extras.get("routing_stats"),
         )
         x = self.embed(input_ids)
-        offset = context.extras.get("embedding_offset")  # perturbation for routing-stiffness analysis
+        offset = extras.get("embedding_offset")  # perturbation for routing-stiffness analysis
         if offset is not None:
             x = x + offset
         # Optional, for scoring several continuations of one shared prefix in one row (testbed-quiz):
         # `attention_mask` [B, S, S] bool (True: may attend; replaces the causal mask) and `position_ids`
         # [B, S] (rotary positions; default 0..S-1).
         cos, sin = self.rope_cos, self.rope_sin
-        positions = context.extras.get("position_ids")
+        positions = extras.get("position_ids")
         if positions is not None:
             cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-        mask = context.extras.get("attention_mask")
+        mask = extras.get("attention_mask")
         if mask is not None:
             mask = mask.unsqueeze(1)
         outputs = []

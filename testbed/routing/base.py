@@ -8,7 +8,8 @@ every consumer that counts assignments counts only the kept ones (`kept_as`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,16 +53,26 @@ class Routing:
         return self.kept.to(dtype)
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoutingContext:
-    """What some routers, losses and counters need beyond the hidden states; all tensors are flat [T]."""
+    """What some routers, losses and counters need beyond the hidden states; all tensors are flat [T].
+    Frozen: each MoE layer derives its own (`for_layer`), nothing is mutated along the way."""
 
     batch_size: int
     seq_len: int
     token_ids: Tensor | None = None  # [T] input token ids (hash router)
     domain_ids: Tensor | None = None  # [T] domain label of each token (oracle router, metrics)
     layer_index: int = 0
-    extras: dict = field(default_factory=dict)
+    # static bound on experts per token, for per-token losses (None: data-dependent, e.g. expert choice)
+    max_experts_per_token: int | None = None
+    # training state: the optimizer step's running counts (global scope: load balance, Sinkhorn) and the
+    # expert-bias tracker (balance=expert_bias); None outside training steps
+    scope_state: Any = None  # testbed.losses.scope.GlobalScopeState
+    expert_bias_tracker: Any = None  # testbed.losses.expert_bias.ExpertBiasTracker
+    routing_stats: Any = None  # testbed.metrics.stats.RoutingStats: the counters this pass updates
+
+    def for_layer(self, layer_index: int, max_experts_per_token: int | None) -> RoutingContext:
+        return replace(self, layer_index=layer_index, max_experts_per_token=max_experts_per_token)
 
     @property
     def sequence_ids(self) -> Tensor:

@@ -92,7 +92,7 @@ class SinkhornRouter(Router):
             log_p = sinkhorn_log(logits.unsqueeze(0), self.config.iterations)
             return torch.topk(log_p[0], top_k, dim=-1).indices
         # global: across ranks, and toward the cumulative balance of this optimizer step
-        state = context.extras.get("scope_state")
+        state = context.scope_state
         key = ("sinkhorn", context.layer_index)
         tokens_here = all_reduce_sum(
             torch.full((), float(num_tokens), device=logits.device, dtype=torch.float64)
