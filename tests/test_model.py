@@ -71,3 +71,17 @@ def test_loop_and_grouped_models_agree_with_gradients():
         torch.testing.assert_close(logits, loop(ids)[0], rtol=1e-5, atol=1e-5)
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_unknown_model_extras_are_refused_and_the_context_is_not_mutated():
+    import pytest
+
+    model = small_model()
+    ids = torch.randint(0, 50, (2, 8))
+    with pytest.raises(ValueError, match=r"unknown model extras \['scope_stat'\]"):
+        model(ids, extras={"scope_stat": None})  # a typo is an error, not silently ignored
+    context = RoutingContext(2, 8)
+    layer = model.moe_layers[-1]
+    layer(torch.randn(2, 8, 32), context)
+    assert layer.layer_index > 0
+    assert context.layer_index == 0 and context.max_experts_per_token is None  # frozen, per-layer copies
