@@ -349,6 +349,37 @@ def test_build_and_eval_a_trained_run(synth_mix, tmp_path, capsys):
         np.mean([r["accuracy"] for r in result["per_subject"].values()])
     )
 
+    # --positions answer: one counted token per item (its last question token), given to its top-1 expert
+    assert (
+        Q.main(
+            [
+                "eval",
+                str(run_dir),
+                "--quiz",
+                str(quiz_dir),
+                "--positions",
+                "answer",
+                "--out",
+                str(tmp_path / "a"),
+            ]
+        )
+        == 0
+    )
+    answer = json.loads((tmp_path / "a" / "quiz.json").read_text())
+    assert answer["positions"] == "answer" and answer["accuracy"] == result["accuracy"]
+    all_items = Q.load_quiz(quiz_dir)
+    encoded_all, _ = Q.encode_items(tokenizer, all_items, SYNTH_DOMAINS, 1024)
+    expected_top1 = {name: np.zeros(6, dtype=int) for name in answer["layers"]}
+    with torch.no_grad():
+        for item in encoded_all:
+            _, outs = module.model(torch.tensor([item.context]))
+            for name, out in zip(answer["layers"], outs, strict=True):
+                expected_top1[name][int(out.routing.probs[len(item.context) - 1].argmax())] += 1
+    for name in answer["layers"]:
+        layer = answer["per_layer"][name]
+        assert layer["tokens"] == 24 and sum(layer["expert_load"]) == 2 * 24  # one token per item, top-2
+        assert layer["expert_items"] == expected_top1[name].tolist()
+
     # a quiz held out with another split seed may hold training text: eval says so
     other = build(synth_mix, tmp_path / "other", "data.split_seed=1")
     capsys.readouterr()

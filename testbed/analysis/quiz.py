@@ -31,7 +31,8 @@ files (`load_quiz`: a `*_test.csv` file, a directory of them, or the hendrycks l
   the question and to itself, at the positions it would have right after the question (`pack_items`); this
   computes what four separate question + option sequences would, with the question computed once.
 - counted tokens: the question tokens once and the tokens of each of the four options, i.e. every token of
-  an item's row; padding is never counted.
+  an item's row; padding is never counted. With `--positions answer`, only the answer position is counted:
+  the last question token, whose output predicts the answer (as the HF quiz counts the prompt's last token).
 - `dead_experts` (per layer): fraction of experts with no assignment from any counted token
   (`specialization.dead_experts` of the subject x expert count table).
 - `gate_entropy` (per layer): mean over counted tokens of H(p_t) / log E, the full router distribution
@@ -428,15 +429,24 @@ class QuizRouting:
         self.num_experts = num_experts
 
     def add(
-        self, layer: int, routing: Routing, counted: Tensor, subject: Tensor, question_item: Tensor
+        self,
+        layer: int,
+        routing: Routing,
+        counted: Tensor,
+        subject: Tensor,
+        question_item: Tensor,
+        top1_only: bool = False,
     ) -> None:
         """counted [T] bool, subject [T] long, question_item [T] long: the item of a counted question token,
-        -1 for any other token."""
+        -1 for any other token. `top1_only`: an item's expert counts take only each token's first choice
+        (its highest gate; token-choice routers), so one counted token gives its item to its top-1 expert."""
         self.stats.update(layer, restrict(routing, counted), subject[counted])
         item = question_item[routing.token_index]
         is_question = item >= 0
         if routing.kept is not None:
             is_question = is_question & routing.kept
+        if top1_only and routing.slot_index is not None:
+            is_question = is_question & (routing.slot_index == 0)
         flat = item[is_question] * self.num_experts + routing.expert_index[is_question]
         self.item_experts[layer].view(-1).index_add_(0, flat.cpu(), torch.ones_like(flat.cpu()))
 
@@ -492,12 +502,17 @@ def score_items(
     domain_of_subject: list[int | None] | None = None,
     device: str | torch.device = "cpu",
     head: Callable | None = None,
+    positions: str = "all",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sum of the log-probabilities of each option's tokens given its question, [N, 4], and the number of
     option tokens, [N, 4]. `forward(input_ids [B, S], domain_ids [B, S] | None, extras)` returns (logits,
     per-layer outputs with `.routing`); rows are packed by `pack_items` (extras: its attention_mask and
     position_ids). With `head`, `forward` returns hidden states instead and `head` turns the ones that predict
-    an option token into logits (the LM head is then applied only where it is needed)."""
+    an option token into logits (the LM head is then applied only where it is needed). `positions`: routing is
+    counted over every token of an item's row ("all"), or only at its answer position ("answer": the last
+    question token, whose output predicts the answer; each item then goes to that token's top-1 expert)."""
+    if positions not in ("all", "answer"):
+        raise QuizError(f"positions: got {positions!r}; allowed: 'all' or 'answer'")
     logprob = np.zeros((len(encoded), 4))
     lengths = np.array([[len(o) for o in item.options] for item in encoded], dtype=np.int64).reshape(-1, 4)
     # batches of similar row lengths (less padding); a stable sort keeps equal-length items in order
@@ -525,14 +540,20 @@ def score_items(
         if routing is not None and outputs:
             subject = torch.tensor([item.subject for item in batch], device=device)[:, None].expand_as(ids)
             item_index = torch.tensor(index, device=device)[:, None].expand_as(ids)
-            question_item = torch.where(segment == 0, item_index, -1)
+            counted = segment >= 0
+            if positions == "answer":
+                last = (segment == 0).sum(dim=1) - 1  # each row's last question token
+                counted = torch.zeros_like(counted)
+                counted[torch.arange(len(batch), device=device), last] = True
+            question_item = torch.where((segment == 0) & counted, item_index, -1)
             for layer, out in enumerate(outputs):
                 routing.add(
                     layer,
                     out.routing,
-                    (segment >= 0).reshape(-1),
+                    counted.reshape(-1),
                     subject.reshape(-1),
                     question_item.reshape(-1),
+                    top1_only=positions == "answer",
                 )
     logprob[lengths == 0] = -math.inf  # an option with no tokens is never chosen
     return logprob, lengths
@@ -621,7 +642,9 @@ def holdout_check(quiz_paths: Sequence[str | Path], data) -> dict:
     return {"checked": True, "matches": not problems, "problems": problems}
 
 
-def evaluate_quiz(module, tokenizer, items: list[QuizItem], batch_items: int = 32, device="cpu") -> dict:
+def evaluate_quiz(
+    module, tokenizer, items: list[QuizItem], batch_items: int = 32, device="cpu", positions: str = "all"
+) -> dict:
     """Score `items` with a `MoELanguageModel`, collect routing; returns the quiz.json payload (no paths)."""
     subjects = list(dict.fromkeys(item.subject for item in items))
     encoded, truncated = encode_items(tokenizer, items, subjects, module.run_config.model.max_seq_len)
@@ -646,7 +669,14 @@ def evaluate_quiz(module, tokenizer, items: list[QuizItem], batch_items: int = 3
     start, cpu_start = time.perf_counter(), time.process_time()
     try:
         logprob, lengths = score_items(
-            hidden_states, encoded, routing, batch_items, domain_of_subject, device, head=lm_head
+            hidden_states,
+            encoded,
+            routing,
+            batch_items,
+            domain_of_subject,
+            device,
+            head=lm_head,
+            positions=positions,
         )
     except ValueError as err:
         if module.run_config.router.name == "oracle":
@@ -860,7 +890,8 @@ def _eval(args) -> int:
             f"warning: quiz holdout differs from the model's, items may be training text: {problem}",
             file=sys.stderr,
         )
-    result = evaluate_quiz(module, tokenizer, items, args.batch_items, args.device)
+    result = evaluate_quiz(module, tokenizer, items, args.batch_items, args.device, args.positions)
+    result["positions"] = args.positions
     result = {"checkpoint": str(checkpoint), "quiz": [str(p) for p in args.quiz], "holdout": check, **result}
     out = args.out or checkpoint.parent.parent / "quiz"
     out.mkdir(parents=True, exist_ok=True)
@@ -896,6 +927,13 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--batch-items", type=int, default=32, help="items per forward pass (one row each)")
     ev.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ev.add_argument("--device", default="cpu")
+    ev.add_argument(
+        "--positions",
+        choices=["all", "answer"],
+        default="all",
+        help="count routing over every token of an item (all) or at its answer position only (answer: the "
+        "last question token; each item goes to that token's top-1 expert)",
+    )
     hf = ev.add_argument_group("pretrained Hugging Face MoEs (pip install -e .[hf]; testbed/hf/quiz.py)")
     hf.add_argument("--hf", help="a hub model id or a local model directory, instead of a checkpoint")
     hf.add_argument("--tokenizer", help="tokenizer directory or id (default: the model's own)")
