@@ -123,5 +123,6 @@ def test_per_layer_curves_and_save_figure(tmp_path):
     fig = per_layer_curves(series, "gate_entropy", out_path=out)
     assert_png(out)
     assert len(fig.axes[0].lines) == 2
-    assert fig.axes[0].get_ylabel() == "gate_entropy"
+    assert fig.axes[0].get_ylabel() == "gate entropy (1 = uniform router)"  # spelled out
+    assert fig.axes[0].get_ylim()[0] == 0.0  # a fraction's axis starts at 0
     assert_png(save_figure(fig, tmp_path / "a/b/again.png"))

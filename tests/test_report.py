@@ -111,8 +111,9 @@ def test_report_aggregates_seeds(tmp_path, capsys):
     rows = (out_md.with_suffix(".csv")).read_text().splitlines()
     assert rows[0] == "balance.scope,n,spec/purity/mean:mean,spec/purity/mean:std,spec/purity/mean:n"
     assert rows[1].startswith("micro_batch,2,0.4,0.1414")
-    for name in ("frontier_purity", "layers_purity", "curve_train_spec_purity_mean", "curve_val_loss"):
+    for name in ("frontier_purity", "layers_purity", "curve_train_spec_purity_mean"):
         assert (out_md.parent / f"{name}.png").stat().st_size > 1000
+    assert not (out_md.parent / "curve_val_loss.png").exists()  # one validation per run: not a curve
 
 
 def test_report_layer_and_curve_values(tmp_path):

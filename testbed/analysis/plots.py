@@ -136,7 +136,42 @@ AXIS_LABELS = {
     "purity": "purity (1 = every expert serves one domain)",
     "nmi": "NMI(domain; expert)",
     "reference_precision": "reference precision (agreement with the oracle's blocks)",
+    "val/loss": "validation loss (nats/token)",
+    "train/loss": "training loss (nats/token)",
+    "gate_entropy": "gate entropy (1 = uniform router)",
+    "dead_experts": "dead experts (fraction)",
+    "max_violation": "max violation (0 = perfect balance)",
+    "routing_variance": "routing variance",
+    "expert_overlap": "expert overlap (mean cosine)",
+    "routing_change": "top-1 changes since the last validation (fraction)",
+    "lbl_value": "load-balance loss value (1 = balanced)",
+    "drop_rate": "dropped assignments (fraction)",
 }
+# metrics that are fractions in [0, 1]: their axes start at 0, never below
+FRACTIONS = {
+    *("utilization", "purity", "nmi", "reference_precision", "dead_experts", "drop_rate", "gate_entropy"),
+    *("routing_change", "domain_isolation", "routing_specialization", "effective_rank"),
+}
+
+
+def metric_label(key: str) -> str:
+    """A readable axis label for a metric key (spec/<m>/mean, train/spec/<m>/mean, quiz/<m>)."""
+    if key in AXIS_LABELS:
+        return AXIS_LABELS[key]
+    name = metric_name(key)
+    label = AXIS_LABELS.get(name, name.replace("_", " "))
+    return f"{label}, training batch" if key.startswith("train/spec/") else label
+
+
+def metric_name(key: str) -> str:
+    parts = [p for p in key.split("/") if p not in ("spec", "train", "quiz", "mean", "val")]
+    return parts[0] if parts else key
+
+
+def _fraction_axis(ax, key: str) -> None:
+    if metric_name(key) in FRACTIONS:
+        low, high = ax.get_ylim()
+        ax.set_ylim(0.0, max(high, 0.05))
 
 
 def frontier_scatter(
@@ -208,7 +243,8 @@ def per_layer_curves(
         ax.plot(range(len(values)), values, marker="o", markersize=3, label=label)
     num_layers = max((len(v) for v in series.values()), default=0)
     ax.set_xticks(range(num_layers))
-    _style(ax, "layer", metric, title, legend=bool(series))
+    _style(ax, "layer", metric_label(metric), title, legend=bool(series))
+    _fraction_axis(ax, metric)
     return _finish(fig, out_path)
 
 
@@ -227,7 +263,8 @@ def training_curves(
         (line,) = ax.plot(steps, mean, marker="o" if len(steps) < 4 else None, markersize=3, label=label)
         if np.any(std > 0):
             ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
-    _style(ax, x_label, metric, title, legend=bool(series))
+    _style(ax, x_label, metric_label(metric), title, legend=bool(series))
+    _fraction_axis(ax, metric)
     if len(series) > 8:
         ax.legend(fontsize=5, ncols=2)
     return _finish(fig, out_path)

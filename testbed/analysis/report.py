@@ -423,15 +423,17 @@ def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
     _, groups = group_runs(runs)
     paths = []
     for metric in metrics:
-        series = {}
+        series, seeds = {}, 0
         for group in groups:
             per_run = [last_layer_values(run["dir"], metric) for run in group["runs"]]
             per_run = [v for v in per_run if v]
             if per_run and len({len(v) for v in per_run}) == 1:
                 series[settings_label(group)] = np.mean(per_run, axis=0).tolist()
+                seeds = max(seeds, len(per_run))
         if series:
             path = out_dir / f"layers_{metric.replace('/', '_')}.png"
-            per_layer_curves(series, metric, out_path=path, title=f"{metric} per layer (mean over seeds)")
+            spread = "mean over seeds" if seeds > 1 else "one seed"
+            per_layer_curves(series, metric, out_path=path, title=f"{metric} per layer ({spread})")
             paths.append(path)
     return paths
 
@@ -465,6 +467,8 @@ def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: st
                 per_step = summary["tokens_seen"] / max(1, summary["steps"])
                 xs = [(s + 1) * per_step for s in steps]  # a row logged at step s follows s + 1 steps
             series[settings_label(group)] = (xs, values.mean(axis=0), values.std(axis=0))
+        if all(len(xs) < 2 for xs, _, _ in series.values()):
+            continue  # one measurement per run is not a curve (it is in the table)
         if series:
             path = out_dir / f"curve_{metric.replace('/', '_')}.png"
             n = max(len(g["runs"]) for g in groups)
