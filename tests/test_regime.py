@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -197,6 +198,18 @@ def test_compare_pairs_by_seed_with_t_interval(tmp_path):
     assert "= +0.2000 ± 0.2484 (95% CI over n = 3 seed pairs" in line
     assert "the interval includes 0" in line
     assert "no seed has both" in report.compare(runs, "model=x", "model=m")
+    assert f"detectable at 80% power: |effect| >= {report.detectable_effect(0.1, 3):.4f}" in line
+
+
+def test_detectable_effect_by_hand():
+    # many pairs: the normal approximation (z_0.975 + z_0.8) sd / sqrt(n) = (1.95996 + 0.84162) / sqrt(1000)
+    assert report.detectable_effect(1.0, 1000) == pytest.approx(2.80158 / 1000**0.5, rel=2e-3)
+    # 3 pairs: more than the t-quantile approximation (4.303 + 1.061) x 0.1 / sqrt(3) = 0.3097, far less than
+    # nothing; and it scales with the spread
+    small = report.detectable_effect(0.1, 3)
+    assert 0.3097 < small < 0.45
+    assert report.detectable_effect(0.2, 3) == pytest.approx(2 * small)
+    assert math.isnan(report.detectable_effect(0.1, 1)) and math.isnan(report.detectable_effect(0.0, 5))
 
 
 def test_baseline_roots_search_the_sweep_and_the_committed_runs_never_the_checkout(tmp_path):

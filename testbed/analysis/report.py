@@ -528,6 +528,30 @@ def matches(run: dict, conditions: str) -> bool:
     return all(settings.get(k) == v.lower() if v else k not in settings for k, _, v in pairs)
 
 
+def detectable_effect(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float:
+    """The smallest true mean difference a two-sided paired t-test over n pairs (differences with standard
+    deviation sd) detects with probability `power` at level `alpha` (noncentral t; Cohen 1988)."""
+    from scipy.optimize import brentq
+
+    if n < 3 or not sd > 0:  # with 2 pairs (1 degree of freedom) scipy's noncentral t is unreliable
+        return math.nan
+    df = n - 1
+    crit = stats.t.ppf(1 - alpha / 2, df)
+
+    def shortfall(noncentrality: float) -> float:
+        reach = stats.nct.sf(crit, df, noncentrality) + stats.nct.cdf(-crit, df, noncentrality)
+        return reach - power
+
+    high = crit + 4.0  # widen until the power is reached (large noncentralities overflow nct)
+    while shortfall(high) < 0 and high < 1e4:
+        high *= 2
+    try:
+        noncentrality = brentq(shortfall, 1e-9, high)
+    except ValueError:  # nct overflowed (NaN) inside the bracket: no statement rather than a wrong one
+        return math.nan
+    return noncentrality * sd / math.sqrt(n)
+
+
 def compare(runs: list[dict], a: str, b: str, metric: str = "val/loss") -> str:
     """Paired comparison of two configurations over the seeds both have: the mean of (B - A) per seed, its
     95% t confidence interval and the paired t-test p-value."""
@@ -548,9 +572,11 @@ def compare(runs: list[dict], a: str, b: str, metric: str = "val/loss") -> str:
         return line + f" (n = {n} seed pair: no interval)"
     p = float(stats.ttest_rel([y for _, y in pairs], [x for x, _ in pairs]).pvalue) if half > 0 else 0.0
     verdict = "excludes 0" if abs(mean) > half else "includes 0"
-    return (
-        line + f" ± {half:.4f} (95% CI over n = {n} seed pairs; paired t p = {p:.3g}; the interval {verdict})"
-    )
+    line += f" ± {half:.4f} (95% CI over n = {n} seed pairs; paired t p = {p:.3g}; the interval {verdict})"
+    smallest = detectable_effect(float(np.std(diffs, ddof=1)), n)
+    if math.isfinite(smallest):  # a power statement: what a null result at this n and spread can rule out
+        line += f"; detectable at 80% power: |effect| >= {smallest:.4f}"
+    return line
 
 
 def split_list(value: str) -> tuple[str, ...]:
