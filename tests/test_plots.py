@@ -15,7 +15,7 @@ from testbed.analysis.plots import (
     per_layer_curves,
     save_figure,
 )
-from testbed.metrics.layout import block_layout
+from testbed.layout import block_layout
 
 D, E = 8, 16
 DOMAINS = [f"domain{d}" for d in range(D)]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from testbed.config import MoEConfig, parse_config
 from testbed.errors import ConfigError
-from testbed.metrics.layout import block_layout
+from testbed.layout import block_layout
 from testbed.model.moe import MoELayer
 from testbed.routing import ROUTERS, RoutingContext
 from testbed.routing.capacity import expert_capacity

@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from testbed.metrics.layout import block_sizes
+from testbed.layout import block_sizes
 from testbed.metrics.specialization import purity, reference_assignment, reference_precision
 
 DPI = 120

@@ -11,7 +11,7 @@ import math
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from testbed.metrics.layout import block_sizes
+from testbed.layout import block_sizes
 
 EPS = 1e-12
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
-from testbed.metrics.layout import block_layout
+from testbed.layout import block_layout
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
 
 WITHIN_BLOCK = ("learned", "uniform")
