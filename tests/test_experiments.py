@@ -253,3 +253,13 @@ def test_random_expert_path_control_draws_as_many_experts_per_layer():
     assert all(c == sorted(set(c)) and all(0 <= e < 16 for e in c) for c in chosen)
     assert chosen == ex.random_experts(3, 16, 0.15, seed=4)  # seeded
     assert chosen != ex.random_experts(3, 16, 0.15, seed=5)
+
+
+def test_hydra_launcher_overrides_pass_through_the_grid_check(tmp_path):
+    """`testbed-experiment x7 hydra/launcher=basic hydra.job.chdir=false`: launcher settings are for the
+    training processes; the grid check composes each run without them, and the commands carry them."""
+    experiment = ex.load_experiment("x7")
+    extra = ["hydra/launcher=basic", "hydra.job.chdir=false"]
+    assert ex.check_grid(experiment, extra, data="none") == 4
+    jobs = [j for sweep in experiment.sweeps for j in ex.plan_sweep(experiment, sweep, tmp_path, [0], extra)]
+    assert len(jobs) == 4 and all("hydra/launcher=basic" in job.args for job in jobs)
