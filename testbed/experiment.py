@@ -368,12 +368,9 @@ def check_grid(experiment: Experiment, extra: list[str], data: str = "all") -> i
             ]
             trained = [merge_overrides(point, extra) for point in grid_points(sweep, first_only=True)]
             for overrides in points[sweep.name]:
-                # hydra/... and hydra.* overrides (a launcher, a sweeper, their settings) go to the training
-                # processes unchanged; the run's own config is composed without them
-                run_overrides = [o for o in overrides if not o.lstrip("+~").startswith(("hydra/", "hydra."))]
                 try:
                     run = parse_config(
-                        compose("config", overrides=[f"+experiment={experiment.name}", *run_overrides])
+                        compose("config", overrides=[f"+experiment={experiment.name}", *overrides])
                     )
                     smoke_point = any(set(t) <= set(overrides) for t in trained)
                     if data == "all" or (data == "smoke" and smoke_point):

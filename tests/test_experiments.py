@@ -256,8 +256,8 @@ def test_random_expert_path_control_draws_as_many_experts_per_layer():
 
 
 def test_hydra_launcher_overrides_pass_through_the_grid_check(tmp_path):
-    """`testbed-experiment x7 hydra/launcher=basic hydra.job.chdir=false`: launcher settings are for the
-    training processes; the grid check composes each run without them, and the commands carry them."""
+    """`testbed-experiment x7 hydra/launcher=basic hydra.job.chdir=false`: launcher settings compose in the
+    grid check and reach every training process's command (so a grid runs through any Hydra launcher)."""
     experiment = ex.load_experiment("x7")
     extra = ["hydra/launcher=basic", "hydra.job.chdir=false"]
     assert ex.check_grid(experiment, extra, data="none") == 4
