@@ -1,7 +1,7 @@
 """X1 figure: specialization and utilization against balancing scope, one line per method x batch
 composition, one column per mix (mean ± std over seeds, from testbed-report's CSV).
 
-    python experiments/x1_scope/plot_scope.py experiments/x1_scope/report.csv experiments/x1_scope/scope.png
+    python experiments/x1_scope/old_scale/plot_scope.py experiments/x1_scope/old_scale/report.csv experiments/x1_scope/old_scale/scope.png
 """
 
 import csv
