@@ -660,11 +660,7 @@ def evaluate_quiz(
     model, lm_head = module.model, module.model.lm_head
 
     def hidden_states(ids, domains, extras):  # the model up to its final norm: the LM head comes after
-        model.lm_head = torch.nn.Identity()
-        try:
-            return model(ids, domains, extras)
-        finally:
-            model.lm_head = lm_head
+        return model(ids, domains, extras, return_hidden=True)
 
     start, cpu_start = time.perf_counter(), time.process_time()
     try:

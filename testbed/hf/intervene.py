@@ -110,18 +110,14 @@ def own_task(module, tokenizer, items, batch_items: int, device) -> tuple[float,
 
     subjects = list(dict.fromkeys(item.subject for item in items))
     encoded, _ = encode_items(tokenizer, items, subjects, module.run_config.model.max_seq_len)
-    model, lm_head = module.model, module.model.lm_head
+    model = module.model
 
-    def hidden_states(ids, domains, extras):
-        model.lm_head = torch.nn.Identity()
-        try:
-            return model(ids, domains, extras)
-        finally:
-            model.lm_head = lm_head
+    def hidden_states(ids, domains, extras):  # the model up to its final norm: the LM head comes after
+        return model(ids, domains, extras, return_hidden=True)
 
     domain_of_subject = [module.domains.index(s) if s in module.domains else None for s in subjects]
     logprob, _ = score_items(
-        hidden_states, encoded, None, batch_items, domain_of_subject, device, head=lm_head
+        hidden_states, encoded, None, batch_items, domain_of_subject, device, head=model.lm_head
     )
     answers = np.array([item.answer for item in items])
     normalized = torch.log_softmax(torch.from_numpy(logprob), dim=-1).numpy()
