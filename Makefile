@@ -28,7 +28,7 @@ help:
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet $(CONSTRAINT_FLAG) -e ".[dev,hf]"
+	$(BIN)/python -m pip install --quiet $(CONSTRAINT_FLAG) -e ".[dev,hf,sweep]"
 	touch $(STAMP)
 
 venv: $(STAMP)

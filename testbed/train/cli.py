@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 import warnings
@@ -354,6 +355,16 @@ def check_overrides(argv: list[str], conf_dir: str = CONF_DIR) -> None:
         try:
             compose("config", overrides=concrete)
         except (HydraException, OmegaConfBaseException) as err:
+            existing = re.search(r"An item is already at '([^']+)'", str(err))
+            if existing:  # `+key=value` for a key the config has (e.g. +trainer.num_nodes=2)
+                key = existing.group(1)
+                arg = next(a for a in concrete if a.startswith("+") and a.lstrip("+").startswith(f"{key}="))
+                value = arg.split("=", 1)[1]
+                raise ConfigError(
+                    arg.split("=", 1)[0],
+                    value,
+                    f"'+' adds a new key, and {key} exists already: write {key}={value} (without '+')",
+                ) from None
             cause = err.__cause__ if isinstance(err.__cause__, OmegaConfBaseException) else err
             key = getattr(cause, "full_key", None) or ""
             arg = next((a for a in concrete if a.split("=", 1)[0].lstrip("+~") == key), None)
