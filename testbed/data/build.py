@@ -3,6 +3,8 @@
     testbed-data --out data/mix --tokenizer data/tokenizer.json      # the shipped sample
     testbed-data --out /tmp/big --bytes-per-domain 30000000          # a larger mix
     testbed-data --list                                              # domains and availability
+    testbed-data tokenizer data.domains=[a,b] +data.sources.a.path=a.jsonl ... --out my/tokenizer.json
+                                                                     # a tokenizer for a run's own domains
 
 Each domain's documents are taken whole, in source order, spread over the whole source (not just
 its beginning), until about ``--bytes-per-domain`` UTF-8 bytes. The same sources give
@@ -15,12 +17,22 @@ import argparse
 import gzip
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from testbed import PROJECT_ROOT
+from testbed.config import DataConfig, parse_config
 from testbed.data.corpora import SHIPPED_DOMAINS, SOURCES, SourceMissingError, iter_domain_documents
-from testbed.data.tokenizer import train_tokenizer
+from testbed.data.datamodule import badly_packed, bytes_per_token, holdout
+from testbed.data.loading import SHIPPED_TOKENIZER, load_documents
+from testbed.data.tokenizer import load_tokenizer, train_tokenizer
+from testbed.errors import DataError, TestbedError
 
 MANIFEST = "manifest.json"
 
@@ -83,18 +95,90 @@ def build_domain(domain: str, out_dir: Path, bytes_per_domain: int) -> dict:
     }
 
 
+def balanced_texts(per_domain: dict[str, list[str]]) -> list[str]:
+    """Each domain's documents capped at the smallest domain's byte count (whole documents, spread
+    over the domain, in order), so no domain dominates the BPE merges."""
+    budget = min(sum(len(t.encode("utf-8")) for t in texts) for texts in per_domain.values())
+    texts: list[str] = []
+    for documents in per_domain.values():
+        texts.extend(select_documents(documents, budget))
+    return texts
+
+
 def balanced_training_texts(out_dir: Path, domains: Sequence[str]) -> list[str]:
-    """The written documents of ``domains``, each domain capped at the smallest domain's byte
-    count (whole documents, in file order), so no domain dominates the BPE merges."""
+    """The written documents of ``domains``, balanced by :func:`balanced_texts`."""
     per_domain: dict[str, list[str]] = {}
     for domain in domains:
         with gzip.open(out_dir / f"{domain}.jsonl.gz", "rt", encoding="utf-8") as handle:
             per_domain[domain] = [json.loads(line)["text"] for line in handle if line.strip()]
-    budget = min(sum(len(t.encode("utf-8")) for t in texts) for texts in per_domain.values())
-    texts: list[str] = []
-    for domain in domains:
-        texts.extend(select_documents(per_domain[domain], budget))
-    return texts
+    return balanced_texts(per_domain)
+
+
+def data_config(overrides: Sequence[str]) -> DataConfig:
+    """The data config a `testbed-train` run with these overrides would use (composed and validated)."""
+    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
+        return parse_config(compose("config", overrides=list(overrides))).data
+
+
+def training_documents(config: DataConfig) -> dict[str, list[str]]:
+    """Each domain's training documents: what a run with `config` trains on (its validation documents are
+    held out here too, so that the tokenizer never sees them)."""
+    per_domain = {}
+    for index, domain in enumerate(config.domains):
+        documents = load_documents(domain, config.sources.get(domain), config.root, config.cache_dir)
+        per_domain[domain] = holdout(documents, config, index)[0]
+    return per_domain
+
+
+def packing(tokenizer, per_domain: dict[str, list[str]]) -> dict[str, float]:
+    """Bytes per token of each domain's documents under `tokenizer`."""
+    return {
+        domain: bytes_per_token(documents, [e.ids for e in tokenizer.encode_batch(documents)])
+        for domain, documents in per_domain.items()
+    }
+
+
+def tokenizer_main(argv: Sequence[str]) -> int:
+    """``testbed-data tokenizer``: a byte-level BPE tokenizer trained on a run's own domains."""
+    parser = argparse.ArgumentParser(
+        prog="testbed-data tokenizer",
+        description="Train a byte-level BPE tokenizer on the training documents of a run's domains, "
+        "each domain capped at the smallest domain's bytes.",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="the run's data overrides, as given to testbed-train: data=..., data.domains=[...], "
+        "+data.sources.<domain>.path=...",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="where to write tokenizer.json")
+    parser.add_argument(
+        "--vocab-size", type=int, default=4096, help="vocabulary size (default 4096; keep <= 8k on CPU)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        config = data_config(args.overrides)
+        per_domain = training_documents(config)
+        current_path = config.tokenizer or SHIPPED_TOKENIZER
+        try:
+            current = packing(load_tokenizer(current_path), per_domain)
+        except DataError:  # the run's tokenizer is not built: nothing to compare with
+            current = dict.fromkeys(per_domain, math.nan)
+        tokenizer = train_tokenizer(balanced_texts(per_domain), args.vocab_size, args.out)
+    except (TestbedError, ValueError, HydraException, OmegaConfBaseException) as error:
+        print(f"error: {str(error).strip()}", file=sys.stderr)
+        return 2
+    trained = packing(tokenizer, per_domain)
+    print(f"bytes per token of the training documents: now ({current_path}) and with {args.out}")
+    print(f"{'domain':<14} {'documents':>9} {'now':>7} {'new':>7}")
+    for domain, documents in per_domain.items():
+        print(f"{domain:<14} {len(documents):>9} {current[domain]:>7.2f} {trained[domain]:>7.2f}")
+    vocab = tokenizer.get_vocab_size()
+    print(f"tokenizer: {args.out} (vocab {vocab})")
+    print(f"train with: data.tokenizer={args.out} model.vocab_size={vocab} (and the same data overrides)")
+    if badly_packed(trained):
+        print(f"note: still packed badly by the new tokenizer: {', '.join(badly_packed(trained))}")
+    return 0
 
 
 def list_domains() -> None:
@@ -139,6 +223,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["tokenizer"]:
+        return tokenizer_main(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.list:

@@ -12,24 +12,37 @@ import hashlib
 import logging
 import math
 import os
+import shlex
+import statistics
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from testbed.config import DataConfig
-from testbed.data.loading import SHIPPED_TOKENIZER, load_documents
+from testbed.config import DataConfig, DomainSourceConfig
+from testbed.data.loading import (
+    SHIPPED_MIX,
+    SHIPPED_TOKENIZER,
+    infer_format,
+    load_documents,
+    resolve_data_path,
+)
 from testbed.data.tokenizer import load_tokenizer
 from testbed.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 EOS_ID = 0  # "<|endoftext|>" separates documents inside a packed domain stream
+PACKING_RATIO = 0.65
+"""A domain whose bytes per token fall below this fraction of the median over domains is packed badly by the
+run's tokenizer: its sequences hold much less text, and its loss is not comparable with the others'. Not
+0.75: on the shipped mix with its own tokenizer, formal_math (dense symbols and labels) is at 0.71."""
 
 
 @dataclass
@@ -41,6 +54,8 @@ class DomainSplit:
     val: torch.Tensor
     train_documents: int
     val_documents: int
+    bytes_per_token: float = math.nan  # UTF-8 bytes of the training documents per token (EOS not counted)
+    source: dict = field(default_factory=dict)  # where the documents came from (describe_source)
 
 
 def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
@@ -71,6 +86,58 @@ def holdout(documents: list[str], config: DataConfig, domain_index: int) -> tupl
     holdout every consumer (training, `testbed-quiz build`) uses. Depends on data.split_seed, val_fraction
     and the domain's position, never on `seed`."""
     return split_documents(documents, config.val_fraction, config.split_seed * 1000 + domain_index)
+
+
+def bytes_per_token(documents: list[str], token_lists: list[list[int]]) -> float:
+    """UTF-8 bytes per token of `documents` under the tokenizer that gave `token_lists` (how densely it
+    packs them)."""
+    tokens = sum(len(ids) for ids in token_lists)
+    return sum(len(d.encode("utf-8")) for d in documents) / tokens if tokens else math.nan
+
+
+def badly_packed(figures: dict[str, float], ratio: float = PACKING_RATIO) -> list[str]:
+    """Domains whose bytes per token are below `ratio` times the median over all domains."""
+    if len(figures) < 2:
+        return []
+    median = statistics.median(figures.values())
+    return [domain for domain, value in figures.items() if value < ratio * median]
+
+
+def repetition_epochs(
+    train_sequences: Sequence[int], weights: Sequence[float] | None, sequences_drawn: int
+) -> list[float]:
+    """Per domain, how many times its training sequences are seen when `sequences_drawn` sequences are drawn
+    in all (max_steps x accumulate_grad_batches x ranks x batch_size): each domain gets its weight's share of
+    the draws (the expected count for mixed batches; homogeneous batches follow the weights in rounds)."""
+    shares = np.asarray(weights if weights is not None else [1.0] * len(train_sequences), dtype=np.float64)
+    shares = shares / shares.sum()
+    pairs = zip(shares, train_sequences, strict=True)
+    return [float(sequences_drawn * share / count) for share, count in pairs]
+
+
+def describe_source(domain: str, source: DomainSourceConfig | None, root: str | None) -> dict:
+    """Where a domain's documents come from, as `load_documents` reads them: a hub dataset (name, config,
+    split) or a local path (resolved) with its format; and the text field."""
+    source = source or DomainSourceConfig()
+    if source.hf_dataset:
+        where = {"hf_dataset": source.hf_dataset, "hf_config": source.hf_config, "hf_split": source.hf_split}
+    else:
+        path = resolve_data_path(source.path or Path(root or SHIPPED_MIX) / f"{domain}.jsonl.gz")
+        where = {"path": str(path), "format": source.format or infer_format(path)}
+    return {**where, "text_field": source.text_field}
+
+
+def tokenizer_command(config: DataConfig, out: str) -> str:
+    """The `testbed-data tokenizer` command that trains a tokenizer on this data config's domains."""
+    overrides = [f"data.domains=[{','.join(config.domains)}]"]
+    if config.root:
+        overrides.append(f"data.root={config.root}")
+    defaults = DomainSourceConfig()
+    for domain, source in config.sources.items():
+        for key, value in vars(source).items():
+            if value != getattr(defaults, key):
+                overrides.append(f"++data.sources.{domain}.{key}={value}")
+    return shlex.join(["testbed-data", "tokenizer", *overrides, "--out", out])
 
 
 def interleave(offsets: np.ndarray) -> list[int]:
@@ -268,21 +335,64 @@ class DomainMixDataModule(L.LightningDataModule):
         self.splits: list[DomainSplit] | None = None
         self.train_start_batch = 0  # resume: micro-batches (of this rank) trained before the checkpoint
         self.tokenizer = None
+        self.planned_epochs: dict[str, float] | None = None  # set at setup("fit") under a Trainer
 
     @property
     def domains(self) -> list[str]:
         return list(self.config.domains)
 
     def setup(self, stage: str | None = None) -> None:
-        if self.splits is not None:
+        if self.splits is None:
+            self._load()
+            self.warn_bad_packing()
+        if stage == "fit" and self.trainer is not None and self.planned_epochs is None:
+            t = self.trainer
+            drawn = t.max_steps * t.accumulate_grad_batches * t.world_size * self.config.batch_size
+            self.planned_epochs = dict(zip(self.domains, self.repetition(drawn), strict=True))
+            self.report_repetition(t.max_steps)
+
+    def repetition(self, sequences_drawn: int) -> list[float]:
+        """Per domain: epochs over its training sequences when `sequences_drawn` sequences are drawn."""
+        return repetition_epochs([len(s.train) for s in self.splits], self.config.weights, sequences_drawn)
+
+    @rank_zero_only
+    def report_repetition(self, max_steps: int) -> None:
+        figures = ", ".join(f"{domain} {epochs:.2f}" for domain, epochs in self.planned_epochs.items())
+        logger.info("epochs over each domain's training tokens in %d steps: %s", max_steps, figures)
+
+    @rank_zero_only
+    def warn_bad_packing(self) -> None:
+        """Warn when the tokenizer packs some domain much worse than the others (bytes per token below
+        PACKING_RATIO x the median), with the figures and the command that trains a tokenizer on these
+        domains."""
+        figures = {s.name: s.bytes_per_token for s in self.splits}
+        bad = badly_packed(figures)
+        if not bad:
             return
+        tokenizer = resolve_data_path(self.config.tokenizer or SHIPPED_TOKENIZER)
+        out = str(Path(self.config.root or ".") / "tokenizer.json")
+        logger.warning(
+            "the tokenizer %s packs %s at fewer bytes per token than %.2f x the median over domains "
+            "(%.2f); bytes/token per domain: %s. Its sequences hold less text and its losses are not "
+            "comparable. Train a tokenizer on these domains: `%s`, then data.tokenizer=%s",
+            tokenizer,
+            ", ".join(bad),
+            PACKING_RATIO,
+            statistics.median(figures.values()),
+            ", ".join(f"{domain} {value:.2f}" for domain, value in figures.items()),
+            tokenizer_command(self.config, out),
+            out,
+        )
+
+    def _load(self) -> None:
         cfg = self.config
         self.tokenizer = load_tokenizer(cfg.tokenizer or SHIPPED_TOKENIZER)
         splits = []
         for index, domain in enumerate(cfg.domains):
             documents = load_documents(domain, cfg.sources.get(domain), cfg.root, cfg.cache_dir)
             train_docs, val_docs = holdout(documents, cfg, index)
-            train = pack(encode_documents(self.tokenizer, train_docs, cfg.cache_dir), cfg.seq_len)
+            train_ids = encode_documents(self.tokenizer, train_docs, cfg.cache_dir)
+            train = pack(train_ids, cfg.seq_len)
             val = pack(encode_documents(self.tokenizer, val_docs, cfg.cache_dir), cfg.seq_len)
             if cfg.max_train_tokens_per_domain > 0:
                 train = train[: max(1, cfg.max_train_tokens_per_domain // cfg.seq_len)]
@@ -294,7 +404,17 @@ class DomainMixDataModule(L.LightningDataModule):
                     f"({len(train)} train and {len(val)} validation sequences); add documents "
                     "or lower data.seq_len"
                 )
-            splits.append(DomainSplit(domain, train, val, len(train_docs), len(val_docs)))
+            splits.append(
+                DomainSplit(
+                    domain,
+                    train,
+                    val,
+                    len(train_docs),
+                    len(val_docs),
+                    bytes_per_token(train_docs, train_ids),
+                    describe_source(domain, cfg.sources.get(domain), cfg.root),
+                )
+            )
         self.splits = splits
         self.train_set = PackedSequences([s.train for s in splits])
         self.val_set = PackedSequences([s.val for s in splits])
@@ -348,8 +468,11 @@ class DomainMixDataModule(L.LightningDataModule):
                 "domain": s.name,
                 "train_documents": s.train_documents,
                 "val_documents": s.val_documents,
+                "train_sequences": int(s.train.shape[0]),
                 "train_tokens": int(s.train.shape[0] * (s.train.shape[1] - 1)),
                 "val_tokens": int(s.val.shape[0] * (s.val.shape[1] - 1)),
+                "bytes_per_token": round(s.bytes_per_token, 4),
+                "source": s.source,
             }
             for s in (self.splits or [])
         ]

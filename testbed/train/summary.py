@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from testbed.data.datamodule import data_parallel_rank, repetition_epochs
+from testbed.data.loading import SHIPPED_TOKENIZER, resolve_data_path
 from testbed.metrics.regime import ROLES, read_summaries, regime_check
 from testbed.metrics.summary import HEADLINE
 
@@ -36,6 +38,17 @@ def unigram_entropies(datamodule) -> dict[str, float]:
         log_p = (train_counts / train_counts.sum()).log()
         out[split.name] = float(-log_p[split.val[:, 1:].reshape(-1)].mean())
     return out
+
+
+def with_repetition(run, data: list[dict]) -> list[dict]:
+    """`data` (the data module's `describe()`) with each domain's epochs over its training tokens at the
+    configured trainer.max_steps (all ranks' micro-batches counted)."""
+    if not data:
+        return data
+    t = run.trainer
+    drawn = t.max_steps * t.accumulate_grad_batches * data_parallel_rank()[1] * run.data.batch_size
+    epochs = repetition_epochs([entry["train_sequences"] for entry in data], run.data.weights, drawn)
+    return [{**entry, "epochs_at_max_steps": round(e, 6)} for entry, e in zip(data, epochs, strict=True)]
 
 
 def write_summary(
@@ -71,7 +84,8 @@ def write_summary(
         "unigram_entropy": unigram,
         "coefficients": coefficients or {},  # loss weights actually used (after `auto` calibration)
         **(extra or {}),
-        "data": data,
+        "data": with_repetition(run, data),  # per domain: source, sizes, bytes/token, epochs
+        "tokenizer": str(resolve_data_path(run.data.tokenizer or SHIPPED_TOKENIZER)),
         "init_from": run.init_from,
         "resolved": {
             "model": dataclasses.asdict(run.model),
