@@ -78,18 +78,18 @@ def test_plus_on_an_existing_key_says_what_to_write():
     check_overrides(["trainer.num_nodes=2", "++trainer.devices=1"])  # both fine
 
 
-def test_optuna_search_of_two_trials(synth_mix, tmp_path):
-    sweep = tmp_path / "optuna"
+def sweep_of_two(root, sweep: Path, *plugin_overrides: str) -> list[dict]:
+    """Run `testbed-train -m` with these overrides on the tiny synthetic mix; the two runs' summaries."""
     result = cli(
-        "-m",
-        *synth_overrides(synth_mix, *TINY),
-        "hydra/sweeper=optuna_lr_balance",
-        "hydra.sweeper.n_trials=2",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
+        "-m", *synth_overrides(root, *TINY), *plugin_overrides, f"hydra.sweep.dir={sweep}", cwd=sweep.parent
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    trials = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    return [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+
+
+def test_optuna_search_of_two_trials(synth_mix, tmp_path):
+    sweep = tmp_path / "optuna"
+    trials = sweep_of_two(synth_mix, sweep, "hydra/sweeper=optuna_lr_balance", "hydra.sweeper.n_trials=2")
     found = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     best = min(trials, key=lambda s: s["val/loss"])
     # the sweeper got each run's final val/loss back and kept the smaller one, with its parameters
@@ -107,16 +107,7 @@ def test_optuna_search_of_two_trials(synth_mix, tmp_path):
 
 def test_submitit_local_sweep_of_two_jobs(synth_mix, tmp_path):
     sweep = tmp_path / "submitit"
-    result = cli(
-        "-m",
-        *synth_overrides(synth_mix, *TINY),
-        "hydra/launcher=submitit_local",
-        "seed=0,1",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    runs = sweep_of_two(synth_mix, sweep, "hydra/launcher=submitit_local", "seed=0,1")
     summaries = {s["seed"]: s for s in runs}
     assert sorted(summaries) == [0, 1] and all(s["steps"] == 3 for s in summaries.values())
     # each submitit job returned its run's final val/loss to the launcher
