@@ -1,6 +1,7 @@
 """Run folders are never shared silently: a used folder is refused (exit 2) unless resume or overwrite=true
 is given, overwrite leaves nothing of the old run, and a lock keeps a second process out."""
 
+import csv
 import json
 import os
 import subprocess
@@ -42,8 +43,12 @@ def test_used_folder_is_refused_and_overwrite_clears_it(synth_mix, tmp_path):
     assert second["seed"] == 1 and json.loads((tmp_path / "summary.json").read_text())["seed"] == 1
     assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == ["counts_step2.pt"]
     assert not (tmp_path / "plots" / "heatmap_step999.png").exists()
-    rows = (tmp_path / "metrics.csv").read_text().splitlines()
-    assert len(rows) == 1 + 1  # header + the one validation row of the new run; none of the old run's
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    # the new run's rows only: its step-0 routing measurement (train/spec) and its one validation
+    assert len(rows) == 2
+    assert rows[0]["step"] == "0" and rows[0]["train/spec/purity/mean"] and not rows[0]["val/loss"]
+    assert rows[1]["val/loss"] and float(rows[1]["val/loss"]) == pytest.approx(second["val/loss"])
 
 
 def test_resume_auto_on_a_finished_run_does_not_train_again(synth_mix, tmp_path):
