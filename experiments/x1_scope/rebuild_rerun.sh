@@ -17,3 +17,11 @@ for m in spec/purity/mean spec/nmi/mean spec/utilization/mean val/loss; do
             "balance.scope=$2;$LBL" --compare-metric $m | grep '^compare') || true
     done
 done | tee rerun/compare.txt
+# the same for expert bias
+for m in spec/purity/mean spec/nmi/mean spec/utilization/mean val/loss; do
+    for pair in "sequence global" "micro_batch global"; do
+        set -- $pair
+        (cd runs && $R eb --no-committed-baselines --columns val/loss --compare "balance.scope=$1;balance=expert_bias" \
+            "balance.scope=$2;balance=expert_bias" --compare-metric $m | grep '^compare') || true
+    done
+done | tee rerun/compare_eb.txt
