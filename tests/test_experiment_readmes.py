@@ -51,3 +51,21 @@ def test_x7_readme_tables_rebuild_from_committed_runs(capsys):
     )
     assert "+0.0364 ± 0.0177" in capsys.readouterr().out
     assert "| purity | +0.0364 ± 0.0177 | 0.0125 | excludes 0 |" in readme
+
+
+def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys):
+    runs = ROOT / "experiments" / "x1_scope" / "runs"
+    assert report.main([str(runs), "--columns", "val/loss", "--no-committed-baselines"]) == 0  # as rebuild
+    text = capsys.readouterr().out.split("Regime check")[1]
+    readme = (ROOT / "experiments" / "x1_scope" / "README.md").read_text()
+    prefixes = (
+        "| router=hash",
+        "| router=oracle",
+        "| balance=expert_bias",
+        "| scope=",
+    )  # not Sinkhorn (1 seed)
+    rows = [line for line in text.splitlines() if line.startswith(prefixes)]
+    assert len(rows) == 8
+    for row in rows:  # the README leaves out the empty dense-total column
+        cells = row.split(" | ")
+        assert " | ".join(cells[:4] + cells[5:]) in readme, row
