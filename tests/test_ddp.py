@@ -79,6 +79,7 @@ def _train(run_dir: Path, root: Path, *extra: str) -> tuple[dict, dict]:
     ]
     done = subprocess.run([str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "sync_dist=True" not in done.stderr  # no per-key advice flood: metrics are equal on every rank
     summary = json.loads((run_dir / "summary.json").read_text())
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     return summary, state

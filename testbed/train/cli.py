@@ -72,6 +72,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, call
     warnings.filterwarnings(
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
     )  # Lightning/torch version skew
+    # Under DDP every rank validates the whole validation set, so the validation and routing metrics are the
+    # same on every rank and need no all-reduce; Lightning would advise sync_dist=True once per key
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|spec|init)/")
     run = parse_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
