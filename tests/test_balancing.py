@@ -92,7 +92,7 @@ def two_rank_worker(rank, port, out_dir):
     router = SinkhornRouter(4, 6, SinkhornConfig(top_k=2, scope="global")).train()
     x = torch.randn(24, 4, generator=torch.Generator().manual_seed(1))[rank * half : (rank + 1) * half]
     chosen = router(x, RoutingContext(1, half)).expert_index
-    chosen_pairs = router._balanced_choice(router.gate(x).detach(), RoutingContext(1, half))
+    chosen_pairs = router.balanced_choice(router.gate(x).detach(), RoutingContext(1, half))
     # expert bias at global scope
     tracker = ExpertBiasTracker("global", 1e-3)
     tracker.observe(0, top1(local), RoutingContext(1, half))
@@ -126,7 +126,7 @@ def test_two_process_global_scope_equals_one_process_on_concatenated_batch(tmp_p
     torch.manual_seed(0)
     router = SinkhornRouter(4, 6, SinkhornConfig(top_k=2, scope="micro_batch")).train()
     x = torch.randn(24, 4, generator=torch.Generator().manual_seed(1))
-    expected = router._balanced_choice(router.gate(x).detach(), RoutingContext(1, 24))
+    expected = router.balanced_choice(router.gate(x).detach(), RoutingContext(1, 24))
     torch.testing.assert_close(torch.cat([r["chosen"] for r in ranks]), expected)
     # expert bias: the same update on both ranks, from the global counts
     expected_bias = 1e-3 * torch.sign(expected_counts.mean() - expected_counts).float()

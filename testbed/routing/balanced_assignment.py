@@ -35,7 +35,7 @@ from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.losses.scope import LOCAL_SCOPES
-from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
+from testbed.routing.base import ROUTERS, BalancingRouter, RoutingContext
 
 
 @dataclass
@@ -121,25 +121,12 @@ def balanced_assignment(
 
 
 @ROUTERS.register("balanced_assignment", BalancedAssignmentConfig)
-class BalancedAssignmentRouter(Router):
+class BalancedAssignmentRouter(BalancingRouter):
     scopes = LOCAL_SCOPES
     host_sync = True  # the auction's "done?" test every check_every rounds
 
-    def forward(self, x: Tensor, context: RoutingContext) -> Routing:
-        logits = self.router_logits(x)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        top_k = self.config.top_k
-        if self.training or self.config.eval_balanced:
-            chosen = self._assign(logits.detach().float(), context)
-        else:
-            chosen = torch.topk(probs, top_k, dim=-1).indices
-        gates = probs.gather(-1, chosen)
-        if self.config.renormalize:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        return routing_from_choices(logits, probs, chosen, gates.to(x.dtype))
-
     @torch.compiler.disable  # a data-dependent loop: runs eagerly inside a compiled model
-    def _assign(self, logits: Tensor, context: RoutingContext) -> Tensor:
+    def balanced_choice(self, logits: Tensor, context: RoutingContext) -> Tensor:
         num_tokens, num_experts = logits.shape
         groups = context.batch_size if self.config.scope == "sequence" else 1
         c = self.config

@@ -171,3 +171,25 @@ class Router(nn.Module):
 
 
 ROUTERS: Registry[Router] = Registry("router", "router")
+
+
+class BalancingRouter(Router):
+    """A router that balances by construction in training (Sinkhorn, balanced assignment): the top-K of its
+    `balanced_choice` in training (and at eval with `eval_balanced`), else plain top-K of the softmax; gates
+    are the softmax probabilities of the chosen experts (renormalized on request)."""
+
+    def forward(self, x: Tensor, context: RoutingContext) -> Routing:
+        logits = self.router_logits(x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        if self.training or self.config.eval_balanced:
+            chosen = self.balanced_choice(logits.detach().float(), context)
+        else:
+            chosen = torch.topk(probs, self.config.top_k, dim=-1).indices
+        gates = probs.gather(-1, chosen)
+        if self.config.renormalize:
+            gates = gates / gates.sum(dim=-1, keepdim=True)
+        return routing_from_choices(logits, probs, chosen, gates.to(x.dtype))
+
+    def balanced_choice(self, logits: Tensor, context: RoutingContext) -> Tensor:  # pragma: no cover
+        """[T, K] expert ids of each token under the router's balanced assignment."""
+        raise NotImplementedError

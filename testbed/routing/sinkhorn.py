@@ -21,11 +21,9 @@ from testbed.errors import ConfigError
 from testbed.losses.scope import SCOPES, all_reduce_sum
 from testbed.routing.base import (
     ROUTERS,
-    Router,
-    Routing,
+    BalancingRouter,
     RoutingContext,
     count_per_expert,
-    routing_from_choices,
 )
 
 
@@ -66,23 +64,10 @@ def sinkhorn_log(
 
 
 @ROUTERS.register("sinkhorn", SinkhornConfig)
-class SinkhornRouter(Router):
+class SinkhornRouter(BalancingRouter):
     scopes = SCOPES
 
-    def forward(self, x: Tensor, context: RoutingContext) -> Routing:
-        logits = self.router_logits(x)
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        top_k = self.config.top_k
-        if self.training or self.config.eval_balanced:
-            chosen = self._balanced_choice(logits.detach().float(), context)
-        else:
-            chosen = torch.topk(probs, top_k, dim=-1).indices
-        gates = probs.gather(-1, chosen)
-        if self.config.renormalize:
-            gates = gates / gates.sum(dim=-1, keepdim=True)
-        return routing_from_choices(logits, probs, chosen, gates.to(x.dtype))
-
-    def _balanced_choice(self, logits: Tensor, context: RoutingContext) -> Tensor:
+    def balanced_choice(self, logits: Tensor, context: RoutingContext) -> Tensor:
         num_tokens, num_experts = logits.shape
         scope, top_k = self.config.scope, self.config.top_k
         if scope == "sequence":
