@@ -59,13 +59,6 @@ def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys):
     text = capsys.readouterr().out.split("Regime check")[1]
     readme = (ROOT / "experiments" / "x1_scope" / "README.md").read_text()
 
-    def normalized(row: str) -> str:
-        """The row with its label's key=value pairs sorted: the report orders them by the runs' file times,
-        which a fresh clone does not keep (a known report issue)."""
-        cells = row.split(" | ")
-        cells[0] = "| " + " ".join(sorted(cells[0].removeprefix("| ").split()))
-        return " | ".join(cells)
-
     wanted = ("router=hash", "router=oracle", "balance=expert_bias", "coefficient=0.1")
     rows = [
         line
@@ -73,7 +66,7 @@ def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys):
         if line.startswith("| ") and any(k in line.split(" | ")[0] for k in wanted)
     ]
     assert len(rows) == 8  # not Sinkhorn (one seed so far)
-    readme_rows = {normalized(line) for line in readme.splitlines() if line.startswith("| ")}
+    readme_rows = {line for line in readme.splitlines() if line.startswith("| ")}
     for row in rows:  # the README leaves out the empty dense-total column
         cells = row.split(" | ")
-        assert normalized(" | ".join(cells[:4] + cells[5:])) in readme_rows, row
+        assert " | ".join(cells[:4] + cells[5:]) in readme_rows, row

@@ -183,3 +183,21 @@ def test_failed_and_interrupted_runs_are_listed_never_reported(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "sigmoid" not in out.split("Runs without")[0] and "0.100" not in out
     assert "(interrupted, failed or unfinished): 2" in out
+
+
+def test_runs_are_ordered_by_path_not_file_time(tmp_path):
+    """A fresh clone does not keep file times, so the report's row order must not depend on them: runs are
+    ordered by path (numbers as numbers), runs post-trained from another run (init_from) last."""
+    import os
+
+    from testbed.analysis.report import find_runs
+
+    sweep = tmp_path / "sweep"
+    for i, name in enumerate(["s10", "s2", "s1", "post"]):
+        summary = {"status": "finished", "val/loss": 4.0, "init_from": "elsewhere" if name == "post" else None}
+        fake_run(sweep / name / "0", [f"seed={i}"], summary)
+    # file times in the reverse of the expected order
+    for t, name in enumerate(["post", "s10", "s2", "s1"]):
+        os.utime(sweep / name / "0" / "summary.json", (1000 + t, 1000 + t))
+    finished, _ = find_runs([sweep])
+    assert [r["dir"].parent.name for r in finished] == ["s1", "s2", "s10", "post"]

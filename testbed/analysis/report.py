@@ -20,6 +20,7 @@ import functools
 import io
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -57,10 +58,11 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
             raise FileNotFoundError(f"{root} does not exist")
         candidates = {p.parent for p in root.rglob(".hydra")} | {p.parent for p in root.rglob("summary.json")}
 
-        # Finished runs in the order they finished (a sweep's runs before those post-trained from them).
+        # A deterministic order that a fresh clone keeps (file times do not survive git): runs
+        # post-trained from another run (init_from) after the others, then by path, numbers compared
+        # as numbers (s2 before s10).
         def order(p: Path):
-            summary = p / "summary.json"
-            return (not summary.exists(), summary.stat().st_mtime if summary.exists() else 0.0, str(p))
+            return (_post_trained(p / "summary.json"), _natural_key(p.relative_to(root)))
 
         for run_dir in sorted(candidates, key=order):
             summary_path = run_dir / "summary.json"
@@ -77,6 +79,19 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
             sweep = relative[0] if len(relative) >= 3 else ""
             finished.append({"dir": run_dir, "overrides": overrides, "summary": summary, "sweep": sweep})
     return finished, failed
+
+
+def _natural_key(path: Path) -> tuple:
+    return tuple(tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", part) if t)
+                 for part in path.parts)
+
+
+def _post_trained(summary_path: Path) -> bool:
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(summary, dict) and bool(summary.get("init_from"))
 
 
 def run_status(summary_path: Path) -> str:
