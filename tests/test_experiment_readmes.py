@@ -54,10 +54,10 @@ def test_x7_readme_tables_rebuild_from_committed_runs(capsys):
 
 
 def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys):
-    runs = ROOT / "experiments" / "x1_scope" / "runs"
+    runs = ROOT / "experiments" / "x1_scope" / "scope_8k" / "runs"
     assert report.main([str(runs), "--columns", "val/loss", "--no-committed-baselines"]) == 0  # as rebuild
     text = capsys.readouterr().out.split("Regime check")[1]
-    readme = (ROOT / "experiments" / "x1_scope" / "README.md").read_text()
+    readme = (ROOT / "experiments" / "x1_scope" / "scope_8k" / "README.md").read_text()
 
     wanted = ("router=hash", "router=oracle", "balance=expert_bias", "coefficient=0.1")
     rows = [

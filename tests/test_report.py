@@ -201,3 +201,20 @@ def test_runs_are_ordered_by_path_not_file_time(tmp_path):
         os.utime(sweep / name / "0" / "summary.json", (1000 + t, 1000 + t))
     finished, _ = find_runs([sweep])
     assert [r["dir"].parent.name for r in finished] == ["s1", "s2", "s10", "post"]
+
+
+def test_report_reads_analysis_columns(tmp_path, capsys):
+    """`analysis/<key>` columns come from testbed-analyze's <run>/analysis/analysis.json (how X1 scores
+    Sinkhorn and BA with their training-time routing); runs without one show no value."""
+    sweep = tmp_path / "sweep"
+    for seed, (loss, purity) in enumerate([(4.5, 0.25), (4.7, 0.35)]):
+        fake_run(sweep / f"s{seed}" / "0", [f"seed={seed}"], {"status": "finished", "val/loss": 4.0})
+        analysis = {"val_loss_mean": loss, "val_loss": {"code": loss + 1}, "metrics": {"spec/purity/mean": purity}}
+        (sweep / f"s{seed}" / "0" / "analysis").mkdir()
+        (sweep / f"s{seed}" / "0" / "analysis" / "analysis.json").write_text(json.dumps(analysis))
+    fake_run(sweep / "s2" / "0", ["seed=2"], {"status": "finished", "val/loss": 4.0})
+    columns = "val/loss,analysis/val/loss,analysis/val/loss/code,analysis/spec/purity/mean"
+    assert main([str(sweep), "--columns", columns, "--per-run"]) == 0
+    out = capsys.readouterr().out
+    assert "| 4.000 | 4.500 | 5.500 | 0.250 |" in out and "| 4.000 | 4.700 | 5.700 | 0.350 |" in out
+    assert "| 4.000 |  |  |  |" in out

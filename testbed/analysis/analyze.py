@@ -269,7 +269,16 @@ def main(argv: list[str] | None = None) -> int:
     stiffness = run.metrics.stiffness_batches if args.stiffness_batches is None else args.stiffness_batches
     losses, stats = evaluate(module, datamodule, stiffness)
     out = args.out or checkpoint.parent.parent / "analysis"
-    write_report(out, checkpoint, run.router.name, datamodule.domains, losses, stats, module.moe_layer_names)
+    write_report(
+        out,
+        checkpoint,
+        run.router.name,
+        datamodule.domains,
+        losses,
+        stats,
+        module.moe_layer_names,
+        {"overrides": list(args.overrides)},
+    )
     print((out / "summary.md").read_text())
     print(f"wrote {out}/analysis.json, summary.md, heatmap.png and per-layer plots")
     return 0

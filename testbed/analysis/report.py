@@ -235,6 +235,21 @@ def quiz_result(run_dir: Path) -> dict:
     return _read_cached(path, json.loads) if path.exists() else {}
 
 
+def analysis_value(run_dir: Path, key: str):
+    """`analysis/<key>` from <run>/analysis/analysis.json (testbed-analyze <run> [overrides], e.g. Sinkhorn
+    scored with its training-time routing: router.eval_balanced=true): val/loss, val/loss/<domain>, or a
+    spec/... metric; None where the run has no analysis."""
+    path = run_dir / "analysis" / "analysis.json"
+    if not path.exists():
+        return None
+    analysis = _read_cached(path, json.loads)
+    if key == "val/loss":
+        return analysis.get("val_loss_mean")
+    if key.startswith("val/loss/"):
+        return analysis.get("val_loss", {}).get(key.removeprefix("val/loss/"))
+    return analysis.get("metrics", {}).get(key)
+
+
 @functools.lru_cache(maxsize=4096)
 def _read_keyed(path: Path, mtime_ns: int, parse):
     return parse(path.read_text())
@@ -249,7 +264,9 @@ def _read_cached(path: Path, parse):
 def run_value(run: dict, column: str):
     """summary.json's value; `quiz/<key>` from <run>/quiz/quiz.json (testbed-quiz eval: its top level, else
     its mean over layers); for a logged-only column (train/aux/load_balance, say), the mean of its last
-    LOGGED_WINDOW values in metrics.csv."""
+    LOGGED_WINDOW values in metrics.csv; `analysis/<key>` from testbed-analyze's analysis.json."""
+    if column.startswith("analysis/"):
+        return analysis_value(run["dir"], column.removeprefix("analysis/"))
     if column.startswith("quiz/"):
         result, key = quiz_result(run["dir"]), column.removeprefix("quiz/")
         return result[key] if key in result else result.get("mean", {}).get(key)
