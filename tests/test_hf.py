@@ -289,6 +289,8 @@ def test_metrics_of_a_model_routed_by_domain_blocks(block_mix, tmp_path):
         assert m["routing_variance"] == pytest.approx(1 / 15, abs=1e-6)  # Var([.5, .5, 0, 0, 0, 0])
         assert m["ngram_expertise_n4"] == 1.0 and m["ngram_expertise_n10"] == 1.0
         assert analysis["expert_load"][name] == [256] * 6
+        # block routing: domain d's 256 tokens x top-2 go to experts 2d and 2d + 1 only
+        assert analysis["counts"][name] == [[256 if e // 2 == d else 0 for e in range(6)] for d in range(3)]
     keys = {k.split("/")[1] for k in analysis["metrics"]}
     assert {"utilization", "purity", "nmi", "gate_entropy", "routing_variance", "dead_experts"} <= keys
     assert (out / "heatmap.png").is_file() and (out / "gate_entropy.png").is_file()

@@ -218,3 +218,33 @@ def test_report_reads_analysis_columns(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| 4.000 | 4.500 | 5.500 | 0.250 |" in out and "| 4.000 | 4.700 | 5.700 | 0.350 |" in out
     assert "| 4.000 |  |  |  |" in out
+
+
+def test_heatmap_panels_show_each_configuration_lowest_seed(tmp_path, monkeypatch):
+    """heatmaps.png: one panel per configuration, the chosen layer's p(expert | domain) counts from the
+    lowest seed that has an analysis.json (testbed-analyze), labelled with the configuration and seed."""
+    import numpy as np
+
+    from testbed.analysis import plots, report
+
+    sweep = tmp_path / "sweep"
+    for i, (router, seed) in enumerate([("oracle", 1), ("oracle", 0), ("hash", 0), ("sigmoid", 0)]):
+        run = sweep / f"p{i}" / "0"
+        fake_run(run, [f"router={router}", f"seed={seed}"], {"status": "finished", "seed": seed, "val/loss": 4.0})
+        if router == "sigmoid":
+            continue  # no analysis: no panel
+        counts = {"layer0": [[9, 9], [9, 9]], "layer1": [[10 * (seed + 1), 0], [0, 5 + i]]}
+        analysis = {"domains": ["a", "b"], "counts": counts}
+        (run / "analysis").mkdir()
+        (run / "analysis" / "analysis.json").write_text(json.dumps(analysis))
+    seen = {}
+
+    def fake_heatmaps(counts, domains, names, out_path=None, title=None):
+        seen.update(counts=np.asarray(counts), domains=domains, names=names, title=title)
+
+    monkeypatch.setattr(plots, "domain_expert_heatmaps", fake_heatmaps)
+    runs, _ = report.find_runs([sweep])
+    assert report.heatmap_panels(runs, tmp_path) == [tmp_path / "heatmaps.png"]
+    assert seen["names"] == ["router=oracle (seed 0)", "router=hash (seed 0)"]
+    assert seen["counts"].tolist() == [[[10, 0], [0, 6]], [[10, 0], [0, 7]]]
+    assert seen["domains"] == ["a", "b"] and seen["title"] == "p(expert | domain), MoE layer1"

@@ -114,6 +114,7 @@ def write_report(
         "per_layer": dict(zip(layer_names, layers, strict=True)),
         "expert_accuracy": {name: accuracy[i].tolist() for i, name in enumerate(layer_names)},
         "expert_load": {name: state["counts"][i].sum(0).tolist() for i, name in enumerate(layer_names)},
+        "counts": {name: state["counts"][i].tolist() for i, name in enumerate(layer_names)},  # [domain][expert]
         **(extra or {}),
     }
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float).replace("NaN", "null"))

@@ -470,6 +470,38 @@ def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
     return paths
 
 
+def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Path]:
+    """p(expert | domain) of one MoE layer, one panel per configuration (its lowest seed's run that has a
+    testbed-analyze analysis.json with routing counts), oracle blocks outlined: heatmaps.png."""
+    from testbed.analysis.plots import domain_expert_heatmaps
+
+    _, groups = group_runs(runs)
+    counts, labels, domains, layer_name = [], [], None, None
+    for group in groups:
+        with_counts = []
+        for run in group["runs"]:
+            path = run["dir"] / "analysis" / "analysis.json"
+            analysis = _read_cached(path, json.loads) if path.exists() else {}
+            if analysis.get("counts"):
+                with_counts.append((run["summary"].get("seed", 0), run["dir"], analysis))
+        if not with_counts:
+            continue
+        seed, _, analysis = min(with_counts, key=lambda item: (item[0], str(item[1])))
+        names = list(analysis["counts"])
+        if domains is not None and analysis["domains"] != domains:
+            raise ValueError(f"{settings_label(group)}: domains {analysis['domains']} differ from {domains}")
+        domains, layer_name = analysis["domains"], names[layer]
+        counts.append(analysis["counts"][layer_name])
+        labels.append(f"{settings_label(group)} (seed {seed})")
+    if not counts:
+        return []
+    path = out_dir / "heatmaps.png"
+    domain_expert_heatmaps(
+        np.array(counts), domains, labels, out_path=path, title=f"p(expert | domain), MoE {layer_name}"
+    )
+    return [path]
+
+
 def curve_of(run_dir: Path, metric: str) -> dict[int, float]:
     return {
         int(float(row["step"])): float(row[metric])
@@ -649,6 +681,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--curve-x", choices=("step", "tokens"), default="step", help="x axis of the training curves"
     )
+    parser.add_argument(
+        "--heatmap-layer",
+        type=int,
+        default=-1,
+        help="with --plots: the MoE layer (index, -1 = last) of heatmaps.png, p(expert | domain) per "
+        "configuration from runs that have testbed-analyze's analysis.json",
+    )
     args = parser.parse_args(argv)
     try:
         runs, failed = find_runs(args.dirs)
@@ -692,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = frontier_plots(runs, out_dir)
         paths += layer_plots(runs, out_dir, split_list(args.layer_metrics))
         paths += curve_plots(runs, out_dir, split_list(args.curves), args.curve_x)
+        paths += heatmap_panels(runs, out_dir, args.heatmap_layer)
         for path in paths:
             print(f"wrote {path}")
     return 0
