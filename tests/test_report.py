@@ -194,7 +194,11 @@ def test_runs_are_ordered_by_path_not_file_time(tmp_path):
 
     sweep = tmp_path / "sweep"
     for i, name in enumerate(["s10", "s2", "s1", "post"]):
-        summary = {"status": "finished", "val/loss": 4.0, "init_from": "elsewhere" if name == "post" else None}
+        summary = {
+            "status": "finished",
+            "val/loss": 4.0,
+            "init_from": "elsewhere" if name == "post" else None,
+        }
         fake_run(sweep / name / "0", [f"seed={i}"], summary)
     # file times in the reverse of the expected order
     for t, name in enumerate(["post", "s10", "s2", "s1"]):
@@ -209,7 +213,11 @@ def test_report_reads_analysis_columns(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     for seed, (loss, purity) in enumerate([(4.5, 0.25), (4.7, 0.35)]):
         fake_run(sweep / f"s{seed}" / "0", [f"seed={seed}"], {"status": "finished", "val/loss": 4.0})
-        analysis = {"val_loss_mean": loss, "val_loss": {"code": loss + 1}, "metrics": {"spec/purity/mean": purity}}
+        analysis = {
+            "val_loss_mean": loss,
+            "val_loss": {"code": loss + 1},
+            "metrics": {"spec/purity/mean": purity},
+        }
         (sweep / f"s{seed}" / "0" / "analysis").mkdir()
         (sweep / f"s{seed}" / "0" / "analysis" / "analysis.json").write_text(json.dumps(analysis))
     fake_run(sweep / "s2" / "0", ["seed=2"], {"status": "finished", "val/loss": 4.0})
@@ -230,7 +238,9 @@ def test_heatmap_panels_show_each_configuration_lowest_seed(tmp_path, monkeypatc
     sweep = tmp_path / "sweep"
     for i, (router, seed) in enumerate([("oracle", 1), ("oracle", 0), ("hash", 0), ("sigmoid", 0)]):
         run = sweep / f"p{i}" / "0"
-        fake_run(run, [f"router={router}", f"seed={seed}"], {"status": "finished", "seed": seed, "val/loss": 4.0})
+        fake_run(
+            run, [f"router={router}", f"seed={seed}"], {"status": "finished", "seed": seed, "val/loss": 4.0}
+        )
         if router == "sigmoid":
             continue  # no analysis: no panel
         counts = {"layer0": [[9, 9], [9, 9]], "layer1": [[10 * (seed + 1), 0], [0, 5 + i]]}

@@ -151,6 +151,26 @@ def test_analyze_recomputes_the_run_metrics(first_run, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_analyze_refuses_a_dense_model_by_name(synth_mix, tmp_path, capsys):
+    """A dense run has no routing: testbed-analyze says so (exit 2) instead of failing inside evaluation."""
+    from testbed.analysis.analyze import main as analyze
+
+    out = tmp_path / "dense"
+    dense = [o for o in synth_overrides(synth_mix) if not o.startswith("model.moe.")]
+    result = cli(
+        *dense,
+        "model=micro_dense",
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+        f"hydra.run.dir={out}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert analyze([str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "micro_dense" in err and "has no MoE layers" in err
+    assert not (out / "analysis").exists()
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

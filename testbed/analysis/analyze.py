@@ -114,7 +114,9 @@ def write_report(
         "per_layer": dict(zip(layer_names, layers, strict=True)),
         "expert_accuracy": {name: accuracy[i].tolist() for i, name in enumerate(layer_names)},
         "expert_load": {name: state["counts"][i].sum(0).tolist() for i, name in enumerate(layer_names)},
-        "counts": {name: state["counts"][i].tolist() for i, name in enumerate(layer_names)},  # [domain][expert]
+        "counts": {
+            name: state["counts"][i].tolist() for i, name in enumerate(layer_names)
+        },  # [domain][expert]
         **(extra or {}),
     }
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float).replace("NaN", "null"))
@@ -263,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         datamodule.setup("validate")
         module = MoELanguageModel(run, datamodule.domains)
         load_weights(module, checkpoint, what="testbed-analyze")
+        if not module.moe_layer_names:
+            raise TestbedError(
+                f"{checkpoint}: the model ({run.model.name}) has no MoE layers, so there is no routing to "
+                "analyze; give a run of an MoE model"
+            )
     except TestbedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

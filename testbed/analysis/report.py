@@ -61,7 +61,7 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
         # A deterministic order that a fresh clone keeps (file times do not survive git): runs
         # post-trained from another run (init_from) after the others, then by path, numbers compared
         # as numbers (s2 before s10).
-        def order(p: Path):
+        def order(p: Path, root: Path = root):
             return (_post_trained(p / "summary.json"), _natural_key(p.relative_to(root)))
 
         for run_dir in sorted(candidates, key=order):
@@ -82,8 +82,10 @@ def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
 
 
 def _natural_key(path: Path) -> tuple:
-    return tuple(tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", part) if t)
-                 for part in path.parts)
+    return tuple(
+        tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", part) if t)
+        for part in path.parts
+    )
 
 
 def _post_trained(summary_path: Path) -> bool:
