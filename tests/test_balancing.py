@@ -14,13 +14,13 @@ from testbed.config import parse_config
 from testbed.errors import ConfigError
 from testbed.losses.expert_bias import ExpertBiasTracker
 from testbed.losses.load_balance import LoadBalanceConfig, LoadBalanceLoss
-from testbed.losses.scope import GlobalScopeState
 from testbed.metrics import specialization as S
 from testbed.routing import RoutingContext, routing_from_choices
 from testbed.routing.base import Routing, count_per_expert
 from testbed.routing.capacity import expert_capacity, mask_capacity
 from testbed.routing.sinkhorn import SinkhornConfig, SinkhornRouter, sinkhorn_log
 from testbed.routing.topk_softmax import TopKSoftmaxConfig, TopKSoftmaxRouter
+from testbed.scope import GlobalScopeState
 from tests.conftest import compose
 
 

@@ -128,7 +128,7 @@ def test_gateless_routers_get_find_unused_parameters_under_ddp():
 
 def _rank_counts(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     """One rank: two micro-batches of global-scope counts through GlobalScopeState."""
-    from testbed.losses.scope import GlobalScopeState
+    from testbed.scope import GlobalScopeState
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     try:

@@ -8,12 +8,12 @@ import torch
 from testbed.config import MoEConfig
 from testbed.losses.load_balance import LoadBalanceConfig, LoadBalanceLoss
 from testbed.losses.orthogonality import OrthogonalityConfig, OrthogonalityLoss
-from testbed.losses.scope import GlobalScopeState
 from testbed.losses.variance import VarianceConfig, VarianceLoss
 from testbed.losses.z_loss import ZLoss, ZLossConfig
 from testbed.metrics.stats import RoutingStats
 from testbed.model.moe import MoELayer
 from testbed.routing import ROUTERS, RoutingContext
+from testbed.scope import GlobalScopeState
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -9,11 +9,11 @@ from testbed.config import MoEConfig
 from testbed.losses import load_balance_value
 from testbed.losses.expert_bias import ExpertBiasBalance, ExpertBiasConfig
 from testbed.losses.load_balance import LoadBalanceConfig, LoadBalanceLoss
-from testbed.losses.scope import GlobalScopeState
 from testbed.losses.z_loss import ZLoss, ZLossConfig
 from testbed.model.moe import MoELayer
 from testbed.routing import RoutingContext, routing_from_choices
 from testbed.routing.topk_softmax import TopKSoftmaxConfig
+from testbed.scope import GlobalScopeState
 
 PROBS = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
 

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from matplotlib.collections import PathCollection
 
-from testbed.analysis.plots import (
+from testbed.layout import block_layout
+from testbed.plots import (
     domain_expert_heatmaps,
     frontier_scatter,
     per_layer_curves,
     save_figure,
 )
-from testbed.layout import block_layout
 
 D, E = 8, 16
 DOMAINS = [f"domain{d}" for d in range(D)]

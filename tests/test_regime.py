@@ -155,7 +155,7 @@ def test_dense_baselines_have_equal_active_and_total_parameters(name, top_k):
 
 def test_curves_against_tokens(tmp_path, monkeypatch):
     """--curve-x tokens: a row logged at step s follows s + 1 steps of tokens_seen / steps tokens."""
-    from testbed.analysis import plots
+    from testbed import plots
 
     s = summary(loss=5.0)
     s["steps"], s["tokens_seen"] = 4, 4096  # 1,024 tokens a step

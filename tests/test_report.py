@@ -233,7 +233,8 @@ def test_heatmap_panels_show_each_configuration_lowest_seed(tmp_path, monkeypatc
     lowest seed that has an analysis.json (testbed-analyze), labelled with the configuration and seed."""
     import numpy as np
 
-    from testbed.analysis import plots, report
+    from testbed import plots
+    from testbed.analysis import report
 
     sweep = tmp_path / "sweep"
     for i, (router, seed) in enumerate([("oracle", 1), ("oracle", 0), ("hash", 0), ("sigmoid", 0)]):

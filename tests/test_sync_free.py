@@ -15,7 +15,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from testbed.config import MoEConfig
 from testbed.losses.load_balance import LoadBalanceConfig, LoadBalanceLoss
 from testbed.losses.orthogonality import OrthogonalityConfig, OrthogonalityLoss
-from testbed.losses.scope import GlobalScopeState
 from testbed.losses.variance import VarianceConfig, VarianceLoss
 from testbed.losses.z_loss import ZLoss, ZLossConfig
 from testbed.metrics.stats import RoutingStats
@@ -23,6 +22,7 @@ from testbed.model.experts import combine
 from testbed.model.moe import MoELayer
 from testbed.routing import ROUTERS, RoutingContext, routing_from_choices
 from testbed.routing.capacity import apply_capacity, mask_capacity
+from testbed.scope import GlobalScopeState
 
 aten = torch.ops.aten
 SYNCING = {

@@ -95,8 +95,8 @@ def write_report(
 ) -> dict:
     """analysis.json, routing_counts.pt, the heatmap, per-layer plots and summary.md. `router` labels the
     plots (a testbed run's router name, a pretrained model's family); `extra` adds keys to analysis.json."""
-    from testbed.analysis.plots import domain_expert_heatmaps, per_layer_curves
     from testbed.metrics.summary import per_layer, spec_metrics
+    from testbed.plots import domain_expert_heatmaps, per_layer_curves
 
     out.mkdir(parents=True, exist_ok=True)
     layers = per_layer(stats)

@@ -378,7 +378,7 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
     """Utilization vs specialization across groups (purity, nmi, reference precision), the Testbed paper's
     picture: one marker per balancing method, one colour per scope, oracle and hash as references, hollow
     for mixed batches; error bars are the std over seeds (n in the title)."""
-    from testbed.analysis.plots import frontier_scatter
+    from testbed.plots import frontier_scatter
 
     _, groups = group_runs(runs)
     paths = []
@@ -452,7 +452,7 @@ def last_layer_values(run_dir: Path, metric: str) -> list[float]:
 
 def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> list[Path]:
     """Per-layer curves of the final validation, mean over each group's seeds."""
-    from testbed.analysis.plots import per_layer_curves
+    from testbed.plots import per_layer_curves
 
     _, groups = group_runs(runs)
     paths = []
@@ -475,7 +475,7 @@ def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
 def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Path]:
     """p(expert | domain) of one MoE layer, one panel per configuration (its lowest seed's run that has a
     testbed-analyze analysis.json with routing counts), oracle blocks outlined: heatmaps.png."""
-    from testbed.analysis.plots import domain_expert_heatmaps
+    from testbed.plots import domain_expert_heatmaps
 
     _, groups = group_runs(runs)
     counts, labels, domains, layer_name = [], [], None, None
@@ -515,7 +515,7 @@ def curve_of(run_dir: Path, metric: str) -> dict[int, float]:
 def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: str = "step") -> list[Path]:
     """Training curves of `metrics` from metrics.csv: per group, mean over seeds at the steps all share;
     x = "tokens" puts training tokens (step x the run's tokens per step) on the x axis."""
-    from testbed.analysis.plots import training_curves
+    from testbed.plots import training_curves
 
     _, groups = group_runs(runs)
     paths = []

@@ -239,7 +239,7 @@ def chernov_figures(payload: dict, out) -> list[str]:
     """Chernov's three per-layer figures: dead experts, gate entropy, per-expert accuracy (layer x expert)."""
     from matplotlib.figure import Figure
 
-    from testbed.analysis.plots import per_layer_curves, save_figure
+    from testbed.plots import per_layer_curves, save_figure
 
     label = payload["router"]
     layers = [payload["per_layer"][name] for name in payload["layers"]]

@@ -19,8 +19,8 @@ from torch import Tensor
 from testbed.errors import ConfigError
 from testbed.losses.base import BALANCE, AuxLoss
 from testbed.losses.load_balance import sequence_load_balance
-from testbed.losses.scope import SCOPES, all_reduce_sum
 from testbed.routing.base import Routing, RoutingContext
+from testbed.scope import SCOPES, all_reduce_sum
 
 
 @dataclass

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.losses.base import BALANCE, AuxLoss, check_coefficient
-from testbed.losses.scope import SCOPES
 from testbed.routing.base import Routing, RoutingContext, count_per_expert
+from testbed.scope import SCOPES
 
 
 @dataclass

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
-from testbed.losses.scope import LOCAL_SCOPES
 from testbed.routing.base import ROUTERS, BalancingRouter, RoutingContext
+from testbed.scope import LOCAL_SCOPES
 
 
 @dataclass

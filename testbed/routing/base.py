@@ -67,7 +67,7 @@ class RoutingContext:
     max_experts_per_token: int | None = None
     # training state: the optimizer step's running counts (global scope: load balance, Sinkhorn) and the
     # expert-bias tracker (balance=expert_bias); None outside training steps
-    scope_state: Any = None  # testbed.losses.scope.GlobalScopeState
+    scope_state: Any = None  # testbed.scope.GlobalScopeState
     expert_bias_tracker: Any = None  # testbed.losses.expert_bias.ExpertBiasTracker
     routing_stats: Any = None  # testbed.metrics.stats.RoutingStats: the counters this pass updates
 

@@ -16,9 +16,9 @@ import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
-from testbed.losses.scope import LOCAL_SCOPES
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, count_per_expert
 from testbed.routing.capacity import expert_capacity
+from testbed.scope import LOCAL_SCOPES
 
 
 @dataclass

@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
-from testbed.losses.scope import SCOPES, all_reduce_sum
 from testbed.routing.base import (
     ROUTERS,
     BalancingRouter,
     RoutingContext,
     count_per_expert,
 )
+from testbed.scope import SCOPES, all_reduce_sum
 
 
 @dataclass

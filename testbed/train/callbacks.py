@@ -175,7 +175,7 @@ class SpecializationMetrics(L.Callback):
             return
         if not pl_module.run_config.metrics.plots:
             return
-        from testbed.analysis.plots import per_layer_curves
+        from testbed.plots import per_layer_curves
 
         layers = pl_module.moe_layer_names
         series = {}
@@ -210,7 +210,7 @@ class SpecializationMetrics(L.Callback):
         )
         if not pl_module.run_config.metrics.plots:
             return
-        from testbed.analysis.plots import domain_expert_heatmaps
+        from testbed.plots import domain_expert_heatmaps
 
         path = self.run_dir / "plots" / f"heatmap_step{step}.png"
         figure = domain_expert_heatmaps(

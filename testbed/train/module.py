@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from testbed.config import RunConfig
 from testbed.losses import AUX_LOSSES, BALANCE, AuxLoss
 from testbed.losses.expert_bias import ExpertBiasTracker
-from testbed.losses.scope import GlobalScopeState
 from testbed.model import LayerOutput, MoETransformer
 from testbed.model.lm_loss import linear_cross_entropy
+from testbed.scope import GlobalScopeState
 from testbed.train.checkpoint import TrainingDiverged
 from testbed.train.finetune import apply_finetune
 
