@@ -2,7 +2,9 @@
 
 Hydra composes YAML from conf/; `parse_config` merges each section into its dataclass (unknown keys and
 wrong types fail), then `validate` checks values that cannot work together. Router and loss sections are
-validated against the config dataclass of the registered component they name.
+validated against the config dataclass of the registered component they name. The model's own sections
+(`ModelConfig`, `MoEConfig`) are defined in testbed/model/schema.py, so that the model does not import this
+module; they are importable from here as well.
 """
 
 from __future__ import annotations
@@ -15,34 +17,24 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from testbed.data.corpora import DEFAULT_MIX
 from testbed.errors import ConfigError
+from testbed.losses import AUX_LOSSES, BALANCE
+from testbed.model.experts import BACKENDS
+from testbed.model.schema import ModelConfig
+from testbed.model.schema import MoEConfig as MoEConfig  # re-exported: a run's `model.moe`
+from testbed.routing import ROUTERS
 
-
-@dataclass
-class MoEConfig:
-    num_experts: int = 16
-    expert_hidden: int = 128
-    num_shared_experts: int = 0  # always-on dense experts added to every token's output
-    backend: str = "grouped"  # loop (reference) | grouped (grouped_mm)
-    capacity_factor: float | None = (
-        None  # token-choice routers: None = dropless, else ceil(cf*K*T/E) per expert
-    )
-
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny"
-    vocab_size: int = 4096
-    d_model: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    max_seq_len: int = 1024
-    dense_layers: int = 0  # the first k blocks use a dense SwiGLU instead of MoE
-    dense_hidden: int = 512
-    tie_embeddings: bool = True
-    rope_base: float = 10000.0
-    moe: MoEConfig = field(default_factory=MoEConfig)
+DEFAULT_MIX: tuple[str, ...] = (
+    "code",
+    "fiction",
+    "drama",
+    "formal_math",
+    "biomedical",
+    "legal",
+    "speeches",
+    "spanish",
+)
+"""The domains the default training mix uses (their sources: testbed/data/corpora.py)."""
 
 
 @dataclass
@@ -248,9 +240,6 @@ def _strict_bool(key: str, value: Any) -> bool:
 
 def parse_config(cfg: DictConfig | dict) -> RunConfig:
     """Turn a composed Hydra config into a validated `RunConfig`; raises ConfigError on the first problem."""
-    from testbed.losses import AUX_LOSSES, BALANCE
-    from testbed.routing import ROUTERS
-
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
     raw = OmegaConf.to_container(cfg, resolve=True)
@@ -432,9 +421,6 @@ def resolve_strategy(run: RunConfig) -> str:
 
 def validate(run: RunConfig) -> None:
     """Checks of values that cannot work (single fields and combinations)."""
-    from testbed.losses import AUX_LOSSES, BALANCE
-    from testbed.routing import ROUTERS
-
     m = run.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "dense_hidden", "max_seq_len"):
         _positive(f"model.{key}", getattr(m, key))
@@ -454,8 +440,6 @@ def validate(run: RunConfig) -> None:
         )
     if m.moe.num_shared_experts < 0:
         raise ConfigError("model.moe.num_shared_experts", m.moe.num_shared_experts, "an integer >= 0")
-    from testbed.model.experts import BACKENDS
-
     if m.moe.backend not in BACKENDS:
         raise ConfigError("model.moe.backend", m.moe.backend, f"one of {list(BACKENDS)}")
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 
-from testbed.train.cli import CONF_DIR
+from testbed import CONF_DIR
 
 EXPERIMENT_DIR = Path(CONF_DIR) / "experiment"
 SWEEP_KEYS = {"name", "grid", "overrides", "from", "select_experts"}

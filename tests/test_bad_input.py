@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from testbed.analysis.analyze import main as analyze_main
 from testbed.config import DomainSourceConfig, parse_config
 from testbed.data.loading import load_documents
 from testbed.data.tokenizer import load_tokenizer
 from testbed.errors import ConfigError, DataError
+from testbed.hf.cli import analyze_main
 from testbed.train.cli import check_overrides, quote_values_with_equals
 from tests.conftest import compose, synth_overrides
 

@@ -267,7 +267,7 @@ def mix_overrides(root):
 
 
 def test_metrics_of_a_model_routed_by_domain_blocks(block_mix, tmp_path):
-    from testbed.analysis.analyze import main
+    from testbed.hf.cli import analyze_main as main
 
     model_dir = block_model(block_mix, tmp_path)
     out = tmp_path / "analysis"
@@ -344,7 +344,8 @@ def olmoe_dir(tmp_path_factory):
 def test_quiz_counts_routing_at_the_answer_position(olmoe_dir, tmp_path):
     """The CLI's accuracy, dead experts, entropy and per-expert accuracy equal a direct computation from the
     model's own outputs (output_router_logits), one unpadded prompt at a time."""
-    from testbed.analysis.quiz import load_quiz, main
+    from testbed.analysis.quiz import load_quiz
+    from testbed.hf.cli import quiz_main as main
     from testbed.hf.quiz import letter_token_ids, mmlu_prompt
 
     out = tmp_path / "quiz"
@@ -430,7 +431,7 @@ def test_best_experts_rule():
 
 
 def test_bad_models_exit_2_with_a_clear_message(tmp_path, capsys, monkeypatch):
-    from testbed.analysis.analyze import main
+    from testbed.hf.cli import analyze_main as main
 
     assert main(["--hf", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
@@ -450,7 +451,7 @@ def test_bad_models_exit_2_with_a_clear_message(tmp_path, capsys, monkeypatch):
 def test_intervene_on_a_testbed_checkpoint(synth_mix, tmp_path):
     """The same commands on the testbed's own models: the dead set is the zero-load experts of the cloze quiz
     (every counted token), so pruning it changes nothing; reweighting the two most accurate experts does."""
-    from testbed.analysis import quiz as Q
+    from testbed.hf.cli import quiz_main
     from testbed.hf.intervene import main
     from testbed.train.cli import run_training
     from tests.conftest import compose, synth_overrides
@@ -460,9 +461,10 @@ def test_intervene_on_a_testbed_checkpoint(synth_mix, tmp_path):
     run_training(compose(overrides), run_dir, quiet=True)
     quiz = tmp_path / "quiz"
     assert (
-        Q.main(["build", *synth_overrides(synth_mix)[:6], "--out", str(quiz), "--items-per-domain", "6"]) == 0
+        quiz_main(["build", *synth_overrides(synth_mix)[:6], "--out", str(quiz), "--items-per-domain", "6"])
+        == 0
     )
-    assert Q.main(["eval", str(run_dir), "--quiz", str(quiz), "--out", str(tmp_path / "eval")]) == 0
+    assert quiz_main(["eval", str(run_dir), "--quiz", str(quiz), "--out", str(tmp_path / "eval")]) == 0
     baseline = json.loads((tmp_path / "eval" / "quiz.json").read_text())
     out = tmp_path / "prune"
     assert main(["prune", str(run_dir), "--quiz", str(quiz), "--out", str(out)]) == 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from testbed.analysis import quiz as Q
+from testbed.hf.cli import quiz_main
 from testbed.routing.base import routing_from_choices
 from tests.conftest import SYNTH_DOMAINS, compose, synth_overrides
 
@@ -97,7 +98,7 @@ def test_loader_errors_for_paths_and_encoding(tmp_path):
 
 
 def build(root, out, *extra):
-    assert Q.main(["build", *synth_overrides(root), "--out", str(out), *BUILD, *extra]) == 0
+    assert quiz_main(["build", *synth_overrides(root), "--out", str(out), *BUILD, *extra]) == 0
     return out
 
 
@@ -305,7 +306,7 @@ def test_build_and_eval_a_trained_run(synth_mix, tmp_path, capsys):
         compose(synth_overrides(synth_mix, "trainer.max_steps=8", "metrics.plots=false")), run_dir, quiet=True
     )
     quiz_dir = build(synth_mix, tmp_path / "quiz")
-    assert Q.main(["eval", str(run_dir), "--quiz", str(quiz_dir), "--batch-items", "5"]) == 0
+    assert quiz_main(["eval", str(run_dir), "--quiz", str(quiz_dir), "--batch-items", "5"]) == 0
     out = run_dir / "quiz"
     result = json.loads((out / "quiz.json").read_text())
     assert result["items"] == 24 and result["layers"] == ["layer0", "layer1"]
@@ -351,7 +352,7 @@ def test_build_and_eval_a_trained_run(synth_mix, tmp_path, capsys):
 
     # --positions answer: one counted token per item (its last question token), given to its top-1 expert
     assert (
-        Q.main(
+        quiz_main(
             [
                 "eval",
                 str(run_dir),
@@ -383,9 +384,9 @@ def test_build_and_eval_a_trained_run(synth_mix, tmp_path, capsys):
     # a quiz held out with another split seed may hold training text: eval says so
     other = build(synth_mix, tmp_path / "other", "data.split_seed=1")
     capsys.readouterr()
-    assert Q.main(["eval", str(run_dir), "--quiz", str(other), "--out", str(tmp_path / "o")]) == 0
+    assert quiz_main(["eval", str(run_dir), "--quiz", str(other), "--out", str(tmp_path / "o")]) == 0
     assert "quiz holdout differs" in capsys.readouterr().err
     checked = json.loads((tmp_path / "o" / "quiz.json").read_text())["holdout"]
     assert checked["matches"] is False and any("split_seed" in p for p in checked["problems"])
-    assert Q.main(["eval", str(tmp_path / "nothing"), "--quiz", str(quiz_dir)]) == 2
+    assert quiz_main(["eval", str(tmp_path / "nothing"), "--quiz", str(quiz_dir)]) == 2
     assert "does not exist" in capsys.readouterr().err

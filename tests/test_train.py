@@ -130,7 +130,7 @@ def test_cli_bad_input_exits_before_training(synth_mix, tmp_path):
 
 
 def test_analyze_recomputes_the_run_metrics(first_run, tmp_path, capsys):
-    from testbed.analysis.analyze import main as analyze
+    from testbed.hf.cli import analyze_main as analyze
 
     run_dir, summary = first_run
     out = tmp_path / "analysis"
@@ -153,7 +153,7 @@ def test_analyze_recomputes_the_run_metrics(first_run, tmp_path, capsys):
 
 def test_analyze_refuses_a_dense_model_by_name(synth_mix, tmp_path, capsys):
     """A dense run has no routing: testbed-analyze says so (exit 2) instead of failing inside evaluation."""
-    from testbed.analysis.analyze import main as analyze
+    from testbed.hf.cli import analyze_main as analyze
 
     out = tmp_path / "dense"
     dense = [o for o in synth_overrides(synth_mix) if not o.startswith("model.moe.")]

@@ -4,7 +4,8 @@ and write `analysis.json`, the count table, plots and a short Markdown summary.
 
 `testbed-analyze --hf <model id or directory> [data overrides]` does the same for a pretrained Hugging Face
 MoE (testbed/hf/): the mix is tokenized with the model's own tokenizer and routing is reconstructed from the
-router logits as the model routes.
+router logits as the model routes. The command's entry point, `testbed.hf.cli.analyze_main`, parses the
+options defined here and runs `analyze_checkpoint` or the Hugging Face path (testbed/hf/cli.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,18 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from testbed.errors import CheckpointError, TestbedError
+from testbed.config import parse_config
+from testbed.data.datamodule import DomainMixDataModule
+from testbed.errors import CheckpointError, ConfigError, TestbedError
+from testbed.metrics.summary import per_layer, spec_metrics
+from testbed.plots import domain_expert_heatmaps, per_layer_curves
+from testbed.train.callbacks import new_stats, stiffness_pass
+from testbed.train.checkpoint import load_weights
+from testbed.train.module import MoELanguageModel
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -33,13 +44,6 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def load_run(checkpoint: Path, overrides: list[str]):
     """The run config stored in the checkpoint, with dotted overrides applied, validated."""
-    import yaml
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from testbed.config import parse_config
-    from testbed.errors import ConfigError
-
     for override in overrides:
         key, sep, _ = override.partition("=")
         if not sep or not key.strip() or key != key.strip():
@@ -74,8 +78,6 @@ def load_run(checkpoint: Path, overrides: list[str]):
 @torch.no_grad()
 def evaluate(module, datamodule, stiffness_batches: int):
     """Validation pass with routing counters (+ the stiffness pass); returns (per-domain loss, stats)."""
-    from testbed.train.callbacks import new_stats, stiffness_pass
-
     module.eval()
     stats = new_stats(module)
     module.routing_stats = stats
@@ -95,9 +97,6 @@ def write_report(
 ) -> dict:
     """analysis.json, routing_counts.pt, the heatmap, per-layer plots and summary.md. `router` labels the
     plots (a testbed run's router name, a pretrained model's family); `extra` adds keys to analysis.json."""
-    from testbed.metrics.summary import per_layer, spec_metrics
-    from testbed.plots import domain_expert_heatmaps, per_layer_curves
-
     out.mkdir(parents=True, exist_ok=True)
     layers = per_layer(stats)
     state = stats.state_dict()
@@ -173,45 +172,9 @@ def markdown_summary(analysis: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def analyze_hf_main(args) -> int:
-    """`testbed-analyze --hf MODEL [data overrides]`: the same report for a pretrained Hugging Face MoE."""
-    from testbed.analysis.quiz import compose_data
-    from testbed.hf.load import load_hf_model
-    from testbed.hf.mix import analyze_mix
-
-    hf = load_hf_model(args.hf, args.device, args.dtype, args.tokenizer)
-    data = compose_data(args.overrides)
-    seq_len = args.seq_len or data.seq_len
-    budget = data.val_tokens_per_domain if args.max_tokens_per_domain is None else args.max_tokens_per_domain
-    result = analyze_mix(hf, data, seq_len, args.batch_size, budget, progress=not args.no_progress)
-    out = args.out or Path("analysis") / Path(str(args.hf).rstrip("/")).name
-    extra = {
-        "hf": {
-            "model": hf.name,
-            **hf.spec.describe(),
-            "dtype": str(hf.dtype).removeprefix("torch."),
-            "tokens": result.extra["tokens"],
-            "seq_len": seq_len,
-            "max_tokens_per_domain": budget,
-            "selection_agreement": result.agreement,
-        }
-    }
-    write_report(
-        out,
-        hf.name,
-        hf.spec.family.label,
-        result.domains,
-        result.losses,
-        result.stats,
-        result.layer_names,
-        extra,
-    )
-    print((out / "summary.md").read_text())
-    print(f"wrote {out}/analysis.json, summary.md, heatmap.png and per-layer plots")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `testbed-analyze` (its entry point, `testbed.hf.cli.analyze_main`, dispatches to
+    `analyze_checkpoint` or, with --hf, to the Hugging Face path)."""
     parser = argparse.ArgumentParser(prog="testbed-analyze", description=__doc__.splitlines()[0])
     parser.add_argument(
         "checkpoint",
@@ -243,21 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         help="token budget per domain (default: data.val_tokens_per_domain; 0: every validation token)",
     )
     hf.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if args.hf is not None:
-        if args.checkpoint is not None:  # argparse puts the first override into `checkpoint`
-            args.overrides.insert(0, str(args.checkpoint))
-        try:
-            return analyze_hf_main(args)
-        except TestbedError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    if args.checkpoint is None:
-        parser.error("give a checkpoint (or run directory), or --hf MODEL")
-    from testbed.data.datamodule import DomainMixDataModule
-    from testbed.train.checkpoint import load_weights
-    from testbed.train.module import MoELanguageModel
+    return parser
 
+
+def analyze_checkpoint(args: argparse.Namespace) -> int:
+    """`testbed-analyze <checkpoint or run dir> [overrides]` with parsed options (`build_parser`)."""
     try:
         checkpoint = resolve_checkpoint(args.checkpoint)
         run = load_run(checkpoint, args.overrides)
@@ -290,7 +243,3 @@ def main(argv: list[str] | None = None) -> int:
     print((out / "summary.md").read_text())
     print(f"wrote {out}/analysis.json, summary.md, heatmap.png and per-layer plots")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

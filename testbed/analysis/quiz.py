@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -62,12 +63,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 from torch import Tensor
 
+from testbed import CONF_DIR
+from testbed.analysis.analyze import load_run, resolve_checkpoint
+from testbed.config import parse_config
+from testbed.data.datamodule import holdout
+from testbed.data.loading import SHIPPED_TOKENIZER, load_documents
+from testbed.data.tokenizer import load_tokenizer
 from testbed.errors import TestbedError
 from testbed.metrics import specialization as S
 from testbed.metrics.stats import RoutingStats
 from testbed.routing.base import Routing, count_per_expert
+from testbed.train.checkpoint import load_weights
+from testbed.train.module import MoELanguageModel
 
 LETTERS = "ABCD"
 MANIFEST = "manifest.json"
@@ -279,8 +290,6 @@ def build_domain(
 
 def data_description(data) -> dict:
     """What decides the holdout and the text of a data config (recorded in the manifest, checked at eval)."""
-    import dataclasses
-
     return {
         "root": data.root,
         "tokenizer": data.tokenizer,
@@ -301,10 +310,6 @@ def build_quiz(
 ) -> dict:
     """Write `<domain>_test.csv` for every domain of the data config (a `DataConfig`), `manifest.json` and
     `provenance.jsonl` to `out`; returns the manifest."""
-    from testbed.data.datamodule import holdout
-    from testbed.data.loading import SHIPPED_TOKENIZER, load_documents
-    from testbed.data.tokenizer import load_tokenizer
-
     for name, value, low in (
         ("--items-per-domain", items_per_domain, 1),
         ("--prefix-tokens", prefix_tokens, 1),
@@ -735,13 +740,14 @@ def _nanmean(values: list[float]) -> float:
     return float(np.mean(finite)) if finite else float("nan")
 
 
-def _finite(value):
+def json_finite(value):
+    """`value` with every non-finite float replaced by None, recursively (JSON has no NaN or inf)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_finite(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
+        return [json_finite(v) for v in value]
     return value
 
 
@@ -800,12 +806,6 @@ def markdown(result: dict) -> str:
 
 def compose_data(overrides: list[str]):
     """The data config of the default run with Hydra-style overrides (`data=shipped data.split_seed=1`)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-
-    from testbed.config import parse_config
-    from testbed.train.cli import CONF_DIR
-
     try:
         with initialize_config_dir(CONF_DIR, version_base="1.3"):
             cfg = compose("config", overrides=overrides)
@@ -814,9 +814,8 @@ def compose_data(overrides: list[str]):
     return parse_config(cfg).data
 
 
-def _build(args) -> int:
-    from testbed.analysis.analyze import load_run, resolve_checkpoint
-
+def build_main(args: argparse.Namespace) -> int:
+    """`testbed-quiz build [overrides] --out DIR` with parsed options (`parse_args`)."""
     if args.from_run is not None:
         data = load_run(resolve_checkpoint(args.from_run), args.overrides).data
     else:
@@ -833,43 +832,13 @@ def _build(args) -> int:
 
 def load_tokenizer_of(run):
     """The tokenizer a run was trained with."""
-    from testbed.data.loading import SHIPPED_TOKENIZER
-    from testbed.data.tokenizer import load_tokenizer
-
     return load_tokenizer(run.data.tokenizer or SHIPPED_TOKENIZER)
 
 
-def _eval_hf(args) -> int:
-    """`testbed-quiz --hf MODEL --quiz FILES`: Chernov's per-layer analysis of a pretrained HF MoE
-    (testbed/hf/quiz.py: letter scoring, routing at the answer position) and its three figures."""
-    from testbed.hf.load import load_hf_model
-    from testbed.hf.quiz import chernov_figures, evaluate_hf_quiz, quiz_payload
-    from testbed.hf.quiz import markdown as hf_markdown
-
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    items = load_quiz(args.quiz)
-    hf = load_hf_model(args.hf, args.device, args.dtype, args.tokenizer)
-    result = evaluate_hf_quiz(hf, items, args.batch_items, args.max_length, progress=not args.no_progress)
-    payload = {"quiz": [str(p) for p in args.quiz], **quiz_payload(hf, result, items)}
-    out = args.out or Path("quiz") / Path(str(args.hf).rstrip("/")).name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quiz.json").write_text(json.dumps(_finite(payload), indent=2) + "\n")
-    (out / "quiz.md").write_text(hf_markdown(payload))
-    figures = chernov_figures(payload, out)
-    print((out / "quiz.md").read_text())
-    print(f"wrote {out}/quiz.json, quiz.md, {', '.join(figures)}")
-    return 0
-
-
-def _eval(args) -> int:
-    if args.hf is not None:
-        return _eval_hf(args)
+def eval_main(args: argparse.Namespace) -> int:
+    """`testbed-quiz eval <run dir or .ckpt> --quiz FILES` with parsed options (`parse_args`)."""
     if args.checkpoint is None:
         raise QuizError("testbed-quiz eval: give a checkpoint (or run directory), or --hf MODEL")
-    from testbed.analysis.analyze import load_run, resolve_checkpoint
-    from testbed.train.checkpoint import load_weights
-    from testbed.train.module import MoELanguageModel
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -891,14 +860,16 @@ def _eval(args) -> int:
     result = {"checkpoint": str(checkpoint), "quiz": [str(p) for p in args.quiz], "holdout": check, **result}
     out = args.out or checkpoint.parent.parent / "quiz"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quiz.json").write_text(json.dumps(_finite(result), indent=2) + "\n")
+    (out / "quiz.json").write_text(json.dumps(json_finite(result), indent=2) + "\n")
     (out / "quiz.md").write_text(markdown(result))
     print((out / "quiz.md").read_text())
     print(f"wrote {out}/quiz.json and quiz.md")
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The options of `testbed-quiz` (its entry point, `testbed.hf.cli.quiz_main`, runs `build_main`,
+    `eval_main` or, with --hf, the Hugging Face evaluation)."""
     parser = argparse.ArgumentParser(prog="testbed-quiz", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser("build", help="build an MMLU-format quiz from the validation documents")
@@ -936,6 +907,12 @@ def main(argv: list[str] | None = None) -> int:
     hf.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float32")
     hf.add_argument("--max-length", type=int, default=2048, help="prompt tokens kept (the end is kept)")
     hf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line of `testbed-quiz` parsed (`build` overrides may also come after the options)."""
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--hf"):  # `testbed-quiz --hf MODEL --quiz ...` means `eval --hf`
         argv.insert(0, "eval")
@@ -944,12 +921,4 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        return _build(args) if args.command == "build" else _eval(args)
-    except TestbedError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return args

@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from testbed.config import DEFAULT_MIX as DEFAULT_MIX  # re-exported: the default mix, defined with DataConfig
+
 MAX_DOCUMENT_BYTES = 32_000
 """Documents longer than this (UTF-8 bytes) are split at paragraph, then line boundaries."""
 
@@ -38,18 +40,6 @@ DPKG_INFO_DIR = Path("/var/lib/dpkg/info")  # dpkg's file lists, <package>.list:
 NPM_DIR_ENV = "TESTBED_NPM_DIR"
 NPM_DIR_DEFAULT = ".cache/npm/node_modules"
 NPM_INSTALL = "npm install --prefix .cache/npm"
-
-DEFAULT_MIX: tuple[str, ...] = (
-    "code",
-    "fiction",
-    "drama",
-    "formal_math",
-    "biomedical",
-    "legal",
-    "speeches",
-    "spanish",
-)
-"""The domains the default training mix uses."""
 
 
 class SourceMissingError(RuntimeError):

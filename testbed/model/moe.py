@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from testbed.config import MoEConfig
 from testbed.losses.base import AuxLoss
 from testbed.model.experts import DenseSwiGLU, ExpertBank
+from testbed.model.schema import MoEConfig
 from testbed.routing.base import ROUTERS, Routing, RoutingContext
 from testbed.routing.capacity import mask_capacity
 

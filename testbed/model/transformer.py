@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from testbed.config import ModelConfig
 from testbed.losses.base import AuxLoss
 from testbed.model.experts import DenseSwiGLU
 from testbed.model.moe import LayerOutput, MoELayer
+from testbed.model.schema import ModelConfig
 from testbed.routing.base import RoutingContext
 
 # What `MoETransformer.forward(..., extras)` accepts: training state for the routing context, the counters to

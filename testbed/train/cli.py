@@ -12,10 +12,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from testbed import CONF_DIR
 from testbed.config import RunConfig, check_hardware, parse_config
 from testbed.errors import ConfigError, TestbedError
-
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def build_logger(run: RunConfig, run_dir: Path):
