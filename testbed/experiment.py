@@ -44,9 +44,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import torch
 import yaml
+from hydra import compose, initialize_config_dir
 
 from testbed import CONF_DIR
+from testbed.analysis import report
+from testbed.config import parse_config
+from testbed.data.loading import missing_folder_error, resolve_data_path
+from testbed.data.tokenizer import load_tokenizer
 
 EXPERIMENT_DIR = Path(CONF_DIR) / "experiment"
 SWEEP_KEYS = {"name", "grid", "overrides", "from", "select_experts"}
@@ -163,8 +170,6 @@ def hydra_value(value) -> str:
 def top_domain_experts(counts, domain: int, fraction: float) -> list[list[int]]:
     """Per layer, the round(fraction * E) experts (at least 1) that receive most of `domain`'s assignments
     in counts[L, D, E] (ties by expert id), sorted by id: the domain's expert path (X6)."""
-    import numpy as np
-
     counts = np.asarray(counts, dtype=np.float64)
     keep = max(1, round(fraction * counts.shape[-1]))
     chosen = []
@@ -177,8 +182,6 @@ def top_domain_experts(counts, domain: int, fraction: float) -> list[list[int]]:
 def random_experts(num_layers: int, num_experts: int, fraction: float, seed: int) -> list[list[int]]:
     """Per layer, round(fraction * E) experts (at least 1) drawn at random (seeded), sorted by id: the
     control for the domain's expert path (as many trained experts, chosen without the domain)."""
-    import numpy as np
-
     keep = max(1, round(fraction * num_experts))
     rng = np.random.default_rng(seed)
     return [sorted(int(e) for e in rng.choice(num_experts, keep, replace=False)) for _ in range(num_layers)]
@@ -189,8 +192,6 @@ def expert_path_override(
 ) -> str:
     """finetune.experts={layer0:[...],...} from the last routing table saved by the run at `run_dir`: the
     experts that serve `domain` most (pick=top), or as many drawn at random per layer (pick=random)."""
-    import torch
-
     tables = sorted(
         (run_dir / "routing").glob("counts_step*.pt"), key=lambda p: int(p.stem.removeprefix("counts_step"))
     )
@@ -337,9 +338,6 @@ def grid_points(sweep: Sweep, first_only: bool = False) -> list[list[str]]:
 def check_data_paths(data) -> None:
     """A mix folder or tokenizer that does not exist fails the whole grid up front (DataError saying how to
     build it, e.g. `make data-languages`), not run by run."""
-    from testbed.data.loading import missing_folder_error, resolve_data_path
-    from testbed.data.tokenizer import load_tokenizer
-
     if data.root is not None and not resolve_data_path(data.root).is_dir():
         raise missing_folder_error(resolve_data_path(data.root))
     if data.tokenizer is not None and not resolve_data_path(data.tokenizer).is_file():
@@ -352,10 +350,6 @@ def check_grid(experiment: Experiment, extra: list[str], data: str = "all") -> i
     folders and tokenizers are checked too: for every point (data="all"), for the points a smoke run
     trains (data="smoke": the first value of each key), or not at all (data="none"). Returns the number of
     configurations checked."""
-    from hydra import compose, initialize_config_dir
-
-    from testbed.config import parse_config
-
     points: dict[str, list[list[str]]] = {}
     checked = 0
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
@@ -396,10 +390,6 @@ def threads_per_job(jobs: int, gpu: bool, cores: int | None = None) -> int:
 
 def runs_on_gpu(experiment: Experiment, extra: list[str]) -> bool:
     """Whether the experiment's first grid point trains on a GPU (trainer.accelerator gpu/cuda)."""
-    from hydra import compose, initialize_config_dir
-
-    from testbed.config import parse_config
-
     point = merge_overrides(experiment.sweeps[0].overrides, *grid_points(experiment.sweeps[0])[:1], extra)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         run = parse_config(compose("config", overrides=[f"+experiment={experiment.name}", *point]))
@@ -514,8 +504,6 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for run_dir, _ in parent_runs(out, command["each_run_of"]):
             failures += run_command(fill(command["run"], out=out, run=run_dir, conf=CONF_DIR), log) != 0
-    from testbed.analysis import report
-
     report_args = [str(out), "--out", str(out / "report.md"), "--plots"]
     for key in ("columns", "curves", "layer_metrics"):
         if key in experiment.report:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from testbed.layout import block_sizes
@@ -184,8 +185,6 @@ def frontier_scatter(
     """The specialization-vs-utilization frontier with a marker per `method` and a colour per `scope`
     (a point's keys; references such as oracle and hash have scope ""). Hollow markers: mixed batches
     (`hollow`). Error bars: `xerr`/`yerr`. Two legends: methods (grey) and scopes (colours)."""
-    from matplotlib.lines import Line2D
-
     fig = Figure(figsize=(6.0, 4.5), layout="constrained")
     ax = fig.add_subplot()
     for p in points:

@@ -155,14 +155,12 @@ def test_dense_baselines_have_equal_active_and_total_parameters(name, top_k):
 
 def test_curves_against_tokens(tmp_path, monkeypatch):
     """--curve-x tokens: a row logged at step s follows s + 1 steps of tokens_seen / steps tokens."""
-    from testbed import plots
-
     s = summary(loss=5.0)
     s["steps"], s["tokens_seen"] = 4, 4096  # 1,024 tokens a step
     write_run(tmp_path, "run", s, ["model=m"])
     (tmp_path / "run" / "metrics.csv").write_text("step,val/loss\n1,6.0\n3,5.0\n")
     captured = {}
-    monkeypatch.setattr(plots, "training_curves", lambda series, metric, **kw: captured.update(series, **kw))
+    monkeypatch.setattr(report, "training_curves", lambda series, metric, **kw: captured.update(series, **kw))
     runs, _ = report.find_runs([tmp_path])
     report.curve_plots(runs, tmp_path, ("val/loss",), x="tokens")
     xs, mean, _ = captured["model=m"]

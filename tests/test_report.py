@@ -233,7 +233,6 @@ def test_heatmap_panels_show_each_configuration_lowest_seed(tmp_path, monkeypatc
     lowest seed that has an analysis.json (testbed-analyze), labelled with the configuration and seed."""
     import numpy as np
 
-    from testbed import plots
     from testbed.analysis import report
 
     sweep = tmp_path / "sweep"
@@ -253,7 +252,7 @@ def test_heatmap_panels_show_each_configuration_lowest_seed(tmp_path, monkeypatc
     def fake_heatmaps(counts, domains, names, out_path=None, title=None):
         seen.update(counts=np.asarray(counts), domains=domains, names=names, title=title)
 
-    monkeypatch.setattr(plots, "domain_expert_heatmaps", fake_heatmaps)
+    monkeypatch.setattr(report, "domain_expert_heatmaps", fake_heatmaps)
     runs, _ = report.find_runs([sweep])
     assert report.heatmap_panels(runs, tmp_path) == [tmp_path / "heatmaps.png"]
     assert seen["names"] == ["router=oracle (seed 0)", "router=hash (seed 0)"]

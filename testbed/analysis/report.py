@@ -27,8 +27,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 from scipy import stats
+from scipy.optimize import brentq
 
 from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check
+from testbed.plots import domain_expert_heatmaps, frontier_scatter, per_layer_curves, training_curves
+from testbed.routing import ROUTERS
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -353,8 +356,6 @@ def settings_label(group: dict) -> str:
 
 def reference_routers() -> set[str]:
     """Registered routers that are references (Router.reference: the oracle, hash), not learned routers."""
-    from testbed.routing import ROUTERS
-
     return {name for name in ROUTERS.names() if ROUTERS.get(name)[0].reference}
 
 
@@ -378,8 +379,6 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
     """Utilization vs specialization across groups (purity, nmi, reference precision), the Testbed paper's
     picture: one marker per balancing method, one colour per scope, oracle and hash as references, hollow
     for mixed batches; error bars are the std over seeds (n in the title)."""
-    from testbed.plots import frontier_scatter
-
     _, groups = group_runs(runs)
     paths = []
     for metric in ("purity", "nmi", "reference_precision"):
@@ -452,8 +451,6 @@ def last_layer_values(run_dir: Path, metric: str) -> list[float]:
 
 def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> list[Path]:
     """Per-layer curves of the final validation, mean over each group's seeds."""
-    from testbed.plots import per_layer_curves
-
     _, groups = group_runs(runs)
     paths = []
     for metric in metrics:
@@ -475,8 +472,6 @@ def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
 def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Path]:
     """p(expert | domain) of one MoE layer, one panel per configuration (its lowest seed's run that has a
     testbed-analyze analysis.json with routing counts), oracle blocks outlined: heatmaps.png."""
-    from testbed.plots import domain_expert_heatmaps
-
     _, groups = group_runs(runs)
     counts, labels, domains, layer_name = [], [], None, None
     for group in groups:
@@ -515,8 +510,6 @@ def curve_of(run_dir: Path, metric: str) -> dict[int, float]:
 def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: str = "step") -> list[Path]:
     """Training curves of `metrics` from metrics.csv: per group, mean over seeds at the steps all share;
     x = "tokens" puts training tokens (step x the run's tokens per step) on the x axis."""
-    from testbed.plots import training_curves
-
     _, groups = group_runs(runs)
     paths = []
     for metric in metrics:
@@ -597,8 +590,6 @@ def matches(run: dict, conditions: str) -> bool:
 def detectable_effect(sd: float, n: int, power: float = 0.8, alpha: float = 0.05) -> float:
     """The smallest true mean difference a two-sided paired t-test over n pairs (differences with standard
     deviation sd) detects with probability `power` at level `alpha` (noncentral t; Cohen 1988)."""
-    from scipy.optimize import brentq
-
     if n < 3 or not sd > 0:  # with 2 pairs (1 degree of freedom) scipy's noncentral t is unreliable
         return math.nan
     df = n - 1

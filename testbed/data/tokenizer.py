@@ -14,6 +14,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from testbed.data.loading import build_command, missing_folder_error, resolve_data_path
 from testbed.errors import DataError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -81,8 +82,6 @@ def train_tokenizer(
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer saved by :func:`train_tokenizer`; a clear error if missing or corrupt.
     A relative path that does not exist from the working directory is taken relative to the checkout."""
-    from testbed.data.loading import build_command, missing_folder_error, resolve_data_path
-
     path = resolve_data_path(path)
     if not path.is_file():
         command = build_command(path)

@@ -28,8 +28,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from testbed.analysis.quiz import QuizError, load_quiz
+from testbed.analysis.analyze import load_run, resolve_checkpoint
+from testbed.analysis.quiz import (
+    QuizError,
+    choose,
+    encode_items,
+    evaluate_quiz,
+    load_quiz,
+    load_tokenizer_of,
+    score_items,
+)
 from testbed.errors import TestbedError
+from testbed.hf.load import check_source, load_hf_model, require_transformers, router_spec
+from testbed.hf.quiz import evaluate_hf_quiz
+from testbed.train.checkpoint import load_weights
+from testbed.train.module import MoELanguageModel
 
 
 def best_experts(accuracy, items, top: int, min_items: int) -> list[int]:
@@ -75,9 +88,6 @@ def check_prune(mask: torch.Tensor, top_k: int, names: list[str]) -> None:
 
 
 def run_hf(args, items) -> dict:
-    from testbed.hf.load import load_hf_model
-    from testbed.hf.quiz import evaluate_hf_quiz
-
     hf = load_hf_model(args.hf, args.device, args.dtype, args.tokenizer)
     before = evaluate_hf_quiz(hf, items, args.batch_items, progress=not args.no_progress)
     layers = before.per_layer()
@@ -106,8 +116,6 @@ def run_hf(args, items) -> dict:
 
 def own_task(module, tokenizer, items, batch_items: int, device) -> tuple[float, float]:
     """(loss, accuracy) of a testbed model on the items, cloze-scored as `testbed-quiz eval` does."""
-    from testbed.analysis.quiz import choose, encode_items, score_items
-
     subjects = list(dict.fromkeys(item.subject for item in items))
     encoded, _ = encode_items(tokenizer, items, subjects, module.run_config.model.max_seq_len)
     model = module.model
@@ -126,11 +134,6 @@ def own_task(module, tokenizer, items, batch_items: int, device) -> tuple[float,
 
 
 def run_own(args, items) -> dict:
-    from testbed.analysis.analyze import load_run, resolve_checkpoint
-    from testbed.analysis.quiz import evaluate_quiz, load_tokenizer_of
-    from testbed.train.checkpoint import load_weights
-    from testbed.train.module import MoELanguageModel
-
     checkpoint = resolve_checkpoint(args.checkpoint)
     run = load_run(checkpoint, [])
     module = MoELanguageModel(run, list(run.data.domains))
@@ -266,12 +269,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _top_k(args) -> int:
     if args.hf is not None:
-        from testbed.hf.load import check_source, require_transformers, router_spec
-
         check_source(args.hf)
         return router_spec(require_transformers().AutoConfig.from_pretrained(args.hf)).top_k
-    from testbed.analysis.analyze import load_run, resolve_checkpoint
-
     return load_run(resolve_checkpoint(args.checkpoint), []).router.top_k
 
 

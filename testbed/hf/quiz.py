@@ -23,14 +23,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor
 
 from testbed.analysis.quiz import LETTERS, QuizItem, restrict
 from testbed.hf.capture import RouterHooks
 from testbed.hf.load import HFModel, HFModelError
-from testbed.hf.mix import decoder
+from testbed.hf.mix import _progress, decoder
 from testbed.metrics import specialization as S
 from testbed.metrics.stats import RoutingStats
+from testbed.plots import per_layer_curves, save_figure
 
 
 def mmlu_prompt(item: QuizItem) -> str:
@@ -118,8 +120,6 @@ def evaluate_hf_quiz(
 ) -> HFQuizResult:
     """Score the items (right-padded batches) and count routing at the answer positions and over all prompt
     tokens, optionally under an intervention (`excluded`, `gate_scale`: see `families.route`)."""
-    from testbed.hf.mix import _progress
-
     letters = torch.tensor(letter_token_ids(hf.tokenizer), device=hf.device)
     subjects = list(dict.fromkeys(item.subject for item in items))
     hooks = RouterHooks(hf.model, hf.spec, excluded=excluded, gate_scale=gate_scale)
@@ -237,10 +237,6 @@ def _nanmean(values) -> float:
 
 def chernov_figures(payload: dict, out) -> list[str]:
     """Chernov's three per-layer figures: dead experts, gate entropy, per-expert accuracy (layer x expert)."""
-    from matplotlib.figure import Figure
-
-    from testbed.plots import per_layer_curves, save_figure
-
     label = payload["router"]
     layers = [payload["per_layer"][name] for name in payload["layers"]]
     names = []

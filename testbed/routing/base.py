@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from testbed.errors import ConfigError
 from testbed.registry import Registry
 
 
@@ -158,8 +159,6 @@ class Router(nn.Module):
     @classmethod
     def check(cls, config, run, key: str) -> None:
         """Raise ConfigError if `config` cannot work in `run` (a RunConfig); called before training."""
-        from testbed.errors import ConfigError
-
         num_experts = run.model.moe.num_experts
         top_k = getattr(config, "top_k", 1)
         if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:

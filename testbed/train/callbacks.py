@@ -14,9 +14,11 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from testbed.metrics.stats import RoutingStats
 from testbed.metrics.summary import spec_metrics
+from testbed.plots import domain_expert_heatmaps, per_layer_curves
 
 
 def new_stats(module) -> RoutingStats:
@@ -175,7 +177,6 @@ class SpecializationMetrics(L.Callback):
             return
         if not pl_module.run_config.metrics.plots:
             return
-        from testbed.plots import per_layer_curves
 
         layers = pl_module.moe_layer_names
         series = {}
@@ -210,7 +211,6 @@ class SpecializationMetrics(L.Callback):
         )
         if not pl_module.run_config.metrics.plots:
             return
-        from testbed.plots import domain_expert_heatmaps
 
         path = self.run_dir / "plots" / f"heatmap_step{step}.png"
         figure = domain_expert_heatmaps(
@@ -225,8 +225,6 @@ class SpecializationMetrics(L.Callback):
 
 def log_figure(trainer, key: str, figure, path: Path, step: int) -> None:
     """Send a figure to the image-capable loggers (TensorBoard, W&B); CSV keeps only the PNG file."""
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.experiment.add_figure(key, figure, global_step=step, close=False)

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -169,7 +170,7 @@ class RunLock:
         self.handle = None
 
     def __enter__(self) -> RunLock:
-        import fcntl
+        import fcntl  # POSIX only: imported where the lock is taken, so that the module imports anywhere
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
@@ -278,8 +279,6 @@ class RunCheckpoint(L.Callback):
         self.signum = signum
 
     def on_train_start(self, trainer, pl_module) -> None:
-        import threading
-
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in INTERRUPT_SIGNALS:  # replaces Lightning's SIGTERM handler (it would exit 0, unsaved)

@@ -2,24 +2,55 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import re
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from lightning.pytorch import loggers
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from testbed import CONF_DIR
 from testbed.config import RunConfig, check_hardware, parse_config
+from testbed.data.datamodule import DomainMixDataModule
 from testbed.errors import ConfigError, TestbedError
+from testbed.train.callbacks import SpecializationMetrics
+from testbed.train.checkpoint import (
+    LAST,
+    RunCheckpoint,
+    RunCSVLogger,
+    RunInterrupted,
+    RunLock,
+    TrainingDiverged,
+    check_same_run,
+    is_launch_rank_zero,
+    load_weights,
+    prepare_run_dir,
+    read_checkpoint,
+    read_status,
+    truncate_csv,
+)
+from testbed.train.finetune import trainable_parameter_count
+from testbed.train.module import MoELanguageModel
+from testbed.train.progress import RunProgressBar, quiet_lightning_logs
+from testbed.train.summary import print_summary, unigram_entropies, write_summary
 
 
 def build_logger(run: RunConfig, run_dir: Path):
-    from lightning.pytorch import loggers
-
     if run.logger.name == "tensorboard":
         # hp_metric: the final val/loss (finish_loggers), not Lightning's placeholder -1
         return loggers.TensorBoardLogger(
@@ -30,7 +61,6 @@ def build_logger(run: RunConfig, run_dir: Path):
         return loggers.WandbLogger(
             project=run.logger.project, name=run.run_name, save_dir=str(run_dir), offline=run.logger.offline
         )
-    from testbed.train.checkpoint import RunCSVLogger
 
     return RunCSVLogger(str(run_dir), name="", version="")  # appends to metrics.csv when resuming
 
@@ -38,8 +68,6 @@ def build_logger(run: RunConfig, run_dir: Path):
 def finish_loggers(trainer, module) -> None:
     """TensorBoard's hp_metric becomes the final val/loss; W&B runs are closed so that offline runs are
     complete on disk (summary, media) when training returns."""
-    from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
     val_loss = module.last_val_metrics.get("val/loss")
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger) and val_loss is not None:
@@ -50,8 +78,6 @@ def finish_loggers(trainer, module) -> None:
 
 def hydra_choices() -> dict[str, str]:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         choices = HydraConfig.get().runtime.choices
         return {k: str(v) for k, v in choices.items() if not k.startswith("hydra")}
     except ValueError:  # not running under Hydra (tests call run_training directly)
@@ -64,10 +90,6 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, call
     The run folder policy comes first: a folder holding a run is refused unless `resume` or `overwrite=true`
     is given, and a lock file keeps other processes out for the run's lifetime. `callbacks`: extra Lightning
     callbacks (tests use them to interrupt a run at a chosen step)."""
-    import torch
-
-    from testbed.train.checkpoint import RunLock, is_launch_rank_zero
-
     warnings.filterwarnings(
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
     )  # Lightning/torch version skew
@@ -88,10 +110,6 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, call
 def ended_run(run: RunConfig, run_dir: Path) -> dict | None:
     """resume=auto on a run that already ended (finished, or failed: rerunning a deterministic failure fails
     again) returns its summary without training, so that a rerun of a sweep continues only the others."""
-    import json
-
-    from testbed.train.checkpoint import read_status
-
     status = read_status(run_dir)
     if run.resume != "auto" or status not in ("finished", "failed"):
         return None
@@ -100,28 +118,6 @@ def ended_run(run: RunConfig, run_dir: Path) -> dict | None:
 
 
 def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, owner: bool) -> dict:
-    import dataclasses
-
-    import lightning as L
-
-    from testbed.data.datamodule import DomainMixDataModule
-    from testbed.train.callbacks import SpecializationMetrics
-    from testbed.train.checkpoint import (
-        LAST,
-        RunCheckpoint,
-        RunInterrupted,
-        TrainingDiverged,
-        check_same_run,
-        is_launch_rank_zero,
-        prepare_run_dir,
-        read_checkpoint,
-        truncate_csv,
-    )
-    from testbed.train.finetune import trainable_parameter_count
-    from testbed.train.module import MoELanguageModel
-    from testbed.train.progress import RunProgressBar, quiet_lightning_logs
-    from testbed.train.summary import print_summary, unigram_entropies, write_summary
-
     if owner:
         ended = ended_run(run, run_dir)
         if ended is not None:
@@ -145,8 +141,6 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
 
     module = MoELanguageModel(run, datamodule.domains)
     if run.init_from and payload is None:
-        from testbed.train.checkpoint import load_weights
-
         load_weights(module, run.init_from)
     run_state = (payload or {}).get("testbed_run", {})
     if payload is not None:
@@ -263,15 +257,11 @@ def training_state(trainer, module, checkpointer, metrics_callback) -> dict:
 
 
 def signal_name(signum: int) -> str:
-    import signal
-
     return signal.Signals(signum).name
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_train(cfg: DictConfig) -> float | None:
-    from hydra.core.hydra_config import HydraConfig
-
     try:
         check_hardware(
             parse_config(cfg)
@@ -323,12 +313,6 @@ def quote_values_with_equals(argv: list[str]) -> list[str]:
 def check_overrides(argv: list[str], conf_dir: str = CONF_DIR) -> None:
     """Compose the config with the command line's overrides (the first value of each sweep) so that a key
     that does not exist (`foo=1`) or a malformed override is a ConfigError (exit 2), not Hydra's exit 1."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
     if any(arg.startswith(HYDRA_CONFIG_FLAGS) for arg in argv):
         return  # another config tree: Hydra checks it
     parser = OverridesParser.create()
@@ -398,7 +382,6 @@ def refuse_used_run_dir(argv: list[str]) -> None:
     resume = values.get("resume")
     if run_dir is None or (resume not in (None, "null")) or values.get("overwrite", "").lower() == "true":
         return
-    from testbed.train.checkpoint import prepare_run_dir
 
     prepare_run_dir(Path(run_dir), None, False)  # raises RunDirError for a used folder, changes nothing
 

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 from testbed.data.datamodule import data_parallel_rank, repetition_epochs
 from testbed.data.loading import SHIPPED_TOKENIZER, resolve_data_path
@@ -126,9 +128,6 @@ def strict_json(value):
 
 
 def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     table = Table(
         title=f"validation loss per domain (nats/token) after {summary['steps']} steps, "
@@ -157,8 +156,6 @@ def print_summary(summary: dict) -> None:
 def print_regime(console, summary: dict) -> None:
     """The regime check next to the losses: unigram gap and gains over the baselines found (or how to get
     them)."""
-    from rich.table import Table
-
     table = Table(title="regime check (validation loss, nats/token; gain > 0: this run is better)")
     table.add_column("against")
     table.add_column("their val loss", justify="right")
