@@ -19,7 +19,7 @@ ARGS ?=
 help:
 	@echo "make train   train the default tiny MoE on the shipped domain mix (ARGS='router.top_k=1 ...')"
 	@echo "make test    run the test suite"
-	@echo "make lint    ruff"
+	@echo "make lint    ruff and the import contracts (lint-imports; README, Architecture)"
 	@echo "make experiment NAME=x1   a paper-reproduction grid and its report (experiments/README.md)"
 	@echo "make bench   benchmarks (speed ratios; see benchmarks/README.md)"
 	@echo "make gpu-check   the GPU check on a CUDA machine (gpu-check-dry: its CPU mode; gpu-wheels: .whl/)"
@@ -36,8 +36,10 @@ venv: $(STAMP)
 train: $(STAMP)
 	$(BIN)/testbed-train $(ARGS)
 
-# one process per core (pytest-xdist), one torch thread each: 7.6 min instead of 11.2 on 2 cores
+# the import contracts first (pyproject.toml, [tool.importlinter]), then the suite: one process per core
+# (pytest-xdist), one torch thread each: 7.6 min instead of 11.2 on 2 cores
 test: $(STAMP)
+	$(BIN)/lint-imports --no-logo
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto $(ARGS)
 
 test-fast: $(STAMP)
@@ -45,6 +47,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check testbed tests
+	$(BIN)/lint-imports --no-logo
 
 format: $(STAMP)
 	$(BIN)/ruff format testbed tests
@@ -103,4 +106,4 @@ gpu-wheels:
 	benchmarks/fetch_gpu_wheels.sh
 
 clean:
-	rm -rf outputs multirun .pytest_cache .ruff_cache
+	rm -rf outputs multirun .pytest_cache .ruff_cache .import_linter_cache
