@@ -32,6 +32,7 @@ and the figures. Failed runs are listed by the report and make the exit status n
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -445,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, help="output folder (default multirun/<id>[-smoke]/<date_time>)")
     parser.add_argument("--seeds", help="comma-separated seeds instead of the experiment's")
+    parser.add_argument(
+        "--sweeps", help="comma-separated sweep names: run only these sweeps of the grid (default: all)"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="(sweep, seed) processes at once (default 1)")
     parser.add_argument(
         "--threads", type=int, help="trainer.num_threads per process (default: cores // jobs; GPU: at most 4)"
@@ -458,6 +462,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
+    if args.sweeps:
+        wanted = [name for name in args.sweeps.split(",") if name]
+        names = [sweep.name for sweep in experiment.sweeps]
+        unknown = [name for name in wanted if name not in names]
+        if unknown:
+            print(
+                f"error: --sweeps: {args.name} has no sweep {unknown[0]!r}; its sweeps: {names}",
+                file=sys.stderr,
+            )
+            return 2
+        experiment = dataclasses.replace(
+            experiment, sweeps=[sweep for sweep in experiment.sweeps if sweep.name in wanted]
+        )
     seeds = experiment.smoke.get("seeds", [0]) if args.smoke else experiment.seeds
     if args.seeds:
         seeds = [int(s) for s in args.seeds.split(",")]

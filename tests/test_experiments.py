@@ -263,3 +263,19 @@ def test_hydra_launcher_overrides_pass_through_the_grid_check(tmp_path):
     assert ex.check_grid(experiment, extra, data="none") == 4
     jobs = [j for sweep in experiment.sweeps for j in ex.plan_sweep(experiment, sweep, tmp_path, [0], extra)]
     assert len(jobs) == 4 and all("hydra/launcher=basic" in job.args for job in jobs)
+
+
+def test_sweeps_option_runs_only_the_named_sweeps(tmp_path, capsys):
+    """`--sweeps sinkhorn,ba --seeds 0` plans only those sweeps (how a long grid is finished seed by seed);
+    an unknown sweep name is refused with the grid's sweep names."""
+    assert (
+        ex.main(["x1", "--sweeps", "sinkhorn,ba", "--seeds", "0", "--dry-run", "--out", str(tmp_path)]) == 0
+    )
+    commands = [line for line in capsys.readouterr().out.splitlines() if line.startswith("testbed-train")]
+    assert len(commands) == 5  # Sinkhorn at 3 scopes, BA at 2
+    assert all(
+        ("router=sinkhorn" in c or "router=balanced_assignment" in c) and "seed=0" in c for c in commands
+    )
+    assert ex.main(["x1", "--sweeps", "sinkhorn,nope", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "no sweep 'nope'" in err and "'lbl_mixed'" in err
