@@ -258,3 +258,32 @@ def test_heatmap_panels_show_each_configuration_lowest_seed(tmp_path, monkeypatc
     assert seen["names"] == ["router=oracle (seed 0)", "router=hash (seed 0)"]
     assert seen["counts"].tolist() == [[[10, 0], [0, 6]], [[10, 0], [0, 7]]]
     assert seen["domains"] == ["a", "b"] and seen["title"] == "p(expert | domain), MoE layer1"
+
+
+def test_group_stats_and_metrics_csv_on_pandas(tmp_path):
+    """Mean, sample std (0 for one value) and n per group, non-finite values left out; metrics.csv read with
+    empty cells as missing, an empty file as no rows."""
+    import math
+
+    from testbed.analysis import report
+
+    stats = report.group_stats([0, 0, 1, 2], {"m": [1.0, 3.0, 5.0, float("inf")], "t": ["x", 2, True, None]})
+    assert stats.loc[0, ("m", "mean")] == 2.0 and stats.loc[0, ("m", "std")] == math.sqrt(2.0)
+    assert stats.loc[1, ("m", "std")] == 0.0 and stats.loc[1, ("m", "n")] == 1
+    assert stats.loc[2, ("m", "n")] == 0 and math.isnan(stats.loc[2, ("m", "mean")])
+    assert (
+        stats.loc[0, ("t", "mean")] == 2.0 and stats.loc[1, ("t", "n")] == 0
+    )  # text and bools are no numbers
+    mean, std, n = report.aggregate([])
+    assert math.isnan(mean) and math.isnan(std) and n == 0
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "step,val/loss,spec/purity/layer1,spec/purity/layer0\n4,,,\n9,5.0,0.5,0.25\n19,4.5,,\n"
+    )
+    assert report.curve_of(run, "val/loss") == {9: 5.0, 19: 4.5}
+    assert report.last_layer_values(run, "purity") == [0.25, 0.5]
+    empty = tmp_path / "empty"  # another file: reads are cached per file version
+    empty.mkdir()
+    (empty / "metrics.csv").write_text("")
+    assert report.curve_of(empty, "val/loss") == {} and report.last_layer_values(empty, "purity") == []

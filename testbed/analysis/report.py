@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import yaml
 from scipy import stats
 from scipy.optimize import brentq
@@ -281,13 +282,31 @@ def run_value(run: dict, column: str):
     return float(np.mean(values)) if values else None
 
 
+def _number(value) -> float:
+    """A summary value as a float; NaN for what is not a finite number (missing, text, inf)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return math.nan
+    return float(value)
+
+
 def aggregate(values: list) -> tuple[float, float, int]:
     """(mean, sample std (ddof=1; 0 for one value), n) over the finite values; (nan, nan, 0) if none."""
-    finite = [float(v) for v in values if isinstance(v, int | float) and math.isfinite(float(v))]
-    if not finite:
+    if not values:
         return float("nan"), float("nan"), 0
-    std = float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
-    return float(np.mean(finite)), std, len(finite)
+    ((mean, std, n),) = group_stats([0] * len(values), {"v": values}).itertuples(index=False)
+    return float(mean), float(std), int(n)
+
+
+def group_stats(group_ids: list, columns: dict[str, list]) -> pd.DataFrame:
+    """Per group id (first-seen order) and column: mean, sample std (ddof=1; 0 for one value) and n over
+    the finite values, as columns (<column>, mean|std|n); a column with no finite value: nan, nan, 0."""
+    frame = pd.DataFrame({name: [_number(v) for v in values] for name, values in columns.items()})
+    stats = frame.groupby(pd.Series(group_ids, name="group"), sort=False).agg(["mean", "std", "count"])
+    for name in columns:
+        n = stats[(name, "count")]
+        stats[(name, "std")] = stats[(name, "std")].where(n != 1, 0.0)
+    stats = stats.rename(columns={"count": "n"}, level=1)
+    return stats.astype({(name, "n"): int for name in columns})
 
 
 def format_value(value) -> str:
@@ -317,14 +336,17 @@ def group_table(runs: list[dict], columns: tuple[str, ...]) -> tuple[list[str], 
     """One row per group: (markdown header, markdown rows with 'mean ± std', CSV rows with mean/std/n)."""
     keys, groups = group_runs(runs)
     header = [*keys, "n", *columns]
+    ids = [i for i, group in enumerate(groups) for _ in group["runs"]]
+    values = {c: [run_value(run, c) for group in groups for run in group["runs"]] for c in columns}
+    stats = group_stats(ids, values)
     md_rows, csv_rows = [], []
-    for group in groups:
-        stats = [aggregate([run_value(run, c) for run in group["runs"]]) for c in columns]
-        cells = []
-        for mean, std, n in stats:
+    for i, group in enumerate(groups):
+        cells, flat = [], []
+        for c in columns:
+            mean, std, n = (stats.at[i, (c, k)] for k in ("mean", "std", "n"))
             cells.append("nan" if n == 0 else f"{mean:.3f} ± {std:.3f}" if n > 1 else f"{mean:.3f}")
+            flat += [float(mean), float(std), int(n)]
         md_rows.append([*group["settings"].values(), len(group["runs"]), *cells])
-        flat = [v for mean, std, n in stats for v in (mean, std, n)]
         csv_rows.append([*group["settings"].values(), len(group["runs"]), *flat])
     return header, md_rows, csv_rows
 
@@ -419,14 +441,18 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
     return paths
 
 
-def _parse_csv(text: str) -> tuple[dict[str, str], ...]:
-    return tuple(csv.DictReader(io.StringIO(text, newline="")))
+def _parse_csv(text: str) -> pd.DataFrame:
+    """metrics.csv as a frame of floats (empty cells NaN), rows in logged order."""
+    try:
+        return pd.read_csv(io.StringIO(text)).apply(pd.to_numeric, errors="coerce")
+    except pd.errors.EmptyDataError:  # an empty file: a run killed before its first log
+        return pd.DataFrame()
 
 
-def read_metrics_csv(run_dir: Path) -> tuple[dict[str, str], ...]:
+def read_metrics_csv(run_dir: Path) -> pd.DataFrame:
     path = run_dir / "metrics.csv"
     if not path.exists():
-        return []
+        return pd.DataFrame()
     return _read_cached(path, _parse_csv)
 
 
@@ -438,15 +464,14 @@ def last_layer_values(run_dir: Path, metric: str) -> list[float]:
         layers = [result.get("per_layer", {}).get(name, {}) for name in result.get("layers", [])]
         values = [layer.get(metric.removeprefix("quiz/")) for layer in layers]
         return [float(v) for v in values] if values and all(v is not None for v in values) else []
-    for row in reversed(read_metrics_csv(run_dir)):
-        layers = sorted(
-            (int(k.rpartition("layer")[2]), float(v))
-            for k, v in row.items()
-            if k.startswith(f"spec/{metric}/layer") and v not in ("", None)
-        )
-        if layers:
-            return [v for _, v in layers]
-    return []
+    frame = read_metrics_csv(run_dir)
+    prefix = f"spec/{metric}/layer"
+    layer_columns = [c for c in frame.columns if c.startswith(prefix) and c.removeprefix(prefix).isdigit()]
+    logged = frame[layer_columns].dropna(how="all")
+    if logged.empty:
+        return []
+    last = logged.iloc[-1].dropna()  # the last row that has them: the final validation
+    return [float(v) for _, v in sorted((int(k.removeprefix(prefix)), v) for k, v in last.items())]
 
 
 def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> list[Path]:
@@ -500,11 +525,11 @@ def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Pat
 
 
 def curve_of(run_dir: Path, metric: str) -> dict[int, float]:
-    return {
-        int(float(row["step"])): float(row[metric])
-        for row in read_metrics_csv(run_dir)
-        if row.get(metric) not in ("", None) and row.get("step") not in ("", None)
-    }
+    frame = read_metrics_csv(run_dir)
+    if metric not in frame.columns or "step" not in frame.columns:
+        return {}
+    logged = frame[["step", metric]].dropna()
+    return {int(step): float(value) for step, value in zip(logged["step"], logged[metric], strict=True)}
 
 
 def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: str = "step") -> list[Path]:
