@@ -5,6 +5,7 @@ the steps where routing was measured, and TensorBoard's hp_metric = the final va
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -37,6 +38,14 @@ def test_console_output_logged_steps_and_hp_metric(synth_mix, tmp_path):
     assert "train " in text and "tok/s" in text  # the bar: "train ━━━ ... val: ... tok/s: ..."
     assert result.stdout.rstrip().endswith(f"run folder: {out}")
     assert "parameters" in result.stdout.splitlines()[0]  # "model: N parameters (N trainable)"
+    # one logging setup (conf/hydra/job_logging/rich.yaml): each record once on the console, as one plain
+    # "HH:MM:SS LEVEL message" line where stdout is no terminal, and in Hydra's format in the run's cli.log
+    records = [line for line in result.stdout.splitlines() if " INFO " in line or " WARNING " in line]
+    epochs = [line for line in records if "epochs over each domain" in line]
+    assert len(epochs) == 1 and re.match(r"^\d\d:\d\d:\d\d INFO    epochs over each domain", epochs[0])
+    assert len(records) == len(set(records)) and "token cache: read" not in text
+    log_file = (out / "cli.log").read_text()
+    assert "[testbed.data.datamodule][INFO] - epochs over each domain" in log_file
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -175,7 +175,9 @@ def test_packed_grid_runs_two_processes_sharing_one_token_cache(tmp_path, synth_
         *SMALL_MODEL,
     ]
     out = tmp_path / "x2"
-    assert ex.main(["x2", "--smoke", "--seeds", "0,1", "--jobs", "2", "--out", str(out), *data]) == 0
+    # cache reads are DEBUG records (16 lines a run otherwise): shown for the data module's logger only
+    verbose = "hydra.verbose=testbed.data.datamodule"
+    assert ex.main(["x2", "--smoke", "--seeds", "0,1", "--jobs", "2", "--out", str(out), *data, verbose]) == 0
     runs = summaries(out)
     assert sorted(path.relative_to(out).parts[:2] for path in runs) == [
         ("capacity", "s0"),

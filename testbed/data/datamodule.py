@@ -296,12 +296,12 @@ def encode_documents(tokenizer, documents: list[str], cache_dir: str | None) -> 
         digest.update(document.encode("utf-8"))
     path = Path(cache_dir) / "tokens" / f"{digest.hexdigest()}.npz"
     if path.exists():
-        logger.info("token cache: read %s", path)
+        logger.debug("token cache: read %s", path)
         return _read_token_cache(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(path.with_suffix(".lock")):
         if path.exists():  # another process wrote it while this one waited
-            logger.info("token cache: read %s", path)
+            logger.debug("token cache: read %s", path)
             return _read_token_cache(path)
         encoded = [e.ids for e in tokenizer.encode_batch(documents)]
         temporary = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npz")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -20,6 +21,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from testbed.errors import CheckpointError, TestbedError
+
+logger = logging.getLogger(__name__)
 
 LAST = Path("checkpoints") / "last.ckpt"
 # What a run writes into its folder (Hydra's .hydra/ is rewritten by Hydra itself for every run).
@@ -147,7 +150,9 @@ def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> Path 
         if checkpoint.is_file():
             return checkpoint
         if used:  # an interrupted run that saved no checkpoint: nothing to continue
-            print(f"resume=auto: no checkpoint in {run_dir}; starting over ({', '.join(used)} removed)")
+            logger.warning(
+                "resume=auto: no checkpoint in %s; starting over (%s removed)", run_dir, ", ".join(used)
+            )
             clear_run(run_dir)
         return None
     checkpoint = Path(resume)

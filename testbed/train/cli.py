@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import signal
@@ -48,6 +49,8 @@ from testbed.train.finetune import trainable_parameter_count
 from testbed.train.module import MoELanguageModel
 from testbed.train.progress import RunProgressBar, quiet_lightning_logs
 from testbed.train.summary import print_summary, unigram_entropies, write_summary
+
+log = logging.getLogger(__name__)
 
 
 def build_logger(run: RunConfig, run_dir: Path):
@@ -113,7 +116,7 @@ def ended_run(run: RunConfig, run_dir: Path) -> dict | None:
     status = read_status(run_dir)
     if run.resume != "auto" or status not in ("finished", "failed"):
         return None
-    print(f"resume=auto: the run in {run_dir} has already ended (status {status}); not trained again")
+    log.info("resume=auto: the run in %s has already ended (status %s); not trained again", run_dir, status)
     return json.loads((run_dir / "summary.json").read_text())
 
 
@@ -147,7 +150,7 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
         datamodule.train_start_batch = payload["testbed"]["batches_seen"]
         if owner:  # rows the interrupted run logged after its checkpoint are logged again
             truncate_csv(run_dir / "metrics.csv", run_state.get("csv_rows", 0))
-        print(f"resuming from {resume_from} (step {payload.get('global_step')})")
+        log.info("resuming from %s (step %s)", resume_from, payload.get("global_step"))
     quiet_lightning_logs()
     if not quiet and is_launch_rank_zero():
         total = sum(p.numel() for p in module.parameters())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import random
 
@@ -19,6 +20,8 @@ from testbed.model.lm_loss import linear_cross_entropy
 from testbed.scope import GlobalScopeState
 from testbed.train.checkpoint import TrainingDiverged
 from testbed.train.finetune import apply_finetune
+
+logger = logging.getLogger(__name__)
 
 
 def build_losses(run: RunConfig) -> list[AuxLoss]:
@@ -172,7 +175,7 @@ class MoELanguageModel(L.LightningModule):
                 value = loss.calibrate(float(terms[loss.name].detach()))
                 self.loss_coefficients[loss.name] = value
                 first = float(terms[loss.name].detach())
-                print(f"calibrated {loss.name}: first value {first:.4g} -> coefficient {value:g}")
+                logger.info("calibrated %s: first value %.4g -> coefficient %g", loss.name, first, value)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Expert-bias update: once per optimizer step, outside autograd, from the step's loads."""

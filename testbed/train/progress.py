@@ -3,15 +3,18 @@
 - `RunProgressBar`: Lightning's Rich bar counts optimizer steps here, so its description says "train"
   instead of "Epoch 0/-2" (the loader is endless and max_epochs is -1), and it shows the last validation
   loss and the tokens per second since the run (re)started: host values only, no device sync.
+- `rich_log_handler`: the console handler of Python logging in every run (Hydra job_logging `rich`).
 - `quiet_lightning_logs`: drops Lightning's advertising tip from its console log.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 from lightning.pytorch.callbacks import RichProgressBar
+from rich.logging import RichHandler
 
 
 class RunProgressBar(RichProgressBar):
@@ -42,6 +45,17 @@ class RunProgressBar(RichProgressBar):
 class _DropAdverts(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "litlogger" not in record.getMessage().lower()
+
+
+def rich_log_handler() -> logging.Handler:
+    """The console handler of every run (conf/hydra/job_logging/rich.yaml). On a terminal, Rich's: time and
+    level columns, no source paths. Elsewhere (a sweep's log file, a pipe, CI) one plain line per record,
+    "HH:MM:SS LEVEL message", which neither wraps nor pads, so grep finds every message whole."""
+    if sys.stdout.isatty():
+        return RichHandler(show_path=False, markup=False, log_time_format="[%X]")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S"))
+    return handler
 
 
 def quiet_lightning_logs() -> None:
