@@ -140,7 +140,7 @@ def test_missing_mix_fails_the_grid_up_front(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
     # the full grid checks every point's data; the smoke variant only the points it trains
     checked = []
-    monkeypatch.setattr(ex, "check_data_paths", lambda data: checked.append(data.name))
+    monkeypatch.setattr(ex.grid, "check_data_paths", lambda data: checked.append(data.name))
     ex.check_grid(experiment, [], data="smoke")
     assert checked == ["shipped"] * 7  # the first point of each of X1's 7 sweeps
     checked.clear()
