@@ -27,7 +27,7 @@ def main() -> None:
 
     from step_time import build, emit  # benchmarks/ is the script's directory
 
-    from testbed.metrics.summary import spec_metrics
+    from testbed.metrics.per_layer import spec_metrics
     from testbed.train.callbacks import new_stats
 
     module, optimizer, batches = build(args.overrides)

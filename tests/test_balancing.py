@@ -308,8 +308,8 @@ def test_masked_capacity_in_the_layer_equals_removing_the_dropped_assignments(
     from testbed.losses.orthogonality import OrthogonalityConfig, OrthogonalityLoss
     from testbed.losses.variance import VarianceConfig, VarianceLoss
     from testbed.losses.z_loss import ZLoss, ZLossConfig
+    from testbed.metrics.per_layer import per_layer, spec_metrics
     from testbed.metrics.stats import RoutingStats
-    from testbed.metrics.summary import per_layer, spec_metrics
     from testbed.model.moe import MoELayer
     from testbed.routing import ROUTERS
 

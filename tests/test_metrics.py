@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from testbed.metrics import specialization as S
+from testbed.metrics.per_layer import spec_metrics, table_metrics
 from testbed.metrics.stats import RoutingStats
-from testbed.metrics.summary import spec_metrics, table_metrics
 from testbed.routing import routing_from_choices
 
 D, E, K = 4, 8, 2

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from testbed.metrics import specialization as S
+from testbed.metrics.per_layer import per_layer
 from testbed.metrics.stats import RoutingStats
-from testbed.metrics.summary import per_layer
 from testbed.routing import Routing, routing_from_choices
 from testbed.train.callbacks import perturbed_prefix
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from testbed.errors import CheckpointError
-from testbed.metrics.summary import HEADLINE
+from testbed.metrics.per_layer import HEADLINE
 from testbed.train.cli import run_training
 from tests.conftest import SYNTH_DOMAINS, compose, synth_overrides
 

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from testbed.config import parse_config
 from testbed.data.datamodule import DomainMixDataModule
 from testbed.errors import CheckpointError, ConfigError, TestbedError
-from testbed.metrics.summary import per_layer, spec_metrics
+from testbed.metrics.per_layer import per_layer, spec_metrics
 from testbed.plots import domain_expert_heatmaps, per_layer_curves
 from testbed.train.callbacks import new_stats, stiffness_pass
 from testbed.train.checkpoint import load_weights

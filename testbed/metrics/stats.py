@@ -1,7 +1,7 @@
 """On-device streaming routing counters, filled inside the forward pass.
 
 Only scatter/index adds and reductions: no .item(), .tolist(), bincount or nonzero, so the step never
-waits on the host. Metrics are derived from these tables only when they are logged (summary.py).
+waits on the host. Metrics are derived from these tables only when they are logged (per_layer.py).
 Assignments dropped by capacity (`Routing.kept` False) count nowhere except in `dropped`.
 """
 

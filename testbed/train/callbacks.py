@@ -16,8 +16,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
+from testbed.metrics.per_layer import spec_metrics
 from testbed.metrics.stats import RoutingStats
-from testbed.metrics.summary import spec_metrics
 from testbed.plots import domain_expert_heatmaps, per_layer_curves
 
 

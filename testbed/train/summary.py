@@ -13,8 +13,8 @@ from rich.table import Table
 
 from testbed.data.datamodule import data_parallel_rank, repetition_epochs
 from testbed.data.loading import SHIPPED_TOKENIZER, resolve_data_path
+from testbed.metrics.per_layer import HEADLINE
 from testbed.metrics.regime import ROLES, read_summaries, regime_check
-from testbed.metrics.summary import HEADLINE
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 

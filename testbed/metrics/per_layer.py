@@ -1,4 +1,5 @@
-"""Turn routing counters into the SPEC metric keys `spec/<metric>/layer<i>` and `spec/<metric>/mean`."""
+"""Metrics per MoE layer from the routing counters (`RoutingStats`), and the SPEC metric keys they are
+logged under, `spec/<metric>/layer<i>` and `spec/<metric>/mean`; the headline metrics a run prints."""
 
 from __future__ import annotations
 
