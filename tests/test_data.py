@@ -206,7 +206,7 @@ def _encode_in_child(cache_dir, documents, tokenizer_path, barrier, results):
     handler = logging.Handler()
     handler.emit = lambda record: records.append(record.getMessage())
     logging.getLogger("testbed.data.datamodule").addHandler(handler)
-    logging.getLogger("testbed.data.datamodule").setLevel(logging.INFO)
+    logging.getLogger("testbed.data.datamodule").setLevel(logging.DEBUG)  # cache reads are DEBUG records
     barrier.wait()  # all processes ask for the same cache entry at once
     results.put((encode_documents(tokenizer, documents, cache_dir), records))
 

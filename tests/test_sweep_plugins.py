@@ -29,6 +29,7 @@ TARGETS = {
     "hydra/sweeper=optuna_lr_balance": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
     "hydra/launcher=slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
     "hydra/launcher=local": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+    "hydra/job_logging=rich": None,  # a logging config, no plugin: see test_rich_job_logging_composes
 }
 TINY = ("trainer.max_steps=3", "trainer.val_check_interval=3", "trainer.num_threads=1")
 
@@ -42,7 +43,17 @@ def test_every_plugin_config_is_known():
     assert PLUGIN_CONFIGS == sorted(TARGETS)
 
 
-@pytest.mark.parametrize("override", PLUGIN_CONFIGS)
+def test_rich_job_logging_composes():
+    """The default job logging (conf/config.yaml): the console handler from testbed's factory, the run's
+    log file in Hydra's plain format."""
+    logging_cfg = compose_with_hydra("hydra/job_logging=rich").hydra.job_logging
+    assert logging_cfg.handlers.console["()"] == "testbed.train.progress.rich_log_handler"
+    assert logging_cfg.handlers.file.formatter == "plain" and logging_cfg.root.handlers == ["console", "file"]
+    default = compose_with_hydra("hydra/job_logging=default").hydra.job_logging
+    assert default.handlers.console["class"] == "logging.StreamHandler"
+
+
+@pytest.mark.parametrize("override", [c for c in PLUGIN_CONFIGS if TARGETS.get(c)])
 def test_plugin_config_composes(override):
     cfg = compose_with_hydra(override)
     group = override.split("=")[0].split("/")[1]
