@@ -245,6 +245,8 @@ def test_heatmap_panels_show_each_configuration_lowest_seed(tmp_path, monkeypatc
             continue  # no analysis: no panel
         counts = {"layer0": [[9, 9], [9, 9]], "layer1": [[10 * (seed + 1), 0], [0, 5 + i]]}
         analysis = {"domains": ["a", "b"], "counts": counts}
+        if router == "hash":
+            analysis["overrides"] = ["router.eval_balanced=true"]
         (run / "analysis").mkdir()
         (run / "analysis" / "analysis.json").write_text(json.dumps(analysis))
     seen = {}
@@ -255,7 +257,7 @@ def test_heatmap_panels_show_each_configuration_lowest_seed(tmp_path, monkeypatc
     monkeypatch.setattr(report, "domain_expert_heatmaps", fake_heatmaps)
     runs, _ = report.find_runs([sweep])
     assert report.heatmap_panels(runs, tmp_path) == [tmp_path / "heatmaps.png"]
-    assert seen["names"] == ["router=oracle (seed 0)", "router=hash (seed 0)"]
+    assert seen["names"] == ["router=oracle (seed 0)", "router=hash (seed 0; eval_balanced=true)"]
     assert seen["counts"].tolist() == [[[10, 0], [0, 6]], [[10, 0], [0, 7]]]
     assert seen["domains"] == ["a", "b"] and seen["title"] == "p(expert | domain), MoE layer1"
 

@@ -514,7 +514,9 @@ def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Pat
             raise ValueError(f"{settings_label(group)}: domains {analysis['domains']} differ from {domains}")
         domains, layer_name = analysis["domains"], names[layer]
         counts.append(analysis["counts"][layer_name])
-        labels.append(f"{settings_label(group)} (seed {seed})")
+        # the analysis's own overrides (e.g. router.eval_balanced=true: scored with balanced routing)
+        scored = "".join(f"; {o.rpartition('.')[2]}" for o in analysis.get("overrides", []))
+        labels.append(f"{settings_label(group)} (seed {seed}{scored})")
     if not counts:
         return []
     path = out_dir / "heatmaps.png"
