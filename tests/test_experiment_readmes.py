@@ -3,6 +3,8 @@ find it, line for line, in the README."""
 
 from pathlib import Path
 
+import pytest
+
 from testbed.analysis import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,20 +55,40 @@ def test_x7_readme_tables_rebuild_from_committed_runs(capsys):
     assert "| purity | +0.0364 ± 0.0177 | 0.0125 | excludes 0 |" in readme
 
 
-def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys):
-    runs = ROOT / "experiments" / "x1_scope" / "scope_8k" / "runs"
-    assert report.main([str(runs), "--columns", "val/loss", "--no-committed-baselines"]) == 0  # as rebuild
+@pytest.mark.parametrize(
+    ("folder", "wanted", "rows_expected"),
+    [
+        # the 8,192-token-step rerun: references, EB and LBL (Sinkhorn has one seed there)
+        ("scope_8k", ("router=hash", "router=oracle", "balance=expert_bias", "coefficient=0.1"), 8),
+        # the current X1: the same plus dense and Sinkhorn
+        (
+            "",
+            (
+                "router=hash",
+                "router=oracle",
+                "balance=expert_bias",
+                "coefficient=0.1",
+                "micro_dense",
+                "router=sinkhorn",
+            ),
+            12,
+        ),
+    ],
+)
+def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, wanted, rows_expected):
+    """The regime-check rows of an X1 README are testbed-report's rows for the committed runs (the README
+    leaves out the empty dense-total column)."""
+    base = ROOT / "experiments" / "x1_scope" / folder
+    assert report.main([str(base / "runs"), "--columns", "val/loss", "--no-committed-baselines"]) == 0
     text = capsys.readouterr().out.split("Regime check")[1]
-    readme = (ROOT / "experiments" / "x1_scope" / "scope_8k" / "README.md").read_text()
-
-    wanted = ("router=hash", "router=oracle", "balance=expert_bias", "coefficient=0.1")
+    readme = (base / "README.md").read_text()
     rows = [
         line
         for line in text.splitlines()
         if line.startswith("| ") and any(k in line.split(" | ")[0] for k in wanted)
     ]
-    assert len(rows) == 8  # not Sinkhorn (one seed so far)
+    assert len(rows) == rows_expected
     readme_rows = {line for line in readme.splitlines() if line.startswith("| ")}
-    for row in rows:  # the README leaves out the empty dense-total column
+    for row in rows:
         cells = row.split(" | ")
         assert " | ".join(cells[:4] + cells[5:]) in readme_rows, row

@@ -15,7 +15,7 @@ mkdir -p report
 # Sinkhorn and BA scored both ways: plain top-k (summary.json, as every router is validated) and their
 # training-time balanced routing (analysis/, testbed-analyze router.eval_balanced=true)
 BAL=analysis/val/loss,analysis/spec/utilization/mean,analysis/spec/max_violation/mean,analysis/spec/purity/mean,analysis/spec/nmi/mean
-(cd runs && $R sinkhorn ba --no-committed-baselines --columns val/loss,spec/utilization/mean,spec/purity/mean,$BAL \
+(cd runs && $R sinkhorn ba dense --no-committed-baselines --columns val/loss,spec/utilization/mean,spec/purity/mean,$BAL \
     --out ../report/balanced.md)
 # paired differences over seeds (B - A), with the smallest effect each detects at 80% power
 compare() {  # compare <dir> <metric> <A> <B>
