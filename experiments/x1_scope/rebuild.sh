@@ -20,7 +20,7 @@ BAL=analysis/val/loss,analysis/spec/utilization/mean,analysis/spec/max_violation
 # paired differences over seeds (B - A), with the smallest effect each detects at 80% power
 compare() {  # compare <dir> <metric> <A> <B>
     (cd runs && $R $1 --no-committed-baselines --columns val/loss --compare "$3" "$4" --compare-metric "$2" \
-        | grep '^compare') || true
+        | grep '^compare' | sed "s/^compare/[$1] compare/") || true
 }
 {
     HOMO="data.batch_composition=;router="
