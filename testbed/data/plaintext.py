@@ -76,32 +76,28 @@ def split_document(text: str, max_bytes: int = MAX_DOCUMENT_BYTES) -> list[str]:
     return pieces
 
 
-def group_lines(lines: Iterable[str], max_bytes: int) -> Iterator[str]:
-    """Join consecutive lines into documents of about ``max_bytes`` bytes."""
+def _group(pieces: Iterable[str], max_bytes: int, separator: str) -> Iterator[str]:
+    """Join consecutive pieces with `separator` into documents of about ``max_bytes`` bytes."""
     current: list[str] = []
     size = 0
-    for line in lines:
-        if current and size + _utf8_len(line) + 1 > max_bytes:
-            yield "\n".join(current)
+    for piece in pieces:
+        if current and size + _utf8_len(piece) + len(separator) > max_bytes:
+            yield separator.join(current)
             current, size = [], 0
-        current.append(line)
-        size += _utf8_len(line) + 1
+        current.append(piece)
+        size += _utf8_len(piece) + len(separator)
     if current:
-        yield "\n".join(current)
+        yield separator.join(current)
+
+
+def group_lines(lines: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """Join consecutive lines into documents of about ``max_bytes`` bytes."""
+    return _group(lines, max_bytes, "\n")
 
 
 def group_paragraphs(paragraphs: list[str], max_bytes: int) -> Iterator[str]:
     """Join consecutive paragraphs, a blank line between them, into documents of about ``max_bytes``."""
-    current: list[str] = []
-    size = 0
-    for paragraph in paragraphs:
-        if current and size + _utf8_len(paragraph) + 2 > max_bytes:
-            yield "\n\n".join(current)
-            current, size = [], 0
-        current.append(paragraph)
-        size += _utf8_len(paragraph) + 2
-    if current:
-        yield "\n\n".join(current)
+    return _group(paragraphs, max_bytes, "\n\n")
 
 
 def clean_documents(documents: Iterable[str], max_bytes: int = MAX_DOCUMENT_BYTES) -> Iterator[str]:
