@@ -59,7 +59,7 @@ def test_training_module_resets_scope_state_per_optimizer_step(synth_mix):
     module = MoELanguageModel(run, ["alpha", "beta", "gamma"])
     seen = []
     for batch_idx in range(7):
-        module.training_extras(batch_idx)
+        module.training_state(batch_idx)
         seen.append(module.scope_state.micro_batch)
     assert seen == [0, 1, 2, 0, 1, 2, 0]
 

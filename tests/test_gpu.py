@@ -48,9 +48,15 @@ def test_moe_layer_step_makes_no_host_sync(router, capacity_factor):
     token_ids = torch.randint(0, 4096, (1024,), device="cuda")
     domain_ids = torch.randint(0, 8, (1024,), device="cuda")
     stats = RoutingStats(1, 8, 16, "cuda")
-    extras = {"scope_state": GlobalScopeState(), "routing_stats": stats}
     correct = torch.rand(1024, device="cuda") < 0.5
-    context = RoutingContext(4, 256, token_ids=token_ids, domain_ids=domain_ids, **extras)
+    context = RoutingContext(
+        4,
+        256,
+        token_ids=token_ids,
+        domain_ids=domain_ids,
+        scope_state=GlobalScopeState(),
+        routing_stats=stats,
+    )
     layer(x, context)  # warm-up: lazy initialization may synchronize once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -83,8 +83,8 @@ def test_each_aux_loss_sends_gradient_to_router(loss, backend):
         layer_index=0,
     )
     layer.train()
-    extras = {"scope_state": GlobalScopeState()}
-    _, out = layer(torch.randn(2, 12, 16), RoutingContext(batch_size=2, seq_len=12, **extras))
+    context = RoutingContext(batch_size=2, seq_len=12, scope_state=GlobalScopeState())
+    _, out = layer(torch.randn(2, 12, 16), context)
     assert set(out.losses) == {loss.name}
     out.losses[loss.name].backward()
     grad = layer.router.gate.weight.grad

@@ -73,13 +73,13 @@ def test_loop_and_grouped_models_agree_with_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_unknown_model_extras_are_refused_and_the_context_is_not_mutated():
+def test_unknown_model_arguments_are_refused_and_the_context_is_not_mutated():
     import pytest
 
     model = small_model()
     ids = torch.randint(0, 50, (2, 8))
-    with pytest.raises(ValueError, match=r"unknown model extras \['scope_stat'\]"):
-        model(ids, extras={"scope_stat": None})  # a typo is an error, not silently ignored
+    with pytest.raises(TypeError, match="'scope_stat'"):
+        model(ids, scope_stat=None)  # a typo is an error, not silently ignored
     context = RoutingContext(2, 8)
     layer = model.moe_layers[-1]
     layer(torch.randn(2, 8, 32), context)

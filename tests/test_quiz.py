@@ -191,14 +191,13 @@ def test_model_with_a_causal_mask_and_default_positions_is_the_plain_model():
     )
     model = MoETransformer(config, TopKSoftmaxConfig(), []).eval()
     ids = torch.randint(0, 50, (3, 10))
-    extras = {
-        "attention_mask": torch.ones(10, 10, dtype=torch.bool).tril().expand(3, 10, 10),
-        "position_ids": torch.arange(10).expand(3, 10),
-    }
+    causal = torch.ones(10, 10, dtype=torch.bool).tril().expand(3, 10, 10)
+    positions = torch.arange(10).expand(3, 10)
     with torch.no_grad():
-        plain, masked = model(ids)[0], model(ids, extras=extras)[0]
-        shifted = model(ids, extras={**extras, "position_ids": torch.arange(10).expand(3, 10) + 7})[0]
-        spread = model(ids, extras={**extras, "position_ids": 2 * torch.arange(10).expand(3, 10)})[0]
+        plain = model(ids)[0]
+        masked = model(ids, attention_mask=causal, position_ids=positions)[0]
+        shifted = model(ids, attention_mask=causal, position_ids=positions + 7)[0]
+        spread = model(ids, attention_mask=causal, position_ids=2 * positions)[0]
     torch.testing.assert_close(masked, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(shifted, plain, rtol=1e-4, atol=1e-4)  # rotary: only distances count
     assert not torch.allclose(spread, plain, atol=1e-3)  # ... and they are used
@@ -215,7 +214,7 @@ def test_scoring_sums_option_log_probs_and_picks_the_highest():
         ]
     )
 
-    def forward(ids, domains, extras):
+    def forward(ids, domains, **packing):
         return probs.log()[ids], []
 
     items = [
@@ -337,7 +336,7 @@ def test_build_and_eval_a_trained_run(synth_mix, tmp_path, capsys):
     tokenizer = Q.load_tokenizer_of(run)
     items = Q.load_quiz(quiz_dir)[:6]
     encoded, _ = Q.encode_items(tokenizer, items, SYNTH_DOMAINS, 1024)
-    packed, _ = Q.score_items(lambda ids, domains, extras: module.model(ids, domains, extras), encoded)
+    packed, _ = Q.score_items(module.model, encoded)
     with torch.no_grad():
         for i, item in enumerate(encoded):
             for k, option in enumerate(item.options):

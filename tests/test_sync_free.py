@@ -108,13 +108,13 @@ def step(layer, batch=2, seq=24):
     x = torch.randn(batch, seq, 32, requires_grad=True)
     tokens = batch * seq
     stats = RoutingStats(1, 4, 8)
-    extras = {"scope_state": GlobalScopeState(), "routing_stats": stats}
     context = RoutingContext(
         batch,
         seq,
         token_ids=torch.randint(0, 100, (tokens,)),
         domain_ids=torch.arange(tokens) % 4,
-        **extras,
+        scope_state=GlobalScopeState(),
+        routing_stats=stats,
     )
     layer(x, context)  # warm-up outside the mode (lazy initialization)
     correct = torch.arange(tokens) % 3 == 0

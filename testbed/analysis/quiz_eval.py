@@ -32,8 +32,8 @@ def evaluate_quiz(
     module.eval()
     model, lm_head = module.model, module.model.lm_head
 
-    def hidden_states(ids, domains, extras):  # the model up to its final norm: the LM head comes after
-        return model(ids, domains, extras, return_hidden=True)
+    def hidden_states(ids, domains, **packing):  # the model up to its final norm: the LM head comes after
+        return model(ids, domains, **packing, return_hidden=True)
 
     start, cpu_start = time.perf_counter(), time.process_time()
     try:

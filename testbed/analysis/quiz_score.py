@@ -114,12 +114,13 @@ def score_items(
     positions: str = "all",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sum of the log-probabilities of each option's tokens given its question, [N, 4], and the number of
-    option tokens, [N, 4]. `forward(input_ids [B, S], domain_ids [B, S] | None, extras)` returns (logits,
-    per-layer outputs with `.routing`); rows are packed by `pack_items` (extras: its attention_mask and
-    position_ids). With `head`, `forward` returns hidden states instead and `head` turns the ones that predict
-    an option token into logits (the LM head is then applied only where it is needed). `positions`: routing is
-    counted over every token of an item's row ("all"), or only at its answer position ("answer": the last
-    question token, whose output predicts the answer; each item then goes to that token's top-1 expert)."""
+    option tokens, [N, 4]. Rows are packed by `pack_items`, and `forward(input_ids [B, S], domain_ids [B, S] |
+    None, *, attention_mask [B, S, S], position_ids [B, S])` (the packing's mask and positions, as keywords of
+    `MoETransformer.forward`) returns (logits, per-layer outputs with `.routing`). With `head`, `forward`
+    returns hidden states instead and `head` turns the ones that predict an option token into logits (the LM
+    head is then applied only where it is needed). `positions`: routing is counted over every token of an
+    item's row ("all"), or only at its answer position ("answer": the last question token, whose output
+    predicts the answer; each item then goes to that token's top-1 expert)."""
     if positions not in ("all", "answer"):
         raise QuizError(f"positions: got {positions!r}; allowed: 'all' or 'answer'")
     logprob = np.zeros((len(encoded), 4))
@@ -138,8 +139,9 @@ def score_items(
             domains = [domain_of_subject[item.subject] for item in batch]
             if all(d is not None for d in domains):
                 domain_ids = torch.tensor(domains, device=device)[:, None].expand_as(ids)
-        extras = {"attention_mask": packed["attention_mask"], "position_ids": packed["position_ids"]}
-        logits, outputs = forward(ids, domain_ids, extras)
+        logits, outputs = forward(
+            ids, domain_ids, attention_mask=packed["attention_mask"], position_ids=packed["position_ids"]
+        )
         logits = logits[packed["rows"], packed["predictors"]]
         logp = torch.log_softmax((logits if head is None else head(logits)).float(), dim=-1)
         picked = logp.gather(-1, packed["targets"][:, None]).squeeze(-1).double()

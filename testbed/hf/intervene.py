@@ -120,8 +120,8 @@ def own_task(module, tokenizer, items, batch_items: int, device) -> tuple[float,
     encoded, _ = encode_items(tokenizer, items, subjects, module.run_config.model.max_seq_len)
     model = module.model
 
-    def hidden_states(ids, domains, extras):  # the model up to its final norm: the LM head comes after
-        return model(ids, domains, extras, return_hidden=True)
+    def hidden_states(ids, domains, **packing):  # the model up to its final norm: the LM head comes after
+        return model(ids, domains, **packing, return_hidden=True)
 
     domain_of_subject = [module.domains.index(s) if s in module.domains else None for s in subjects]
     logprob, _ = score_items(

@@ -9,23 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from testbed.losses.base import AuxLoss
+from testbed.losses.expert_bias import ExpertBiasTracker
+from testbed.metrics.stats import RoutingStats
 from testbed.model.experts import DenseSwiGLU
 from testbed.model.moe import LayerOutput, MoELayer
 from testbed.model.schema import ModelConfig
 from testbed.routing.base import RoutingContext
-
-# What `MoETransformer.forward(..., extras)` accepts: training state for the routing context, the counters to
-# update, and inputs of the attention trunk (testbed-quiz's packed continuations, the stiffness perturbation)
-EXTRAS = frozenset(
-    {
-        "scope_state",
-        "expert_bias_tracker",
-        "routing_stats",
-        "attention_mask",
-        "position_ids",
-        "embedding_offset",
-    }
-)
+from testbed.scope import GlobalScopeState
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[Tensor, Tensor]:
@@ -121,39 +111,46 @@ class MoETransformer(nn.Module):
         self,
         input_ids: Tensor,
         domain_ids: Tensor | None = None,
-        extras: dict | None = None,
+        *,
+        scope_state: GlobalScopeState | None = None,
+        expert_bias_tracker: ExpertBiasTracker | None = None,
+        routing_stats: RoutingStats | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        embedding_offset: Tensor | None = None,
         return_hidden: bool = False,
     ) -> tuple[Tensor, list[LayerOutput]]:
         """Logits [B, S, V], or with `return_hidden` the final normed hidden states [B, S, d] (the LM head's
-        input, for a chunked LM loss that never builds the logits)."""
+        input, for a chunked LM loss that never builds the logits), and one `LayerOutput` per MoE layer.
+
+        input_ids: [B, S] token ids. domain_ids: [B, S] domain label of each token (oracle router, metrics).
+        Keyword-only, all optional (a misspelled one is Python's TypeError, never silently ignored):
+        scope_state: the optimizer step's running expert counts (global-scope load balance, Sinkhorn) and
+        expert_bias_tracker: the step's per-layer loads for the expert-bias update (balance=expert_bias);
+        both set by training steps only.
+        routing_stats: the routing counters this pass updates (validation, training metrics).
+        attention_mask: [B, S, S] bool, True where a query may attend; replaces the causal mask.
+        position_ids: [B, S] rotary position of each token (default 0..S-1).
+        (These two score several continuations of one shared prefix in one row: testbed-quiz's packing.)
+        embedding_offset: [B, S, d] added to the token embeddings (the routing-stiffness perturbation).
+        """
         batch, seq = input_ids.shape
-        extras = dict(extras or {})
-        unknown = set(extras) - EXTRAS
-        if unknown:
-            raise ValueError(f"unknown model extras {sorted(unknown)}; allowed: {sorted(EXTRAS)}")
         context = RoutingContext(
             batch_size=batch,
             seq_len=seq,
             token_ids=input_ids.reshape(-1),
             domain_ids=None if domain_ids is None else domain_ids.reshape(-1),
-            scope_state=extras.get("scope_state"),
-            expert_bias_tracker=extras.get("expert_bias_tracker"),
-            routing_stats=extras.get("routing_stats"),
+            scope_state=scope_state,
+            expert_bias_tracker=expert_bias_tracker,
+            routing_stats=routing_stats,
         )
         x = self.embed(input_ids)
-        offset = extras.get("embedding_offset")  # perturbation for routing-stiffness analysis
-        if offset is not None:
-            x = x + offset
-        # Optional, for scoring several continuations of one shared prefix in one row (testbed-quiz):
-        # `attention_mask` [B, S, S] bool (True: may attend; replaces the causal mask) and `position_ids`
-        # [B, S] (rotary positions; default 0..S-1).
+        if embedding_offset is not None:
+            x = x + embedding_offset
         cos, sin = self.rope_cos, self.rope_sin
-        positions = extras.get("position_ids")
-        if positions is not None:
-            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
-        mask = extras.get("attention_mask")
-        if mask is not None:
-            mask = mask.unsqueeze(1)
+        if position_ids is not None:
+            cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
+        mask = None if attention_mask is None else attention_mask.unsqueeze(1)
         outputs = []
         for block in self.blocks:
             x, out = block(x, cos, sin, context, mask)

@@ -69,7 +69,7 @@ def stiffness_pass(module, batches, stats: RoutingStats) -> None:
             offset[:, half:] = 0
             mask = torch.zeros_like(ids, dtype=torch.bool)
             mask[:, half:] = True
-            _, perturbed = module.model(ids, domains, {"embedding_offset": offset})
+            _, perturbed = module.model(ids, domains, embedding_offset=offset)
         else:
             perturbed_ids, mask = perturbed_prefix(ids, domains)
             _, perturbed = module.model(perturbed_ids, domains)

@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import random
+from typing import TypedDict
 
 import lightning as L
 import numpy as np
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from testbed.config import RunConfig
 from testbed.losses import AUX_LOSSES, BALANCE, AuxLoss
 from testbed.losses.expert_bias import ExpertBiasTracker
+from testbed.metrics.stats import RoutingStats
 from testbed.model import LayerOutput, MoETransformer
 from testbed.model.lm_loss import linear_cross_entropy
 from testbed.scope import GlobalScopeState
@@ -99,6 +101,14 @@ class NonFiniteGuard:
         )
 
 
+class TrainingState(TypedDict):
+    """`MoETransformer.forward`'s keyword arguments in a training step: the routing context's state."""
+
+    scope_state: GlobalScopeState
+    routing_stats: RoutingStats | None
+    expert_bias_tracker: ExpertBiasTracker | None
+
+
 class MoELanguageModel(L.LightningModule):
     def __init__(self, run: RunConfig, domains: list[str]):
         super().__init__()
@@ -141,31 +151,34 @@ class MoELanguageModel(L.LightningModule):
     def moe_layer_names(self) -> list[str]:
         return [f"layer{layer.layer_index}" for layer in self.model.moe_layers]
 
-    def forward(self, input_ids, domain_ids=None, extras=None):
-        return self.model(input_ids, domain_ids, extras)
+    def forward(self, input_ids, domain_ids=None, **model_kwargs):
+        """`MoETransformer.forward`, with its keyword-only arguments."""
+        return self.model(input_ids, domain_ids, **model_kwargs)
 
-    def lm_loss(self, input_ids, domain_ids, targets, extras) -> tuple[torch.Tensor, list[LayerOutput]]:
+    def lm_loss(
+        self, input_ids, domain_ids, targets, state: TrainingState
+    ) -> tuple[torch.Tensor, list[LayerOutput]]:
         """Mean next-token cross-entropy and the MoE layers' outputs; chunked (no [N, V] logits) unless
         `trainer.chunked_cross_entropy=false`."""
         targets = targets.reshape(-1)
         if self.run_config.trainer.chunked_cross_entropy:
-            hidden, outputs = self.model(input_ids, domain_ids, extras, return_hidden=True)
+            hidden, outputs = self.model(input_ids, domain_ids, **state, return_hidden=True)
             return linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, targets), outputs
-        logits, outputs = self.model(input_ids, domain_ids, extras)
+        logits, outputs = self.model(input_ids, domain_ids, **state)
         return F.cross_entropy(logits.flatten(0, 1).float(), targets), outputs
 
-    def training_extras(self, batch_idx: int) -> dict:
-        """What the layers need during a training forward: scope state and the expert-bias tracker."""
+    def training_state(self, batch_idx: int) -> TrainingState:
+        """What the layers need during a training forward: the scope state (advanced to this micro-batch),
+        the training counters (None unless the metrics callback set them) and the expert-bias tracker."""
         if batch_idx % self.run_config.trainer.accumulate_grad_batches == 0:
             self.scope_state.start_step()
         else:
             self.scope_state.next_micro_batch()
-        extras = {"scope_state": self.scope_state}
-        if self.train_routing_stats is not None:
-            extras["routing_stats"] = self.train_routing_stats
-        if self.expert_bias_tracker is not None:
-            extras["expert_bias_tracker"] = self.expert_bias_tracker
-        return extras
+        return TrainingState(
+            scope_state=self.scope_state,
+            routing_stats=self.train_routing_stats,
+            expert_bias_tracker=self.expert_bias_tracker,
+        )
 
     def calibrate_coefficients(self, terms: dict[str, torch.Tensor]) -> None:
         """`coefficient: auto` losses get w = 10^round(log10(target / |L|)) from the first batch (Guo et al.);
@@ -186,7 +199,7 @@ class MoELanguageModel(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         lm_loss, outputs = self.lm_loss(
-            batch["input_ids"], batch["domain_ids"], batch["targets"], self.training_extras(batch_idx)
+            batch["input_ids"], batch["domain_ids"], batch["targets"], self.training_state(batch_idx)
         )
         terms = aux_loss_terms(outputs)
         self.calibrate_coefficients(terms)
@@ -269,8 +282,9 @@ class MoELanguageModel(L.LightningModule):
         self.val_token_counts.zero_()
 
     def validation_step(self, batch, batch_idx):
-        extras = {"routing_stats": self.routing_stats} if self.routing_stats is not None else None
-        logits, outputs = self.model(batch["input_ids"], batch["domain_ids"], extras)
+        logits, outputs = self.model(
+            batch["input_ids"], batch["domain_ids"], routing_stats=self.routing_stats
+        )
         targets = batch["targets"].reshape(-1)
         token_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")
         if self.routing_stats is not None:  # per-expert next-token accuracy
