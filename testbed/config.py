@@ -1,7 +1,11 @@
 """Structured configs for every section of a run, and validation before any training starts.
 
-Hydra composes YAML from conf/; `parse_config` merges each section into its dataclass (unknown keys and
-wrong types fail), then `validate` checks values that cannot work together. Router and loss sections are
+`RunConfig` is registered in Hydra's ConfigStore as `run_schema`, the first entry of conf/config.yaml's
+defaults: Hydra composes the YAML of conf/ onto it, so an unknown key, a value of the wrong type or a value
+outside a fixed option set (the Enum fields) fails at composition, naming the key. `parse_config` then
+turns the composed config into dataclasses (the same checks, for configs that do not come through Hydra:
+checkpoints, tests) and `validate` checks the values that cannot work together: the cross-field checks,
+all here. Router and loss sections are
 validated against the config dataclass of the registered component they name. The model's own sections
 (`ModelConfig`, `MoEConfig`) are defined in testbed/model/schema.py, so that the model does not import this
 module; they are importable from here as well.
@@ -10,19 +14,22 @@ module; they are importable from here as well.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from testbed.errors import ConfigError
 from testbed.losses import AUX_LOSSES, BALANCE
-from testbed.model.experts import BACKENDS
 from testbed.model.schema import ModelConfig
 from testbed.model.schema import MoEConfig as MoEConfig  # re-exported: a run's `model.moe`
+from testbed.registry import Registry
 from testbed.routing import ROUTERS
 
 DEFAULT_MIX: tuple[str, ...] = (
@@ -36,6 +43,36 @@ DEFAULT_MIX: tuple[str, ...] = (
     "spanish",
 )
 """The domains the default training mix uses (their sources: testbed/data/corpora.py)."""
+
+
+class BatchComposition(StrEnum):
+    mixed = "mixed"  # every micro-batch draws from all domains
+    homogeneous = "homogeneous"  # every micro-batch holds sequences of one domain
+
+
+class Accelerator(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    gpu = "gpu"
+    mps = "mps"
+
+
+class LoggerName(StrEnum):
+    csv = "csv"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+class Perturbation(StrEnum):
+    context = "context"  # prefix from another same-domain sequence
+    noise = "noise"  # Gaussian noise on the prefix embeddings
+
+
+class Trainable(StrEnum):
+    all = "all"
+    routers = "routers"
+    routers_and_experts = "routers_and_experts"
 
 
 @dataclass
@@ -56,11 +93,13 @@ class DataConfig:
     root: str | None = None  # directory holding <domain>.jsonl.gz; null = the shipped data/mix
     domains: list[str] = field(default_factory=lambda: list(DEFAULT_MIX))
     weights: list[float] | None = None  # mixture weights per domain; null = balanced
-    sources: dict[str, DomainSourceConfig] = field(default_factory=dict)  # per-domain overrides
+    # per-domain overrides: {domain: DomainSourceConfig fields}, typed in parse_config (open in the schema, so
+    # that `+data.sources.<domain>.path=...` can create an entry on the command line)
+    sources: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None  # tokenizer.json; null = the shipped data/tokenizer.json
     seq_len: int = 128
     batch_size: int = 16
-    batch_composition: str = "mixed"  # mixed | homogeneous
+    batch_composition: BatchComposition = BatchComposition.mixed  # mixed | homogeneous
     val_fraction: float = 0.1  # documents held out per domain
     split_seed: int = 0  # which documents are held out: fixed, so every training seed validates on the same
     val_tokens_per_domain: int = 8192  # cap on validation tokens per domain (0 = all)
@@ -84,7 +123,7 @@ class OptimConfig:
 @dataclass
 class TrainerConfig:
     name: str = "cpu"
-    accelerator: str = "cpu"
+    accelerator: Accelerator = Accelerator.cpu
     devices: Any = 1  # a count >= 1, -1 (all), "auto", or a list of device ids
     num_nodes: int = 1  # machines; each runs `devices` processes (multi-node DDP, e.g. SLURM)
     precision: str = "32-true"
@@ -107,7 +146,7 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "csv"  # csv | tensorboard | wandb
+    name: LoggerName = LoggerName.csv  # csv | tensorboard | wandb
     project: str = "moe-testbed"
     offline: bool = True  # wandb only
 
@@ -118,7 +157,8 @@ class MetricsConfig:
 
     train_every_n_steps: int = 50  # routing stats of one training step every N steps (0 = off)
     stiffness_batches: int = 4  # validation batches re-run with a perturbed context (0 = off)
-    stiffness_perturbation: str = "context"  # context: prefix from another same-domain sequence | noise
+    # context: prefix from another same-domain sequence | noise
+    stiffness_perturbation: Perturbation = Perturbation.context
     stiffness_noise_std: float = 0.5  # noise: std relative to the embeddings' RMS, added to the prefix
     ngram_sizes: list[int] = field(default_factory=lambda: [4, 10])
     plots: bool = True  # heatmaps at each validation (PNG in <run_dir>/plots, images to TensorBoard/W&B)
@@ -128,54 +168,56 @@ class MetricsConfig:
 class FinetuneConfig:
     """Post-training: which parameters train (with init_from and a narrowed data.domains)."""
 
-    trainable: str = "all"  # all | routers | routers_and_experts (everything else frozen)
+    trainable: Trainable = Trainable.all  # all | routers | routers_and_experts (everything else frozen)
     experts: Any = None  # routers_and_experts: expert ids trained in every MoE layer, or {layer<i>: [ids]};
     # null = all experts. Frozen experts get no gradient and no weight decay.
 
 
 @dataclass
 class RunConfig:
-    """The validated configuration of one run (router/balance/aux_loss are component dataclasses)."""
+    """The configuration of one run: the schema Hydra composes onto (`run_schema`), and after
+    `parse_config` the validated run, with router/balance/aux_loss as their components' dataclasses (in the
+    schema they are open: each is typed by the component it names, in `parse_config`)."""
 
-    model: ModelConfig
-    data: DataConfig
-    trainer: TrainerConfig
-    logger: LoggerConfig
-    optim: OptimConfig
-    metrics: MetricsConfig
-    finetune: FinetuneConfig
-    router: Any
-    balance: Any
-    aux_loss: dict[str, Any]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    router: Any = None
+    balance: Any = None
+    aux_loss: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     run_name: str = "run"
     init_from: str | None = None
     resume: str | None = None  # auto | <path to a .ckpt>: continue a run in its own folder
-    overwrite: bool = False  # true: clear a used run folder's files before training
+    # true: clear a used run folder's files before training. Open in the schema and checked in parse_config
+    # as exactly true or false: OmegaConf would read "yes" or "on" as true, and this flag deletes files.
+    overwrite: Any = False
+    experiment: Any = None  # the grid of conf/experiment/<id>.yaml (testbed-experiment); training ignores it
 
 
 SECTIONS = {
-    "finetune": FinetuneConfig,
-    "metrics": MetricsConfig,
-    "model": ModelConfig,
-    "data": DataConfig,
-    "trainer": TrainerConfig,
-    "logger": LoggerConfig,
-    "optim": OptimConfig,
+    f.name: f.default_factory
+    for f in dataclasses.fields(RunConfig)
+    if dataclasses.is_dataclass(f.default_factory)
 }
-# `experiment`: the grid block of conf/experiment/<id>.yaml, read by testbed-experiment; training ignores it.
-TOP_LEVEL_KEYS = {
-    "seed",
-    "run_name",
-    "init_from",
-    "resume",
-    "overwrite",
-    "experiment",
-    "router",
-    "balance",
-    "aux_loss",
-    *SECTIONS,
-}
+"""The sections typed by their own dataclass (model, data, trainer, ...), by name."""
+TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
+
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def plain(config: Any) -> Any:
+    """A config dataclass as plain dicts, lists and scalars (Enum members as their string value): for
+    summary.json, checkpoint hyperparameters and YAML, which must not depend on testbed's classes."""
+
+    def factory(items: list[tuple[str, Any]]) -> dict:
+        return {key: value.value if isinstance(value, Enum) else value for key, value in items}
+
+    return dataclasses.asdict(config, dict_factory=factory)
 
 
 def _lookup(node: Any, dotted: str) -> Any:
@@ -188,6 +230,8 @@ def _lookup(node: Any, dotted: str) -> Any:
 
 
 def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return f"one of {[member.value for member in annotation]}"
     names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
@@ -195,18 +239,24 @@ def _type_name(annotation: Any) -> str:
 def _field_type(schema: type, dotted: str) -> Any:
     """The annotated type of a (nested) dataclass field, or None."""
     for part in dotted.split("."):
-        fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
-        if part not in fields:
+        hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
+        if part not in hints:
             return None
-        schema = fields[part].type
-        if isinstance(schema, str):  # postponed annotations
-            schema = {"bool": bool, "int": int, "float": float, "str": str}.get(schema, schema)
+        schema = hints[part]
     return schema
 
 
-def _structured(section: str, schema: type, node: Any) -> Any:
-    """Merge `node` into the dataclass `schema`: unknown keys and values of the wrong type (a string for a
-    bool, int or float field) fail with the key, the value and the expected type."""
+def allowed_for(key: str) -> str | None:
+    """What the schema allows at a dotted key of the composed config ("one of [...]", "an integer", ...), or
+    None for a key the schema leaves open (router, balance, aux_loss) or does not have."""
+    expected = _field_type(RunConfig, key)
+    return None if expected is None or expected is Any else _type_name(expected)
+
+
+def _structured(section: str, schema: type, node: Any, fields_of: str | None = None) -> Any:
+    """Merge `node` into the dataclass `schema`: unknown keys, values of the wrong type (a string for a
+    bool, int or float field) and values outside an Enum field's options fail with the key, the value and
+    what is allowed (`fields_of` names the schema in the unknown-key message)."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
         return OmegaConf.to_object(merged)
@@ -219,18 +269,20 @@ def _structured(section: str, schema: type, node: Any) -> Any:
         expected = _field_type(schema, full_key) if full_key else None
         if expected is None:
             parent = _field_type(schema, full_key.rpartition(".")[0]) if "." in full_key else schema
-            fields = [f.name for f in dataclasses.fields(parent)] if dataclasses.is_dataclass(parent) else []
-            allowed = f"the fields of {getattr(parent, '__name__', schema.__name__)}: {fields}"
+            is_schema = dataclasses.is_dataclass(parent)
+            fields = sorted(f.name for f in dataclasses.fields(parent)) if is_schema else []
+            owner = fields_of if parent is schema and fields_of else f"the fields of {parent.__name__}"
+            allowed = f"{owner}: {fields}"
         else:
             allowed = _type_name(expected)
         raise ConfigError(key, value, allowed) from None
 
 
-def _component(registry: Any, name: str, options: dict, key: str) -> Any:
-    """A router/balance/aux-loss config: unknown options fail in the registry, then the values are typed
-    through the component's dataclass (so `renormalize=nope` or `jitter=abc` fail instead of passing)."""
-    config = registry.build_config(name, options, key)
-    return _structured(key, type(config), options)
+def _component(registry: Registry, name: str, options: dict, key: str) -> Any:
+    """A router/balance/aux-loss config, typed through the dataclass of the component it names (so an
+    unknown option, `renormalize=nope` or `jitter=abc` fail instead of passing)."""
+    _, config_cls = registry.get(name, key)
+    return _structured(key, config_cls, options, fields_of=f"options of {registry.kind} '{name}'")
 
 
 def _strict_bool(key: str, value: Any) -> bool:
@@ -249,6 +301,11 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
     if unknown:
         raise ConfigError(unknown[0], raw[unknown[0]], f"top-level keys {sorted(TOP_LEVEL_KEYS)}")
     sections = {name: _structured(name, schema, raw.get(name)) for name, schema in SECTIONS.items()}
+    sources = sections["data"].sources
+    if not isinstance(sources, dict):
+        raise ConfigError("data.sources", sources, "a mapping {domain: {path: ..., format: ...}}")
+    for domain, source in sources.items():
+        sources[domain] = _structured(f"data.sources.{domain}", DomainSourceConfig, source)
 
     router_raw = dict(raw.get("router") or {})
     router_name = router_raw.pop("name", None)
@@ -320,7 +377,6 @@ def _in_range(
         raise ConfigError(key, value, allowed)
 
 
-ACCELERATORS = ["auto", "cpu", "cuda", "gpu", "mps"]
 PRECISIONS = ["16-mixed", "16-true", "32", "32-true", "64-true", "bf16-mixed", "bf16-true"]
 
 
@@ -353,8 +409,6 @@ def strategy_names() -> list[str]:
 def validate_trainer(run: RunConfig) -> None:
     """Lightning Trainer arguments, checked here so that a bad one fails before data loading."""
     t = run.trainer
-    if t.accelerator not in ACCELERATORS:
-        raise ConfigError("trainer.accelerator", t.accelerator, f"one of {ACCELERATORS}")
     if str(t.precision) not in PRECISIONS:
         raise ConfigError("trainer.precision", t.precision, f"one of {PRECISIONS}")
     if not _devices_ok(t.devices):
@@ -440,16 +494,12 @@ def validate(run: RunConfig) -> None:
         )
     if m.moe.num_shared_experts < 0:
         raise ConfigError("model.moe.num_shared_experts", m.moe.num_shared_experts, "an integer >= 0")
-    if m.moe.backend not in BACKENDS:
-        raise ConfigError("model.moe.backend", m.moe.backend, f"one of {list(BACKENDS)}")
 
     d = run.data
     _positive("data.seq_len", d.seq_len)
     _positive("data.batch_size", d.batch_size)
     if d.seq_len > m.max_seq_len:
         raise ConfigError("data.seq_len", d.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
-    if d.batch_composition not in ("mixed", "homogeneous"):
-        raise ConfigError("data.batch_composition", d.batch_composition, "one of ['mixed', 'homogeneous']")
     if not d.domains:
         raise ConfigError("data.domains", d.domains, "a non-empty list of domain names")
     if len(set(d.domains)) != len(d.domains):
@@ -484,8 +534,6 @@ def validate(run: RunConfig) -> None:
     _positive("trainer.val_check_interval", t.val_check_interval)
     _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
     validate_trainer(run)
-    if run.logger.name not in ("csv", "tensorboard", "wandb"):
-        raise ConfigError("logger.name", run.logger.name, "one of ['csv', 'tensorboard', 'wandb']")
     validate_finetune(run)
     mc = run.metrics
     if mc.train_every_n_steps < 0 or mc.stiffness_batches < 0:
@@ -493,10 +541,6 @@ def validate(run: RunConfig) -> None:
             "metrics.train_every_n_steps/stiffness_batches",
             (mc.train_every_n_steps, mc.stiffness_batches),
             "integers >= 0 (0 = off)",
-        )
-    if mc.stiffness_perturbation not in ("context", "noise"):
-        raise ConfigError(
-            "metrics.stiffness_perturbation", mc.stiffness_perturbation, "one of ['context', 'noise']"
         )
     if not mc.ngram_sizes or any(n < 2 for n in mc.ngram_sizes):
         raise ConfigError("metrics.ngram_sizes", mc.ngram_sizes, "a non-empty list of integers >= 2")
@@ -547,10 +591,6 @@ def validate(run: RunConfig) -> None:
 
 def validate_finetune(run: RunConfig) -> None:
     f, num_experts = run.finetune, run.model.moe.num_experts
-    if f.trainable not in ("all", "routers", "routers_and_experts"):
-        raise ConfigError(
-            "finetune.trainable", f.trainable, "one of ['all', 'routers', 'routers_and_experts']"
-        )
     if f.experts is None:
         return
     if f.trainable != "routers_and_experts":

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from testbed.errors import ConfigError
 
@@ -36,22 +35,3 @@ class Registry(Generic[T]):
         if name not in self._entries:
             raise ConfigError(key or self.config_key, name, f"one of {self.names()}")
         return self._entries[name]
-
-    def build_config(self, name: str, options: dict[str, Any], key: str | None = None) -> Any:
-        """Validate `options` against the component's config dataclass (unknown keys and bad types fail)."""
-        _, config_cls = self.get(name, key)
-        key = key or self.config_key
-        fields = {f.name: f for f in dataclasses.fields(config_cls)}
-        unknown = sorted(set(options) - set(fields))
-        if unknown:
-            raise ConfigError(
-                f"{key}.{unknown[0]}",
-                options[unknown[0]],
-                f"options of {self.kind} '{name}': {sorted(fields)}",
-            )
-        try:
-            return config_cls(**options)
-        except (TypeError, ValueError) as err:
-            if isinstance(err, ConfigError):
-                raise
-            raise ConfigError(key, options, f"valid options for {self.kind} '{name}' ({err})") from err

@@ -12,10 +12,15 @@ the first micro-batch of every optimizer step and passes it to the layers in the
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import torch.distributed as dist
 from torch import Tensor
 
-SCOPES = ("sequence", "micro_batch", "global")
+Scope = StrEnum("Scope", ["sequence", "micro_batch", "global"], module=__name__)
+"""The balancing scopes, as the typed config field (`global` is a Python keyword: `Scope("global")`). A
+StrEnum: members equal their names as strings, so configs may also hold the plain string."""
+SCOPES = tuple(s.value for s in Scope)
 # the scopes within one forward pass: routers that need every token of the scope at once (expert choice,
 # balanced assignment) cannot span accumulated micro-batches
 LOCAL_SCOPES = SCOPES[:2]

@@ -7,7 +7,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from testbed.config import parse_config
+from testbed.config import parse_config, plain
 from testbed.data.datamodule import DomainMixDataModule
 from testbed.errors import ConfigError, DataError
 from tests.conftest import compose, synth_overrides
@@ -32,13 +32,9 @@ def test_default_config_is_valid():
         ("+aux_loss.no_such.coefficient=1", "aux_loss", "z_loss"),
         ("model.d_model=130", "model.d_model", "multiple of model.n_heads"),
         ("model.n_heads=0", "model.n_heads", "positive integer"),
-        ("model.moe.backend=magic", "model.moe.backend", "grouped"),
-        ("data.batch_composition=both", "data.batch_composition", "homogeneous"),
         ("data.seq_len=4096", "data.seq_len", "model.max_seq_len"),
         ("data.weights=[1,2]", "data.weights", "one per data.domains"),
         ("+router.temperature=2", "router.temperature", "options of router"),
-        ("model.n_layers=two", "model.n_layers", "an integer"),
-        ("logger.name=mlflow", "logger.name", "wandb"),
     ],
 )
 def test_bad_config_values(override, key, allowed):
@@ -46,6 +42,55 @@ def test_bad_config_values(override, key, allowed):
         parse_config(compose([override]))
     message = str(info.value)
     assert key in message and allowed in message
+
+
+@pytest.mark.parametrize(
+    "override,key,allowed",
+    [
+        ("model.moe.backend=magic", "model.moe.backend", "expected one of [loop, grouped]"),
+        ("data.batch_composition=both", "data.batch_composition", "expected one of [mixed, homogeneous]"),
+        ("model.n_layers=two", "model.n_layers", "could not be converted to Integer"),
+        ("logger.name=mlflow", "logger.name", "expected one of [csv, tensorboard, wandb]"),
+        ("trainer.accelerator=tpu", "trainer.accelerator", "expected one of [auto, cpu, cuda, gpu, mps]"),
+        ("metrics.stiffness_perturbation=blur", "metrics.stiffness_perturbation", "[context, noise]"),
+        ("finetune.trainable=gates", "finetune.trainable", "[all, routers, routers_and_experts]"),
+        ("seed=abc", "seed", "could not be converted to Integer"),
+        ("trainer.deterministic=nope", "trainer.deterministic", "is not a valid bool"),
+    ],
+)
+def test_typed_schema_rejects_bad_values_at_composition(override, key, allowed):
+    """conf/config.yaml composes onto `run_schema` (RunConfig in Hydra's ConfigStore): a value of the wrong
+    type or outside an Enum field's options fails in Hydra, before any code of ours runs."""
+    with pytest.raises(ConfigCompositionException) as info:
+        compose([override])
+    message = f"{info.value}\n{info.value.__cause__}"
+    assert override in message and f"full_key: {key}" in message and allowed in message
+
+
+@pytest.mark.parametrize(
+    "section,key,value,allowed",
+    [
+        ("data", "batch_composition", "both", "one of ['mixed', 'homogeneous']"),
+        ("model", "n_layers", "two", "an integer"),
+        ("logger", "name", "mlflow", "one of ['csv', 'tensorboard', 'wandb']"),
+    ],
+)
+def test_the_same_checks_hold_for_a_config_that_skips_hydra(section, key, value, allowed):
+    """parse_config types a plain dict (a checkpoint's config, a test's) through the same dataclasses."""
+    raw = OmegaConf.to_container(compose(), resolve=True, enum_to_str=True)
+    raw[section][key] = value
+    with pytest.raises(ConfigError) as info:
+        parse_config(raw)
+    assert info.value.key == f"{section}.{key}" and info.value.value == value
+    assert allowed in info.value.allowed
+
+
+def test_enum_fields_read_as_their_strings():
+    run = parse_config(compose(["data.batch_composition=homogeneous", "balance.scope=global"]))
+    assert run.data.batch_composition == "homogeneous" and f"{run.data.batch_composition}" == "homogeneous"
+    assert run.balance.scope == "global" and json.dumps(run.balance.scope) == '"global"'
+    assert plain(run.balance) == {"name": "load_balance", "coefficient": 1e-2, "scope": "global"}
+    assert type(plain(run.data)["batch_composition"]) is str
 
 
 def test_unknown_group_option_is_rejected_by_hydra_with_the_choices():

@@ -20,14 +20,14 @@ from testbed.errors import ConfigError
 from testbed.losses.base import BALANCE, AuxLoss
 from testbed.losses.load_balance import sequence_load_balance
 from testbed.routing.base import Routing, RoutingContext
-from testbed.scope import SCOPES, all_reduce_sum
+from testbed.scope import Scope, all_reduce_sum
 
 
 @dataclass
 class ExpertBiasConfig:
     name: str = "expert_bias"
     gamma: float = 1e-3  # bias step size (DeepSeek-V3)
-    scope: str = "global"  # sequence | micro_batch | global
+    scope: Scope = Scope("global")  # sequence | micro_batch | global
     sequence_coefficient: float = 0.0  # weight of the complementary sequence-scope load-balance loss
 
 
@@ -114,8 +114,6 @@ class ExpertBiasBalance(AuxLoss):
 
     @classmethod
     def check(cls, config: ExpertBiasConfig, key: str) -> None:
-        if config.scope not in SCOPES:
-            raise ConfigError(f"{key}.scope", config.scope, f"one of {list(SCOPES)}")
         if config.gamma <= 0:
             raise ConfigError(f"{key}.gamma", config.gamma, "a float > 0")
         if config.sequence_coefficient < 0:

@@ -13,17 +13,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from testbed.errors import ConfigError
 from testbed.losses.base import BALANCE, AuxLoss, check_coefficient
 from testbed.routing.base import Routing, RoutingContext, count_per_expert
-from testbed.scope import SCOPES
+from testbed.scope import Scope
 
 
 @dataclass
 class LoadBalanceConfig:
     name: str = "load_balance"
     coefficient: float = 1e-2
-    scope: str = "micro_batch"  # sequence | micro_batch | global
+    scope: Scope = Scope.micro_batch  # sequence | micro_batch | global
 
 
 def load_balance_value(
@@ -103,8 +102,6 @@ class LoadBalanceLoss(AuxLoss):
 
     @classmethod
     def check(cls, config: LoadBalanceConfig, key: str) -> None:
-        if config.scope not in SCOPES:
-            raise ConfigError(f"{key}.scope", config.scope, f"one of {list(SCOPES)}")
         check_coefficient(config, key)
 
 

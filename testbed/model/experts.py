@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from testbed.model.schema import Backend
 from testbed.routing.base import Routing
 
-BACKENDS = ("loop", "grouped")
+BACKENDS = tuple(b.value for b in Backend)
 
 
 def swiglu(gate_and_up: Tensor) -> Tensor:

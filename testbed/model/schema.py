@@ -5,6 +5,14 @@ the model and the model never imports config."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Backend(StrEnum):
+    """How the experts run: `loop` (the readable reference) or `grouped` (one grouped GEMM)."""
+
+    loop = "loop"
+    grouped = "grouped"
 
 
 @dataclass
@@ -12,7 +20,7 @@ class MoEConfig:
     num_experts: int = 16
     expert_hidden: int = 128
     num_shared_experts: int = 0  # always-on dense experts added to every token's output
-    backend: str = "grouped"  # loop (reference) | grouped (grouped_mm)
+    backend: Backend = Backend.grouped  # loop (reference) | grouped (grouped_mm)
     capacity_factor: float | None = (
         None  # token-choice routers: None = dropless, else ceil(cf*K*T/E) per expert
     )

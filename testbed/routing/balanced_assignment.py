@@ -35,14 +35,14 @@ from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, BalancingRouter, RoutingContext
-from testbed.scope import LOCAL_SCOPES
+from testbed.scope import LOCAL_SCOPES, Scope
 
 
 @dataclass
 class BalancedAssignmentConfig:
     name: str = "balanced_assignment"
     top_k: int = 2
-    scope: str = "micro_batch"  # sequence | micro_batch: the group assigned with equal expert capacity
+    scope: Scope = Scope.micro_batch  # sequence | micro_batch: the group assigned with equal expert capacity
     eps: float = 1.0e-4  # final auction epsilon, relative to the score range of the group
     eps_factor: float = 8.0  # epsilon scaling: divided by this per phase
     check_every: int = 8  # rounds between host-side "done?" checks

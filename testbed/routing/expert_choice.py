@@ -18,7 +18,7 @@ from torch import Tensor
 from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, count_per_expert
 from testbed.routing.capacity import expert_capacity
-from testbed.scope import LOCAL_SCOPES
+from testbed.scope import LOCAL_SCOPES, Scope
 
 
 @dataclass
@@ -26,7 +26,7 @@ class ExpertChoiceConfig:
     name: str = "expert_choice"
     top_k: int = 2  # K: average experts per token; only sets the capacity C
     capacity_factor: float = 1.0  # C = ceil(capacity_factor * K * tokens / E), capped at the token count
-    scope: str = "micro_batch"  # micro_batch | sequence (choose within each sequence; C from seq_len)
+    scope: Scope = Scope.micro_batch  # micro_batch | sequence (choose within each sequence; C from seq_len)
 
 
 @ROUTERS.register("expert_choice", ExpertChoiceConfig)

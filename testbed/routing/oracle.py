@@ -5,6 +5,7 @@ of the block by token position with gates 1/K (`uniform`). Needs per-token domai
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 from torch import Tensor
@@ -13,14 +14,19 @@ from testbed.errors import ConfigError
 from testbed.layout import block_layout
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
 
-WITHIN_BLOCK = ("learned", "uniform")
+
+class WithinBlock(StrEnum):
+    """How the oracle picks top_k experts inside the domain's block."""
+
+    learned = "learned"  # top-k of the gate logits in the block
+    uniform = "uniform"  # by token position, no gate (a gate-less router)
 
 
 @dataclass
 class OracleConfig:
     name: str = "oracle"
     top_k: int = 2  # experts per token, all inside the token's domain block; needs top_k <= floor(E / D)
-    within_block: str = "learned"  # learned: top-k of gate logits in the block | uniform: by position
+    within_block: WithinBlock = WithinBlock.learned  # learned: gate top-k in the block | uniform: by position
 
 
 @ROUTERS.register("oracle", OracleConfig)
@@ -81,5 +87,3 @@ class OracleRouter(Router):
                 "(every domain block must hold top_k experts); "
                 "raise model.moe.num_experts or lower router.top_k",
             )
-        if config.within_block not in WITHIN_BLOCK:
-            raise ConfigError(f"{key}.within_block", config.within_block, f"one of {list(WITHIN_BLOCK)}")

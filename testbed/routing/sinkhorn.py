@@ -24,7 +24,7 @@ from testbed.routing.base import (
     RoutingContext,
     count_per_expert,
 )
-from testbed.scope import SCOPES, all_reduce_sum
+from testbed.scope import SCOPES, Scope, all_reduce_sum
 
 
 @dataclass
@@ -32,7 +32,7 @@ class SinkhornConfig:
     name: str = "sinkhorn"
     top_k: int = 2
     iterations: int = 20  # alternating row/column normalizations
-    scope: str = "micro_batch"  # sequence | micro_batch | global
+    scope: Scope = Scope.micro_batch  # sequence | micro_batch | global
     renormalize: bool = False  # gates of the chosen experts sum to 1
     eval_balanced: bool = False  # true: evaluation routes as training does (balanced), not plain top-k
 
@@ -102,7 +102,5 @@ class SinkhornRouter(BalancingRouter):
     @classmethod
     def check(cls, config: SinkhornConfig, run, key: str) -> None:
         super().check(config, run, key)
-        if config.scope not in SCOPES:
-            raise ConfigError(f"{key}.scope", config.scope, f"one of {list(SCOPES)}")
         if config.iterations < 1:
             raise ConfigError(f"{key}.iterations", config.iterations, "an integer >= 1")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -23,10 +22,10 @@ from hydra.errors import HydraException
 from lightning.pytorch import loggers
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from testbed import CONF_DIR
-from testbed.config import RunConfig, check_hardware, parse_config
+from testbed.config import RunConfig, allowed_for, check_hardware, parse_config, plain
 from testbed.data.datamodule import DomainMixDataModule
 from testbed.errors import ConfigError, TestbedError
 from testbed.train.callbacks import SpecializationMetrics
@@ -131,7 +130,7 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
         resume_from = (auto if auto.is_file() else None) if run.resume == "auto" else run.resume
     payload = read_checkpoint(Path(resume_from)) if resume_from else None
     if payload is not None:
-        check_same_run(dataclasses.asdict(run), payload, Path(resume_from))
+        check_same_run(plain(run), payload, Path(resume_from))
     L.seed_everything(run.seed, workers=True, verbose=False)
 
     datamodule = DomainMixDataModule(run.data, seed=run.seed)
@@ -359,6 +358,9 @@ def check_overrides(argv: list[str], conf_dir: str = CONF_DIR) -> None:
             arg = next((a for a in concrete if a.split("=", 1)[0].lstrip("+~") == key), None)
             if not key or arg is None:
                 raise ConfigError("command line", " ".join(concrete), str(err).splitlines()[0]) from None
+            if isinstance(cause, ValidationError):  # a value the typed schema (run_schema) refuses
+                allowed = allowed_for(key) or str(cause).splitlines()[0]
+                raise ConfigError(key, arg.split("=", 1)[1], allowed) from None
             parent = key.rpartition(".")[0]
             base = compose("config", overrides=[a for a in concrete if a is not arg])
             node = OmegaConf.select(base, parent) if parent else base

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from testbed.config import RunConfig
+from testbed.config import RunConfig, plain
 from testbed.losses import AUX_LOSSES, BALANCE, AuxLoss
 from testbed.losses.expert_bias import ExpertBiasTracker
 from testbed.metrics.stats import RoutingStats
@@ -114,7 +113,7 @@ class MoELanguageModel(L.LightningModule):
         super().__init__()
         self.run_config = run
         self.domains = list(domains)
-        self.save_hyperparameters({"run": dataclasses.asdict(run), "domains": self.domains})
+        self.save_hyperparameters({"run": plain(run), "domains": self.domains})
         self.losses = build_losses(run)
         self.loss_coefficients = {loss.name: loss.coefficient for loss in self.losses}
         self.model = MoETransformer(run.model, run.router, self.losses, num_domains=len(domains))

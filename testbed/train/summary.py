@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,6 +10,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from testbed.config import plain
 from testbed.data.datamodule import data_parallel_rank, repetition_epochs
 from testbed.data.loading import SHIPPED_TOKENIZER, resolve_data_path
 from testbed.metrics.per_layer import HEADLINE
@@ -90,13 +90,13 @@ def write_summary(
         "tokenizer": str(resolve_data_path(run.data.tokenizer or SHIPPED_TOKENIZER)),
         "init_from": run.init_from,
         "resolved": {
-            "model": dataclasses.asdict(run.model),
-            "data": dataclasses.asdict(run.data),
-            "optim": dataclasses.asdict(run.optim),
-            "trainer": dataclasses.asdict(run.trainer),
-            "router": dataclasses.asdict(run.router),
-            "balance": dataclasses.asdict(run.balance),
-            "aux_loss": {k: dataclasses.asdict(v) for k, v in run.aux_loss.items()},
+            "model": plain(run.model),
+            "data": plain(run.data),
+            "optim": plain(run.optim),
+            "trainer": plain(run.trainer),
+            "router": plain(run.router),
+            "balance": plain(run.balance),
+            "aux_loss": {k: plain(v) for k, v in run.aux_loss.items()},
         },
     }
     if finished:
