@@ -1,6 +1,9 @@
 """Every router against the routing contract, plus each router's own rule (property and value tests)."""
 
+import dataclasses
 import math
+import typing
+from enum import Enum
 
 import pytest
 import torch
@@ -13,6 +16,7 @@ from testbed.layout import block_layout
 from testbed.model.moe import MoELayer
 from testbed.routing import ROUTERS, RoutingContext
 from testbed.routing.capacity import expert_capacity
+from testbed.scope import SCOPES
 from tests.conftest import compose
 
 D_MODEL = 8
@@ -56,7 +60,35 @@ ROUTER_OPTIONS = {
         "scope": data.draw(st.sampled_from(["sequence", "micro_batch"]), label="scope"),
     },
 }
-ALL = list(ROUTER_OPTIONS)
+
+
+def generic_options(name):
+    """Options for a router without an entry above (a new router is tested from the moment it is
+    registered): top_k drawn, `scope` from the router's own `scopes` (else every scope), other Enum fields
+    from their members, booleans both ways; every other field keeps its default."""
+    router_cls, config_cls = ROUTERS.get(name)
+    hints = typing.get_type_hints(config_cls)
+
+    def draw(data, e, d):
+        options = {}
+        for f in dataclasses.fields(config_cls):
+            kind = hints[f.name]
+            if f.name == "top_k":
+                options["top_k"] = draw_top_k(data, e, d)
+            elif f.name == "scope":
+                scopes = list(getattr(router_cls, "scopes", SCOPES))
+                options["scope"] = data.draw(st.sampled_from(scopes), label="scope")
+            elif isinstance(kind, type) and issubclass(kind, Enum):
+                options[f.name] = data.draw(st.sampled_from([m.value for m in kind]), label=f.name)
+            elif kind is bool:
+                options[f.name] = data.draw(st.booleans(), label=f.name)
+        return options
+
+    return draw
+
+
+ALL = ROUTERS.names()  # every registered router, shipped or new
+OPTIONS = {name: ROUTER_OPTIONS.get(name) or generic_options(name) for name in ALL}
 TOKEN_CHOICE = [name for name in ALL if ROUTERS.get(name)[0].token_choice]
 
 
@@ -70,7 +102,7 @@ def draw_case(data, name, max_experts=10):
     """A router with random options, random inputs and a full context (token ids and domain labels)."""
     num_experts = data.draw(st.integers(1, max_experts), label="E")
     num_domains = data.draw(st.integers(1, num_experts), label="D")
-    options = ROUTER_OPTIONS[name](data, num_experts, num_domains)
+    options = OPTIONS[name](data, num_experts, num_domains)
     batch = data.draw(st.integers(1, 4), label="B")
     seq = data.draw(st.integers(1, 12), label="S")
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 10_000), label="seed"))
@@ -141,9 +173,10 @@ def test_token_choice_gives_k_distinct_experts(name, data):
 
 
 def test_registry_lists_routers():
-    assert set(ALL) == set(ROUTERS.names())  # a new router needs its options strategy above to be tested
-    assert [n for n in ALL if not ROUTERS.get(n)[0].token_choice] == ["expert_choice"]
-    assert {n for n in ALL if ROUTERS.get(n)[0].supports_expert_bias} == {"topk_softmax", "sigmoid"}
+    shipped = list(ROUTER_OPTIONS)
+    assert set(shipped) <= set(ALL)  # no stale entry in ROUTER_OPTIONS
+    assert [n for n in shipped if not ROUTERS.get(n)[0].token_choice] == ["expert_choice"]
+    assert {n for n in shipped if ROUTERS.get(n)[0].supports_expert_bias} == {"topk_softmax", "sigmoid"}
 
 
 @pytest.mark.parametrize("name", ALL)

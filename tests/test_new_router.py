@@ -1,0 +1,94 @@
+"""Adding a router is one .py in testbed/routing/ and one .yaml in conf/router/ (issue 17).
+
+A throwaway router is written into a copy of the package and its configs: the registry finds it,
+`router=<name>` composes and validates (its Enum option is checked, an unknown option refused), and the
+existing router tests (tests/test_routers.py, parametrized over the registry) run it without a line added.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROUTER_PY = '''"""Throwaway router for tests/test_new_router.py: top-k of softmax(z / temperature)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+import torch
+
+from testbed.routing.base import ROUTERS, Router, routing_from_choices
+
+
+class Temperature(StrEnum):
+    cold = "cold"
+    warm = "warm"
+
+
+@dataclass
+class ThrowawayConfig:
+    name: str = "throwaway"
+    top_k: int = 2
+    temperature: Temperature = Temperature.warm
+
+
+@ROUTERS.register("throwaway", ThrowawayConfig)
+class ThrowawayRouter(Router):
+    def forward(self, x, context):
+        logits = self.router_logits(x) / (0.5 if self.config.temperature == "cold" else 2.0)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        chosen = torch.topk(probs, self.config.top_k, dim=-1).indices
+        return routing_from_choices(logits, probs, chosen, probs.gather(-1, chosen).to(x.dtype))
+'''
+
+CHECK_PY = """
+import pytest
+from testbed.config import parse_config
+from testbed.errors import ConfigError
+from testbed.routing import ROUTERS
+from tests.conftest import compose
+
+assert "throwaway" in ROUTERS.names()
+run = parse_config(compose(["router=throwaway", "router.top_k=3", "router.temperature=cold"]))
+assert (run.router.name, run.router.top_k, run.router.temperature) == ("throwaway", 3, "cold")
+with pytest.raises(ConfigError, match="options of router 'throwaway'"):
+    parse_config(compose(["router=throwaway", "+router.nope=1"]))
+with pytest.raises(ConfigError, match="one of \\\\['cold', 'warm'\\\\]"):
+    parse_config(compose(["router=throwaway", "router.temperature=hot"]))
+print("registry and config: ok")
+"""
+
+
+def test_a_new_router_is_one_py_and_one_yaml(tmp_path):
+    copy = tmp_path / "checkout"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for part in ("testbed", "conf", "tests"):
+        shutil.copytree(ROOT / part, copy / part, ignore=ignore)
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    (copy / "testbed" / "routing" / "throwaway.py").write_text(ROUTER_PY)
+    (copy / "conf" / "router" / "throwaway.yaml").write_text("name: throwaway\ntop_k: 2\ntemperature: warm\n")
+    env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, *args], cwd=copy, env=env, capture_output=True, text=True)
+
+    checked = run("-c", CHECK_PY)
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert "registry and config: ok" in checked.stdout
+
+    tests = run(
+        "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_routers.py", "-k", "throwaway", "-rA"
+    )
+    assert tests.returncode == 0, tests.stdout[-3000:] + tests.stderr[-3000:]
+    passed = [line for line in tests.stdout.splitlines() if line.startswith("PASSED") and "throwaway" in line]
+    # the contract test, the top-k test of token-choice routers and the MoE-layer test, at least
+    assert any("test_contract[throwaway]" in line for line in passed), tests.stdout[-3000:]
+    assert any("test_moe_layer_runs_with_router[throwaway]" in line for line in passed)
+    assert len(passed) >= 3
