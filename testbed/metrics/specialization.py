@@ -78,8 +78,10 @@ def purity(domain_expert_counts) -> float:
 
 
 def _entropy(p: np.ndarray) -> float:
+    """-sum p log p, never below 0: a one-domain table's marginal can sum to 1 + 2e-16, whose entropy would
+    otherwise come out as -2e-16 (and nmi's square root of a negative product fail)."""
     nz = p[p > 0]
-    return float(-(nz * np.log(nz)).sum())
+    return max(float(-(nz * np.log(nz)).sum()), 0.0)
 
 
 def mutual_information(domain_expert_counts) -> tuple[float, float, float]:
