@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from hydra.errors import ConfigCompositionException
 
 from testbed.config import MoEConfig, parse_config
 from testbed.errors import ConfigError
@@ -170,7 +171,6 @@ def test_variance_gradient_reaches_the_router():
         ("aux_loss.variance.coefficient=-1", "aux_loss.variance.coefficient"),
         ("aux_loss.variance.target=0", "aux_loss.variance.target"),
         ("aux_loss.z_loss.coefficient=auto", "aux_loss.z_loss.coefficient"),
-        ("finetune.trainable=experts", "finetune.trainable"),
         ("finetune.experts=[1,99]", "finetune.experts"),
         ("finetune.experts=[1]", "finetune.experts"),
     ],
@@ -183,6 +183,13 @@ def test_bad_loss_and_finetune_options(override, key):
         overrides.append("finetune.trainable=routers_and_experts")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         parse_config(compose(overrides))
+
+
+def test_finetune_trainable_is_one_of_its_options_at_composition():
+    with pytest.raises(ConfigCompositionException) as info:
+        compose(["finetune.trainable=experts"])
+    assert "full_key: finetune.trainable" in str(info.value.__cause__)
+    assert "expected one of [all, routers, routers_and_experts]" in str(info.value.__cause__)
 
 
 def test_losses_compose_from_the_command_line_and_calibrate(synth_mix, tmp_path):
