@@ -20,10 +20,11 @@ MAX_COLUMNS = 4
 
 
 def save_figure(fig: Figure, out_path: str | Path) -> Path:
-    """Save `fig` as a PNG at DPI, creating parent directories."""
+    """Save `fig` as a PNG at DPI, creating parent directories; the canvas grows to hold legends placed
+    outside the axes (they were clipped at the right edge)."""
     path = Path(out_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     return path
 
 

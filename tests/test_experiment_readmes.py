@@ -60,7 +60,7 @@ def test_x7_readme_tables_rebuild_from_committed_runs(capsys):
     [
         # the 8,192-token-step rerun: references, EB and LBL (Sinkhorn has one seed there)
         ("scope_8k", ("router=hash", "router=oracle", "balance=expert_bias", "coefficient=0.1"), 8),
-        # the current X1: the same plus dense and Sinkhorn
+        # the current X1: the same plus dense, Sinkhorn, BA and the mixed-batch control (coefficient=0.1)
         (
             "",
             (
@@ -70,8 +70,9 @@ def test_x7_readme_tables_rebuild_from_committed_runs(capsys):
                 "coefficient=0.1",
                 "micro_dense",
                 "router=sinkhorn",
+                "router=balanced_assignment",
             ),
-            12,
+            16,
         ),
     ],
 )

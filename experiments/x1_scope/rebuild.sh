@@ -34,6 +34,9 @@ compare() {  # compare <dir> <metric> <A> <B>
         compare ba $m "router.scope=sequence" "router.scope=micro_batch"
         # the control: mixed micro-batches, where each micro-batch already holds every domain
         compare lbl_mixed $m "balance.scope=micro_batch" "balance.scope=global"
+        # batch composition at equal scope: mixed - homogeneous micro-batches (LBL at 0.1)
+        compare "lbl lbl_mixed" $m "balance.scope=micro_batch;data.batch_composition=" "balance.scope=micro_batch;data.batch_composition=mixed"
+        compare "lbl lbl_mixed" $m "balance.scope=global;data.batch_composition=" "balance.scope=global;data.batch_composition=mixed"
         # method at equal scope: EB - LBL at global scope
         compare "lbl eb" $m "balance.scope=global;balance=;data.batch_composition=" "balance.scope=global;balance=expert_bias"
     done
