@@ -22,3 +22,10 @@ MB="$X1/lbl/s0-1 $X1/lbl/s1-1 $X1/lbl/s2-1"  # X1's LBL at micro-batch scope (sw
     echo "## across scopes (coefficient 0.1; sequence, micro_batch, global)"
     (cd runs && $PY ../correlation.py $X1/lbl)
 } | tee report/correlation.txt
+# across scopes, paired by seed (B - A = global - sequence): the training-time LBL value against balance
+{
+    for m in train/aux/load_balance spec/max_violation/mean spec/utilization/mean spec/lbl_value/mean; do
+        (cd runs && $R $X1/lbl --no-committed-baselines --columns val/loss --compare-metric $m \
+            --compare "balance.scope=sequence" "balance.scope=global" | grep '^compare') || true
+    done
+} | tee report/compare.txt
