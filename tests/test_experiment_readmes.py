@@ -93,3 +93,27 @@ def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, wante
     for row in rows:
         cells = row.split(" | ")
         assert " | ".join(cells[:4] + cells[5:]) in readme_rows, row
+
+
+@pytest.mark.parametrize(
+    ("folder", "dirs", "rows_expected"),
+    [
+        ("x2_capacity", ["runs", "../x1_scope/runs/dense", "../x1_scope/runs/references"], 7),
+        ("x8_lbl_value", ["runs", *(f"../x1_scope/runs/lbl/s{s}-1" for s in range(3)),
+                          "../x1_scope/runs/dense", "../x1_scope/runs/references"], 7),
+    ],
+)  # fmt: skip
+def test_x2_x8_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, dirs, rows_expected):
+    """The regime rows of the X2 and X8 READMEs are testbed-report's rows for their committed runs with X1's
+    references, as rebuild.sh makes them (the READMEs leave out the empty dense-total column)."""
+    base = ROOT / "experiments" / folder
+    paths = [str((base / d).resolve()) for d in dirs]
+    assert report.main([*paths, "--columns", "val/loss", "--no-committed-baselines"]) == 0
+    text = capsys.readouterr().out.split("Regime check")[1]
+    lines = text.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith(("| config", "|---"))]
+    assert len(rows) == rows_expected
+    readme_rows = {line for line in (base / "README.md").read_text().splitlines() if line.startswith("| ")}
+    for row in rows:
+        cells = row.split(" | ")
+        assert " | ".join(cells[:4] + cells[5:]) in readme_rows, row
