@@ -5,8 +5,8 @@ defaults: Hydra composes the YAML of conf/ onto it, so an unknown key, a value o
 outside a fixed option set (the Enum fields) fails at composition, naming the key. `parse_config` then
 turns the composed config into dataclasses (the same checks, for configs that do not come through Hydra:
 checkpoints, tests) and `validate` checks the values that cannot work together: the cross-field checks,
-all here. Router and loss sections are
-validated against the config dataclass of the registered component they name. The model's own sections
+all here. Router and loss sections are validated against the config dataclass of the registered component
+they name. The model's own sections
 (`ModelConfig`, `MoEConfig`) are defined in testbed/model/schema.py, so that the model does not import this
 module; they are importable from here as well.
 """

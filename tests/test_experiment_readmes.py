@@ -77,22 +77,9 @@ def test_x7_readme_tables_rebuild_from_committed_runs(capsys):
     ],
 )
 def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, wanted, rows_expected):
-    """The regime-check rows of an X1 README are testbed-report's rows for the committed runs (the README
-    leaves out the empty dense-total column)."""
+    """The regime-check rows of an X1 README are testbed-report's rows for the committed runs."""
     base = ROOT / "experiments" / "x1_scope" / folder
-    assert report.main([str(base / "runs"), "--columns", "val/loss", "--no-committed-baselines"]) == 0
-    text = capsys.readouterr().out.split("Regime check")[1]
-    readme = (base / "README.md").read_text()
-    rows = [
-        line
-        for line in text.splitlines()
-        if line.startswith("| ") and any(k in line.split(" | ")[0] for k in wanted)
-    ]
-    assert len(rows) == rows_expected
-    readme_rows = {line for line in readme.splitlines() if line.startswith("| ")}
-    for row in rows:
-        cells = row.split(" | ")
-        assert " | ".join(cells[:4] + cells[5:]) in readme_rows, row
+    assert_regime_rows_in_readme(capsys, base, [base / "runs"], rows_expected, wanted)
 
 
 @pytest.mark.parametrize(
@@ -105,13 +92,19 @@ def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, wante
 )  # fmt: skip
 def test_x2_x8_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, dirs, rows_expected):
     """The regime rows of the X2 and X8 READMEs are testbed-report's rows for their committed runs with X1's
-    references, as rebuild.sh makes them (the READMEs leave out the empty dense-total column)."""
+    references, as rebuild.sh makes them."""
     base = ROOT / "experiments" / folder
-    paths = [str((base / d).resolve()) for d in dirs]
-    assert report.main([*paths, "--columns", "val/loss", "--no-committed-baselines"]) == 0
-    text = capsys.readouterr().out.split("Regime check")[1]
-    lines = text.splitlines()
+    assert_regime_rows_in_readme(capsys, base, [(base / d).resolve() for d in dirs], rows_expected)
+
+
+def assert_regime_rows_in_readme(capsys, base, dirs, rows_expected, wanted=None):
+    """testbed-report's regime-check rows for `dirs` (those whose configuration names one of `wanted`, or
+    all) number `rows_expected` and stand in base/README.md, which leaves out the empty dense-total column."""
+    assert report.main([*map(str, dirs), "--columns", "val/loss", "--no-committed-baselines"]) == 0
+    lines = capsys.readouterr().out.split("Regime check")[1].splitlines()
     rows = [line for line in lines if line.startswith("| ") and not line.startswith(("| config", "|---"))]
+    if wanted is not None:
+        rows = [line for line in rows if any(k in line.split(" | ")[0] for k in wanted)]
     assert len(rows) == rows_expected
     readme_rows = {line for line in (base / "README.md").read_text().splitlines() if line.startswith("| ")}
     for row in rows:
