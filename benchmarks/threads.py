@@ -7,7 +7,8 @@ steps and then timed steps, and prints its median step time. Three situations:
   pair    two training processes at once (a sweep or `testbed-experiment --jobs 2` on 2 cores);
   shared  one training process next to a CPU-bound neighbour (one busy single-threaded process).
 Configurations are interleaved over repeats so that drifts in machine load hit them alike.
-    python benchmarks/threads.py --steps 30 --warmup 5 --repeats 3 --overrides "data.cache_dir=.cache/data" --json benchmarks/results/threads.json
+    python benchmarks/threads.py --steps 30 --warmup 5 --repeats 3 --overrides "data.cache_dir=.cache/data" \
+        --json benchmarks/results/threads.json
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ SITUATIONS = ("idle", "pair", "shared")
 
 def worker(threads: int, steps: int, warmup: int, overrides: list[str]) -> None:
     import torch
-
     from step_time import build, timed_step
 
     module, optimizer, batches = build(overrides)
@@ -57,7 +57,8 @@ def launch(threads: int, args) -> subprocess.Popen:
     cmd = [sys.executable, __file__, "--worker", str(threads), "--steps", str(args.steps)]
     cmd += ["--warmup", str(args.warmup), "--overrides", args.overrides]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
 
 
 def measure(situation: str, threads: int, args) -> list[dict]:
@@ -103,7 +104,8 @@ def main() -> None:
                 results = measure(situation, threads, args)
                 tokens = results[0]["tokens_per_step"]
                 samples.setdefault((situation, threads), []).extend(r["step_ms"] for r in results)
-                print(f"{situation:6s} threads={threads}: " + ", ".join(f"{r['step_ms']:.1f} ms" for r in results))
+                times = ", ".join(f"{r['step_ms']:.1f} ms" for r in results)
+                print(f"{situation:6s} threads={threads}: {times}")
     rows = []
     for situation in SITUATIONS:
         base = statistics.median(samples[(situation, thread_counts[0])])
