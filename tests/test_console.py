@@ -74,3 +74,42 @@ def test_train_spec_is_logged_only_where_measured(synth_mix, tmp_path):
     measured = [int(r["step"]) for r in rows if r.get("train/spec/purity/mean")]
     assert measured == [0, 5, 10]  # not repeated at every logging step in between
     assert len([r for r in rows if r.get("train/loss")]) == 6  # Lightning's own step logging is unchanged
+
+
+def test_default_threads_warn_only_on_a_busy_machine(monkeypatch, caplog):
+    """trainer.num_threads=0 keeps torch's default; a CPU run then warns when other processes want the CPU
+    (benchmarks/threads.py: 2.5x slower steps there), and stays quiet on an idle machine or with 1 thread."""
+    import logging
+
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from testbed import CONF_DIR
+    from testbed.config import parse_config
+    from testbed.train import cli
+
+    assert cli.runnable_elsewhere(samples=1, interval=0) is not None  # /proc/loadavg on Linux
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        default = parse_config(compose("config", overrides=["trainer.accelerator=cpu"]))
+        one = parse_config(compose("config", overrides=["trainer.accelerator=cpu", "trainer.num_threads=1"]))
+    before = torch.get_num_threads()
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    try:
+        torch.set_num_threads(2)
+        for busy, warned in [(0, False), (1, True), (None, False)]:
+            monkeypatch.setattr(cli, "runnable_elsewhere", lambda busy=busy: busy)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger=cli.log.name):
+                cli.set_cpu_threads(default)
+            assert ("trainer.num_threads=1" in caplog.text) == warned, (busy, caplog.text)
+            assert torch.get_num_threads() == 2  # the default is left alone
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=cli.log.name):
+            cli.set_cpu_threads(one)  # busy (runnable_elsewhere = None from the loop), explicit setting
+        assert torch.get_num_threads() == 1 and caplog.text == ""
+        monkeypatch.setattr(cli, "runnable_elsewhere", lambda: 3)
+        with caplog.at_level(logging.WARNING, logger=cli.log.name):
+            cli.set_cpu_threads(default)  # torch already on 1 thread: nothing to oversubscribe
+        assert caplog.text == ""
+    finally:
+        torch.set_num_threads(before)

@@ -101,12 +101,50 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, call
     run = parse_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if run.trainer.num_threads > 0:
-        torch.set_num_threads(run.trainer.num_threads)
+    set_cpu_threads(run)
     if not is_launch_rank_zero():  # a DDP rank started by Lightning: rank 0 holds the folder
         return _train(run, run_dir, quiet, callbacks, owner=False)
     with RunLock(run_dir):
         return _train(run, run_dir, quiet, callbacks, owner=True)
+
+
+def runnable_elsewhere(samples: int = 5, interval: float = 0.05) -> int | None:
+    """How many other processes want a CPU right now: the median over a few samples of the kernel's count of
+    runnable tasks (/proc/loadavg, 4th field) minus this process. None where that file does not exist."""
+    counts = []
+    for _ in range(samples):
+        try:
+            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
+        except OSError:
+            return None
+        counts.append(int(running) - 1)
+        time.sleep(interval)
+    return sorted(counts)[len(counts) // 2]
+
+
+def set_cpu_threads(run: RunConfig) -> None:
+    """`trainer.num_threads` > 0 sets torch's CPU threads. 0 keeps torch's default, one per core: on an idle
+    2-core machine the default step took 0.64x the time of one thread, while next to one other busy process
+    it took 2.5x (benchmarks/README.md, "CPU threads"). So a CPU run on the default warns when other processes
+    keep the cores busy as it starts (unless torch is on one thread already, e.g. OMP_NUM_THREADS=1)."""
+    if run.trainer.num_threads > 0:
+        torch.set_num_threads(run.trainer.num_threads)
+        return
+    cores = os.cpu_count() or 1
+    if run.trainer.accelerator not in ("cpu", "auto") or torch.cuda.is_available() or cores < 2:
+        return
+    if torch.get_num_threads() == 1:  # OMP_NUM_THREADS=1 or the like: nothing to oversubscribe
+        return
+    busy = runnable_elsewhere()
+    if busy:
+        log.warning(
+            "%d other process(es) are using the CPU and this run uses torch's default of %d threads: on a "
+            "busy 2-core machine that made each step 2.5x slower than trainer.num_threads=1 "
+            "(benchmarks/README.md). Pass trainer.num_threads=1 (or cores / runs at once) when runs share "
+            "the machine",
+            busy,
+            torch.get_num_threads(),
+        )
 
 
 def ended_run(run: RunConfig, run_dir: Path) -> dict | None:
