@@ -221,3 +221,21 @@ def test_baseline_roots_search_the_sweep_and_the_committed_runs_never_the_checko
     assert baseline_roots(job) == [(tmp_path / "exp").resolve(), CHECKOUT / "experiments"]
     shallow = CHECKOUT / "run"  # its parent's parent contains the checkout: not searched
     assert baseline_roots(shallow) == [CHECKOUT / "experiments"]
+
+
+def test_post_training_gain_columns_and_sweep_conditions(tmp_path):
+    """gain/<key> = init/<key> - <key>; gain_per_mparam/<key> per million trained parameters; `sweep=<name>`
+    picks one sweep of a grid (<out>/<sweep>/<process>/<job>). Path gains 0.2, 0.3, 0.1, random-path gains
+    0.1, 0.1, 0.05: paired difference 0.1, 0.2, 0.05 -> mean 0.1167."""
+    finals = {"path": [4.8, 4.7, 4.9], "random_path": [4.9, 4.9, 4.95]}
+    for sweep, losses in finals.items():
+        for seed, loss in enumerate(losses):
+            summ = {"seed": seed, "init/val/loss/code": 5.0, "val/loss/code": loss, "trainable_params": 50_000}
+            write_run(tmp_path / sweep / f"s{seed}", "0", summ, [f"seed={seed}", "data.domains=[code]"])
+    runs, _ = report.find_runs([tmp_path])
+    path_seed0 = next(r for r in runs if r["sweep"] == "path" and r["summary"]["seed"] == 0)
+    assert math.isclose(report.run_value(path_seed0, "gain/val/loss/code"), 0.2, abs_tol=1e-12)
+    assert math.isclose(report.run_value(path_seed0, "gain_per_mparam/val/loss/code"), 4.0, abs_tol=1e-9)
+    assert math.isnan(report.run_value(path_seed0, "gain/val/loss/fiction"))  # no init value: no gain
+    line = report.compare(runs, "sweep=random_path", "sweep=path", metric="gain/val/loss/code")
+    assert "B (sweep=path) - A (sweep=random_path) = +0.1167 ±" in line and "n = 3 seed pairs" in line

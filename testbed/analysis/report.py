@@ -270,7 +270,17 @@ def _read_cached(path: Path, parse):
 def run_value(run: dict, column: str):
     """summary.json's value; `quiz/<key>` from <run>/quiz/quiz.json (testbed-quiz eval: its top level, else
     its mean over layers); for a logged-only column (train/aux/load_balance, say), the mean of its last
-    LOGGED_WINDOW values in metrics.csv; `analysis/<key>` from testbed-analyze's analysis.json."""
+    LOGGED_WINDOW values in metrics.csv; `analysis/<key>` from testbed-analyze's analysis.json; for a
+    post-training run, `gain/<key>` = init/<key> - <key> (the starting checkpoint's value, measured on the same
+    validation tokens before the first step, minus the final one: > 0 = the loss fell) and
+    `gain_per_mparam/<key>` = that gain per million trained parameters (summary `trainable_params`)."""
+    if column.startswith(("gain/", "gain_per_mparam/")):
+        prefix, _, key = column.partition("/")
+        before, after = _number(run["summary"].get(f"init/{key}")), _number(run["summary"].get(key))
+        gain = before - after
+        if prefix == "gain":
+            return gain
+        return 1e6 * gain / _number(run["summary"].get("trainable_params"))
     if column.startswith("analysis/"):
         return analysis_value(run["dir"], column.removeprefix("analysis/"))
     if column.startswith("quiz/"):
@@ -608,8 +618,10 @@ def curve_table(runs: list[dict], metric: str) -> str:
 
 def matches(run: dict, conditions: str) -> bool:
     """`conditions`: `key=value` pairs joined by ';' (values compared case-insensitively: true == True);
-    `key=` matches runs that do not set the key."""
+    `key=` matches runs that do not set the key; `sweep=<name>` matches the runs of one sweep of a grid."""
     settings = {k: v.lower() for k, v in settings_of(run).items()}
+    if run.get("sweep"):
+        settings["sweep"] = run["sweep"].lower()
     pairs = [c.partition("=") for c in conditions.split(";") if c]
     return all(settings.get(k) == v.lower() if v else k not in settings for k, _, v in pairs)
 
