@@ -230,7 +230,8 @@ def test_post_training_gain_columns_and_sweep_conditions(tmp_path):
     finals = {"path": [4.8, 4.7, 4.9], "random_path": [4.9, 4.9, 4.95]}
     for sweep, losses in finals.items():
         for seed, loss in enumerate(losses):
-            summ = {"seed": seed, "init/val/loss/code": 5.0, "val/loss/code": loss, "trainable_params": 50_000}
+            summ = {"seed": seed, "init/val/loss/code": 5.0, "val/loss/code": loss}
+            summ["trainable_params"] = 50_000
             write_run(tmp_path / sweep / f"s{seed}", "0", summ, [f"seed={seed}", "data.domains=[code]"])
     runs, _ = report.find_runs([tmp_path])
     path_seed0 = next(r for r in runs if r["sweep"] == "path" and r["summary"]["seed"] == 0)

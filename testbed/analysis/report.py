@@ -271,8 +271,8 @@ def run_value(run: dict, column: str):
     """summary.json's value; `quiz/<key>` from <run>/quiz/quiz.json (testbed-quiz eval: its top level, else
     its mean over layers); for a logged-only column (train/aux/load_balance, say), the mean of its last
     LOGGED_WINDOW values in metrics.csv; `analysis/<key>` from testbed-analyze's analysis.json; for a
-    post-training run, `gain/<key>` = init/<key> - <key> (the starting checkpoint's value, measured on the same
-    validation tokens before the first step, minus the final one: > 0 = the loss fell) and
+    post-training run, `gain/<key>` = init/<key> - <key> (the starting checkpoint's value, measured on the
+    same validation tokens before the first step, minus the final one: > 0 = the loss fell) and
     `gain_per_mparam/<key>` = that gain per million trained parameters (summary `trainable_params`)."""
     if column.startswith(("gain/", "gain_per_mparam/")):
         prefix, _, key = column.partition("/")
