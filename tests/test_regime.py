@@ -240,3 +240,19 @@ def test_post_training_gain_columns_and_sweep_conditions(tmp_path):
     assert math.isnan(report.run_value(path_seed0, "gain/val/loss/fiction"))  # no init value: no gain
     line = report.compare(runs, "sweep=random_path", "sweep=path", metric="gain/val/loss/code")
     assert "B (sweep=path) - A (sweep=random_path) = +0.1167 ±" in line and "n = 3 seed pairs" in line
+
+
+def test_compare_metrics_comma_separated(tmp_path, capsys):
+    """--compare-metric a,b: every --compare pair for each metric, metric by metric."""
+    for seed, (a, b) in enumerate([(5.0, 5.1), (5.0, 5.2), (5.0, 5.3)]):
+        write_run(tmp_path, f"a{seed}", summary(seed, a), ["model=m", f"seed={seed}"])
+        write_run(
+            tmp_path, f"b{seed}", summary(seed, b), ["model=m", "router.renormalize=True", f"seed={seed}"]
+        )
+    args = [str(tmp_path), "--no-committed-baselines", "--compare-metric", "val/loss,tokens_seen"]
+    assert report.main([*args, "--compare", "router.renormalize=", "router.renormalize=true"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("compare")]
+    assert len(lines) == 2 and "= +0.2000 ±" in lines[0]
+    assert lines[1].startswith(
+        "compare tokens_seen: B (router.renormalize=true) - A (router.renormalize=) = +0.0000"
+    )

@@ -706,7 +706,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("A", "B"),
         help="paired difference B - A over seeds; A, B: key=value conditions joined by ';' (repeatable)",
     )
-    parser.add_argument("--compare-metric", default="val/loss", help="the summary key --compare uses")
+    parser.add_argument(
+        "--compare-metric", default="val/loss", help="the summary key(s) --compare uses, comma-separated"
+    )
     parser.add_argument(
         "--curve-table", default="", help="metrics.csv columns to tabulate per step (e.g. val/loss)"
     )
@@ -748,8 +750,9 @@ def main(argv: list[str] | None = None) -> int:
     text += regime_table(runs) if runs and not args.per_run else ""
     for metric in split_list(args.curve_table):
         text += curve_table(runs, metric)
-    for a, b in args.compare:
-        text += "\n\n" + compare(runs, a, b, args.compare_metric)
+    for metric in split_list(args.compare_metric):
+        for a, b in args.compare:
+            text += "\n\n" + compare(runs, a, b, metric)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
