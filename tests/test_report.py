@@ -289,3 +289,21 @@ def test_group_stats_and_metrics_csv_on_pandas(tmp_path):
     empty.mkdir()
     (empty / "metrics.csv").write_text("")
     assert report.curve_of(empty, "val/loss") == {} and report.last_layer_values(empty, "purity") == []
+
+
+def test_experts_selected_per_seed_group_within_a_grid_only(tmp_path, capsys):
+    """X6's path runs carry finetune.experts chosen per seed: in a grid (<out>/<sweep>/<proc>/<job>)
+    they are one configuration with n = 3; a hand-made sweep over finetune.experts keeps one row each."""
+    experts = ["{layer0:[0,1]}", "{layer0:[2,3]}", "{layer0:[4,5]}"]
+    for seed, chosen in enumerate(experts):
+        overrides = [f"seed={seed}", f"finetune.experts={chosen}"]
+        fake_run(
+            tmp_path / "grid" / "path" / f"s{seed}" / "0", overrides, {"val/loss": 4.0 + seed, "seed": seed}
+        )
+        fake_run(tmp_path / "sweep" / str(seed), overrides, {"val/loss": 4.0 + seed, "seed": seed})
+    assert main([str(tmp_path / "grid"), "--columns", "val/loss", "--no-committed-baselines"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| n | val/loss") and rows[1] == "| 3 | 5.000 ± 1.000 |"
+    assert main([str(tmp_path / "sweep"), "--columns", "val/loss", "--no-committed-baselines"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| {layer0")]
+    assert len(rows) == 3

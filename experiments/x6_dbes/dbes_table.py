@@ -1,8 +1,8 @@
 """X6, first half: the DBES metrics of every X1-X4 checkpoint (final validation, from summary.json),
 per configuration (mean over seeds), and how each DBES metric ranks configurations compared with nmi.
 
-    python experiments/x6_dbes/dbes_table.py multirun/x1/full multirun/x2/full multirun/x3/full \
-        multirun/x4/full
+    python experiments/x6_dbes/dbes_table.py experiments/x1_scope/runs experiments/x2_capacity/runs \
+        experiments/x4_guo_losses/runs experiments/x8_lbl_value/runs
 
 Prints a Markdown table (one row per configuration group of each experiment; post-training sweeps
 excluded, since they are evaluated on one domain) and the Spearman correlation of each DBES metric
@@ -28,11 +28,19 @@ DBES = (
 REFERENCE = ("nmi", "purity")
 
 
+POST_TRAINING = ("path", "random_path", "all_experts", "full")
+
+
+def is_post_training(sweep: str) -> bool:
+    """X4's posttrain* and X6's post-training sweeps: evaluated on one domain, so left out."""
+    return sweep.startswith("posttrain") or sweep in POST_TRAINING
+
+
 def main(roots: list[Path]) -> None:
     rows = []
     for root in roots:
         runs, _ = find_runs([root])
-        runs = [r for r in runs if r.get("sweep") not in ("posttrain", "path", "full")]
+        runs = [r for r in runs if not is_post_training(r.get("sweep", ""))]
         _, groups = group_runs(runs)
         for group in groups:
             values = {

@@ -51,6 +51,10 @@ DEFAULT_CURVES = ("val/loss", "train/spec/purity/mean")
 LOGGED_WINDOW = 5
 GROUP_IGNORED = ("seed", "init_from")
 """Override keys that do not define a configuration: runs differing only here are seeds of one group."""
+SELECTED_PER_SEED = ("finetune.experts",)
+"""Set per seed by an experiment's `select_experts` rule (X6's expert path; the sweep names the rule): within
+an experiment grid's sweeps, runs differing only here are seeds of one group. Elsewhere (a hand-made sweep
+over finetune.experts) they are separate configurations."""
 
 
 def find_runs(roots: list[Path]) -> tuple[list[dict], list[Path]]:
@@ -224,7 +228,8 @@ def varying_overrides(runs: list[dict], ignore: tuple[str, ...] = ()) -> list[st
 def group_runs(runs: list[dict]) -> tuple[list[str], list[dict]]:
     """Runs grouped by swept settings minus GROUP_IGNORED: (keys, [{settings, runs}]), first-seen order.
     Runs from several sweeps (the first folder below a report root) also group by sweep."""
-    keys = varying_overrides(runs, ignore=GROUP_IGNORED)
+    in_grid = bool(runs) and all(run.get("sweep") for run in runs)
+    keys = varying_overrides(runs, ignore=GROUP_IGNORED + (SELECTED_PER_SEED if in_grid else ()))
     if len({run.get("sweep", "") for run in runs}) > 1:
         keys = ["sweep", *keys]
     groups: dict[tuple, dict] = {}
