@@ -256,3 +256,4 @@ def test_compare_metrics_comma_separated(tmp_path, capsys):
     assert lines[1].startswith(
         "compare tokens_seen: B (router.renormalize=true) - A (router.renormalize=) = +0.0000"
     )
+    assert "p = 1;" in lines[1]  # equal in every seed: no evidence of an effect (not p = 0)

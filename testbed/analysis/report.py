@@ -671,7 +671,10 @@ def compare(runs: list[dict], a: str, b: str, metric: str = "val/loss") -> str:
     line = f"compare {metric}: B ({b}) - A ({a}) = {mean:+.4f}"
     if n < 2:
         return line + f" (n = {n} seed pair: no interval)"
-    p = float(stats.ttest_rel([y for _, y in pairs], [x for x, _ in pairs]).pvalue) if half > 0 else 0.0
+    if half > 0:
+        p = float(stats.ttest_rel([y for _, y in pairs], [x for x, _ in pairs]).pvalue)
+    else:  # every pair differs by the same amount: certain if that is not 0, no evidence if it is
+        p = 0.0 if mean != 0 else 1.0
     verdict = "excludes 0" if abs(mean) > half else "includes 0"
     line += f" ± {half:.4f} (95% CI over n = {n} seed pairs; paired t p = {p:.3g}; the interval {verdict})"
     smallest = detectable_effect(float(np.std(diffs, ddof=1)), n)
