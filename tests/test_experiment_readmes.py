@@ -88,10 +88,12 @@ def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, wante
         ("x2_capacity", ["runs", "../x1_scope/runs/dense", "../x1_scope/runs/references"], 7),
         ("x8_lbl_value", ["runs", *(f"../x1_scope/runs/lbl/s{s}-1" for s in range(3)),
                           "../x1_scope/runs/dense", "../x1_scope/runs/references"], 7),
+        ("x4_guo_losses", ["runs/pretrain", "runs/variance_weight", "../x1_scope/runs/dense",
+                           "../x1_scope/runs/references"], 9),
     ],
 )  # fmt: skip
-def test_x2_x8_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, dirs, rows_expected):
-    """The regime rows of the X2 and X8 READMEs are testbed-report's rows for their committed runs with X1's
+def test_x2_x4_x8_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, dirs, rows_expected):
+    """The regime rows of the X2, X4 and X8 READMEs are testbed-report's rows for their committed runs with X1's
     references, as rebuild.sh makes them."""
     base = ROOT / "experiments" / folder
     assert_regime_rows_in_readme(capsys, base, [(base / d).resolve() for d in dirs], rows_expected)

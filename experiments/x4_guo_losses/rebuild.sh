@@ -9,6 +9,7 @@ R="$(pwd)/../../.venv/bin/testbed-report"
 X1=../../x1_scope/runs
 DOMAINS="code fiction drama formal_math biomedical legal speeches spanish"
 SPEC=spec/utilization/mean,spec/max_violation/mean,spec/routing_variance/mean,spec/expert_overlap/mean,spec/purity/mean,spec/nmi/mean
+POST=spec/utilization/mean,spec/max_violation/mean,spec/routing_variance/mean,spec/expert_overlap/mean  # one domain: purity 1, nmi 0
 PER_DOMAIN=$(for d in $DOMAINS; do printf 'val/loss/%s,' "$d"; done)
 mkdir -p report
 # pretraining (4 loss sets, 2 variance weights) with the references: every domain's loss and the routing
@@ -18,8 +19,9 @@ mkdir -p report
     --curves train/spec/routing_variance/mean,train/spec/expert_overlap/mean --curve-x tokens)
 # post-training on code: the starting and final code loss, the gain, and the routing on code
 (cd runs && $R posttrain posttrain_variance_weight --no-committed-baselines --out ../report/posttrain.md \
-    --columns init/val/loss/code,val/loss/code,gain/val/loss/code,$SPEC)
-# paired differences over seeds, B - A, against LBL + z-loss only (with the smallest effect each detects)
+    --columns init/val/loss/code,val/loss/code,gain/val/loss/code,$POST)
+# paired differences over seeds, B - A, against LBL + z-loss only (with the smallest effect each detects);
+# the root is runs/ itself so that each run knows its sweep
 BASE="sweep=pretrain;aux_loss=[z_loss]"
 ARMS=("sweep=pretrain;aux_loss=[z_loss,orthogonality]" "sweep=pretrain;aux_loss=[z_loss,variance]"
       "sweep=pretrain;aux_loss=[z_loss,orthogonality,variance]"
@@ -27,13 +29,13 @@ ARMS=("sweep=pretrain;aux_loss=[z_loss,orthogonality]" "sweep=pretrain;aux_loss=
 {
     args=()
     for arm in "${ARMS[@]}"; do args+=(--compare "$BASE" "$arm"); done
-    (cd runs && $R pretrain variance_weight --no-committed-baselines --columns val/loss \
+    (cd runs && $R . --no-committed-baselines --columns val/loss \
         --compare-metric "val/loss,${PER_DOMAIN}$SPEC" "${args[@]}" | grep '^compare')
     args=()
     for arm in "${ARMS[@]}"; do
         arm=${arm/sweep=pretrain/sweep=posttrain}
         args+=(--compare "sweep=posttrain;aux_loss=[z_loss]" "${arm/sweep=variance_weight/sweep=posttrain_variance_weight}")
     done
-    (cd runs && $R posttrain posttrain_variance_weight --no-committed-baselines --columns val/loss \
-        --compare-metric gain/val/loss/code,val/loss/code,$SPEC "${args[@]}" | grep '^compare')
+    (cd runs && $R . --no-committed-baselines --columns val/loss \
+        --compare-metric gain/val/loss/code,val/loss/code,$POST "${args[@]}" | grep '^compare')
 } | tee report/compare.txt
