@@ -47,7 +47,8 @@ def main(roots: list[Path]) -> None:
                 m: aggregate([run_value(r, f"spec/{m}/mean") for r in group["runs"]])[0]
                 for m in DBES + REFERENCE
             }
-            rows.append((root.parent.name, group_label(group), len(group["runs"]), values))
+            label = group_label(group) if len(groups) > 1 else "(its one configuration)"
+            rows.append((root.resolve().parent.name, label, len(group["runs"]), values))
     print("| exp | configuration | n | " + " | ".join(DBES + REFERENCE) + " |")
     print("|---|---|---|" + "---|" * (len(DBES) + len(REFERENCE)))
     for exp, label, n, values in rows:

@@ -13,16 +13,16 @@ mkdir -p report
 # the pretrained models with the regime check (dense of equal active parameters and hash, same scale)
 (cd runs && $R pretrain $REGIME/micro_hash $REGIME/micro --no-committed-baselines \
     --columns val/loss,val/loss/code,spec/utilization/mean,spec/purity/mean,spec/nmi/mean,$DBES \
-    --out ../report/pretrain.md)
+    --out ../report/pretrain.md --plots --layer-metrics routing_specialization,domain_isolation,purity --curves "")
 # post-training on code: the expert path, a random path of the same size, every expert, the whole model
-(cd runs && $R path random_path all_experts full --no-committed-baselines --out ../report/posttrain.md \
-    --columns init/val/loss/code,val/loss/code,gain/val/loss/code,trainable_params,gain_per_mparam/val/loss/code \
-    --plots --curves val/loss --layer-metrics routing_specialization,domain_isolation)
+# (root runs/ itself, so that each run knows its sweep; the pretrain row is the starting point)
+(cd runs && $R . --no-committed-baselines --out ../report/posttrain.md \
+    --columns init/val/loss/code,val/loss/code,gain/val/loss/code,trainable_params,gain_per_mparam/val/loss/code)
 # paired over seeds (B - A), each post-training against the expert path
 {
     args=()
     for other in random_path all_experts full; do args+=(--compare sweep=path "sweep=$other"); done
-    (cd runs && $R path random_path all_experts full --no-committed-baselines --columns val/loss \
+    (cd runs && $R . --no-committed-baselines --columns val/loss \
         --compare-metric gain/val/loss/code,gain_per_mparam/val/loss/code "${args[@]}" | grep '^compare')
 } | tee report/compare.txt
 # the DBES metrics of every pretraining configuration of the committed runs at the scope scale and here

@@ -49,7 +49,7 @@ DEFAULT_COLUMNS = (
 DEFAULT_LAYER_METRICS = ("purity", "nmi", "gate_entropy", "utilization")
 DEFAULT_CURVES = ("val/loss", "train/spec/purity/mean")
 LOGGED_WINDOW = 5
-GROUP_IGNORED = ("seed", "init_from")
+GROUP_IGNORED = ("seed", "init_from", "resume")
 """Override keys that do not define a configuration: runs differing only here are seeds of one group."""
 SELECTED_PER_SEED = ("finetune.experts",)
 """Set per seed by an experiment's `select_experts` rule (X6's expert path; the sweep names the rule): within
