@@ -91,11 +91,12 @@ def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, wante
         ("x4_guo_losses", ["runs/pretrain", "runs/variance_weight", "../x1_scope/runs/dense",
                            "../x1_scope/runs/references"], 9),
         ("x6_dbes", ["runs/pretrain", "../regime/runs/micro", "../regime/runs/micro_hash"], 5),
+        ("x3_router_types", ["runs", "../regime/runs/micro", "../regime/runs/micro_renorm"], 8),
     ],
 )  # fmt: skip
-def test_x2_x4_x6_x8_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, dirs, rows_expected):
-    """The regime rows of the X2, X4, X6 and X8 READMEs are testbed-report's rows for their committed runs
-    with the references (X1's; the regime experiment's for X6), as rebuild.sh makes them."""
+def test_x2_to_x8_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, dirs, rows_expected):
+    """The regime rows of the X2, X3, X4, X6 and X8 READMEs are testbed-report's rows for their committed runs
+    with the references (X1's; the regime experiment's for X3 and X6), as rebuild.sh makes them."""
     base = ROOT / "experiments" / folder
     assert_regime_rows_in_readme(capsys, base, [(base / d).resolve() for d in dirs], rows_expected)
 
