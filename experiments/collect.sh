@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Copy the finished runs of a grid (testbed-experiment <name> --jobs 2 --out GRID) into an experiment's
 # runs/ folder: summary.json, metrics.csv, .hydra/{config,overrides}.yaml, and testbed-analyze's
-# analysis.json, scored on the run's own validation set from its last checkpoint:
+# analysis.json, scored on the run's own validation set from its last checkpoint, and testbed-quiz eval's
+# quiz.json and quiz.md where a quiz was evaluated:
 # - Sinkhorn and BA (every seed): with their training-time balanced routing (router.eval_balanced=true),
 #   the reports' "analysis/" columns (their summary.json holds the plain top-k evaluation);
 # - every other MoE configuration (seed 0): as trained, for the p(expert | domain) heatmaps.
@@ -28,6 +29,9 @@ find "$SRC" -name summary.json | sort | while read -r summary; do
     mkdir -p "$dest/.hydra"
     cp "$run/summary.json" "$run/metrics.csv" "$dest/"
     cp "$run/.hydra/config.yaml" "$run/.hydra/overrides.yaml" "$dest/.hydra/"
+    if [ -f "$run/quiz/quiz.json" ]; then  # testbed-quiz eval's results (X5): the reports' "quiz/" columns
+        mkdir -p "$dest/quiz" && cp "$run/quiz/quiz.json" "$run/quiz/quiz.md" "$dest/quiz/"
+    fi
     if [ -f "$run/analysis/analysis.json" ]; then
         mkdir -p "$dest/analysis" && cp "$run/analysis/analysis.json" "$dest/analysis/"
     fi
