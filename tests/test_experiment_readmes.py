@@ -92,11 +92,13 @@ def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, wante
                            "../x1_scope/runs/references"], 9),
         ("x6_dbes", ["runs/pretrain", "../regime/runs/micro", "../regime/runs/micro_hash"], 5),
         ("x3_router_types", ["runs", "../regime/runs/micro", "../regime/runs/micro_renorm"], 8),
+        ("x5_quiz", ["runs", *(f"../regime/runs/micro/s{s}-{i}" for s in range(3) for i in (0, 2)),
+                     "../regime/runs/micro_hash"], 6),
     ],
 )  # fmt: skip
 def test_x2_to_x8_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, dirs, rows_expected):
-    """The regime rows of the X2, X3, X4, X6 and X8 READMEs are testbed-report's rows for their committed runs
-    with the references (X1's; the regime experiment's for X3 and X6), as rebuild.sh makes them."""
+    """The regime rows of the X2-X6 and X8 READMEs are testbed-report's rows for their committed runs
+    with the references (X1's; the regime experiment's for X3, X5 and X6), as rebuild.sh makes them."""
     base = ROOT / "experiments" / folder
     assert_regime_rows_in_readme(capsys, base, [(base / d).resolve() for d in dirs], rows_expected)
 
