@@ -262,6 +262,33 @@ def test_heatmap_panels_show_each_configuration_lowest_seed(tmp_path, monkeypatc
     assert seen["domains"] == ["a", "b"] and seen["title"] == "p(expert | domain), MoE layer1"
 
 
+def test_heatmap_panels_split_by_number_of_experts(tmp_path, monkeypatch):
+    """Models with 2 and 3 experts (X5: 16 and 64) cannot share one panel array: one figure each."""
+    from testbed.analysis import report
+
+    for i, (router, table) in enumerate([("a", [[1, 0], [0, 1]]), ("b", [[1, 0, 0], [0, 1, 1]])]):
+        run = tmp_path / "sweep" / f"p{i}" / "0"
+        fake_run(run, [f"router={router}", "seed=0"], {"status": "finished", "seed": 0, "val/loss": 4.0})
+        (run / "analysis").mkdir()
+        analysis = {"domains": ["x", "y"], "counts": {"layer0": table}}
+        (run / "analysis" / "analysis.json").write_text(json.dumps(analysis))
+    seen = {}
+    monkeypatch.setattr(
+        report,
+        "domain_expert_heatmaps",
+        lambda counts, d, names, out_path=None, title=None: seen.update(
+            {out_path.name: (len(counts[0][0]), names)}
+        ),
+    )
+    runs, _ = report.find_runs([tmp_path / "sweep"])
+    paths = report.heatmap_panels(runs, tmp_path)
+    assert paths == [tmp_path / "heatmaps.png", tmp_path / "heatmaps_3_experts.png"]
+    assert seen == {
+        "heatmaps.png": (2, ["router=a (seed 0)"]),
+        "heatmaps_3_experts.png": (3, ["router=b (seed 0)"]),
+    }
+
+
 def test_group_stats_and_metrics_csv_on_pandas(tmp_path):
     """Mean, sample std (0 for one value) and n per group, non-finite values left out; metrics.csv read with
     empty cells as missing, an empty file as no rows."""

@@ -12,8 +12,8 @@ DENSE="$REGIME/micro/s0-0 $REGIME/micro/s1-0 $REGIME/micro/s2-0 $REGIME/micro/s0
 QUIZ=quiz/accuracy,quiz/accuracy_norm,quiz/dead_experts,quiz/gate_entropy,quiz/expert_accuracy_spread,quiz/expert_accuracy_range
 mkdir -p report
 (cd runs && $R . $DENSE $REGIME/micro_hash --no-committed-baselines \
-    --columns val/loss,spec/utilization/mean,spec/gate_entropy/mean,$QUIZ --out ../report/report.md)
-# no --plots yet: the heatmap panels cannot mix 16- and 64-expert models (a known gap of testbed-report)
+    --columns val/loss,spec/utilization/mean,spec/gate_entropy/mean,$QUIZ --out ../report/report.md --plots \
+    --layer-metrics quiz/gate_entropy,quiz/dead_experts,quiz/expert_accuracy_spread,gate_entropy --curves "")
 # per checkpoint: one row per run
 (cd runs && $R . --no-committed-baselines --per-run --columns quiz/accuracy,quiz/dead_experts,quiz/gate_entropy,quiz/expert_accuracy_spread \
     --out ../report/per_run.md > /dev/null)

@@ -511,7 +511,8 @@ def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
 
 def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Path]:
     """p(expert | domain) of one MoE layer, one panel per configuration (its lowest seed's run that has a
-    testbed-analyze analysis.json with routing counts), oracle blocks outlined: heatmaps.png."""
+    testbed-analyze analysis.json with routing counts), oracle blocks outlined: heatmaps.png, and
+    heatmaps_<E>_experts.png for configurations with another number of experts."""
     _, groups = group_runs(runs)
     counts, labels, domains, layer_name = [], [], None, None
     for group in groups:
@@ -532,13 +533,23 @@ def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Pat
         # the analysis's own overrides (e.g. router.eval_balanced=true: scored with balanced routing)
         scored = "".join(f"; {o.rpartition('.')[2]}" for o in analysis.get("overrides", []))
         labels.append(f"{settings_label(group)} (seed {seed}{scored})")
-    if not counts:
-        return []
-    path = out_dir / "heatmaps.png"
-    domain_expert_heatmaps(
-        np.array(counts), domains, labels, out_path=path, title=f"p(expert | domain), MoE {layer_name}"
-    )
-    return [path]
+    # one figure per number of experts (X5 mixes 16- and 64-expert models): heatmaps.png for the first
+    # configuration's, heatmaps_<E>_experts.png for each other
+    by_width: dict[int, list[int]] = {}
+    for i, table in enumerate(counts):
+        by_width.setdefault(len(table[0]), []).append(i)
+    paths = []
+    for n, (experts, members) in enumerate(by_width.items()):
+        path = out_dir / ("heatmaps.png" if n == 0 else f"heatmaps_{experts}_experts.png")
+        domain_expert_heatmaps(
+            np.array([counts[i] for i in members]),
+            domains,
+            [labels[i] for i in members],
+            out_path=path,
+            title=f"p(expert | domain), MoE {layer_name}",
+        )
+        paths.append(path)
+    return paths
 
 
 def curve_of(run_dir: Path, metric: str) -> dict[int, float]:
