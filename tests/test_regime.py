@@ -238,6 +238,8 @@ def test_post_training_gain_columns_and_sweep_conditions(tmp_path):
     assert math.isclose(report.run_value(path_seed0, "gain/val/loss/code"), 0.2, abs_tol=1e-12)
     assert math.isclose(report.run_value(path_seed0, "gain_per_mparam/val/loss/code"), 4.0, abs_tol=1e-9)
     assert math.isnan(report.run_value(path_seed0, "gain/val/loss/fiction"))  # no init value: no gain
+    path_seed0["summary"]["trainable_params"] = 0  # nothing trained: no per-parameter gain, not a crash
+    assert math.isnan(report.run_value(path_seed0, "gain_per_mparam/val/loss/code"))
     line = report.compare(runs, "sweep=random_path", "sweep=path", metric="gain/val/loss/code")
     assert "B (sweep=path) - A (sweep=random_path) = +0.1167 ±" in line and "n = 3 seed pairs" in line
 

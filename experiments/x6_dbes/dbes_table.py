@@ -15,7 +15,7 @@ from pathlib import Path
 
 from scipy.stats import spearmanr
 
-from testbed.analysis.report import aggregate, find_runs, group_label, group_runs, run_value
+from testbed.analysis.report import aggregate, find_runs, group_label, group_runs, run_value, settings_of
 
 DBES = (
     "routing_specialization",
@@ -28,19 +28,12 @@ DBES = (
 REFERENCE = ("nmi", "purity")
 
 
-POST_TRAINING = ("path", "random_path", "all_experts", "full")
-
-
-def is_post_training(sweep: str) -> bool:
-    """X4's posttrain* and X6's post-training sweeps: evaluated on one domain, so left out."""
-    return sweep.startswith("posttrain") or sweep in POST_TRAINING
-
-
 def main(roots: list[Path]) -> None:
     rows = []
     for root in roots:
         runs, _ = find_runs([root])
-        runs = [r for r in runs if not is_post_training(r.get("sweep", ""))]
+        # post-training runs (they start from a checkpoint: init_from) are evaluated on one domain: left out
+        runs = [r for r in runs if "init_from" not in settings_of(r)]
         _, groups = group_runs(runs)
         for group in groups:
             values = {

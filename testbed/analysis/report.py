@@ -285,7 +285,8 @@ def run_value(run: dict, column: str):
         gain = before - after
         if prefix == "gain":
             return gain
-        return 1e6 * gain / _number(run["summary"].get("trainable_params"))
+        params = _number(run["summary"].get("trainable_params"))
+        return 1e6 * gain / params if params > 0 else math.nan
     if column.startswith("analysis/"):
         return analysis_value(run["dir"], column.removeprefix("analysis/"))
     if column.startswith("quiz/"):
