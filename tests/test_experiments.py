@@ -87,7 +87,7 @@ def test_every_shipped_experiment_grid_composes():
         sizes["x1"] == 1 + 2 + 3 * 3 + 2 + 2
     )  # dense, oracle + hash, {LBL, EB, SH} x 3 scopes, BA x 2, mixed
     assert sizes["x2"] == 4 and sizes["x3"] == 7 and sizes["x8"] == 3
-    assert sizes["x4"] == 4 + 2 + 4 + 2 and sizes["x5"] == 3 and sizes["x6"] == 5
+    assert sizes["x4"] == 4 + 2 + 4 + 2 and sizes["x5"] == 4 and sizes["x6"] == 5
     broken = ex.Experiment(
         "x3", ex.EXPERIMENT_DIR / "x3.yaml", [0], [ex.Sweep("s", {"router.top_k": [0]})], [], {}, {}
     )
