@@ -281,3 +281,15 @@ def test_sweeps_option_runs_only_the_named_sweeps(tmp_path, capsys):
     assert ex.main(["x1", "--sweeps", "sinkhorn,nope", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "no sweep 'nope'" in err and "'lbl_mixed'" in err
+
+
+def test_sweeps_option_runs_only_the_commands_of_the_named_sweeps():
+    """X5 with `--sweeps oracle`: the quiz is built once and only the oracle runs are evaluated."""
+    experiment = ex.load_experiment("x5")
+    oracle = [sweep for sweep in experiment.sweeps if sweep.name == "oracle"]
+    commands = ex.commands_for(experiment.commands, oracle)
+    assert [c.get("once", c.get("each_run_of")) for c in commands] == [
+        experiment.commands[0]["once"],
+        "oracle",
+    ]
+    assert ex.commands_for(experiment.commands, experiment.sweeps) == experiment.commands

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from testbed.experiment.cli import (
     GPU_THREADS_CAP,
+    commands_for,
     fill,
     main,
     run_command,
@@ -81,6 +82,7 @@ __all__ = [
     "available",
     "check_data_paths",
     "check_grid",
+    "commands_for",
     "expert_path_override",
     "fill",
     "grid_points",

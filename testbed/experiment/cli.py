@@ -86,6 +86,14 @@ def run_command(argv: list[str], log) -> int:
     return subprocess.run(argv, check=False).returncode
 
 
+def commands_for(commands: list[dict], sweeps: list) -> list[dict]:
+    """The grid's commands that concern the sweeps being run: every `once` command, and the `each_run_of`
+    commands of those sweeps only (so `--sweeps oracle` adds one sweep to a finished grid without
+    re-evaluating the others' runs)."""
+    names = {sweep.name for sweep in sweeps}
+    return [command for command in commands if "once" in command or command["each_run_of"] in names]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="testbed-experiment", description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     commands = experiment.smoke.get("commands", experiment.commands) if args.smoke else experiment.commands
-    for command in commands:
+    for command in commands_for(commands, experiment.sweeps):
         if "once" in command:
             failures += run_command(fill(command["once"], out=out, conf=CONF_DIR), log) != 0
             continue
