@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -133,6 +134,12 @@ METHOD_MARKERS = {
     "none": "P",
 }
 SCOPE_COLOURS = {"sequence": "tab:blue", "micro_batch": "tab:orange", "global": "tab:green", "": "black"}
+# colours for configurations that share a method, a scope and a batch composition (X3's two top-k variants,
+# X4's loss sets): distinct hues, none of them a scope's colour
+VARIANT_COLOURS = [
+    *("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"),
+    *(matplotlib.colormaps["Dark2"].colors),
+]
 AXIS_LABELS = {
     "utilization": "utilization (1 = perfect balance)",
     "purity": "purity (1 = every expert serves one domain)",
@@ -188,8 +195,8 @@ def frontier_scatter(
     (`hollow`). Error bars: `xerr`/`yerr`. Two legends: methods (grey) and scopes (colours)."""
     fig = Figure(figsize=(6.0, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    for p in points:
-        colour = SCOPE_COLOURS.get(p.get("scope", ""), "tab:gray")
+    colours, variants, variant_title = _variant_colours(points)
+    for p, colour in zip(points, colours, strict=True):
         marker = METHOD_MARKERS.get(p.get("method", "none"), "P")
         px, py = float(p[x]), float(p[y])
         if p.get("xerr") or p.get("yerr"):
@@ -201,7 +208,7 @@ def frontier_scatter(
             [px], [py], marker=marker, s=size, facecolors=face, edgecolors=colour, linewidths=1.2, zorder=3
         )
     methods = list(dict.fromkeys(p.get("method", "none") for p in points))
-    scopes = [s for s in SCOPE_COLOURS if s and any(p.get("scope") == s for p in points)]
+    scopes = [s for s in SCOPE_COLOURS if s and SCOPE_COLOURS[s] in colours]  # the scope colours drawn
     handles = [
         Line2D([], [], ls="", marker=METHOD_MARKERS.get(m, "P"), color="dimgray", label=m) for m in methods
     ]
@@ -209,13 +216,46 @@ def frontier_scatter(
         handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="dimgray", label="mixed batches"))
     first = ax.legend(handles=handles, title="method", fontsize=7, title_fontsize=7, loc="upper left",
                       bbox_to_anchor=(1.01, 1.0))  # fmt: skip
-    ax.add_artist(first)
-    if scopes:
+    if scopes:  # a second legend replaces the axes' legend: keep the first as an artist
+        ax.add_artist(first)
         scope_handles = [Line2D([], [], ls="", marker="s", color=SCOPE_COLOURS[s], label=s) for s in scopes]
         ax.legend(handles=scope_handles, title="scope", fontsize=7, title_fontsize=7, loc="lower left",
                   bbox_to_anchor=(1.01, 0.0))  # fmt: skip
+    if variants:
+        fig.legend(handles=variants, title=variant_title, fontsize=7, title_fontsize=7,
+                   loc="outside lower center", ncols=2)  # fmt: skip
     _style(ax, AXIS_LABELS.get(x, x), AXIS_LABELS.get(y, y), title, legend=False)
     return _finish(fig, out_path)
+
+
+def _variant_colours(points: Sequence[Mapping]) -> tuple[list, list[Line2D], str]:
+    """Each point's colour: its scope's colour, or, where several points share a method, a scope and a batch
+    composition, a colour of their own each (VARIANT_COLOURS), with legend handles naming the settings that
+    tell them apart (the words of their `label`s not common to all of them; prefixed by method and scope
+    when several such sets exist, else named in the legend title that is returned)."""
+    key = [(p.get("method", "none"), p.get("scope", ""), bool(p.get("hollow"))) for p in points]
+    colours: list = [SCOPE_COLOURS.get(p.get("scope", ""), "tab:gray") for p in points]
+    clashes = [k for k in dict.fromkeys(key) if key.count(k) > 1]
+    handles, palette = [], iter(VARIANT_COLOURS * (1 + len(points) // len(VARIANT_COLOURS)))
+    for k in clashes:
+        members = [i for i, other in enumerate(key) if other == k]
+        words = [str(points[i].get("label", "")).split() for i in members]
+        common = set.intersection(*(set(w) for w in words))
+        prefix = f"{k[0]} {k[1] or 'no'} scope: " if len(clashes) > 1 else ""
+        for i, w in zip(members, words, strict=True):
+            colours[i] = next(palette)
+            name = " ".join(word for word in w if word not in common) or points[i].get("label") or f"#{i}"
+            face = "none" if k[2] else colours[i]
+            marker = METHOD_MARKERS.get(k[0], "P")
+            handles.append(
+                Line2D([], [], ls="", marker=marker, mfc=face, color=colours[i], label=prefix + name)
+            )
+    if len(clashes) == 1:
+        method, scope, hollow = clashes[0]
+        title = f"{method}, {f'{scope} scope' if scope else 'no scope'}{', mixed batches' if hollow else ''}"
+    else:
+        title = "same method and scope"
+    return colours, handles, title
 
 
 def _style(ax, xlabel: str, ylabel: str, title: str | None, legend: bool) -> None:

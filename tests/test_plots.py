@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import matplotlib
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
@@ -115,6 +116,49 @@ def test_frontier_marker_per_method_colour_per_scope(tmp_path):
     titles = {leg.get_title().get_text() for leg in legends if leg is not None}
     assert titles == {"method", "scope"}
     assert ax.get_xlabel() == "utilization (1 = perfect balance)"
+    assert not fig.legends  # every point has its own (method, scope, composition): no variant legend
+
+
+def test_frontier_distinguishes_configurations_of_one_method_and_scope(tmp_path):
+    """X3's top-k with and without renormalization (both LBL at micro-batch scope) and a third LBL run: a
+    colour of its own each (not a scope's colour), and a legend naming what differs (renormalize=...)."""
+    points = [
+        {"label": "topk_softmax load_balance", "method": "LBL", "scope": "micro_batch", "utilization": 0.89,
+         "purity": 0.37},
+        {"label": "topk_softmax load_balance renormalize=true", "method": "LBL", "scope": "micro_batch",
+         "utilization": 0.88, "purity": 0.34},
+        {"label": "topk_softmax load_balance w=10", "method": "LBL", "scope": "micro_batch",
+         "utilization": 0.5, "purity": 0.2},
+        {"label": "sigmoid expert_bias", "method": "EB", "scope": "micro_batch", "utilization": 0.98,
+         "purity": 0.34},
+        {"label": "oracle none", "method": "oracle", "scope": "", "utilization": 1.0, "purity": 1.0},
+    ]  # fmt: skip
+    fig = frontier_scatter(points, out_path=tmp_path / "f.png")
+    assert_png(tmp_path / "f.png")
+    scatters = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
+    edge = [tuple(np.round(c.get_edgecolor()[0], 3)) for c in scatters]
+    assert len(set(edge[:3])) == 3  # three LBL micro-batch configurations, three hues
+    assert edge[3] == tuple(np.round(matplotlib.colors.to_rgba("tab:orange"), 3))  # alone: the scope colour
+    assert not {matplotlib.colors.to_rgba(c) for c in ("tab:blue", "tab:orange", "tab:green")} & {
+        tuple(c.get_edgecolor()[0]) for c in scatters[:3]
+    }  # no variant takes a scope's colour
+    (legend,) = fig.legends
+    assert legend.get_title().get_text() == "LBL, micro_batch scope"
+    scope_legend = fig.axes[0].get_legend()
+    assert [t.get_text() for t in scope_legend.get_texts()] == ["micro_batch"]  # drawn by EB in its colour
+    fig = frontier_scatter(points[:3] + points[4:])  # no point left in a scope colour: no scope legend
+    method_legend = fig.axes[0].get_legend()
+    assert method_legend.get_title().get_text() == "method"
+    assert method_legend.get_clip_box() is None  # not clipped away by the axes (it sits outside them)
+    assert [t.get_text() for t in legend.get_texts()] == [
+        "topk_softmax load_balance",
+        "renormalize=true",
+        "w=10",
+    ]
+    legend_colours = [
+        tuple(np.round(matplotlib.colors.to_rgba(h.get_color()), 3)) for h in legend.legend_handles
+    ]
+    assert legend_colours == edge[:3]
 
 
 def test_per_layer_curves_and_save_figure(tmp_path):

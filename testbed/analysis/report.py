@@ -430,7 +430,7 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
                 composition = summary.get("resolved", {}).get("data", {}).get("batch_composition")
                 points.append(
                     {
-                        "label": group_label(group),
+                        "label": settings_label(group),
                         "method": method,
                         "scope": scope,
                         "hollow": composition == "mixed" and method not in reference_routers(),
