@@ -90,10 +90,11 @@ def test_x1_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, wante
                           "../x1_scope/runs/dense", "../x1_scope/runs/references"], 7),
         ("x4_guo_losses", ["runs/pretrain", "runs/variance_weight", "../x1_scope/runs/dense",
                            "../x1_scope/runs/references"], 9),
-        ("x6_dbes", ["runs/pretrain", "../regime/runs/micro", "../regime/runs/micro_hash"], 5),
+        ("x6_dbes", ["runs/pretrain", "../regime/runs/micro", "../regime/runs/micro_hash",
+                     *(f"../x3_router_types/runs/references/s{s}-0" for s in range(3))], 6),
         ("x3_router_types", ["runs", "../regime/runs/micro", "../regime/runs/micro_renorm"], 8),
         ("x5_quiz", ["runs", *(f"../regime/runs/micro/s{s}-{i}" for s in range(3) for i in (0, 2)),
-                     "../regime/runs/micro_hash"], 6),
+                     "../regime/runs/micro_hash"], 7),
     ],
 )  # fmt: skip
 def test_x2_to_x8_readme_regime_rows_rebuild_from_committed_runs(capsys, folder, dirs, rows_expected):

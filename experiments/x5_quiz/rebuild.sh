@@ -17,8 +17,8 @@ mkdir -p report
 # per checkpoint: one row per run
 (cd runs && $R . --no-committed-baselines --per-run --columns quiz/accuracy,quiz/dead_experts,quiz/gate_entropy,quiz/expert_accuracy_spread \
     --out ../report/per_run.md > /dev/null)
-# paired over seeds (B - A): sigmoid + expert bias and the OLMoE shape against top-k softmax
+# paired over seeds (B - A): sigmoid + expert bias, the OLMoE shape and the oracle against top-k softmax
 {
     (cd runs && $R . --no-committed-baselines --columns val/loss --compare-metric val/loss,$QUIZ \
-        --compare sweep=topk sweep=sigmoid_eb --compare sweep=topk sweep=olmoe_shape | grep '^compare')
+        --compare sweep=topk sweep=sigmoid_eb --compare sweep=topk sweep=olmoe_shape --compare sweep=topk sweep=oracle | grep '^compare')
 } | tee report/compare.txt
