@@ -46,6 +46,7 @@ TRAIN = Path(sys.executable).with_name("testbed-train")
         (["trainer.devices=0"], "trainer.devices", "a count >= 1, -1 (all devices)"),
         (["trainer.num_nodes=0"], "trainer.num_nodes", "a positive integer"),
         (["trainer.strategy=nonsense"], "trainer.strategy", "'ddp_find_unused_parameters_true'"),
+        (["trainer.strategy=fsdp"], "trainer.strategy", "fsdp2 for sharded training"),
         (["+model.foo=1"], "model.foo", "the fields of ModelConfig"),
     ],
 )
@@ -56,6 +57,24 @@ def test_bad_value_names_key_value_and_allowed(overrides, key, allowed):
     assert allowed in info.value.allowed
     bad = overrides[-1].split("=", 1)[1]
     assert bad in str(info.value.value)  # the bad value itself, not "got None"
+
+
+def test_fsdp2_refuses_what_sharding_would_silently_break():
+    """trainer.strategy=fsdp2 is accepted; with post-training gradient masks (finetune.experts: sharding
+    replaces the masked weights) or with compile (untested) it is refused before training."""
+    assert parse_config(compose(["trainer.strategy=fsdp2"])).trainer.strategy == "fsdp2"
+    with pytest.raises(ConfigError) as info:
+        parse_config(compose(["trainer.strategy=fsdp2", "trainer.compile=true"]))
+    assert info.value.key == "trainer.compile" and "false with trainer.strategy=fsdp2" in info.value.allowed
+    with pytest.raises(
+        ConfigError, match="trainer.precision"
+    ):  # Lightning's ModelParallelStrategy has no fp16 AMP
+        parse_config(compose(["trainer.strategy=fsdp2", "trainer.precision=16-mixed"]))
+    masked = ["finetune.trainable=routers_and_experts", "finetune.experts=[1,2]"]
+    with pytest.raises(ConfigError) as info:
+        parse_config(compose(["trainer.strategy=fsdp2", *masked]))
+    assert info.value.key == "finetune.experts" and "gradient masks" in info.value.allowed
+    assert parse_config(compose(["trainer.strategy=ddp", *masked])).finetune.experts == [1, 2]
 
 
 def test_init_from_directory_says_it_is_a_directory(tmp_path):

@@ -67,7 +67,7 @@ def test_ranks_draw_distinct_slices_of_one_stream(synth_mix, tmp_path):
                 assert len(set(dom0.tolist())) > 1
 
 
-def _train(run_dir: Path, root: Path, *extra: str) -> tuple[dict, dict]:
+def _train(run_dir: Path, root: Path, *extra: str, output: list | None = None) -> tuple[dict, dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [
         *synth_overrides(root, "trainer.max_steps=6", "trainer.val_check_interval=6"),
@@ -79,6 +79,8 @@ def _train(run_dir: Path, root: Path, *extra: str) -> tuple[dict, dict]:
     ]
     done = subprocess.run([str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    if output is not None:
+        output.append(done.stdout + done.stderr)
     assert "sync_dist=True" not in done.stderr  # no per-key advice flood: metrics are equal on every rank
     summary = json.loads((run_dir / "summary.json").read_text())
     state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
@@ -109,6 +111,39 @@ def test_two_ranks_match_one_process_with_two_accumulated_micro_batches(synth_mi
         assert abs(two[key] - one[key]) <= tolerance, key
     worst = max((two_state[k].float() - one_state[k].float()).abs().max().item() for k in one_state)
     assert worst <= (1e-6 if scope == "micro_batch" else 1e-3)
+
+
+FSDP2 = ["trainer.strategy=fsdp2", "trainer.devices=2", "trainer.accelerator=cpu"]
+
+
+@pytest.mark.slow
+def test_fsdp2_on_two_processes_trains_like_ddp_and_resumes(synth_mix, tmp_path):
+    """trainer.strategy=fsdp2 on 2 CPU processes (gloo), with the expert bias at global scope and the
+    orthogonality loss: every parameter is sharded (one log line), the training equals DDP's up to float
+    rounding (reduce-scatter instead of all-reduce), last.ckpt is a full checkpoint with DDP's keys, and a
+    run resumed from a 3-step fsdp2 checkpoint ends where the uninterrupted run ends."""
+    setting = ["balance=expert_bias", "balance.scope=global", "aux_loss=[z_loss,orthogonality]"]
+    setting += ["optim.warmup_steps=6"]  # the schedule of steps 1-3 does not depend on max_steps
+    logs: list[str] = []
+    ddp, ddp_state = _train(tmp_path / "ddp", synth_mix, *setting, *DDP)
+    sharded, sharded_state = _train(tmp_path / "fsdp2", synth_mix, *setting, *FSDP2, output=logs)
+    lines = [line for line in logs[0].splitlines() if "fsdp2:" in line]
+    assert len(lines) == 1 and "sharded over 2 processes (2 blocks + root)" in lines[0], lines
+    assert sharded["steps"] == ddp["steps"] == 6 and sharded["tokens_seen"] == ddp["tokens_seen"]
+    for key in [k for k in ddp if k.startswith("val/loss")]:
+        assert abs(sharded[key] - ddp[key]) < 1e-6, key
+    assert sharded_state.keys() == ddp_state.keys()
+    assert all(sharded_state[k].shape == ddp_state[k].shape for k in ddp_state)  # gathered, not shards
+    worst = max((sharded_state[k].float() - ddp_state[k].float()).abs().max().item() for k in ddp_state)
+    assert worst < 1e-5
+    first = tmp_path / "first3"
+    _train(first, synth_mix, *setting, *FSDP2, "trainer.max_steps=3", "trainer.val_check_interval=3")
+    resumed, resumed_state = _train(
+        tmp_path / "resumed", synth_mix, *setting, *FSDP2, f"resume={first / 'checkpoints' / 'last.ckpt'}"
+    )
+    assert resumed["steps"] == 6 and resumed["val/loss"] == pytest.approx(sharded["val/loss"], abs=1e-7)
+    worst = max((resumed_state[k].float() - sharded_state[k].float()).abs().max().item() for k in ddp_state)
+    assert worst < 1e-6  # optimizer moments, schedule and data position restored
 
 
 def test_gateless_routers_get_find_unused_parameters_under_ddp():

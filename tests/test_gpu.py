@@ -126,11 +126,12 @@ def test_token_choice_combine_is_deterministic_on_cuda():
     torch.testing.assert_close(first, reference)
 
 
-def test_fsdp_trains_checkpoints_and_resumes_on_one_gpu(synth_mix, tmp_path):
-    """Lightning's FSDP strategy on one GPU (the path a sharded multi-GPU run takes, with one shard): training
-    with the global balancing scope and the expert bias, the checkpoint, and resume=auto after a SIGTERM. Its
-    val loss is close to the default strategy's (bf16 and another parameter layout: not bit-equal), and the
-    resumed run reaches the uninterrupted FSDP run's numbers."""
+def test_fsdp2_trains_checkpoints_and_resumes_on_one_gpu(synth_mix, tmp_path):
+    """trainer.strategy=fsdp2 on one GPU (NCCL, bf16-mixed; the path a sharded multi-GPU run takes, with one
+    shard; tests/test_ddp.py checks 2 CPU processes against DDP): training with the global balancing scope
+    and the expert bias, the checkpoint, and resume=auto after a SIGTERM. Its val loss is close to the
+    default strategy's (bf16 and another parameter layout: not bit-equal), and the resumed run reaches the
+    uninterrupted run's numbers."""
     import json
     import signal
 
@@ -149,7 +150,7 @@ def test_fsdp_trains_checkpoints_and_resumes_on_one_gpu(synth_mix, tmp_path):
         "aux_loss=[z_loss,orthogonality]",
         "metrics.plots=false",
     )
-    fsdp = [*base, "trainer.strategy=fsdp", "trainer.devices=1"]
+    fsdp = [*base, "trainer.strategy=fsdp2", "trainer.devices=1"]
     plain = run_training(compose(base), tmp_path / "plain", quiet=True)
     full = run_training(compose(fsdp), tmp_path / "fsdp", quiet=True)
     assert plain["status"] == full["status"] == "finished" and full["steps"] == 8

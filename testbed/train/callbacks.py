@@ -19,6 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from testbed.metrics.per_layer import spec_metrics
 from testbed.metrics.stats import RoutingStats
 from testbed.plots import domain_expert_heatmaps, per_layer_curves
+from testbed.train.sharding import full_tensor
 
 
 def new_stats(module) -> RoutingStats:
@@ -63,7 +64,7 @@ def stiffness_pass(module, batches, stats: RoutingStats) -> None:
         _, original = module.model(ids, domains)
         if cfg.stiffness_perturbation == "noise":
             half = ids.shape[1] // 2
-            embed = module.model.embed.weight
+            embed = full_tensor(module.model.embed.weight).detach()
             offset = torch.randn(*ids.shape, embed.shape[1], device=module.device)
             offset = offset * cfg.stiffness_noise_std * embed.pow(2).mean().sqrt()
             offset[:, half:] = 0

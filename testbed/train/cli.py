@@ -47,6 +47,8 @@ from testbed.train.checkpoint import (
 from testbed.train.finetune import trainable_parameter_count
 from testbed.train.module import MoELanguageModel
 from testbed.train.progress import RunProgressBar, quiet_lightning_logs
+from testbed.train.sharding import STRATEGY_NAME as FSDP2_NAME
+from testbed.train.sharding import FSDP2Strategy
 from testbed.train.summary import print_summary, unigram_entropies, write_summary
 
 log = logging.getLogger(__name__)
@@ -206,7 +208,7 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
     t = run.trainer
     trainer = L.Trainer(
         accelerator=t.accelerator,
-        strategy=t.strategy,
+        strategy=FSDP2Strategy() if t.strategy == FSDP2_NAME else t.strategy,
         devices=t.devices,
         num_nodes=t.num_nodes,
         precision=t.precision,

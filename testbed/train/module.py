@@ -21,6 +21,7 @@ from testbed.model.lm_loss import linear_cross_entropy
 from testbed.scope import GlobalScopeState
 from testbed.train.checkpoint import TrainingDiverged
 from testbed.train.finetune import apply_finetune
+from testbed.train.sharding import shard_model
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +146,13 @@ class MoELanguageModel(L.LightningModule):
         self.register_buffer(
             "val_token_counts", torch.zeros(len(domains), dtype=torch.float64), persistent=False
         )
+
+    def configure_model(self) -> None:
+        """`trainer.strategy=fsdp2`: shard the model over the data-parallel mesh (set by the strategy);
+        nothing for any other strategy."""
+        mesh = self._device_mesh
+        if mesh is not None:
+            shard_model(self.model, mesh["data_parallel"])
 
     @property
     def moe_layer_names(self) -> list[str]:
