@@ -67,7 +67,7 @@ def test_ranks_draw_distinct_slices_of_one_stream(synth_mix, tmp_path):
                 assert len(set(dom0.tolist())) > 1
 
 
-def _train(run_dir: Path, root: Path, *extra: str, output: list | None = None) -> tuple[dict, dict]:
+def _command(run_dir: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [
         *synth_overrides(root, "trainer.max_steps=6", "trainer.val_check_interval=6"),
@@ -77,7 +77,11 @@ def _train(run_dir: Path, root: Path, *extra: str, output: list | None = None) -
         *extra,
         f"hydra.run.dir={run_dir}",
     ]
-    done = subprocess.run([str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=300)
+
+
+def _train(run_dir: Path, root: Path, *extra: str, output: list | None = None) -> tuple[dict, dict]:
+    done = _command(run_dir, root, *extra)
     assert done.returncode == 0, done.stderr[-3000:]
     if output is not None:
         output.append(done.stdout + done.stderr)
@@ -144,6 +148,10 @@ def test_fsdp2_on_two_processes_trains_like_ddp_and_resumes(synth_mix, tmp_path)
     assert resumed["steps"] == 6 and resumed["val/loss"] == pytest.approx(sharded["val/loss"], abs=1e-7)
     worst = max((resumed_state[k].float() - sharded_state[k].float()).abs().max().item() for k in ddp_state)
     assert worst < 1e-6  # optimizer moments, schedule and data position restored
+    # one process cannot continue it: each rank's data position is counted in its own micro-batches
+    refused = _command(tmp_path / "one", synth_mix, *setting, "trainer.accumulate_grad_batches=2",
+                       f"resume={first / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
+    assert refused.returncode != 0 and "data_parallel_size 1 (the checkpoint's: 2)" in refused.stderr
 
 
 def test_gateless_routers_get_find_unused_parameters_under_ddp():

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from testbed.config import RunConfig, plain
+from testbed.errors import CheckpointError
 from testbed.losses import AUX_LOSSES, BALANCE, AuxLoss
 from testbed.losses.expert_bias import ExpertBiasTracker
 from testbed.metrics.stats import RoutingStats
@@ -155,6 +156,11 @@ class MoELanguageModel(L.LightningModule):
             shard_model(self.model, mesh["data_parallel"])
 
     @property
+    def data_parallel_size(self) -> int:
+        """Processes training on distinct micro-batches (1 without a Trainer: the benchmarks)."""
+        return self._trainer.world_size if self._trainer is not None else 1
+
+    @property
     def moe_layer_names(self) -> list[str]:
         return [f"layer{layer.layer_index}" for layer in self.model.moe_layers]
 
@@ -217,8 +223,7 @@ class MoELanguageModel(L.LightningModule):
         ]  # a zero-weight term is logged, kept out of the backward
         aux_total = sum(weighted, start=torch.zeros((), device=lm_loss.device))
         loss = lm_loss + aux_total
-        world_size = self._trainer.world_size if self._trainer is not None else 1  # benchmarks: no Trainer
-        self.tokens_seen += batch["input_ids"].numel() * world_size  # all ranks (same size)
+        self.tokens_seen += batch["input_ids"].numel() * self.data_parallel_size  # all ranks (same size)
         # not prog_bar: the bar would turn the loss into a Python float (a host sync) on every step;
         # the loggers read it only every log_every_n_steps
         self.batches_seen += 1
@@ -248,6 +253,10 @@ class MoELanguageModel(L.LightningModule):
         checkpoint["testbed"] = {
             "tokens_seen": self.tokens_seen,
             "batches_seen": self.batches_seen,
+            # batches_seen and Lightning's loop counters are per rank and count micro-batches: a resumed run
+            # continues the data and the accumulation only with the same layout
+            "data_parallel_size": self.data_parallel_size,
+            "accumulate_grad_batches": self.run_config.trainer.accumulate_grad_batches,
             "last_val_metrics": dict(self.last_val_metrics),
             "last_val_step": self.last_val_step,
             "initial_metrics": dict(self.initial_metrics),
@@ -263,9 +272,27 @@ class MoELanguageModel(L.LightningModule):
             },
         }
 
+    def check_same_layout(self, state: dict) -> None:
+        """A checkpoint resumes on the number of processes and the gradient accumulation that wrote it (both
+        are recorded in checkpoints written since this check; older ones pass): each rank's data position and
+        Lightning's step boundaries are counted in its own micro-batches."""
+        now = {
+            "data_parallel_size": self.data_parallel_size,
+            "accumulate_grad_batches": self.run_config.trainer.accumulate_grad_batches,
+        }
+        differing = {k: (state[k], v) for k, v in now.items() if k in state and state[k] != v}
+        if differing:
+            got = ", ".join(f"{k} {new} (the checkpoint's: {old})" for k, (old, new) in differing.items())
+            raise CheckpointError(
+                f"resume: this run has {got}; resume with the checkpoint's number of processes "
+                "(trainer.devices x trainer.num_nodes) and trainer.accumulate_grad_batches, since each "
+                "rank's position in the data is counted in its own micro-batches"
+            )
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("testbed", {})
         self.tokens_seen = state.get("tokens_seen", 0)
+        self.check_same_layout(state)
         self.batches_seen = state.get("batches_seen", 0)
         self.last_val_metrics = dict(state.get("last_val_metrics", {}))
         self.last_val_step = state.get("last_val_step", -1)
