@@ -128,6 +128,7 @@ def test_fsdp2_on_two_processes_trains_like_ddp_and_resumes(synth_mix, tmp_path)
     run resumed from a 3-step fsdp2 checkpoint ends where the uninterrupted run ends."""
     setting = ["balance=expert_bias", "balance.scope=global", "aux_loss=[z_loss,orthogonality]"]
     setting += ["optim.warmup_steps=6"]  # the schedule of steps 1-3 does not depend on max_steps
+    setting += ["metrics.stiffness_perturbation=noise"]  # reads the (sharded) embedding outside a forward
     logs: list[str] = []
     ddp, ddp_state = _train(tmp_path / "ddp", synth_mix, *setting, *DDP)
     sharded, sharded_state = _train(tmp_path / "fsdp2", synth_mix, *setting, *FSDP2, output=logs)

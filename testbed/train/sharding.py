@@ -16,7 +16,6 @@ from datetime import timedelta
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
-from torch.distributed.tensor import DTensor
 
 logger = logging.getLogger(__name__)
 
@@ -64,4 +63,4 @@ def shard_model(model: nn.Module, mesh) -> None:
 
 def full_tensor(tensor: Tensor) -> Tensor:
     """The whole tensor of a sharded parameter (a DTensor outside its block's forward), else the tensor."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # DTensor, without importing it
