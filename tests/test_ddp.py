@@ -122,37 +122,48 @@ FSDP2 = ["trainer.strategy=fsdp2", "trainer.devices=2", "trainer.accelerator=cpu
 
 @pytest.mark.slow
 def test_fsdp2_on_two_processes_trains_like_ddp_and_resumes(synth_mix, tmp_path):
-    """trainer.strategy=fsdp2 on 2 CPU processes (gloo), with the expert bias at global scope and the
-    orthogonality loss: every parameter is sharded (one log line), the training equals DDP's up to float
-    rounding (reduce-scatter instead of all-reduce), last.ckpt is a full checkpoint with DDP's keys, and a
-    run resumed from a 3-step fsdp2 checkpoint ends where the uninterrupted run ends."""
+    """trainer.strategy=fsdp2 on 2 CPU processes (gloo), with the expert bias at global scope, the
+    orthogonality loss and the noise stiffness pass: every parameter is sharded (one log line), and 3 steps,
+    a checkpoint and a resume for 3 more end where 6 steps of DDP end, up to float rounding (reduce-scatter
+    instead of all-reduce); last.ckpt is a full checkpoint with DDP's keys and records the process layout."""
     setting = ["balance=expert_bias", "balance.scope=global", "aux_loss=[z_loss,orthogonality]"]
     setting += ["optim.warmup_steps=6"]  # the schedule of steps 1-3 does not depend on max_steps
     setting += ["metrics.stiffness_perturbation=noise"]  # reads the (sharded) embedding outside a forward
-    logs: list[str] = []
     ddp, ddp_state = _train(tmp_path / "ddp", synth_mix, *setting, *DDP)
-    sharded, sharded_state = _train(tmp_path / "fsdp2", synth_mix, *setting, *FSDP2, output=logs)
+    logs: list[str] = []
+    first = tmp_path / "first3"
+    _train(
+        first, synth_mix, *setting, *FSDP2, "trainer.max_steps=3", "trainer.val_check_interval=3", output=logs
+    )
     lines = [line for line in logs[0].splitlines() if "fsdp2:" in line]
     assert len(lines) == 1 and "sharded over 2 processes (2 blocks + root)" in lines[0], lines
-    assert sharded["steps"] == ddp["steps"] == 6 and sharded["tokens_seen"] == ddp["tokens_seen"]
+    checkpoint = first / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)["testbed"]
+    assert saved["data_parallel_size"] == 2 and saved["accumulate_grad_batches"] == 1
+    resumed, state = _train(tmp_path / "resumed", synth_mix, *setting, *FSDP2, f"resume={checkpoint}")
+    assert resumed["steps"] == ddp["steps"] == 6 and resumed["tokens_seen"] == ddp["tokens_seen"]
     for key in [k for k in ddp if k.startswith("val/loss")]:
-        assert abs(sharded[key] - ddp[key]) < 1e-6, key
-    assert sharded_state.keys() == ddp_state.keys()
-    assert all(sharded_state[k].shape == ddp_state[k].shape for k in ddp_state)  # gathered, not shards
-    worst = max((sharded_state[k].float() - ddp_state[k].float()).abs().max().item() for k in ddp_state)
-    assert worst < 1e-5
-    first = tmp_path / "first3"
-    _train(first, synth_mix, *setting, *FSDP2, "trainer.max_steps=3", "trainer.val_check_interval=3")
-    resumed, resumed_state = _train(
-        tmp_path / "resumed", synth_mix, *setting, *FSDP2, f"resume={first / 'checkpoints' / 'last.ckpt'}"
-    )
-    assert resumed["steps"] == 6 and resumed["val/loss"] == pytest.approx(sharded["val/loss"], abs=1e-7)
-    worst = max((resumed_state[k].float() - sharded_state[k].float()).abs().max().item() for k in ddp_state)
-    assert worst < 1e-6  # optimizer moments, schedule and data position restored
-    # one process cannot continue it: each rank's data position is counted in its own micro-batches
-    refused = _command(tmp_path / "one", synth_mix, *setting, "trainer.accumulate_grad_batches=2",
-                       f"resume={first / 'checkpoints' / 'last.ckpt'}")  # fmt: skip
-    assert refused.returncode != 0 and "data_parallel_size 1 (the checkpoint's: 2)" in refused.stderr
+        assert abs(resumed[key] - ddp[key]) < 1e-6, key
+    assert state.keys() == ddp_state.keys()
+    assert all(state[k].shape == ddp_state[k].shape for k in ddp_state)  # gathered, not shards
+    assert max((state[k].float() - ddp_state[k].float()).abs().max().item() for k in ddp_state) < 1e-5
+
+
+def test_resume_on_another_process_layout_is_refused(synth_mix):
+    """Each rank's data position counts its own micro-batches: a checkpoint resumes only on the number of
+    processes and the accumulation that wrote it (checkpoints without the record are not checked)."""
+    from testbed.errors import CheckpointError
+    from testbed.train.module import MoELanguageModel
+
+    run = parse_config(compose(synth_overrides(synth_mix, "trainer.accumulate_grad_batches=2")))
+    module = MoELanguageModel(run, list(run.data.domains))  # no Trainer: one process
+    module.check_same_layout({"data_parallel_size": 1, "accumulate_grad_batches": 2})
+    module.check_same_layout({})
+    with pytest.raises(CheckpointError) as info:
+        module.check_same_layout({"data_parallel_size": 2, "accumulate_grad_batches": 1})
+    message = str(info.value)
+    assert "data_parallel_size 1 (the checkpoint's: 2)" in message
+    assert "accumulate_grad_batches 2 (the checkpoint's: 1)" in message and "trainer.devices" in message
 
 
 def test_gateless_routers_get_find_unused_parameters_under_ddp():
