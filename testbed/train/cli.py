@@ -100,6 +100,9 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, call
     # Under DDP every rank validates the whole validation set, so the validation and routing metrics are the
     # same on every rank and need no all-reduce; Lightning would advise sync_dist=True once per key
     warnings.filterwarnings("ignore", message=r"It is recommended to use `self\.log\('(val|spec|init)/")
+    # a resumed run's sampler continues the data stream itself (DomainBatchSampler.skip, tested to equality);
+    # Lightning cannot see that and warns on every mid-epoch resume
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before")
     run = parse_config(cfg)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
