@@ -5,8 +5,9 @@ Lightning's `fsdp` strategy wraps the model in the first FSDP API and refuses an
 (every process holds one shard of every parameter, gradients are reduce-scattered), so the same code runs
 on CPU processes (gloo: how the tests check it) and on GPUs (NCCL). Each transformer block is one FSDP unit
 (its parameters are gathered for its forward and backward only), and the model root holds the embeddings,
-final norm and output head. Checkpoints are gathered into one full `last.ckpt` (as with DDP), so resuming,
-`testbed-analyze` and `init_from` read them unchanged, on any number of processes.
+final norm and output head. Checkpoints are gathered into one full `last.ckpt` with DDP's keys:
+`testbed-analyze` and `init_from` read them anywhere, and `resume` continues them on the same number of
+processes (as for any checkpoint: MoELanguageModel.check_same_layout).
 """
 
 from __future__ import annotations
