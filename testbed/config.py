@@ -137,7 +137,7 @@ class TrainerConfig:
     deterministic: bool = True
     enable_checkpointing: bool = True
     progress_bar: bool = True
-    strategy: str = "auto"  # Lightning strategy, e.g. ddp / ddp_find_unused_parameters_true
+    strategy: str = "auto"  # Lightning strategy (ddp, ddp_find_unused_parameters_true, ...) or fsdp2 (ours)
     compile: bool = False  # torch.compile the model (the grouped expert kernel then runs in bf16)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
     fused_optimizer: bool = False  # fused AdamW kernel (CUDA)
