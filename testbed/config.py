@@ -398,13 +398,17 @@ def _devices_ok(devices: Any) -> bool:
     return False
 
 
+FSDP2 = "fsdp2"
+"""Our sharded strategy's name (testbed/train/sharding.py), accepted besides Lightning's registry."""
+
+
 def strategy_names() -> list[str]:
     """Lightning's registered strategy names (ddp, ddp_spawn, fsdp, ...) plus "auto" and "fsdp2" (ours:
     FSDP2 through Lightning's ModelParallelStrategy, testbed/train/sharding.py)."""
     # imported here: lightning adds ~5 s to every import of testbed.config (measured 6.8 s vs torch 1.7 s)
     from lightning.pytorch.strategies import StrategyRegistry
 
-    return sorted({"auto", "fsdp2", *StrategyRegistry.available_strategies()})
+    return sorted({"auto", FSDP2, *StrategyRegistry.available_strategies()})
 
 
 def validate_trainer(run: RunConfig) -> None:
@@ -427,24 +431,25 @@ def validate_trainer(run: RunConfig) -> None:
     strategies = strategy_names()
     if t.strategy not in strategies:
         raise ConfigError("trainer.strategy", t.strategy, f"one of {strategies}")
-    if t.strategy.startswith("fsdp") and t.strategy != "fsdp2":
+    if t.strategy.startswith("fsdp") and t.strategy != FSDP2:
         raise ConfigError(
             "trainer.strategy",
             t.strategy,
-            "fsdp2 for sharded training (FSDP2 with one unit per block, tested against DDP); Lightning's "
+            f"{FSDP2} for sharded training (FSDP2 with one unit per block, tested against DDP); Lightning's "
             f"'{t.strategy}' wraps the model in the first FSDP API, which is not tested with this model",
         )
-    fsdp2_precisions = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true")
-    if t.strategy == "fsdp2" and str(t.precision) not in fsdp2_precisions:
-        raise ConfigError(
-            "trainer.precision", t.precision, f"with trainer.strategy=fsdp2 one of {list(fsdp2_precisions)}"
-        )
-    if t.strategy == "fsdp2" and t.compile:
-        raise ConfigError(
-            "trainer.compile",
-            t.compile,
-            "false with trainer.strategy=fsdp2 (compiling the sharded blocks is not tested here)",
-        )
+    if t.strategy == FSDP2:
+        precisions = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true")  # ModelParallelStrategy's
+        if str(t.precision) not in precisions:
+            raise ConfigError(
+                "trainer.precision", t.precision, f"with trainer.strategy={FSDP2} one of {list(precisions)}"
+            )
+        if t.compile:
+            raise ConfigError(
+                "trainer.compile",
+                t.compile,
+                f"false with trainer.strategy={FSDP2} (compiling the sharded blocks is not tested here)",
+            )
     limit = t.limit_val_batches
     if isinstance(limit, float) and not limit.is_integer():
         _in_range("trainer.limit_val_batches", limit, 0.0, 1.0, low_open=True)
@@ -614,11 +619,11 @@ def validate_finetune(run: RunConfig) -> None:
         return
     if f.trainable != "routers_and_experts":
         raise ConfigError("finetune.experts", f.experts, "null unless finetune.trainable=routers_and_experts")
-    if run.trainer.strategy == "fsdp2":
+    if run.trainer.strategy == FSDP2:
         raise ConfigError(
             "finetune.experts",
             f.experts,
-            "null with trainer.strategy=fsdp2 (the chosen experts train through gradient masks on the "
+            f"null with trainer.strategy={FSDP2} (the chosen experts train through gradient masks on the "
             "stacked expert weights, which sharding replaces); train the expert path with ddp or one process",
         )
     moe_layers = [f"layer{i}" for i in range(run.model.dense_layers, run.model.n_layers)]

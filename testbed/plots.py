@@ -3,6 +3,7 @@ and per-layer curves. Built on `matplotlib.figure.Figure` directly (Agg canvas, 
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -236,7 +237,7 @@ def _variant_colours(points: Sequence[Mapping]) -> tuple[list, list[Line2D], str
     key = [(p.get("method", "none"), p.get("scope", ""), bool(p.get("hollow"))) for p in points]
     colours: list = [SCOPE_COLOURS.get(p.get("scope", ""), "tab:gray") for p in points]
     clashes = [k for k in dict.fromkeys(key) if key.count(k) > 1]
-    handles, palette = [], iter(VARIANT_COLOURS * (1 + len(points) // len(VARIANT_COLOURS)))
+    handles, palette = [], itertools.cycle(VARIANT_COLOURS)
     for k in clashes:
         members = [i for i, other in enumerate(key) if other == k]
         words = [str(points[i].get("label", "")).split() for i in members]

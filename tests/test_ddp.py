@@ -67,7 +67,7 @@ def test_ranks_draw_distinct_slices_of_one_stream(synth_mix, tmp_path):
                 assert len(set(dom0.tolist())) > 1
 
 
-def _command(run_dir: Path, root: Path, *extra: str) -> subprocess.CompletedProcess:
+def _train(run_dir: Path, root: Path, *extra: str, output: list | None = None) -> tuple[dict, dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [
         *synth_overrides(root, "trainer.max_steps=6", "trainer.val_check_interval=6"),
@@ -77,11 +77,7 @@ def _command(run_dir: Path, root: Path, *extra: str) -> subprocess.CompletedProc
         *extra,
         f"hydra.run.dir={run_dir}",
     ]
-    return subprocess.run([str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=300)
-
-
-def _train(run_dir: Path, root: Path, *extra: str, output: list | None = None) -> tuple[dict, dict]:
-    done = _command(run_dir, root, *extra)
+    done = subprocess.run([str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     if output is not None:
         output.append(done.stdout + done.stderr)

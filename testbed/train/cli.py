@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from testbed import CONF_DIR
-from testbed.config import RunConfig, allowed_for, check_hardware, parse_config, plain
+from testbed.config import FSDP2, RunConfig, allowed_for, check_hardware, parse_config, plain
 from testbed.data.datamodule import DomainMixDataModule
 from testbed.errors import ConfigError, TestbedError
 from testbed.train.callbacks import SpecializationMetrics
@@ -47,7 +47,6 @@ from testbed.train.checkpoint import (
 from testbed.train.finetune import trainable_parameter_count
 from testbed.train.module import MoELanguageModel
 from testbed.train.progress import RunProgressBar, quiet_lightning_logs
-from testbed.train.sharding import STRATEGY_NAME as FSDP2_NAME
 from testbed.train.sharding import FSDP2Strategy
 from testbed.train.summary import print_summary, unigram_entropies, write_summary
 
@@ -211,7 +210,7 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
     t = run.trainer
     trainer = L.Trainer(
         accelerator=t.accelerator,
-        strategy=FSDP2Strategy() if t.strategy == FSDP2_NAME else t.strategy,
+        strategy=FSDP2Strategy() if t.strategy == FSDP2 else t.strategy,
         devices=t.devices,
         num_nodes=t.num_nodes,
         precision=t.precision,

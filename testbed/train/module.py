@@ -151,7 +151,7 @@ class MoELanguageModel(L.LightningModule):
     def configure_model(self) -> None:
         """`trainer.strategy=fsdp2`: shard the model over the data-parallel mesh (set by the strategy);
         nothing for any other strategy."""
-        mesh = self._device_mesh
+        mesh = self.device_mesh
         if mesh is not None:
             shard_model(self.model, mesh["data_parallel"])
 
@@ -291,8 +291,8 @@ class MoELanguageModel(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("testbed", {})
-        self.tokens_seen = state.get("tokens_seen", 0)
         self.check_same_layout(state)
+        self.tokens_seen = state.get("tokens_seen", 0)
         self.batches_seen = state.get("batches_seen", 0)
         self.last_val_metrics = dict(state.get("last_val_metrics", {}))
         self.last_val_step = state.get("last_val_step", -1)

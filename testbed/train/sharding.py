@@ -1,4 +1,5 @@
-"""Sharded data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`): `trainer.strategy=fsdp2`.
+"""Sharded data parallelism with FSDP2 (`torch.distributed.fsdp.fully_shard`): `trainer.strategy=fsdp2`
+(testbed.config.FSDP2, validated there).
 
 Lightning's `fsdp` strategy wraps the model in the first FSDP API and refuses any accelerator but CUDA.
 `fsdp2` goes through Lightning's `ModelParallelStrategy` instead, with a one-dimensional data-parallel mesh
@@ -13,23 +14,19 @@ processes (as for any checkpoint: MoELanguageModel.check_same_layout).
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 
 logger = logging.getLogger(__name__)
 
-STRATEGY_NAME = "fsdp2"
-
 
 class FSDP2Strategy(ModelParallelStrategy):
     """ModelParallelStrategy with data parallelism only: a mesh of all processes of all nodes, no tensor
     parallelism, full (not distributed) checkpoints."""
 
-    def __init__(self, timeout: timedelta | None = None) -> None:
-        kwargs = {"timeout": timeout} if timeout is not None else {}
-        super().__init__(save_distributed_checkpoint=False, **kwargs)
+    def __init__(self) -> None:
+        super().__init__(save_distributed_checkpoint=False)
 
     def setup_environment(self) -> None:
         # known here: Lightning has set the parallel devices and the number of nodes
