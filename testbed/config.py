@@ -85,6 +85,24 @@ class DomainSourceConfig:
     hf_dataset: str | None = None  # hub name, for users with internet
     hf_config: str | None = None
     hf_split: str = "train"
+    hf_revision: str | None = None  # a commit or tag of the hub dataset (null: its main branch)
+
+
+@dataclass
+class HubCorpusConfig:
+    """One dataset whose rows carry a domain label (a Pile-style corpus keyed by its subset name), streamed
+    into the token store: each row's label picks its domain, a hash of its text its split."""
+
+    dataset: str = ""  # hub name (monology/pile-uncopyrighted), or a builder (parquet, json) with data_files
+    config: str | None = None
+    split: str = "train"
+    revision: str | None = None  # a commit or tag (null: the main branch)
+    data_files: list[str] | None = None  # local or remote shards for a builder name
+    text_field: str = "text"
+    label_field: str = "meta.pile_set_name"  # dotted path into each row
+    labels: dict[str, Any] = field(default_factory=dict)  # domain -> label value (or a list of values)
+    streaming: bool = True  # false: download and prepare the whole split first (datasets' cache)
+    max_rows: int = 0  # stop after reading this many rows (0: read until every domain is full or the end)
 
 
 @dataclass
@@ -101,11 +119,16 @@ class DataConfig:
     batch_size: int = 16
     batch_composition: BatchComposition = BatchComposition.mixed  # mixed | homogeneous
     val_fraction: float = 0.1  # documents held out per domain
+    test_fraction: float = 0.0  # documents held out per domain for testing (never trained or validated on)
     split_seed: int = 0  # which documents are held out: fixed, so every training seed validates on the same
+    dedup_paragraphs: bool = False  # remove paragraphs shared across splits (testbed/data/splits.py)
     val_tokens_per_domain: int = 8192  # cap on validation tokens per domain (0 = all)
     max_train_tokens_per_domain: int = 0  # 0 = all
     num_workers: int = 0
-    cache_dir: str | None = None  # Hugging Face datasets cache and token-id cache (null = none / HF default)
+    cache_dir: str | None = None  # Hugging Face datasets cache and token stores (<cache_dir>/stores); null =
+    # datasets' own cache and $TESTBED_CACHE/stores or ~/.cache/moe-testbed/stores
+    # a domain-labelled corpus streamed into the token store: HubCorpusConfig fields (null: per-domain files)
+    hub: dict[str, Any] | None = None
 
 
 @dataclass
@@ -306,6 +329,8 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
         raise ConfigError("data.sources", sources, "a mapping {domain: {path: ..., format: ...}}")
     for domain, source in sources.items():
         sources[domain] = _structured(f"data.sources.{domain}", DomainSourceConfig, source)
+    if sections["data"].hub is not None:
+        sections["data"].hub = _structured("data.hub", HubCorpusConfig, sections["data"].hub)
 
     router_raw = dict(raw.get("router") or {})
     router_name = router_raw.pop("name", None)
@@ -541,6 +566,15 @@ def validate(run: RunConfig) -> None:
     _integer("data.num_workers", d.num_workers, 0)
     if not 0 < d.val_fraction < 1:
         raise ConfigError("data.val_fraction", d.val_fraction, "a fraction in (0, 1)")
+    if not 0 <= d.test_fraction < 1 - d.val_fraction:
+        raise ConfigError(
+            "data.test_fraction",
+            d.test_fraction,
+            f"a fraction in [0, 1 - data.val_fraction = {1 - d.val_fraction:g})",
+        )
+    _strict_bool("data.dedup_paragraphs", d.dedup_paragraphs)
+    if d.hub is not None:
+        validate_hub(d)
     unknown_sources = sorted(set(d.sources) - set(d.domains))
     if unknown_sources:
         raise ConfigError(
@@ -611,6 +645,41 @@ def validate(run: RunConfig) -> None:
     for name, options in run.aux_loss.items():
         loss_cls, _ = AUX_LOSSES.get(name, "aux_loss")
         loss_cls.check(options, f"aux_loss.{name}")
+
+
+def validate_hub(d: DataConfig) -> None:
+    """A hub corpus supplies every domain: each one has a label, no label names another domain, and
+    per-domain sources are not mixed in."""
+    hub = d.hub
+    if not hub.dataset:
+        raise ConfigError(
+            "data.hub.dataset", hub.dataset, "a hub dataset name, or parquet / json with data.hub.data_files"
+        )
+    if not hub.text_field or not hub.label_field:
+        key = "data.hub.text_field" if not hub.text_field else "data.hub.label_field"
+        raise ConfigError(key, "", "a field name (dotted for nested fields: meta.pile_set_name)")
+    if not isinstance(hub.labels, dict) or not hub.labels:
+        raise ConfigError("data.hub.labels", hub.labels, "a mapping {domain: label value or [values]}")
+    missing = [domain for domain in d.domains if domain not in hub.labels]
+    if missing:
+        raise ConfigError(
+            f"data.hub.labels.{missing[0]}",
+            None,
+            f"the label value(s) of every domain in data.domains {d.domains}",
+        )
+    extra = sorted(set(hub.labels) - set(d.domains))
+    if extra:
+        raise ConfigError(
+            f"data.hub.labels.{extra[0]}",
+            hub.labels[extra[0]],
+            f"a domain listed in data.domains {d.domains}",
+        )
+    values = [v for label in hub.labels.values() for v in (label if isinstance(label, list) else [label])]
+    if len(set(map(str, values))) != len(values):
+        raise ConfigError("data.hub.labels", hub.labels, "each label value mapped to one domain only")
+    if d.sources:
+        raise ConfigError("data.sources", d.sources, "{} when data.hub supplies the domains")
+    _integer("data.hub.max_rows", hub.max_rows, 0)
 
 
 def validate_finetune(run: RunConfig) -> None:

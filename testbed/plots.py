@@ -309,3 +309,28 @@ def training_curves(
     if len(series) > 8:
         ax.legend(fontsize=5, ncols=2)
     return _finish(fig, out_path)
+
+
+def confusion_figure(
+    domains: Sequence[str], matrix: np.ndarray, out_path: str | Path | None = None, title: str | None = None
+) -> Figure:
+    """A confusion matrix [true, predicted] (window counts), row-normalised, each cell labelled with its
+    percentage (testbed.data.distinguish)."""
+    rates = _row_normalize(np.asarray(matrix, dtype=np.float64))
+    size = 1.2 + 0.55 * len(domains)
+    fig = Figure(figsize=(size + 1.2, size))
+    ax = fig.subplots()
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(domains)), domains, rotation=45, ha="right")
+    ax.set_yticks(range(len(domains)), domains)
+    ax.set_xlabel("predicted domain")
+    ax.set_ylabel("true domain (held-out windows)")
+    for i, j in itertools.product(range(len(domains)), repeat=2):
+        if rates[i, j] >= 0.0005:
+            colour = "white" if rates[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{100 * rates[i, j]:.1f}", ha="center", va="center", fontsize=7, color=colour)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true domain's windows")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _finish(fig, out_path)

@@ -6,12 +6,15 @@ import gzip
 import json
 import os
 import random
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
+# token stores of the runs under test go to a fresh folder per test process, never the user's cache
+os.environ["TESTBED_CACHE"] = tempfile.mkdtemp(prefix="testbed-cache-")
 
 SYNTH_DOMAINS = ["alpha", "beta", "gamma"]
 

@@ -1,9 +1,7 @@
-"""Data module: loading formats (with and without `datasets`), the shared token cache, holdout,
+"""Data module: loading formats (with and without `datasets`), holdout,
 single-domain packing, batch composition."""
 
 import json
-import logging
-import multiprocessing
 import sys
 
 import numpy as np
@@ -144,22 +142,6 @@ def test_training_seeds_share_one_validation_set(synth_mix):
     assert not torch.equal(other.val_set.tokens, modules[0].val_set.tokens)
 
 
-def test_token_cache_round_trip(tmp_path, synth_mix):
-    """data.cache_dir caches token ids on disk: a cached read equals a fresh encoding, empty docs too."""
-    from testbed.data.datamodule import encode_documents
-    from testbed.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(synth_mix / "tokenizer.json")
-    documents = ["abc def", "", "ghij klm nop " * 20]
-    fresh = encode_documents(tokenizer, documents, None)
-    first = encode_documents(tokenizer, documents, str(tmp_path))
-    assert len(list((tmp_path / "tokens").glob("*.npz"))) == 1
-    second = encode_documents(tokenizer, documents, str(tmp_path))
-    assert first == fresh and second == fresh and fresh[1] == []
-    assert encode_documents(tokenizer, documents[:2], str(tmp_path)) == fresh[:2]
-    assert len(list((tmp_path / "tokens").glob("*.npz"))) == 2
-
-
 def test_local_files_load_without_datasets_to_the_same_token_ids(tmp_path, monkeypatch):
     """With `datasets` not installed (a bare GPU image), the shipped jsonl.gz mix, json, jsonl and text
     folders load through the plain reader: the same documents, hence the same token ids and batches."""
@@ -194,47 +176,5 @@ def test_local_files_load_without_datasets_to_the_same_token_ids(tmp_path, monke
     plain = DomainMixDataModule(config)
     plain.setup()
     for ours, theirs in zip(plain.splits, reference.splits, strict=True):
-        assert torch.equal(ours.train, theirs.train) and torch.equal(ours.val, theirs.val)
-
-
-def _encode_in_child(cache_dir, documents, tokenizer_path, barrier, results):
-    from testbed.data.datamodule import encode_documents
-    from testbed.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_path)
-    records = []
-    handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())
-    logging.getLogger("testbed.data.datamodule").addHandler(handler)
-    logging.getLogger("testbed.data.datamodule").setLevel(logging.DEBUG)  # cache reads are DEBUG records
-    barrier.wait()  # all processes ask for the same cache entry at once
-    results.put((encode_documents(tokenizer, documents, cache_dir), records))
-
-
-def test_token_cache_is_written_once_by_concurrent_processes(tmp_path, synth_mix):
-    """Three processes ask for the same uncached entry at the same moment: one encodes and writes it, the
-    other two wait on the lock and read it; all get the fresh encoding and no temporary file is left."""
-    from testbed.data.datamodule import encode_documents
-    from testbed.data.tokenizer import load_tokenizer
-
-    documents = [f"abc def {i} " * 50 for i in range(40)]
-    tokenizer_path = str(synth_mix / "tokenizer.json")
-    fresh = encode_documents(load_tokenizer(tokenizer_path), documents, None)
-    context = multiprocessing.get_context("fork")
-    barrier, results = context.Barrier(3), context.Queue()
-    children = [
-        context.Process(
-            target=_encode_in_child, args=(str(tmp_path), documents, tokenizer_path, barrier, results)
-        )
-        for _ in range(3)
-    ]
-    for child in children:
-        child.start()
-    outcomes = [results.get(timeout=60) for _ in children]
-    for child in children:
-        child.join(timeout=60)
-        assert child.exitcode == 0
-    assert all(ids == fresh for ids, _ in outcomes)
-    messages = sorted(m.split(":")[1].split()[0] for _, records in outcomes for m in records)
-    assert messages == ["read", "read", "wrote"]
-    assert [p.suffix for p in sorted((tmp_path / "tokens").iterdir())] == [".lock", ".npz"]
+        assert torch.equal(ours.train.tensor(), theirs.train.tensor())
+        assert torch.equal(ours.val.tensor(), theirs.val.tensor())

@@ -159,10 +159,9 @@ def test_threads_per_packed_job():
 
 
 @pytest.mark.slow
-def test_packed_grid_runs_two_processes_sharing_one_token_cache(tmp_path, synth_mix):
+def test_packed_grid_runs_two_processes_sharing_one_token_store(tmp_path, synth_mix):
     """`--jobs 2` on a 2-point grid (X2's smoke variant, seeds 0 and 1): two training processes at once,
-    both finish with summary.json, and the shared token cache holds one file per (domain, split), written
-    once and read by the other process."""
+    both finish with summary.json, and they share one token store, built once."""
     from tests.conftest import SMALL_MODEL, SYNTH_DOMAINS
 
     cache = tmp_path / "cache"
@@ -175,21 +174,18 @@ def test_packed_grid_runs_two_processes_sharing_one_token_cache(tmp_path, synth_
         *SMALL_MODEL,
     ]
     out = tmp_path / "x2"
-    # cache reads are DEBUG records (16 lines a run otherwise): shown for the data module's logger only
-    verbose = "hydra.verbose=testbed.data.datamodule"
-    assert ex.main(["x2", "--smoke", "--seeds", "0,1", "--jobs", "2", "--out", str(out), *data, verbose]) == 0
+    assert ex.main(["x2", "--smoke", "--seeds", "0,1", "--jobs", "2", "--out", str(out), *data]) == 0
     runs = summaries(out)
     assert sorted(path.relative_to(out).parts[:2] for path in runs) == [
         ("capacity", "s0"),
         ("capacity", "s1"),
     ]
     assert all(summary["steps"] == 2 for summary in runs.values())
-    entries = sorted(p.name for p in (cache / "tokens").glob("*.npz"))
-    assert len(entries) == 2 * len(SYNTH_DOMAINS)  # train and validation ids of each domain
+    stores = [p for p in (cache / "stores").iterdir() if p.is_dir()]
+    assert len(stores) == 1 and len(list(stores[0].glob("*.bin"))) == 3 * len(SYNTH_DOMAINS)
     logs = "".join((out / "capacity" / seed / "sweep.log").read_text() for seed in ("s0", "s1"))
-    wrote = sorted(line.rsplit("/", 1)[1] for line in logs.splitlines() if "token cache: wrote" in line)
-    read = sorted(line.rsplit("/", 1)[1] for line in logs.splitlines() if "token cache: read" in line)
-    assert wrote == entries and read == entries  # each entry: one process wrote it, the other read it
+    assert logs.count("building the token store") == 1  # one process built it, the other waited
+    assert logs.count(f"reading the token store {stores[0]}") == 2
 
 
 @pytest.mark.slow

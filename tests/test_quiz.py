@@ -116,8 +116,8 @@ def test_build_is_deterministic(synth_mix, tmp_path):
 
 
 def test_every_true_answer_continues_a_validation_document(synth_mix, tmp_path):
-    from testbed.data.datamodule import DomainMixDataModule, holdout
-    from testbed.data.loading import load_documents
+    from testbed.data.datamodule import DomainMixDataModule
+    from testbed.data.prepare import mix_splits
 
     out = build(synth_mix, tmp_path / "quiz")
     data = Q.compose_data(synth_overrides(synth_mix))
@@ -129,11 +129,9 @@ def test_every_true_answer_continues_a_validation_document(synth_mix, tmp_path):
     assert len(items) == len(provenance) == 24
     letters = set()
     for index, domain in enumerate(SYNTH_DOMAINS):
-        _, val_docs = holdout(load_documents(domain, None, data.root), data, index)
-        split = datamodule.splits[index]  # what training reads: the packed training stream of the domain
-        train_text = tokenizer.decode(
-            torch.cat([split.train[:, :-1].reshape(-1), split.train[-1, -1:]]).tolist()
-        )
+        val_docs = mix_splits(data)[domain].val
+        train = datamodule.splits[index].train.tensor()  # what training reads: the domain's training stream
+        train_text = tokenizer.decode(torch.cat([train[:, :-1].reshape(-1), train[-1, -1:]]).tolist())
         val_ids = [tokenizer.encode(doc).ids for doc in val_docs]
         for item, source in zip(
             [i for i in items if i.subject == domain],

@@ -9,7 +9,13 @@ import torch
 
 from testbed.analysis import report
 from testbed.config import parse_config
-from testbed.metrics.regime import baseline_role, gap_to_unigram, regime_check
+from testbed.metrics.regime import (
+    baseline_role,
+    epochs_trained,
+    gap_to_unigram,
+    regime_check,
+    repeated_domains,
+)
 from testbed.model import MoETransformer
 from testbed.train.module import build_losses
 from tests.conftest import compose
@@ -120,6 +126,30 @@ def test_report_prints_regime_and_flags_runs_below_dense(tmp_path, capsys):
     assert cells[6] == "+0.150 ± 0.215"  # over hash: +0.2, +0.2, +0.05: std 0.0866
     assert "BELOW DENSE-ACTIVE** (3/3 runs)" in line
     assert "| model=m_dense | 3 |" in text and "(dense)" in text
+
+
+def test_repeated_data_is_flagged_in_the_regime_table_and_report(tmp_path, capsys):
+    """epochs_at_max_steps (at trainer.max_steps = 2) scaled by the steps trained: a run stopped at step 1
+    of 2 read half as much; any domain past one epoch flags its configuration."""
+    once = summary(0, 5.0)
+    once["data"] = [{"domain": "a", "epochs_at_max_steps": 0.4}, {"domain": "b", "epochs_at_max_steps": 0.9}]
+    assert epochs_trained(once) == {"a": 0.4, "b": 0.9} and repeated_domains(once) == {}
+    twice = copy.deepcopy(once)
+    twice["data"][1]["epochs_at_max_steps"] = 2.5
+    assert repeated_domains(twice) == {"b": 2.5}
+    twice["steps"] = 1
+    assert repeated_domains(twice) == {"b": 1.25} and regime_check(twice, [])["regime/max_epochs"] == 1.25
+    write_run(tmp_path, "short", once, ["model=m", "data=small"])
+    write_run(tmp_path, "long", twice, ["model=m", "data=tiny"])
+    write_run(tmp_path, "dense", summary(0, 5.2, dense_hidden=16), ["model=m_dense", "data=small"])
+    assert report.main([str(tmp_path), "--no-committed-baselines"]) == 0
+    out = capsys.readouterr().out
+    rows = {
+        line.split("|")[1].strip(): line for line in out.split("Regime check")[1].splitlines() if "|" in line
+    }
+    assert "| 0.90 |" in rows["model=m data=small"] and "repeats its data" not in rows["model=m data=small"]
+    assert "| 1.25 |" in rows["model=m data=tiny"] and "**repeats its data**" in rows["model=m data=tiny"]
+    assert "**Repeated data**: 1 configuration(s)" in out and "- model=m data=tiny: b 1.25" in out
 
 
 def test_summaries_without_resolved_sections_read_them_from_hydra_config(tmp_path):

@@ -5,7 +5,7 @@ accuracy spread on a quiz).
 `testbed-quiz build [overrides] --out DIR` writes one `<domain>_test.csv` per domain, exactly in the format of
 MMLU's `data/test/*_test.csv` files (no header; columns question,A,B,C,D,answer), plus `manifest.json` and
 `provenance.jsonl`. An item is taken from a *validation* document of the data config (the holdout of
-`testbed.data.datamodule.holdout`, the one training uses), so the quiz never contains training text:
+`testbed.data.prepare.mix_splits`, the one training uses), so the quiz never contains training text:
 - question: `--prefix-tokens` consecutive tokens of the document, decoded to text;
 - true option: the next `--answer-tokens` tokens of the same document, decoded;
 - three distractors: spans of `--answer-tokens` tokens from other positions or other validation documents of

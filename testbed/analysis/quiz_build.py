@@ -1,5 +1,5 @@
 """`testbed-quiz build`: MMLU-format items from the validation documents of a data config (the holdout of
-`testbed.data.datamodule.holdout`, the one training uses), the manifest that records that holdout, and the
+`testbed.data.prepare.mix_splits`, the one training uses), the manifest that records that holdout, and the
 check at evaluation of a quiz's holdout against a model's data config. Definitions: testbed/analysis/quiz.py.
 """
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from testbed.analysis.quiz_items import LETTERS, QuizError, QuizItem, write_quiz_csv
-from testbed.data.datamodule import holdout
-from testbed.data.loading import SHIPPED_TOKENIZER, load_documents
+from testbed.data.loading import SHIPPED_TOKENIZER
+from testbed.data.prepare import mix_splits
 from testbed.data.tokenizer import load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -129,6 +129,8 @@ def data_description(data) -> dict:
         "domains": list(data.domains),
         "split_seed": data.split_seed,
         "val_fraction": data.val_fraction,
+        "test_fraction": data.test_fraction,
+        "dedup_paragraphs": data.dedup_paragraphs,
         "sources": {k: dataclasses.asdict(v) for k, v in data.sources.items()},
     }
 
@@ -165,9 +167,9 @@ def build_quiz(
         "domains": {},
     }
     lines = []
-    for index, domain in enumerate(data.domains):
-        documents = load_documents(domain, data.sources.get(domain), data.root, data.cache_dir)
-        _, val_documents = holdout(documents, data, index)
+    splits = mix_splits(data)
+    for domain in data.domains:
+        val_documents = splits[domain].val
         items, provenance = build_domain(
             tokenizer, val_documents, domain, items_per_domain, prefix_tokens, answer_tokens, seed, whitespace
         )
@@ -212,8 +214,8 @@ def holdout_check(quiz_paths: Sequence[str | Path], data) -> dict:
         for domain in manifest["domains"]:
             if domain not in ours["domains"]:
                 continue  # the model never trained on this domain
-            for key in ("root", "split_seed", "val_fraction"):
-                if theirs[key] != ours[key]:
+            for key in ("root", "split_seed", "val_fraction", "dedup_paragraphs"):
+                if theirs.get(key, False) != ours[key]:
                     problems.append(f"{domain}: quiz data.{key}={theirs[key]!r}, model {ours[key]!r}")
             if theirs["sources"].get(domain) != ours["sources"].get(domain):
                 problems.append(f"{domain}: data.sources.{domain} differs")

@@ -30,7 +30,7 @@ import yaml
 from scipy import stats
 from scipy.optimize import brentq
 
-from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check
+from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check, repeated_domains
 from testbed.plots import domain_expert_heatmaps, frontier_scatter, per_layer_curves, training_curves
 from testbed.routing import ROUTERS
 
@@ -144,7 +144,7 @@ def add_regime(runs: list[dict], extra_roots: list[Path]) -> None:
             candidates[key] = with_resolved_config(summary, Path(summary["_dir"]))
     pool = list(candidates.values())
     for run in runs:
-        for key in REGIME_KEYS:
+        for key in (*REGIME_KEYS, "regime/max_epochs"):
             run["summary"].pop(key, None)
         run["summary"].update(regime_check(run["summary"], pool))
 
@@ -160,12 +160,16 @@ def ci95(values: list) -> tuple[float, float, int]:
 
 def regime_table(runs: list[dict]) -> str:
     """Per configuration: n, gap to unigram and the gains over the baselines (mean ± 95% CI over seeds,
-    paired by seed where the baseline has that seed); configurations below the dense-active line flagged."""
+    paired by seed where the baseline has that seed); configurations below the dense-active line flagged, and
+    those that read some domain's training tokens more than once (max epochs: the most over domains and
+    runs)."""
     _, groups = group_runs(runs)
     keys = [k for k in REGIME_KEYS]
     lines = [
-        "| configuration | n | " + " | ".join(k.removeprefix("regime/") for k in keys) + " | regime |",
-        "|" + "---|" * (len(keys) + 3),
+        "| configuration | n | "
+        + " | ".join(k.removeprefix("regime/") for k in keys)
+        + " | max epochs | regime |",
+        "|" + "---|" * (len(keys) + 4),
     ]
     shown = 0
     for group in groups:
@@ -191,6 +195,11 @@ def regime_table(runs: list[dict]) -> str:
             verdict = f"**BELOW DENSE-ACTIVE** ({below}/{n} runs)"
         else:
             verdict = f"not separated from dense-active ({below}/{n} runs below)"
+        epochs = [run["summary"].get("regime/max_epochs") for run in group["runs"]]
+        epochs = [e for e in epochs if isinstance(e, int | float)]
+        cells.append(f"{max(epochs):.2f}" if epochs else "")
+        if epochs and max(epochs) > 1:
+            verdict += "; **repeats its data**"
         lines.append(
             f"| {settings_label(group)} | {len(group['runs'])} | " + " | ".join(cells) + f" | {verdict} |"
         )
@@ -201,9 +210,37 @@ def regime_table(runs: list[dict]) -> str:
             "",
             "",
             "Regime check (nats/token; gain = baseline val loss - this val loss, > 0 better; "
-            "mean ± 95% CI over seeds; gap_to_unigram = unigram entropy - val loss):",
+            "mean ± 95% CI over seeds; gap_to_unigram = unigram entropy - val loss; max epochs: the most "
+            "times any run of the configuration read a domain's training tokens, > 1 = trained on repeated "
+            "data):",
             "",
             *lines,
+        ]
+    )
+
+
+def repetition_note(runs: list[dict]) -> str:
+    """A warning naming the configurations that trained past one epoch on some domain (empty if none)."""
+    _, groups = group_runs(runs)
+    flagged = []
+    for group in groups:
+        worst: dict[str, float] = {}
+        for run in group["runs"]:
+            for domain, epochs in repeated_domains(run["summary"]).items():
+                worst[domain] = max(worst.get(domain, 0.0), epochs)
+        if worst:
+            figures = ", ".join(f"{d} {e:.2f}" for d, e in sorted(worst.items(), key=lambda x: -x[1]))
+            flagged.append(f"- {settings_label(group)}: {figures}")
+    if not flagged:
+        return ""
+    return "\n".join(
+        [
+            "",
+            "",
+            f"**Repeated data**: {len(flagged)} configuration(s) read some domain's training tokens more "
+            "than once (epochs per domain, the most over seeds); their losses mix generalisation with "
+            "memorisation:",
+            *flagged,
         ]
     )
 
@@ -768,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
         csv_header += [f"{c}:{s}" for c in columns for s in ("mean", "std", "n")]
     text = markdown(header, rows, failed) if header else markdown(["run"], [], failed)
     text += regime_table(runs) if runs and not args.per_run else ""
+    text += repetition_note(runs)
     for metric in split_list(args.curve_table):
         text += curve_table(runs, metric)
     for metric in split_list(args.compare_metric):

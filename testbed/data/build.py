@@ -5,6 +5,7 @@
     testbed-data --list                                              # domains and availability
     testbed-data tokenizer data.domains=[a,b] +data.sources.a.path=a.jsonl ... --out my/tokenizer.json
                                                                      # a tokenizer for a run's own domains
+    testbed-data distinguish data=large --out data/large/distinguish  # how separable the domains are
 
 Each domain's documents are taken whole, in source order, spread over the whole source (not just
 its beginning), until about ``--bytes-per-domain`` UTF-8 bytes. The same sources give
@@ -22,17 +23,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from testbed import PROJECT_ROOT
 from testbed.config import DataConfig, parse_config
+from testbed.data import distinguish
 from testbed.data.corpora import SHIPPED_DOMAINS, SOURCES, SourceMissingError, iter_domain_documents
-from testbed.data.datamodule import badly_packed, bytes_per_token, holdout
-from testbed.data.loading import SHIPPED_TOKENIZER, load_documents
+from testbed.data.datamodule import badly_packed, bytes_per_token
+from testbed.data.loading import SHIPPED_TOKENIZER
+from testbed.data.prepare import mix_splits, open_mix_store
 from testbed.data.tokenizer import load_tokenizer, train_tokenizer
 from testbed.errors import DataError, TestbedError
+from testbed.plots import confusion_figure
 
 MANIFEST = "manifest.json"
 
@@ -123,11 +128,7 @@ def data_config(overrides: Sequence[str]) -> DataConfig:
 def training_documents(config: DataConfig) -> dict[str, list[str]]:
     """Each domain's training documents: what a run with `config` trains on (its validation documents are
     held out here too, so that the tokenizer never sees them)."""
-    per_domain = {}
-    for index, domain in enumerate(config.domains):
-        documents = load_documents(domain, config.sources.get(domain), config.root, config.cache_dir)
-        per_domain[domain] = holdout(documents, config, index)[0]
-    return per_domain
+    return {domain: parts.train for domain, parts in mix_splits(config).items()}
 
 
 def packing(tokenizer, per_domain: dict[str, list[str]]) -> dict[str, float]:
@@ -181,6 +182,42 @@ def tokenizer_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def distinguish_main(argv: Sequence[str]) -> int:
+    """``testbed-data distinguish``: the distinguishability report of a data config
+    (testbed.data.distinguish); its token store is built if needed."""
+    parser = argparse.ArgumentParser(
+        prog="testbed-data distinguish",
+        description="Accuracy of a bag-of-tokens classifier on held-out windows of each domain, and the "
+        "confusion matrix (distinguish.json, confusion.png).",
+    )
+    parser.add_argument("overrides", nargs="*", help="data overrides as for testbed-train (data=large ...)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="folder for distinguish.json and confusion.png"
+    )
+    parser.add_argument(
+        "--window", type=int, default=distinguish.WINDOW, help=f"tokens per window ({distinguish.WINDOW})"
+    )
+    parser.add_argument("--max-windows", type=int, default=None, help="held-out windows per domain and split")
+    args = parser.parse_args(argv)
+    try:
+        if args.window < 1:
+            raise DataError(f"--window: got {args.window}; allowed: a positive number of tokens")
+        config = data_config(args.overrides)
+        store = open_mix_store(config, load_tokenizer(config.tokenizer or SHIPPED_TOKENIZER))
+        result = distinguish.report(store, config.domains, args.window, args.max_windows)
+    except (TestbedError, ValueError, HydraException, OmegaConfBaseException) as error:
+        print(f"error: {str(error).strip()}", file=sys.stderr)
+        return 2
+    result["data"] = {"name": config.name, "tokenizer": config.tokenizer or str(SHIPPED_TOKENIZER)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distinguish.json").write_text(json.dumps(result, indent=2) + "\n")
+    title = f"{config.name}: bag-of-tokens classifier on {args.window}-token held-out windows"
+    confusion_figure(result["domains"], np.asarray(result["confusion"]), args.out / "confusion.png", title)
+    print(distinguish.markdown(result))
+    print(f"wrote {args.out / 'distinguish.json'} and {args.out / 'confusion.png'}")
+    return 0
+
+
 def list_domains() -> None:
     print(f"{'domain':<14} {'shipped':<8} {'available':<10} licence / install")
     for name, source in SOURCES.items():
@@ -226,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["tokenizer"]:
         return tokenizer_main(argv[1:])
+    if argv[:1] == ["distinguish"]:
+        return distinguish_main(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.list:

@@ -7,14 +7,10 @@ into one optimizer step) come from different domains (SPEC "Balancing scope").
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import math
-import os
 import shlex
 import statistics
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +22,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from testbed.config import DataConfig, DomainSourceConfig
-from testbed.data.loading import (
-    SHIPPED_MIX,
-    SHIPPED_TOKENIZER,
-    infer_format,
-    load_documents,
-    resolve_data_path,
-)
+from testbed.data.loading import SHIPPED_TOKENIZER, describe_source, resolve_data_path
+from testbed.data.prepare import open_mix_store
+from testbed.data.splits import permutation_labels
+from testbed.data.store import Windows
 from testbed.data.tokenizer import load_tokenizer
 from testbed.errors import DataError
 
@@ -47,15 +40,18 @@ run's tokenizer: its sequences hold much less text, and its loss is not comparab
 
 @dataclass
 class DomainSplit:
-    """Packed sequences of one domain: tokens [N, seq_len + 1] (inputs are [:, :-1], targets [:, 1:])."""
+    """One domain's windows of seq_len + 1 tokens (inputs [:-1], targets [1:]) per split, in the store."""
 
     name: str
-    train: torch.Tensor
-    val: torch.Tensor
+    train: Windows
+    val: Windows
     train_documents: int
     val_documents: int
     bytes_per_token: float = math.nan  # UTF-8 bytes of the training documents per token (EOS not counted)
-    source: dict = field(default_factory=dict)  # where the documents came from (describe_source)
+    source: dict = field(default_factory=dict)  # where the documents came from (loading.describe_source)
+    test: Windows | None = None  # with data.test_fraction > 0
+    test_documents: int = 0
+    dedup: dict | None = None  # paragraphs removed across splits (data.dedup_paragraphs)
 
 
 def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
@@ -72,20 +68,12 @@ def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
 
 
 def split_documents(documents: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    """Hold out whole documents for validation, chosen by a seeded permutation (at least one each side)."""
-    order = np.random.default_rng(seed).permutation(len(documents))
-    num_val = min(max(1, round(val_fraction * len(documents))), len(documents) - 1)
-    val_idx = set(order[:num_val].tolist())
-    train = [d for i, d in enumerate(documents) if i not in val_idx]
-    val = [d for i, d in enumerate(documents) if i in val_idx]
+    """Hold out whole documents for validation, chosen by a seeded permutation (at least one each side; the
+    permutation of testbed.data.splits, without a test split or deduplication)."""
+    labels = permutation_labels(len(documents), val_fraction, 0.0, seed)
+    train = [d for d, label in zip(documents, labels, strict=True) if label == "train"]
+    val = [d for d, label in zip(documents, labels, strict=True) if label == "val"]
     return train, val
-
-
-def holdout(documents: list[str], config: DataConfig, domain_index: int) -> tuple[list[str], list[str]]:
-    """(train, validation) documents of the domain at position `domain_index` of `config.domains`: the one
-    holdout every consumer (training, `testbed-quiz build`) uses. Depends on data.split_seed, val_fraction
-    and the domain's position, never on `seed`."""
-    return split_documents(documents, config.val_fraction, config.split_seed * 1000 + domain_index)
 
 
 def bytes_per_token(documents: list[str], token_lists: list[list[int]]) -> float:
@@ -115,18 +103,6 @@ def repetition_epochs(
     return [float(sequences_drawn * share / count) for share, count in pairs]
 
 
-def describe_source(domain: str, source: DomainSourceConfig | None, root: str | None) -> dict:
-    """Where a domain's documents come from, as `load_documents` reads them: a hub dataset (name, config,
-    split) or a local path (resolved) with its format; and the text field."""
-    source = source or DomainSourceConfig()
-    if source.hf_dataset:
-        where = {"hf_dataset": source.hf_dataset, "hf_config": source.hf_config, "hf_split": source.hf_split}
-    else:
-        path = resolve_data_path(source.path or Path(root or SHIPPED_MIX) / f"{domain}.jsonl.gz")
-        where = {"path": str(path), "format": source.format or infer_format(path)}
-    return {**where, "text_field": source.text_field}
-
-
 def tokenizer_command(config: DataConfig, out: str) -> str:
     """The `testbed-data tokenizer` command that trains a tokenizer on this data config's domains."""
     overrides = [f"data.domains=[{','.join(config.domains)}]"]
@@ -151,24 +127,47 @@ def interleave(offsets: np.ndarray) -> list[int]:
     ]
 
 
-class PackedSequences(Dataset):
-    """All domains' sequences in one tensor; item i -> (tokens [S+1], domain id)."""
+class WindowDataset(Dataset):
+    """All domains' windows of one split: item i -> (tokens [S+1], domain id). A batch is read in one call
+    (`__getitems__`, which the DataLoader uses when present), straight from the token store."""
 
-    def __init__(self, parts: list[torch.Tensor]):
-        self.tokens = torch.cat(parts) if parts else torch.zeros(0, 1, dtype=torch.long)
-        self.domain = torch.cat([torch.full((len(p),), d, dtype=torch.long) for d, p in enumerate(parts)])
+    def __init__(self, parts: list[Windows]):
+        self.parts = parts
         self.offsets = np.cumsum([0] + [len(p) for p in parts])
 
     def __len__(self) -> int:
-        return len(self.tokens)
+        return int(self.offsets[-1])
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """All windows in memory, [len, seq_len + 1] (tests, small validation sets)."""
+        return torch.cat([p.tensor() for p in self.parts])
 
     def __getitem__(self, index: int):
-        return self.tokens[index], self.domain[index]
+        tokens, domains = self.__getitems__([index])
+        return tokens[0], domains[0]
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"window index outside [0, {len(self)})")
+        domains = np.searchsorted(self.offsets, indices, side="right") - 1
+        local = (indices - self.offsets[domains]).tolist()
+        width = self.parts[0].seq_len + 1 if self.parts else 1
+        tokens = np.empty((len(indices), width), dtype=np.int64)
+        for row, (domain, index) in enumerate(zip(domains.tolist(), local, strict=True)):
+            part = self.parts[domain]
+            tokens[row] = part.stream.read(index * part.seq_len, width)
+        return torch.from_numpy(tokens), torch.from_numpy(domains)
 
 
 def collate(items) -> dict[str, torch.Tensor]:
-    tokens = torch.stack([t for t, _ in items])
-    domain = torch.stack([d for _, d in items])
+    """A batch from `WindowDataset.__getitems__` ((tokens, domains)) or from items [(tokens, domain)]."""
+    if isinstance(items, tuple):
+        tokens, domain = items
+    else:
+        tokens = torch.stack([t for t, _ in items])
+        domain = torch.stack([torch.as_tensor(d) for _, d in items])
     return {
         "input_ids": tokens[:, :-1],
         "targets": tokens[:, 1:],
@@ -247,8 +246,9 @@ class DomainBatchSampler(Sampler[list[int]]):
             return self._take(self._next_domain(), self.batch_size)
         domains = self.rng.choice(len(self.sizes), size=self.batch_size, p=self.weights)
         batch = []
-        for domain in np.unique(domains):
-            batch.extend(self._take(int(domain), int((domains == domain).sum())))
+        for domain, count in enumerate(np.bincount(domains, minlength=len(self.sizes)).tolist()):
+            if count:
+                batch.extend(self._take(domain, count))
         return batch
 
     def skip(self, batches: int) -> None:
@@ -272,60 +272,6 @@ def data_parallel_rank() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
-
-
-def _read_token_cache(path: Path) -> list[list[int]]:
-    with np.load(path) as cached:
-        ids, lengths = cached["ids"], cached["lengths"]
-    return [chunk.tolist() for chunk in np.split(ids, np.cumsum(lengths)[:-1])] if len(lengths) else []
-
-
-def encode_documents(tokenizer, documents: list[str], cache_dir: str | None) -> list[list[int]]:
-    """Token ids of each document. With `data.cache_dir` set, cached in <cache_dir>/tokens/<sha256>.npz,
-    keyed by the tokenizer's JSON and the exact documents (a sweep tokenizes its data once).
-
-    Safe for concurrent runs (`testbed-experiment --jobs N`, packed GPU grids): the first process to take
-    the lock file encodes and writes (to a temporary file of its own, then an atomic rename); the others
-    wait on the lock and read what it wrote. Without `fcntl` (not POSIX) the rename alone keeps readers
-    from ever seeing a half-written file."""
-    if not cache_dir:
-        return [e.ids for e in tokenizer.encode_batch(documents)]
-    digest = hashlib.sha256(tokenizer.to_str().encode("utf-8"))
-    for document in documents:
-        digest.update(len(document).to_bytes(8, "little"))
-        digest.update(document.encode("utf-8"))
-    path = Path(cache_dir) / "tokens" / f"{digest.hexdigest()}.npz"
-    if path.exists():
-        logger.debug("token cache: read %s", path)
-        return _read_token_cache(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive(path.with_suffix(".lock")):
-        if path.exists():  # another process wrote it while this one waited
-            logger.debug("token cache: read %s", path)
-            return _read_token_cache(path)
-        encoded = [e.ids for e in tokenizer.encode_batch(documents)]
-        temporary = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex}.tmp.npz")
-        ids = np.fromiter((i for doc in encoded for i in doc), dtype=np.int32)
-        np.savez(temporary, ids=ids, lengths=np.array([len(doc) for doc in encoded], dtype=np.int64))
-        os.replace(temporary, path)  # atomic: parallel runs never read a half-written file
-        logger.info("token cache: wrote %s", path)
-    return encoded
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """Hold an exclusive advisory lock on `lock_path` (POSIX fcntl; a no-op where it is missing)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        yield
-        return
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class DomainMixDataModule(L.LightningDataModule):
@@ -387,37 +333,58 @@ class DomainMixDataModule(L.LightningDataModule):
     def _load(self) -> None:
         cfg = self.config
         self.tokenizer = load_tokenizer(cfg.tokenizer or SHIPPED_TOKENIZER)
+        self.store = open_mix_store(cfg, self.tokenizer)
+        logger.info("reading the token store %s", self.store.path)
+        held_out = train_cap = None
+        if cfg.val_tokens_per_domain:
+            held_out = max(1, math.ceil(cfg.val_tokens_per_domain / cfg.seq_len))
+        if cfg.max_train_tokens_per_domain:
+            train_cap = max(1, cfg.max_train_tokens_per_domain // cfg.seq_len)
         splits = []
-        for index, domain in enumerate(cfg.domains):
-            documents = load_documents(domain, cfg.sources.get(domain), cfg.root, cfg.cache_dir)
-            train_docs, val_docs = holdout(documents, cfg, index)
-            train_ids = encode_documents(self.tokenizer, train_docs, cfg.cache_dir)
-            train = pack(train_ids, cfg.seq_len)
-            val = pack(encode_documents(self.tokenizer, val_docs, cfg.cache_dir), cfg.seq_len)
-            if cfg.max_train_tokens_per_domain > 0:
-                train = train[: max(1, cfg.max_train_tokens_per_domain // cfg.seq_len)]
-            if cfg.val_tokens_per_domain > 0:
-                val = val[: max(1, math.ceil(cfg.val_tokens_per_domain / cfg.seq_len))]
-            if len(train) == 0 or len(val) == 0:
-                raise DataError(
-                    f"domain '{domain}': too little text for data.seq_len={cfg.seq_len} "
-                    f"({len(train)} train and {len(val)} validation sequences); add documents "
-                    "or lower data.seq_len"
+        for domain in cfg.domains:
+            caps = {"train": train_cap, "val": held_out, "test": held_out}
+            windows = {
+                split: Windows(self.store.stream(domain, split), cfg.seq_len, caps[split]) for split in caps
+            }
+            info = {split: self.store.split_info(domain, split) for split in windows}
+            needed = ["train", "val"] + (["test"] if cfg.test_fraction > 0 else [])
+            empty = [split for split in needed if len(windows[split]) == 0]
+            source = (
+                describe_source(domain, cfg.sources.get(domain), cfg.root)
+                if cfg.hub is None
+                else {"hub": cfg.hub.dataset, "label_field": cfg.hub.label_field}
+            )
+            if empty:
+                figures = ", ".join(
+                    f"{split}: {info[split]['documents']} documents, {info[split]['tokens']} tokens"
+                    for split in needed
                 )
+                raise DataError(
+                    f"domain '{domain}' ({source}): too little text for data.seq_len={cfg.seq_len} in its "
+                    f"{' and '.join(empty)} split ({figures}; a split needs at least seq_len + 1 = "
+                    f"{cfg.seq_len + 1} tokens); add documents, lower data.seq_len or raise the split's "
+                    "fraction"
+                )
+            train_info = info["train"]
+            text_tokens = train_info["tokens"] - train_info["documents"]  # EOS not counted
             splits.append(
                 DomainSplit(
                     domain,
-                    train,
-                    val,
-                    len(train_docs),
-                    len(val_docs),
-                    bytes_per_token(train_docs, train_ids),
-                    describe_source(domain, cfg.sources.get(domain), cfg.root),
+                    windows["train"],
+                    windows["val"],
+                    train_info["documents"],
+                    info["val"]["documents"],
+                    train_info["bytes"] / text_tokens if text_tokens > 0 else math.nan,
+                    source,
+                    windows["test"] if cfg.test_fraction > 0 else None,
+                    info["test"]["documents"],
+                    self.store.meta["domains"][domain].get("dedup"),
                 )
             )
         self.splits = splits
-        self.train_set = PackedSequences([s.train for s in splits])
-        self.val_set = PackedSequences([s.val for s in splits])
+        self.train_set = WindowDataset([s.train for s in splits])
+        self.val_set = WindowDataset([s.val for s in splits])
+        self.test_set = WindowDataset([s.test for s in splits]) if cfg.test_fraction > 0 else None
 
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
@@ -463,16 +430,24 @@ class DomainMixDataModule(L.LightningDataModule):
         )
 
     def describe(self) -> list[dict]:
-        return [
-            {
+        """Per domain: documents, sequences and tokens of each split, bytes per token, source, paragraphs
+        removed across splits (with data.dedup_paragraphs) and the token store read."""
+        out = []
+        for s in self.splits or []:
+            entry = {
                 "domain": s.name,
                 "train_documents": s.train_documents,
                 "val_documents": s.val_documents,
-                "train_sequences": int(s.train.shape[0]),
-                "train_tokens": int(s.train.shape[0] * (s.train.shape[1] - 1)),
-                "val_tokens": int(s.val.shape[0] * (s.val.shape[1] - 1)),
+                "train_sequences": len(s.train),
+                "train_tokens": len(s.train) * s.train.seq_len,
+                "val_tokens": len(s.val) * s.val.seq_len,
                 "bytes_per_token": round(s.bytes_per_token, 4),
                 "source": s.source,
             }
-            for s in (self.splits or [])
-        ]
+            if s.test is not None:
+                entry.update(test_documents=s.test_documents, test_tokens=len(s.test) * s.test.seq_len)
+            if s.dedup is not None:
+                entry["dedup"] = s.dedup
+            entry["token_store"] = str(self.store.path)
+            out.append(entry)
+        return out

@@ -142,12 +142,12 @@ def check_json_rows(path: Path, text_field: str) -> None:
 
 
 def check_utf8(path: Path) -> None:
-    """Decode the whole file (gzip-aware) so a bad byte is reported with its file and offset."""
-    opener = gzip.open if path.suffix == ".gz" else open
+    """Decode the whole file (compression-aware) so a bad byte is reported with its file and offset."""
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(path.suffix, open)
     try:
         with opener(path, "rb") as fh:
             data = fh.read()
-    except (OSError, EOFError) as err:
+    except (OSError, EOFError, lzma.LZMAError) as err:
         raise DataError(f"data file {path}: cannot be read ({err})") from err
     if not data.strip():
         raise DataError(f"data file {path} is empty; each domain needs at least 2 documents")
@@ -207,6 +207,37 @@ def read_local_documents(fmt: str, files: list[Path]) -> tuple[list[dict], list[
     return rows, columns
 
 
+def describe_source(domain: str, source: DomainSourceConfig | None, root: str | None) -> dict:
+    """Where a domain's documents come from, as `load_documents` reads them: a hub dataset (name, config,
+    split) or a local path (resolved) with its format; and the text field."""
+    source = source or DomainSourceConfig()
+    if source.hf_dataset:
+        where = {
+            "hf_dataset": source.hf_dataset,
+            "hf_config": source.hf_config,
+            "hf_split": source.hf_split,
+            "hf_revision": source.hf_revision,
+        }
+    else:
+        path = domain_path(domain, source, root)
+        where = {"path": str(path), "format": source.format or infer_format(path)}
+    return {**where, "text_field": source.text_field}
+
+
+MIX_SUFFIXES = (".jsonl.gz", ".jsonl.xz")
+"""A mix folder holds <domain>.jsonl.gz (the shipped sample) or <domain>.jsonl.xz (the large mix)."""
+
+
+def domain_path(domain: str, source: DomainSourceConfig, root: str | None) -> Path:
+    """The local file (or folder) a domain's documents are read from: data.sources.<domain>.path, else the
+    mix folder's <domain>.jsonl.gz or <domain>.jsonl.xz."""
+    if source.path:
+        return resolve_data_path(source.path)
+    folder = resolve_data_path(root or SHIPPED_MIX)
+    candidates = [folder / f"{domain}{suffix}" for suffix in MIX_SUFFIXES]
+    return next((path for path in candidates if path.exists()), candidates[0])
+
+
 def load_documents(
     domain: str, source: DomainSourceConfig | None, root: str | None, cache_dir: str | None = None
 ) -> list[str]:
@@ -223,7 +254,11 @@ def load_documents(
         datasets.disable_progress_bars()
         try:
             dataset = datasets.load_dataset(
-                source.hf_dataset, source.hf_config, split=source.hf_split, cache_dir=cache_dir
+                source.hf_dataset,
+                source.hf_config,
+                split=source.hf_split,
+                revision=source.hf_revision,
+                cache_dir=cache_dir,
             )
         except Exception as err:  # hub errors vary; name the source and what to check
             raise DataError(
@@ -235,11 +270,13 @@ def load_documents(
         columns = dataset.column_names
         texts = dataset[source.text_field] if source.text_field in columns else []
     else:
-        path = resolve_data_path(source.path or Path(root or SHIPPED_MIX) / f"{domain}.jsonl.gz")
+        path = domain_path(domain, source, root)
         if not source.path and not path.parent.is_dir():
             raise missing_folder_error(path.parent)
         if not path.exists():
-            available = sorted(p.name.split(".")[0] for p in path.parent.glob("*.jsonl.gz"))
+            available = sorted(
+                {p.name.split(".")[0] for suffix in MIX_SUFFIXES for p in path.parent.glob(f"*{suffix}")}
+            )
             command = build_command(path.parent)
             hint = (
                 f"domains available in {path.parent}: {available}; for another domain set "

@@ -1,6 +1,6 @@
 """Routing counts of a pretrained HF MoE on the domain mix (or any `data=` config), streamed.
 
-The validation documents of each domain (the holdout testbed runs use, `testbed.data.datamodule.holdout`)
+The validation documents of each domain (the split testbed runs use, `testbed.data.prepare.mix_splits`)
 are tokenized with the model's own tokenizer one document at a time, joined with the model's EOS token and
 cut into sequences of `seq_len` + 1 tokens, at most `max_tokens_per_domain` tokens per domain: memory stays
 bounded by one batch whatever the length of the documents. Every token keeps its document's domain label.
@@ -18,8 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import Tensor
 
-from testbed.data.datamodule import holdout
-from testbed.data.loading import load_documents
+from testbed.data.prepare import mix_splits
 from testbed.errors import DataError
 from testbed.hf.capture import RouterHooks
 from testbed.hf.load import HFModel
@@ -30,8 +29,7 @@ def domain_sequences(data, domain_index: int, tokenizer, seq_len: int, max_token
     """Sequences [seq_len + 1] of one domain's validation documents, packed with the tokenizer's EOS between
     documents, until `max_tokens` predicted tokens (0: all)."""
     domain = data.domains[domain_index]
-    documents = load_documents(domain, data.sources.get(domain), data.root, data.cache_dir)
-    _, validation = holdout(documents, data, domain_index)
+    validation = mix_splits(data)[domain].val
     eos = getattr(tokenizer, "eos_token_id", None)
     budget = math.ceil(max_tokens / seq_len) if max_tokens > 0 else None
     stream: list[int] = []

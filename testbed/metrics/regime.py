@@ -36,6 +36,9 @@ TRUNK_MODEL_KEYS = (
     "rope_base",
 )
 DATA_IGNORED = ("name", "cache_dir", "num_workers")
+DATA_ADDED = {"test_fraction": 0.0, "dedup_paragraphs": False, "hub": None}
+"""Data settings added after runs were committed, at the values those runs had: a summary without them
+compares equal to one that records them at these values."""
 OPTIM_IGNORED = ("router_lr_scale", "router_weight_decay")  # a dense model has no router
 TRAINER_KEYS = ("max_steps", "accumulate_grad_batches", "gradient_clip_val", "devices")
 
@@ -48,7 +51,7 @@ def comparable_key(summary: dict) -> str | None:
         return None
     key = {
         "model": {k: resolved["model"].get(k) for k in TRUNK_MODEL_KEYS},
-        "data": {k: v for k, v in resolved["data"].items() if k not in DATA_IGNORED},
+        "data": {k: v for k, v in {**DATA_ADDED, **resolved["data"]}.items() if k not in DATA_IGNORED},
         "optim": {k: v for k, v in resolved["optim"].items() if k not in OPTIM_IGNORED},
         "trainer": {k: resolved["trainer"].get(k) for k in TRAINER_KEYS},
         "tokens_seen": summary.get("tokens_seen"),
@@ -92,6 +95,27 @@ def baseline_role(candidate: dict, run: dict) -> str | None:
     return None
 
 
+def epochs_trained(summary: dict) -> dict[str, float]:
+    """Per domain: how many times the run read its training tokens (epochs), at the steps it trained: the
+    data module's figure at trainer.max_steps (summary "data", `epochs_at_max_steps`) scaled by steps /
+    max_steps. Empty for summaries that do not record it."""
+    max_steps = summary.get("resolved", {}).get("trainer", {}).get("max_steps")
+    steps = summary.get("steps")
+    scale = (
+        steps / max_steps if isinstance(steps, int) and isinstance(max_steps, int) and max_steps > 0 else 1.0
+    )
+    return {
+        entry["domain"]: entry["epochs_at_max_steps"] * scale
+        for entry in summary.get("data") or []
+        if isinstance(entry, dict) and isinstance(entry.get("epochs_at_max_steps"), int | float)
+    }
+
+
+def repeated_domains(summary: dict, limit: float = 1.0) -> dict[str, float]:
+    """The domains whose training tokens the run read more than `limit` times, with their epochs."""
+    return {domain: e for domain, e in epochs_trained(summary).items() if e > limit}
+
+
 def gap_to_unigram(summary: dict) -> float | None:
     """Mean over domains of (unigram entropy - val loss), nats/token; > 0: beyond token frequencies."""
     unigram = summary.get("unigram_entropy") or {}
@@ -103,6 +127,9 @@ def regime_check(run: dict, candidates: list[dict]) -> dict:
     """The regime keys of `run` from the candidate summaries that are its baselines (see module doc), plus
     `regime/baselines`: per role, the baseline loss used, how many runs it averages and whether paired."""
     out: dict = {}
+    epochs = epochs_trained(run)
+    if epochs:
+        out["regime/max_epochs"] = max(epochs.values())
     gap = gap_to_unigram(run)
     if gap is not None:
         out["regime/gap_to_unigram"] = gap

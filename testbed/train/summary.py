@@ -14,7 +14,7 @@ from testbed.config import plain
 from testbed.data.datamodule import data_parallel_rank, repetition_epochs
 from testbed.data.loading import SHIPPED_TOKENIZER, resolve_data_path
 from testbed.metrics.per_layer import HEADLINE
-from testbed.metrics.regime import ROLES, read_summaries, regime_check
+from testbed.metrics.regime import ROLES, epochs_trained, read_summaries, regime_check, repeated_domains
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -36,9 +36,10 @@ def unigram_entropies(datamodule) -> dict[str, float]:
     out = {}
     vocab = datamodule.vocab_size()
     for split in datamodule.splits:
-        train_counts = torch.bincount(split.train[:, 1:].reshape(-1), minlength=vocab).double() + 1
+        train_counts = torch.from_numpy(split.train.target_counts(vocab)).double() + 1
         log_p = (train_counts / train_counts.sum()).log()
-        out[split.name] = float(-log_p[split.val[:, 1:].reshape(-1)].mean())
+        val_counts = torch.from_numpy(split.val.target_counts(vocab)).double()
+        out[split.name] = float(-(val_counts * log_p).sum() / val_counts.sum())
     return out
 
 
@@ -136,10 +137,13 @@ def print_summary(summary: dict) -> None:
     table.add_column("domain")
     table.add_column("val loss", justify="right")
     table.add_column("unigram entropy", justify="right")
+    table.add_column("epochs", justify="right")  # times its training tokens were read
+    epochs = epochs_trained(summary)
     for domain, unigram in summary["unigram_entropy"].items():
         loss = summary.get(f"val/loss/{domain}", math.nan)
-        table.add_row(domain, f"{loss:.3f}", f"{unigram:.3f}")
-    table.add_row("mean", f"{summary.get('val/loss', math.nan):.3f}", "")
+        read = f"{epochs[domain]:.2f}" if domain in epochs else ""
+        table.add_row(domain, f"{loss:.3f}", f"{unigram:.3f}", read)
+    table.add_row("mean", f"{summary.get('val/loss', math.nan):.3f}", "", "")
     console.print(table)
     spec = Table(title="specialization (mean over MoE layers)")
     spec.add_column("metric")
@@ -175,6 +179,16 @@ def print_regime(console, summary: dict) -> None:
                 f"{summary[f'regime/gain_over_{role}']:+.3f}",
             )
     console.print(table)
+    repeated = repeated_domains(summary)
+    if repeated:
+        console.print(
+            "[bold]repeated data[/bold]: this run read the training tokens of "
+            + ", ".join(f"{d} {e:.2f} times" for d, e in repeated.items())
+            + "; its losses mix generalisation with memorisation (a larger mix: data=large)"
+        )
+    elif epochs_trained(summary):
+        most = max(epochs_trained(summary).values())
+        console.print(f"no data repeated: every domain's training tokens read at most once (max {most:.2f})")
     model = summary.get("resolved", {}).get("model", {})
     missing = [r for r in ROLES if r not in baselines]
     if model.get("dense_layers", 0) < model.get("n_layers", 0) and missing:
