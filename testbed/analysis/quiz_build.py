@@ -121,6 +121,9 @@ def build_domain(
     return items, provenance
 
 
+DATA_DEFAULTS = {"dedup_paragraphs": False, "group_field": None}  # for manifests written before these
+
+
 def data_description(data) -> dict:
     """What decides the holdout and the text of a data config (recorded in the manifest, checked at eval)."""
     return {
@@ -131,6 +134,7 @@ def data_description(data) -> dict:
         "val_fraction": data.val_fraction,
         "test_fraction": data.test_fraction,
         "dedup_paragraphs": data.dedup_paragraphs,
+        "group_field": data.group_field,
         "sources": {k: dataclasses.asdict(v) for k, v in data.sources.items()},
     }
 
@@ -214,8 +218,8 @@ def holdout_check(quiz_paths: Sequence[str | Path], data) -> dict:
         for domain in manifest["domains"]:
             if domain not in ours["domains"]:
                 continue  # the model never trained on this domain
-            for key in ("root", "split_seed", "val_fraction", "dedup_paragraphs"):
-                if theirs.get(key, False) != ours[key]:
+            for key in ("root", "split_seed", "val_fraction", "dedup_paragraphs", "group_field"):
+                if theirs.get(key, DATA_DEFAULTS.get(key)) != ours[key]:
                     problems.append(f"{domain}: quiz data.{key}={theirs[key]!r}, model {ours[key]!r}")
             if theirs["sources"].get(domain) != ours["sources"].get(domain):
                 problems.append(f"{domain}: data.sources.{domain} differs")

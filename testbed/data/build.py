@@ -6,6 +6,7 @@
     testbed-data tokenizer data.domains=[a,b] +data.sources.a.path=a.jsonl ... --out my/tokenizer.json
                                                                      # a tokenizer for a run's own domains
     testbed-data distinguish data=large --out data/large/distinguish  # how separable the domains are
+    testbed-data large                                               # the large mix, data/large
 
 Each domain's documents are taken whole, in source order, spread over the whole source (not just
 its beginning), until about ``--bytes-per-domain`` UTF-8 bytes. The same sources give
@@ -33,6 +34,7 @@ from testbed.config import DataConfig, parse_config
 from testbed.data import distinguish
 from testbed.data.corpora import SHIPPED_DOMAINS, SOURCES, SourceMissingError, iter_domain_documents
 from testbed.data.datamodule import badly_packed, bytes_per_token
+from testbed.data.large import LARGE_BYTES_PER_DOMAIN, LARGE_MIX, large_domain_documents
 from testbed.data.loading import SHIPPED_TOKENIZER
 from testbed.data.prepare import mix_splits, open_mix_store
 from testbed.data.tokenizer import load_tokenizer, train_tokenizer
@@ -218,6 +220,101 @@ def distinguish_main(argv: Sequence[str]) -> int:
     return 0
 
 
+def write_jsonl_xz(path: Path, records: list[dict]) -> None:
+    """JSON lines, xz-compressed (preset 9, no timestamps in the format): reproducible bytes."""
+    import lzma
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    payload = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records).encode("utf-8")
+    temporary.write_bytes(lzma.compress(payload, preset=9))
+    temporary.replace(path)
+
+
+def build_large_domain(domain: str, out_dir: Path, bytes_per_domain: int) -> dict:
+    """One domain of the large mix: its components' documents (testbed.data.large), spread-sampled to about
+    `bytes_per_domain`, written as <domain>.jsonl.xz with each document's source and group."""
+    documents, counts = large_domain_documents(domain)
+    texts = [d.text for d in documents]
+    chosen = set(map(id, select_documents(texts, bytes_per_domain)))
+    selected = [d for d in documents if id(d.text) in chosen]
+    path = out_dir / f"{domain}.jsonl.xz"
+    records = [{"text": d.text, "domain": domain, "source": d.source_id, "group": d.group} for d in selected]
+    write_jsonl_xz(path, records)
+    components = []
+    for component in LARGE_MIX[domain]:
+        kept = [d for d in selected if d.source_id == component.source_id]
+        components.append(
+            {
+                "source_id": component.source_id,
+                "version": component.version(),
+                "origin": component.origin,
+                "licence": component.licence,
+                "document_unit": component.document_unit,
+                "documents": len(kept),
+                "bytes": sum(len(d.text.encode("utf-8")) for d in kept),
+                "source": counts[component.source_id],
+            }
+        )
+    return {
+        "file": path.name,
+        "documents": len(selected),
+        "bytes": sum(len(d.text.encode("utf-8")) for d in selected),
+        "groups": len({d.group for d in selected if d.group is not None}),
+        "sha256": sha256_of(path),
+        "source_documents": len(documents),
+        "source_bytes": sum(len(t.encode("utf-8")) for t in texts),
+        "components": components,
+    }
+
+
+def large_main(argv: Sequence[str]) -> int:
+    """``testbed-data large``: build the large mix (data/large) and train its tokenizer on its training
+    split (conf/data/large.yaml's split settings)."""
+    parser = argparse.ArgumentParser(prog="testbed-data large", description="Build the large offline mix.")
+    parser.add_argument("--out", type=Path, default=Path("data/large"), help="output folder (data/large)")
+    parser.add_argument("--bytes-per-domain", type=int, default=LARGE_BYTES_PER_DOMAIN)
+    parser.add_argument("--domains", default=",".join(LARGE_MIX), help="comma-separated large domains")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--no-tokenizer", action="store_true", help="keep the folder's tokenizer.json")
+    args = parser.parse_args(argv)
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    unknown = [d for d in domains if d not in LARGE_MIX]
+    if unknown or not domains:
+        parser.error(f"--domains: unknown {unknown}; allowed: {', '.join(LARGE_MIX)}")
+    out_dir: Path = args.out
+    manifest_path = out_dir / MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    entries = manifest.get("domains", {})
+    print(f"{'domain':<14} {'documents':>9} {'bytes':>12} {'xz bytes':>10}")
+    for domain in domains:
+        try:
+            entry = build_large_domain(domain, out_dir, args.bytes_per_domain)
+        except SourceMissingError as error:
+            print(f"error: {error} (make data-sources-large installs every source)", file=sys.stderr)
+            return 1
+        entries[domain] = entry
+        size = (out_dir / entry["file"]).stat().st_size
+        print(f"{domain:<14} {entry['documents']:>9} {entry['bytes']:>12} {size:>10}")
+    manifest = {"domains": dict(sorted(entries.items())), "tokenizer": manifest.get("tokenizer")}
+    manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    if not args.no_tokenizer:
+        overrides = ["data=large", f"data.root={out_dir}", f"data.domains=[{','.join(sorted(entries))}]"]
+        per_domain = training_documents(data_config(overrides))
+        path = out_dir / "tokenizer.json"
+        train_tokenizer(balanced_texts(per_domain), args.vocab_size, path)
+        manifest["tokenizer"] = {
+            "file": path.name,
+            "vocab_size": args.vocab_size,
+            "trained_on": sorted(per_domain),
+            "split": "training documents of conf/data/large.yaml's split, each domain capped at the smallest",
+            "sha256": sha256_of(path),
+        }
+        manifest_path.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+        print(f"tokenizer: {path} (vocab {args.vocab_size}, trained on {len(per_domain)} domains)")
+    return 0
+
+
 def list_domains() -> None:
     print(f"{'domain':<14} {'shipped':<8} {'available':<10} licence / install")
     for name, source in SOURCES.items():
@@ -265,6 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return tokenizer_main(argv[1:])
     if argv[:1] == ["distinguish"]:
         return distinguish_main(argv[1:])
+    if argv[:1] == ["large"]:
+        return large_main(argv[1:])
     parser = make_parser()
     args = parser.parse_args(argv)
     if args.list:

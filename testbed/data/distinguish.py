@@ -109,7 +109,28 @@ def report(store, domains: Sequence[str], window: int = WINDOW, max_windows: int
         "confusion": matrix.tolist(),
         "confusable_rate": CONFUSABLE_RATE,
         "confusable_pairs": confusable_pairs(domains, matrix),
+        "splits": split_table(store, domains),
     }
+
+
+def split_table(store, domains: Sequence[str]) -> dict:
+    """Per domain, from the store's meta.json: documents, tokens and bytes of each split (tokens count one
+    <|endoftext|> per document), training bytes per token, and the paragraphs deduplication removed."""
+    out = {}
+    for domain in domains:
+        entry = store.meta["domains"][domain]
+        splits = {
+            name: {k: info[k] for k in ("documents", "tokens", "bytes")}
+            for name, info in entry["splits"].items()
+        }
+        train = splits["train"]
+        text_tokens = train["tokens"] - train["documents"]
+        out[domain] = {
+            "splits": splits,
+            "bytes_per_token": round(train["bytes"] / text_tokens, 3) if text_tokens > 0 else None,
+            "dedup": entry.get("dedup"),
+        }
+    return out
 
 
 def markdown(result: dict) -> str:

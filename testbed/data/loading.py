@@ -238,11 +238,24 @@ def domain_path(domain: str, source: DomainSourceConfig, root: str | None) -> Pa
     return next((path for path in candidates if path.exists()), candidates[0])
 
 
+class Documents(list):
+    """A domain's documents (a list of str) and, when read with a group field, each one's group: documents
+    of one group (a chapter in two translations, a play in two editions) are held out together."""
+
+    groups: list[str] | None = None
+
+
 def load_documents(
-    domain: str, source: DomainSourceConfig | None, root: str | None, cache_dir: str | None = None
-) -> list[str]:
-    """All non-empty documents of one domain, in file order."""
+    domain: str,
+    source: DomainSourceConfig | None,
+    root: str | None,
+    cache_dir: str | None = None,
+    group_field: str | None = None,
+) -> Documents:
+    """All non-empty documents of one domain, in file order; with `group_field`, also each document's value
+    of that field (`.groups`; a row without it is its own group)."""
     source = source or DomainSourceConfig()
+    groups = None
     if source.hf_dataset:
         try:
             import datasets
@@ -269,6 +282,8 @@ def load_documents(
         origin = f"hub dataset {source.hf_dataset}"
         columns = dataset.column_names
         texts = dataset[source.text_field] if source.text_field in columns else []
+        if group_field:
+            groups = dataset[group_field] if group_field in columns else [None] * len(texts)
     else:
         path = domain_path(domain, source, root)
         if not source.path and not path.parent.is_dir():
@@ -309,9 +324,13 @@ def load_documents(
                 )
                 columns = dataset.column_names
                 texts = dataset[source.text_field] if source.text_field in columns else []
+                if group_field:
+                    groups = dataset[group_field] if group_field in columns else [None] * len(texts)
             else:
                 rows, columns = read_local_documents(fmt, files)
                 texts = [row.get(source.text_field) for row in rows]
+                if group_field:
+                    groups = [row.get(group_field) for row in rows]
         except Exception as err:
             raise DataError(f"domain '{domain}': cannot parse {path} as {fmt}: {err}") from err
         origin = f"data file {path}"
@@ -326,7 +345,10 @@ def load_documents(
             f"domain '{domain}': {origin}, row {bad[0] + 1}: {source.text_field!r} is {bad[1]!r}; "
             "allowed: a string"
         )
-    documents = [t for t in texts if t.strip()]
+    kept = [i for i, t in enumerate(texts) if t.strip()]
+    documents = Documents(texts[i] for i in kept)
+    if groups is not None:
+        documents.groups = [f"#{i}" if groups[i] is None else str(groups[i]) for i in kept]
     if len(documents) < 2 and not source.hf_dataset and fmt == "text" and not path.is_dir():
         raise DataError(
             f"domain '{domain}': {origin} is a single text file, read as one document; a domain needs at "

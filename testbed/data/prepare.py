@@ -97,6 +97,7 @@ def store_description(config: DataConfig) -> dict:
         "test_fraction": config.test_fraction,
         "split_seed": config.split_seed,
         "dedup_paragraphs": config.dedup_paragraphs,
+        "group_field": config.group_field,
     }
     if config.hub is not None:
         hub = plain(config.hub)
@@ -130,7 +131,9 @@ def mix_splits(config: DataConfig) -> dict[str, SplitDocuments]:
             "this command needs per-domain document files (data.root or data.sources)"
         )
     documents = {
-        domain: load_documents(domain, config.sources.get(domain), config.root, config.cache_dir)
+        domain: load_documents(
+            domain, config.sources.get(domain), config.root, config.cache_dir, config.group_field
+        )
         for domain in config.domains
     }
     seeds = {domain: domain_seed(config, index) for index, domain in enumerate(config.domains)}

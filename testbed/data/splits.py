@@ -41,16 +41,32 @@ def split_sizes(count: int, val_fraction: float, test_fraction: float) -> tuple[
     return num_val, max(num_test, 0)
 
 
-def permutation_labels(count: int, val_fraction: float, test_fraction: float, seed: int) -> list[str]:
+def permutation_labels(
+    count: int, val_fraction: float, test_fraction: float, seed: int, groups: Sequence[str] | None = None
+) -> list[str]:
     """The split of each of `count` documents: a seeded permutation's first documents validate, the next
-    ones test, the rest train (with test_fraction 0 the same documents validate as without a test split)."""
-    order = np.random.default_rng(seed).permutation(count)
+    ones test, the rest train (with test_fraction 0 the same documents validate as without a test split).
+
+    With `groups` (one key per document), the permutation is over groups, in order of first appearance, and
+    a whole group goes to one split: groups are taken for validation until they hold the validation share
+    of documents, then for test likewise; without groups every document is its own group."""
+    if groups is None:
+        groups = range(count)
+    members: dict = {}
+    for index, key in enumerate(groups):
+        members.setdefault(key, []).append(index)
+    order = [list(members.values())[i] for i in np.random.default_rng(seed).permutation(len(members))]
     num_val, num_test = split_sizes(count, val_fraction, test_fraction)
     labels = ["train"] * count
-    for index in order[:num_val].tolist():
-        labels[index] = "val"
-    for index in order[num_val : num_val + num_test].tolist():
-        labels[index] = "test"
+    position = 0
+    for split, wanted in (("val", num_val), ("test", num_test)):
+        taken = 0
+        # stop short of the last group: training always keeps at least one
+        while taken < wanted and position < len(order) - 1:
+            for index in order[position]:
+                labels[index] = split
+            taken += len(order[position])
+            position += 1
     return labels
 
 
@@ -159,13 +175,15 @@ def split_mix(
     seeds: dict[str, int],
     dedup: bool,
 ) -> dict[str, SplitDocuments]:
-    """Each domain's documents assigned to splits by :func:`permutation_labels` (seed `seeds[domain]`);
+    """Each domain's documents assigned to splits by :func:`permutation_labels` (seed `seeds[domain]`; by
+    group where the documents carry `.groups`, testbed.data.loading.Documents);
     with `dedup`, paragraphs shared across splits are removed: every domain's training text first, then
     validation (loses what any training document holds), then test (loses what training or validation
     holds)."""
     by_split: dict[str, dict[str, list[str]]] = {}
     for domain, texts in documents.items():
-        labels = permutation_labels(len(texts), val_fraction, test_fraction, seeds[domain])
+        groups = getattr(texts, "groups", None)
+        labels = permutation_labels(len(texts), val_fraction, test_fraction, seeds[domain], groups)
         by_split[domain] = {
             name: [t for t, label in zip(texts, labels, strict=True) if label == name] for name in SPLITS
         }

@@ -36,7 +36,7 @@ TRUNK_MODEL_KEYS = (
     "rope_base",
 )
 DATA_IGNORED = ("name", "cache_dir", "num_workers")
-DATA_ADDED = {"test_fraction": 0.0, "dedup_paragraphs": False, "hub": None}
+DATA_ADDED = {"test_fraction": 0.0, "dedup_paragraphs": False, "hub": None, "group_field": None}
 """Data settings added after runs were committed, at the values those runs had: a summary without them
 compares equal to one that records them at these values."""
 OPTIM_IGNORED = ("router_lr_scale", "router_weight_decay")  # a dense model has no router

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The regime check of the default run on the large mix (data=large, the micro model, 1,500 steps): the
+# learned top-2 MoE and its three baselines, seed 0 (SEEDS="0 1 2" for more). Skips finished runs.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+for seed in ${SEEDS:-0}; do
+  for role in moe dense_active dense_total hash; do
+    case $role in
+      moe) args=() ;;
+      dense_active) args=(model=micro_dense) ;;
+      dense_total) args=(model=micro_dense_total) ;;
+      hash) args=(router=hash balance=none) ;;
+    esac
+    dir=experiments/regime_large/$role/s$seed
+    [ -f "$dir/summary.json" ] && continue
+    .venv/bin/testbed-train "${args[@]}" seed=$seed run_name=$role trainer.progress_bar=false hydra.run.dir=$dir
+  done
+done
+.venv/bin/testbed-report experiments/regime_large --out experiments/regime_large/report.md
