@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
-from testbed.data.corpora import SOURCES, _bible_chapters, _locate_bible, _man_documents
+from testbed.data.corpora import SOURCES, _bible_chapters, _locate_bible
 from testbed.data.packages import (
     APT_INSTALL,
     SourceMissingError,
@@ -41,7 +41,7 @@ from testbed.data.plaintext import (
     split_document,
 )
 
-LARGE_BYTES_PER_DOMAIN = 12_000_000
+LARGE_BYTES_PER_DOMAIN = 14_000_000
 BLOCK_BYTES = 16_000  # prose without chapter marks (novels, manuals) is cut into ~16 KB runs of paragraphs
 SHINGLE_WORDS = 8
 NEAR_DUPLICATE_SHARE = 0.5
@@ -340,7 +340,7 @@ def _ontology_terms() -> Iterator[Pair]:
 
 
 # ----------------------------------------------------------------------------------------------
-# spanish: Reina-Valera 1909, then Spanish manuals (HTML help, manual pages)
+# spanish: Reina-Valera 1909, then Spanish software manuals (HTML help pages)
 
 
 class _Paragraphs(HTMLParser):
@@ -438,11 +438,6 @@ def _html_pages(domain: str, package: str, root: Path, pattern: str) -> Iterator
                 kept.append(paragraph)
         if kept:
             yield "\n\n".join(kept), None
-
-
-def _spanish_man_pages() -> Iterator[Pair]:
-    for page in _man_documents(SOURCES["es"].locate()):
-        yield page, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,16 +606,6 @@ LARGE_MIX: dict[str, list[Component]] = {
             lambda: _html_pages("spanish", "gimp-help-es", Path("/usr/share/gimp/2.0/help/es"), "*.html"),
             deb_version("gimp-help-es"),
             "HTML page",
-        ),
-        _component(
-            "manpages-es",
-            "Spanish manual pages",
-            "GPL-3.0-or-later (translations)",
-            SOURCES["es"].origin,
-            SOURCES["es"].install,
-            _spanish_man_pages,
-            SOURCES["es"].version,
-            "manual page",
         ),
     ],
     "scripture": [
