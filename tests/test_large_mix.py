@@ -12,6 +12,7 @@ from testbed.data import build, large
 from testbed.data.loading import resolve_data_path
 from testbed.data.prepare import check_manifest, mix_splits
 from testbed.data.store import file_sha256
+from testbed.errors import DataError
 from tests.conftest import compose
 
 LARGE = resolve_data_path("data/large")
@@ -82,6 +83,12 @@ def test_large_domain_file_is_reproducible_and_groups_share_a_split(tmp_path, mo
     assert not chapters["train"] & chapters["val"] and not chapters["train"] & chapters["test"]
     halved = build.build_large_domain("stubbed", tmp_path / "c", first["bytes"] // 2)
     assert 18 <= halved["documents"] <= 22  # spread over the whole source, about half the bytes
+    # rebuilding into a folder that holds a different file refuses, keeps the old one, names both
+    before = (tmp_path / "c" / "stubbed.jsonl.xz").read_bytes()
+    with pytest.raises(DataError, match=r"stubbed\.jsonl\.xz exists and differs .*--force"):
+        build.build_large_domain("stubbed", tmp_path / "c", 10**9)
+    assert (tmp_path / "c" / "stubbed.jsonl.xz").read_bytes() == before
+    assert build.build_large_domain("stubbed", tmp_path / "c", 10**9, force=True)["sha256"] == first["sha256"]
 
 
 @pytest.mark.slow

@@ -231,16 +231,30 @@ def write_jsonl_xz(path: Path, records: list[dict]) -> None:
     temporary.replace(path)
 
 
-def build_large_domain(domain: str, out_dir: Path, bytes_per_domain: int) -> dict:
+def replace_file(built: Path, target: Path, force: bool) -> None:
+    """Move `built` onto `target`; an existing, different `target` is replaced only with `force` (else a
+    DataError names both files and `built` is left for inspection)."""
+    if target.exists() and not force and sha256_of(target) != sha256_of(built):
+        raise DataError(
+            f"{target} exists and differs from the rebuilt file ({built}: other sources or versions?); "
+            "compare them, then rerun with --force to replace it"
+        )
+    built.replace(target)
+
+
+def build_large_domain(domain: str, out_dir: Path, bytes_per_domain: int, force: bool = False) -> dict:
     """One domain of the large mix: its components' documents (testbed.data.large), spread-sampled to about
-    `bytes_per_domain`, written as <domain>.jsonl.xz with each document's source and group."""
+    `bytes_per_domain`, written as <domain>.jsonl.xz with each document's source and group (an existing,
+    different file is replaced only with `force`)."""
     documents, counts = large_domain_documents(domain)
     texts = [d.text for d in documents]
     chosen = set(map(id, select_documents(texts, bytes_per_domain)))
     selected = [d for d in documents if id(d.text) in chosen]
     path = out_dir / f"{domain}.jsonl.xz"
     records = [{"text": d.text, "domain": domain, "source": d.source_id, "group": d.group} for d in selected]
-    write_jsonl_xz(path, records)
+    built = out_dir / f"{domain}.jsonl.xz.new"
+    write_jsonl_xz(built, records)
+    replace_file(built, path, force)
     components = []
     for component in LARGE_MIX[domain]:
         kept = [d for d in selected if d.source_id == component.source_id]
@@ -277,6 +291,7 @@ def large_main(argv: Sequence[str]) -> int:
     parser.add_argument("--domains", default=",".join(LARGE_MIX), help="comma-separated large domains")
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--no-tokenizer", action="store_true", help="keep the folder's tokenizer.json")
+    parser.add_argument("--force", action="store_true", help="replace existing files that differ")
     args = parser.parse_args(argv)
     domains = [d.strip() for d in args.domains.split(",") if d.strip()]
     unknown = [d for d in domains if d not in LARGE_MIX]
@@ -289,10 +304,13 @@ def large_main(argv: Sequence[str]) -> int:
     print(f"{'domain':<14} {'documents':>9} {'bytes':>12} {'xz bytes':>10}")
     for domain in domains:
         try:
-            entry = build_large_domain(domain, out_dir, args.bytes_per_domain)
+            entry = build_large_domain(domain, out_dir, args.bytes_per_domain, args.force)
         except SourceMissingError as error:
             print(f"error: {error} (make data-sources-large installs every source)", file=sys.stderr)
             return 1
+        except DataError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         entries[domain] = entry
         size = (out_dir / entry["file"]).stat().st_size
         print(f"{domain:<14} {entry['documents']:>9} {entry['bytes']:>12} {size:>10}")
@@ -302,7 +320,13 @@ def large_main(argv: Sequence[str]) -> int:
         overrides = ["data=large", f"data.root={out_dir}", f"data.domains=[{','.join(sorted(entries))}]"]
         per_domain = training_documents(data_config(overrides))
         path = out_dir / "tokenizer.json"
-        train_tokenizer(balanced_texts(per_domain), args.vocab_size, path)
+        built = out_dir / "tokenizer.json.new"
+        train_tokenizer(balanced_texts(per_domain), args.vocab_size, built)
+        try:
+            replace_file(built, path, args.force)
+        except DataError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         manifest["tokenizer"] = {
             "file": path.name,
             "vocab_size": args.vocab_size,
