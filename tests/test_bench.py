@@ -9,6 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = [
+    "data=shipped",  # the sample's small token store (the large mix's takes a minute to build)
     "model.d_model=32",
     "model.n_heads=2",
     "model.n_layers=2",

@@ -37,7 +37,9 @@ def test_console_output_logged_steps_and_hp_metric(synth_mix, tmp_path):
     assert "litlogger" not in text and "Total FLOPs" not in text and "Epoch 0/-2" not in text
     assert "train " in text and "tok/s" in text  # the bar: "train ━━━ ... val: ... tok/s: ..."
     assert result.stdout.rstrip().endswith(f"run folder: {out}")
-    assert "parameters" in result.stdout.splitlines()[0]  # "model: N parameters (N trainable)"
+    # the first line that is not a log record (the token store's): "model: N parameters (N trainable)"
+    first = next(line for line in result.stdout.splitlines() if not re.match(r"^\d\d:\d\d:\d\d ", line))
+    assert "parameters" in first
     # one logging setup (conf/hydra/job_logging/rich.yaml): each record once on the console, as one plain
     # "HH:MM:SS LEVEL message" line where stdout is no terminal, and in Hydra's format in the run's cli.log
     records = [line for line in result.stdout.splitlines() if " INFO " in line or " WARNING " in line]
