@@ -23,8 +23,8 @@ what every run shares (model size, steps, data), and its `experiment:` block lis
 
 Each (sweep, seed) is one `testbed-train -m` process; `--jobs N` runs N of them at once (on a GPU: N
 processes sharing the one device, no MPS needed) with `trainer.num_threads = cores // N` (on a GPU at most
-4: the CPU only feeds the device; `--threads` overrides). Concurrent runs share the token-id cache
-(`data.cache_dir`): the first encodes and writes each entry once, under a lock, the others read it.
+4: the CPU only feeds the device; `--threads` overrides). Concurrent runs share one token store
+(`data.cache_dir`): the first builds it once, under a lock, the others wait and read it.
 Finally `testbed-report` writes `<out>/report.md`, `report.csv`
 and the figures. Failed runs are listed by the report and make the exit status non-zero.
 
