@@ -130,3 +130,9 @@ def assert_regime_rows_in_readme(capsys, base, dirs, rows_expected, wanted=None)
         forms = [row, without_epochs(row)]
         forms += [" | ".join(f.split(" | ")[:4] + f.split(" | ")[5:]) for f in list(forms)]
         assert any(form in readme_rows for form in forms), row
+
+
+def test_regime_large_readme_rows_rebuild_from_committed_runs(capsys):
+    """The default run's regime check on the large mix (experiments/regime_large): its four rows."""
+    base = ROOT / "experiments" / "regime_large"
+    assert_regime_rows_in_readme(capsys, base, [base], 4)
