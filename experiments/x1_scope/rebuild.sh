@@ -41,3 +41,10 @@ compare() {  # compare <dir> <metric> <A> <B>
         compare "lbl eb" $m "balance.scope=global;balance=;data.batch_composition=" "balance.scope=global;balance=expert_bias"
     done
 } | tee report/compare.txt
+# Holm's correction. The family of the experiment: every paired test above (compare.txt, 56 tests); and the
+# paper's one question, named before the runs: global - micro_batch purity for each method (LBL, EB,
+# Sinkhorn, and LBL with mixed batches: 4 tests)
+$R --holm report/compare.txt --out report/compare_holm.txt | tail -1
+grep -E '^\[(lbl|eb|sinkhorn|lbl_mixed)\] compare spec/purity/mean: B \((balance|router)\.scope=global.* - A \((balance|router)\.scope=micro_batch' \
+    report/compare.txt > report/primary.txt
+$R --holm report/primary.txt --out report/primary_holm.txt | tail -1

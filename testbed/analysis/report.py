@@ -30,6 +30,8 @@ import yaml
 from scipy import stats
 from scipy.optimize import brentq
 
+from testbed.analysis.inference import holm
+from testbed.analysis.ladder import ladder_figure, ladder_report
 from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check, repeated_domains
 from testbed.plots import domain_expert_heatmaps, frontier_scatter, per_layer_curves, training_curves
 from testbed.routing import ROUTERS
@@ -732,13 +734,61 @@ def compare(runs: list[dict], a: str, b: str, metric: str = "val/loss") -> str:
     return line
 
 
+P_VALUE = re.compile(r"\bp = ([0-9.eE+-]+|nan)")
+
+
+def holm_file(path: Path, out: Path | None) -> int:
+    """Holm's correction over every line of `path` that reports a paired test ('p = <value>'): each such line
+    gains '; Holm p = <adjusted>, survives' (or 'does not survive') at family-wise level 0.05."""
+    if not path.is_file():
+        print(f"error: --holm {path}: no such file (a file of --compare lines)", file=sys.stderr)
+        return 2
+    lines = path.read_text().splitlines()
+    found = [(i, float(m.group(1))) for i, line in enumerate(lines) if (m := P_VALUE.search(line))]
+    if not found:
+        print(f"error: --holm {path}: no line reports a p-value ('p = ...')", file=sys.stderr)
+        return 2
+    adjusted = holm([p for _, p in found])
+    survivors = 0
+    for (i, _), q in zip(found, adjusted, strict=True):
+        if math.isfinite(q):
+            survives = q < 0.05
+            survivors += survives
+            lines[i] = lines[i].split("; Holm p =")[0] + f"; Holm p = {q:.3g}, " + (
+                "survives" if survives else "does not survive")
+    m = sum(math.isfinite(q) for q in adjusted)
+    lines.append(f"Holm over the {m} paired tests above (family-wise level 0.05): {survivors} survive.")
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    return 0
+
+
+def ladder_main(runs: list[dict], failed: list[Path], args) -> int:
+    text, csv_rows, figure = ladder_report(runs, args.reference)
+    if failed:
+        text += "\n\nNot finished (no result, not counted): " + ", ".join(str(p) for p in failed)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+        with args.out.with_suffix(".csv").open("w", newline="") as fh:
+            csv.writer(fh).writerows(csv_rows)
+    if args.plots and figure:
+        out_dir = args.out.parent if args.out else Path(".")
+        print(f"wrote {ladder_figure(figure, out_dir / 'ladder.png', args.reference)}")
+    return 0
+
+
 def split_list(value: str) -> tuple[str, ...]:
     return tuple(c for c in value.split(",") if c)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="testbed-report", description=__doc__.splitlines()[0])
-    parser.add_argument("dirs", nargs="+", type=Path, help="run or sweep directories (searched recursively)")
+    parser.add_argument("dirs", nargs="*", type=Path, help="run or sweep directories (searched recursively)")
     parser.add_argument("--columns", default=",".join(DEFAULT_COLUMNS), help="summary.json keys to show")
     parser.add_argument("--out", type=Path, help="write the Markdown table here (and a .csv beside it)")
     parser.add_argument("--per-run", action="store_true", help="one row per run instead of seed groups")
@@ -779,7 +829,26 @@ def main(argv: list[str] | None = None) -> int:
         help="with --plots: the MoE layer (index, -1 = last) of heatmaps.png, p(expert | domain) per "
         "configuration from runs that have testbed-analyze's analysis.json",
     )
+    parser.add_argument(
+        "--ladder",
+        action="store_true",
+        help="token ladder: runs grouped by run_name and length (steps), gains paired by seed at every rung "
+        "against --reference and the dense baselines, Holm over the reference family, trend per doubling; "
+        "with --plots, ladder.png",
+    )
+    parser.add_argument("--reference", default="hash", help="with --ladder: the run_name every gain family uses")
+    parser.add_argument(
+        "--holm",
+        type=Path,
+        metavar="FILE",
+        help="Holm-correct the paired tests in FILE (lines written by --compare, 'p = ...'): the family is "
+        "the file; prints it with the adjusted p and whether each survives at 0.05 (no DIRS needed)",
+    )
     args = parser.parse_args(argv)
+    if args.holm is not None:
+        return holm_file(args.holm, args.out)
+    if not args.dirs:
+        parser.error("give run or sweep directories (or --holm FILE)")
     try:
         runs, failed = find_runs(args.dirs)
     except FileNotFoundError as err:
@@ -792,6 +861,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     add_regime(runs, [] if args.no_committed_baselines else [CHECKOUT / "experiments"])
+    if args.ladder:
+        return ladder_main(runs, failed, args)
     for condition in args.where:
         key, _, value = condition.partition("=")
         runs = [run for run in runs if settings_of(run).get(key) == value]

@@ -1,0 +1,227 @@
+"""Token ladders (`testbed-report <dirs> --ladder`): configurations run at several lengths, each run with its
+own learning-rate schedule, compared at every rung.
+
+A run's configuration is its `run_name` (the role: `moe`, `hash`, `dense_active`, ...), its rung the number
+of optimizer steps it trained (`steps` in summary.json; tokens = `tokens_seen`). At each rung the gain of a
+configuration over a baseline is baseline val loss - its val loss per seed (> 0: it is better), paired by
+seed, with the 95% t interval over the seed pairs and the paired t-test's p. The comparisons with the
+reference (hash by default) form one family per report: Holm-adjusted p-values (testbed.analysis.inference)
+say which survive. The trend of the gain over the reference is a least-squares line in log2(tokens) over
+every seed pair of every rung: its slope is the change per doubling of the tokens, and where it crosses 0
+is an extrapolation, reported as such and only when the slope's interval excludes 0.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from testbed.analysis.inference import ci95, holm, one_sample_p, trend
+from testbed.plots import save_figure
+
+ROLE_LABELS = {
+    "moe": "top-2 softmax + LBL",
+    "eb": "top-2 + expert bias",
+    "sinkhorn": "Sinkhorn top-2",
+    "hash": "hash",
+    "dense_active": "dense (active params)",
+    "dense_total": "dense (total params)",
+}
+"""Legend names of the ladder's roles (run_name); other run names are shown as they are."""
+DENSE = ("dense_active", "dense_total")
+BASELINES = ("hash", "dense_active", "dense_total")
+
+
+def label(role: str) -> str:
+    return ROLE_LABELS.get(role, role)
+
+
+def collect(runs: list[dict], metric: str = "val/loss") -> dict[str, dict[int, dict]]:
+    """{role: {steps: {seed: (value, tokens, max_epochs)}}} over the finished runs that record `metric`."""
+    table: dict[str, dict[int, dict]] = {}
+    for run in runs:
+        summary = run["summary"]
+        value = summary.get(metric)
+        if not isinstance(value, int | float) or not math.isfinite(value) or summary.get("init_from"):
+            continue
+        role = str(summary.get("run_name") or Path(run["dir"]).parent.name)
+        steps = int(summary.get("steps") or 0)
+        epochs = summary.get("regime/max_epochs")
+        entry = (float(value), int(summary.get("tokens_seen") or 0), epochs)
+        table.setdefault(role, {}).setdefault(steps, {})[summary.get("seed")] = entry
+    return table
+
+
+def ordered_roles(table: dict) -> list[str]:
+    known = [r for r in ROLE_LABELS if r in table]
+    return known + sorted(r for r in table if r not in ROLE_LABELS)
+
+
+def rung_tokens(table: dict, steps: int) -> float:
+    tokens = [t for role in table.values() for v, t, _ in role.get(steps, {}).values() if t]
+    return float(np.median(tokens)) if tokens else math.nan
+
+
+def gains(table: dict, role: str, baseline: str, steps: int) -> list[float]:
+    """baseline - role per seed both ran at this rung (> 0: role better)."""
+    mine, theirs = table.get(role, {}).get(steps, {}), table.get(baseline, {}).get(steps, {})
+    return [theirs[s][0] - mine[s][0] for s in sorted(mine, key=str) if s in theirs]
+
+
+def _cell(mean: float, half: float, n: int, digits: int = 3) -> str:
+    if n == 0:
+        return ""
+    text = f"{mean:+.{digits}f}" if digits == 3 else f"{mean:.{digits}f}"
+    return text + (f" ± {half:.{digits}f}" if n > 1 else "") + f" ({n})"
+
+
+def ladder_report(runs: list[dict], reference: str = "hash") -> tuple[str, list[list], dict]:
+    """(Markdown, CSV rows, figure data) of the ladder in `runs`."""
+    table = collect(runs)
+    if not table:
+        return "no finished runs with val/loss", [], {}
+    roles = ordered_roles(table)
+    rungs = sorted({steps for role in table.values() for steps in role})
+    tokens = {s: rung_tokens(table, s) for s in rungs}
+    lines = [
+        "Validation loss (nats/token; mean ± 95% CI over seeds (n); max epochs: the most any run of the rung "
+        "read a domain's training tokens):",
+        "",
+        "| configuration | " + " | ".join(f"{s:,} steps ({tokens[s] / 1e6:.1f}M tok)" for s in rungs) + " |",
+        "|---|" + "---|" * len(rungs),
+    ]
+    for role in roles:
+        cells = []
+        for s in rungs:
+            values = [v for v, _, _ in table[role].get(s, {}).values()]
+            cells.append(_cell(*ci95(values), digits=4) if values else "")
+        lines.append(f"| {label(role)} | " + " | ".join(cells) + " |")
+    epochs = [max((e for role in table.values() for _, _, e in role.get(s, {}).values()
+                   if isinstance(e, int | float)), default=math.nan) for s in rungs]
+    lines.append("| max epochs | " + " | ".join("" if math.isnan(e) else f"{e:.2f}" for e in epochs) + " |")
+
+    # paired gains; the family: every configuration against the reference at every rung
+    rows, csv_rows = [], [["steps", "tokens", "configuration", "baseline", "gain_mean", "ci95_half", "n", "p",
+                           "p_holm"]]
+    for s in rungs:
+        for role in roles:
+            for baseline in BASELINES:
+                if role == baseline or role in DENSE or (role == reference and baseline != "dense_active"
+                                                          and baseline != "dense_total"):
+                    continue
+                diffs = gains(table, role, baseline, s)
+                if not diffs:
+                    continue
+                mean, half, n = ci95(diffs)
+                rows.append({"steps": s, "role": role, "baseline": baseline, "mean": mean, "half": half, "n": n,
+                             "p": one_sample_p(diffs), "diffs": diffs})
+    family = [r for r in rows if r["baseline"] == reference]
+    for r, adjusted in zip(family, holm([r["p"] for r in family]), strict=True):
+        r["p_holm"] = adjusted
+    lines += [
+        "",
+        f"Gains (baseline val loss - configuration val loss, > 0: the configuration is better; mean ± 95% CI "
+        f"over seed pairs (n); p: paired t-test; Holm: adjusted over the {len(family)} comparisons with "
+        f"{label(reference)}, the family of this report):",
+        "",
+        "| steps | tokens | configuration | over " + " | over ".join(label(b) for b in BASELINES)
+        + f" | p vs {label(reference)} | Holm p |",
+        "|---|---|---|" + "---|" * (len(BASELINES) + 2),
+    ]
+    for s in rungs:
+        for role in roles:
+            mine = [r for r in rows if r["steps"] == s and r["role"] == role]
+            if not mine:
+                continue
+            cells = []
+            for baseline in BASELINES:
+                r = next((r for r in mine if r["baseline"] == baseline), None)
+                cells.append(_cell(r["mean"], r["half"], r["n"]) if r else "")
+            ref = next((r for r in mine if r["baseline"] == reference), None)
+            p = f"{ref['p']:.3g}" if ref and math.isfinite(ref["p"]) else ""
+            ph = f"{ref['p_holm']:.3g}" if ref and math.isfinite(ref.get("p_holm", math.nan)) else ""
+            lines.append(f"| {s:,} | {tokens[s] / 1e6:.1f}M | {label(role)} | " + " | ".join(cells)
+                         + f" | {p} | {ph} |")
+    for r in rows:
+        csv_rows.append([r["steps"], int(tokens[r["steps"]]), r["role"], r["baseline"], f"{r['mean']:.6f}",
+                         f"{r['half']:.6f}", r["n"], f"{r['p']:.6g}", f"{r.get('p_holm', math.nan):.6g}"])
+
+    # crossing and trend per configuration against the reference
+    lines += ["", f"Against {label(reference)} over the ladder (trend: least squares of the per-seed gain on "
+                  "log2 tokens; slope = change per doubling, 95% CI):", ""]
+    figure = {"tokens": tokens, "rungs": rungs, "series": {}}
+    for role in roles:
+        mine = [r for r in family if r["role"] == role]
+        if not mine:
+            continue
+        xs = [math.log2(tokens[r["steps"]]) for r in mine for _ in r["diffs"]]
+        ys = [d for r in mine for d in r["diffs"]]
+        fit = trend(xs, ys)
+        lines.append(f"- {label(role)}: " + crossing_sentence(mine, tokens, fit))
+    for baseline in (reference, "dense_active"):
+        figure["series"][baseline] = {
+            role: [(tokens[r["steps"]], r["mean"], r["half"], r["n"]) for r in rows
+                   if r["role"] == role and r["baseline"] == baseline]
+            for role in roles
+            if any(r["role"] == role and r["baseline"] == baseline for r in rows)
+        }
+    return "\n".join(lines), csv_rows, figure
+
+
+def crossing_sentence(rows: list[dict], tokens: dict, fit: dict) -> str:
+    """Where the gain over the reference changes sign, which rungs' intervals exclude 0, and the trend."""
+    parts = []
+    ahead = [r for r in rows if r["n"] > 1 and r["mean"] - r["half"] > 0]
+    behind = [r for r in rows if r["n"] > 1 and r["mean"] + r["half"] < 0]
+    signs = [(r["steps"], r["mean"] > 0) for r in rows]
+    flips = [(a, b) for (a, sa), (b, sb) in zip(signs, signs[1:], strict=False) if sa != sb]
+    if ahead:
+        parts.append("ahead (CI excludes 0) at " + ", ".join(f"{r['steps']:,}" for r in ahead) + " steps")
+    if behind:
+        parts.append("behind (CI excludes 0) at " + ", ".join(f"{r['steps']:,}" for r in behind) + " steps")
+    if flips:
+        parts.append("the mean gain changes sign between " + "; ".join(f"{a:,} and {b:,}" for a, b in flips)
+                     + " steps")
+    elif rows:
+        parts.append("no crossing within the ladder (the mean gain is "
+                     + ("positive" if rows[0]["mean"] > 0 else "negative") + " at every rung)")
+    if math.isfinite(fit["slope"]):
+        text = f"trend {fit['slope']:+.4f} ± {fit['slope_half']:.4f} nats per doubling (n = {fit['n']})"
+        if abs(fit["slope"]) > fit["slope_half"] and fit["slope"] > 0 and all(r["mean"] < 0 for r in rows):
+            x0 = 2 ** fit["x0"]
+            text += (f"; extrapolated, the line reaches 0 at about {x0 / 1e6:,.0f}M tokens "
+                     f"({x0 / tokens[rows[-1]['steps']]:.0f}x the longest rung), an extrapolation, not a "
+                     "measurement")
+        elif abs(fit["slope"]) <= fit["slope_half"]:
+            text += "; the slope's interval includes 0"
+        parts.append(text)
+    return "; ".join(parts) + "."
+
+
+def ladder_figure(figure: dict, out_path: Path, reference: str = "hash") -> Path:
+    """Two panels over tokens (log axis): the gain over the reference and over the dense model of equal
+    active parameters, mean per rung with its 95% CI as a band (as error bars where a rung has one point)."""
+    fig = Figure(figsize=(9.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, 2, sharex=True)
+    for ax, baseline in zip(axes, (reference, "dense_active"), strict=True):
+        for role, points in figure["series"].get(baseline, {}).items():
+            points = sorted(points)
+            x = np.array([p[0] for p in points])
+            mean = np.array([p[1] for p in points])
+            half = np.nan_to_num(np.array([p[2] for p in points]))
+            (line,) = ax.plot(x, mean, marker="o", markersize=4, label=label(role))
+            ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.18, lw=0)
+            if len(x) == 1:
+                ax.errorbar(x, mean, yerr=half, color=line.get_color(), capsize=3)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training tokens (each rung its own schedule)")
+        ax.set_ylabel(f"gain over {label(baseline)} (nats/token)")
+        ax.set_title(f"vs {label(baseline)}: > 0 = better", fontsize=10)
+        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return save_figure(fig, out_path)

@@ -1,0 +1,100 @@
+"""Token ladder report (testbed-report --ladder) and the inference helpers: hand-computed values."""
+
+import math
+
+import pytest
+from scipy import stats
+
+from testbed.analysis.inference import ci95, holm, one_sample_p, trend
+from testbed.analysis.ladder import collect, ladder_report
+from testbed.analysis.report import main
+from tests.test_report import fake_run
+
+
+def test_holm_by_hand():
+    # sorted: 0.01 x 3 = 0.03; 0.03 x 2 = 0.06; 0.04 x 1 = 0.04, raised to the running max 0.06
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])  # capped at 1
+    adjusted = holm([0.02, math.nan])
+    assert adjusted[0] == pytest.approx(0.02) and math.isnan(adjusted[1])  # nan does not count towards m
+
+
+def test_ci_trend_and_one_sample_p_by_hand():
+    mean, half, n = ci95([1.0, 2.0, 3.0])
+    assert (mean, n) == (2.0, 3) and half == pytest.approx(stats.t.ppf(0.975, 2) * 1.0 / math.sqrt(3))
+    assert one_sample_p([0.1, 0.1, 0.1]) == 0.0 and one_sample_p([0.0, 0.0]) == 1.0
+    fit = trend([1, 2, 3, 4], [-3, -2, -1, 0])  # y = x - 4: slope 1, crosses 0 at x = 4, exact fit
+    assert fit["slope"] == pytest.approx(1.0) and fit["x0"] == pytest.approx(4.0)
+    assert fit["slope_half"] == pytest.approx(0.0, abs=1e-9)
+
+
+# val loss per (role, steps) and seed: moe behind hash by 0.10 / 0.05 / 0.01 +- a seed wobble, then ahead
+LOSSES = {
+    ("hash", 100): [4.00, 4.10, 4.20],
+    ("moe", 100): [4.10, 4.21, 4.29],  # gains over hash: -0.10, -0.11, -0.09
+    ("dense_active", 100): [4.30, 4.40, 4.50],
+    ("hash", 200): [3.90, 4.00, 4.10],
+    ("moe", 200): [3.86, 3.97, 4.05],  # +0.04, +0.03, +0.05
+    ("dense_active", 200): [4.20, 4.30, 4.40],
+}
+
+
+def ladder_dirs(tmp_path):
+    for (role, steps), values in LOSSES.items():
+        for seed, value in enumerate(values):
+            fake_run(
+                tmp_path / str(steps) / role / f"s{seed}",
+                [f"trainer.max_steps={steps}", f"run_name={role}"],
+                {"run_name": role, "seed": seed, "steps": steps, "tokens_seen": steps * 2048, "val/loss": value,
+                 "data": [{"domain": "code", "epochs_at_max_steps": steps / 1000}]},
+            )
+    return tmp_path
+
+
+def test_ladder_report_pairs_seeds_and_finds_the_crossing(tmp_path, capsys):
+    root = ladder_dirs(tmp_path)
+    assert main([str(root), "--ladder", "--no-committed-baselines", "--out", str(root / "r" / "report.md"),
+                 "--plots"]) == 0
+    text = (root / "r" / "report.md").read_text()
+    assert (root / "r" / "ladder.png").stat().st_size > 0
+    rows = (root / "r" / "report.csv").read_text().splitlines()
+    # the gain of moe over hash at 100 steps: mean of (-0.10, -0.11, -0.09) = -0.10, its CI and p by hand
+    diffs = [-0.10, -0.11, -0.09]
+    half = stats.t.ppf(0.975, 2) * 0.01 / math.sqrt(3)
+    p = stats.ttest_1samp(diffs, 0).pvalue
+    row = next(r.split(",") for r in rows if r.startswith("100,") and ",moe,hash," in r)
+    assert float(row[4]) == pytest.approx(-0.10, abs=1e-9) and float(row[5]) == pytest.approx(half, rel=1e-4)
+    assert float(row[7]) == pytest.approx(p, rel=1e-4)
+    # Holm over the two comparisons with hash (100 and 200 steps)
+    p200 = stats.ttest_1samp([0.04, 0.03, 0.05], 0).pvalue
+    assert float(row[8]) == pytest.approx(holm([p, p200])[0], rel=1e-4)
+    assert "-0.100 ± " + f"{half:.3f} (3)" in text
+    assert "the mean gain changes sign between 100 and 200 steps" in text
+    assert "behind (CI excludes 0) at 100 steps" in text and "ahead (CI excludes 0) at 200 steps" in text
+    assert "| max epochs | 0.10 | 0.20 |" in text
+    # hash's own gain over dense-active is shown, never a gain of hash over itself
+    assert "| 100 | 0.2M | hash |  | +0.300 ± 0.000 (3) |" in text
+
+
+def test_ladder_extrapolates_only_a_significant_trend(tmp_path):
+    runs = []
+    for steps, gap in ((100, -0.12), (200, -0.08), (400, -0.04)):
+        for seed, wobble in enumerate((-0.005, 0.0, 0.005)):
+            for role, loss in (("hash", 4.0), ("moe", 4.0 - gap + wobble)):
+                runs.append({"dir": tmp_path / role, "summary": {"run_name": role, "seed": seed, "steps": steps,
+                                                                   "tokens_seen": steps * 1000, "val/loss": loss}})
+    assert set(collect(runs)) == {"hash", "moe"}
+    text, _, _ = ladder_report(runs)
+    # +0.04 per doubling from -0.04 at 400k tokens: 0 at 800k tokens, 2x the longest rung
+    assert "trend +0.0400 ± " in text and "reaches 0 at about 1M tokens (2x the longest rung)" in text
+
+
+def test_holm_file_marks_survivors(tmp_path, capsys):
+    path = tmp_path / "compare.txt"
+    path.write_text("compare a: ... paired t p = 0.01 ...\nnote\ncompare b: ... paired t p = 0.04 ...\n")
+    assert main(["--holm", str(path), "--out", str(tmp_path / "holm.txt")]) == 0
+    lines = (tmp_path / "holm.txt").read_text().splitlines()
+    assert lines[0].endswith("Holm p = 0.02, survives") and lines[2].endswith("Holm p = 0.04, survives")
+    assert lines[-1] == "Holm over the 2 paired tests above (family-wise level 0.05): 2 survive."
+    assert main(["--holm", str(tmp_path / "missing.txt")]) == 2
+    assert "no such file" in capsys.readouterr().err
