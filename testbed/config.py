@@ -186,6 +186,9 @@ class MetricsConfig:
     stiffness_noise_std: float = 0.5  # noise: std relative to the embeddings' RMS, added to the prefix
     ngram_sizes: list[int] = field(default_factory=lambda: [4, 10])
     plots: bool = True  # heatmaps at each validation (PNG in <run_dir>/plots, images to TensorBoard/W&B)
+    # the routing counts of the last N measured training steps, saved beside each validation's table
+    # (routing/train_counts_step<N>.pt): choices made on training data, scored on validation (X6's path)
+    train_counts_window: int = 10
 
 
 @dataclass
@@ -597,10 +600,10 @@ def validate(run: RunConfig) -> None:
     validate_trainer(run)
     validate_finetune(run)
     mc = run.metrics
-    if mc.train_every_n_steps < 0 or mc.stiffness_batches < 0:
+    if mc.train_every_n_steps < 0 or mc.stiffness_batches < 0 or mc.train_counts_window < 0:
         raise ConfigError(
-            "metrics.train_every_n_steps/stiffness_batches",
-            (mc.train_every_n_steps, mc.stiffness_batches),
+            "metrics.train_every_n_steps/stiffness_batches/train_counts_window",
+            (mc.train_every_n_steps, mc.stiffness_batches, mc.train_counts_window),
             "integers >= 0 (0 = off)",
         )
     if not mc.ngram_sizes or any(n < 2 for n in mc.ngram_sizes):

@@ -35,6 +35,7 @@ def test_default_config_is_valid():
         ("data.seq_len=4096", "data.seq_len", "model.max_seq_len"),
         ("data.weights=[1,2]", "data.weights", "one per data.domains"),
         ("+router.temperature=2", "router.temperature", "options of router"),
+        ("metrics.train_counts_window=-1", "train_counts_window", "integers >= 0"),
     ],
 )
 def test_bad_config_values(override, key, allowed):

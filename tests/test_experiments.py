@@ -79,6 +79,24 @@ def test_top_domain_experts_by_hand():
     assert ex.top_domain_experts(counts, domain=0, fraction=0.01) == [[1], [2]]  # at least one
 
 
+def test_expert_path_is_chosen_on_training_counts_by_default(tmp_path):
+    import torch
+
+    routing = tmp_path / "routing"
+    routing.mkdir()
+    meta = {"domains": ["code", "prose"], "layers": ["layer0"]}
+    # the training steps' code tokens go to experts 2 and 3, the validation's to 0 and 1
+    train = torch.tensor([[[0, 0, 5, 9], [1, 1, 1, 1]]])
+    val = torch.tensor([[[9, 5, 0, 0], [1, 1, 1, 1]]])
+    torch.save({**meta, "step": 10, "counts": val}, routing / "counts_step10.pt")
+    with pytest.raises(ex.ExperimentError, match="train_counts_step.*source=val uses the validation table"):
+        ex.expert_path_override(tmp_path, domain="code", fraction=0.5)
+    assert ex.expert_path_override(tmp_path, "code", 0.5, source="val") == "finetune.experts={layer0:[0,1]}"
+    torch.save({**meta, "step": 5, "counts": val}, routing / "train_counts_step5.pt")
+    torch.save({**meta, "step": 10, "counts": train}, routing / "train_counts_step10.pt")  # the last one counts
+    assert ex.expert_path_override(tmp_path, "code", 0.5) == "finetune.experts={layer0:[2,3]}"
+
+
 @pytest.mark.slow  # composes every grid point with Hydra (20-40 s)
 def test_every_shipped_experiment_grid_composes():
     """Every point of every grid (and post-training on every parent point) is a valid run config."""

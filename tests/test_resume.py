@@ -20,7 +20,13 @@ from tests.conftest import compose, synth_overrides
 
 pytestmark = pytest.mark.slow
 
-BASE = ("trainer.num_threads=1", "trainer.max_steps=12", "trainer.val_check_interval=6")
+BASE = (
+    "trainer.num_threads=1",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=6",
+    "metrics.train_every_n_steps=2",
+    "metrics.train_counts_window=4",  # the window of training counts crosses the interruption
+)
 # 8 training sequences per domain: 3 micro-batches per epoch, so the runs cross epoch boundaries
 SMALL_EPOCHS = ("data.max_train_tokens_per_domain=256",)
 
@@ -97,6 +103,10 @@ def test_resumed_run_equals_the_uninterrupted_run(synth_mix, tmp_path, signum, s
     assert (run_dir / "metrics.csv").read_text() == (tmp_path / "full" / "metrics.csv").read_text()
     a = torch.load(tmp_path / "full" / "routing" / "counts_step12.pt")
     b = torch.load(run_dir / "routing" / "counts_step12.pt")
+    assert torch.equal(a["counts"], b["counts"])
+    a = torch.load(tmp_path / "full" / "routing" / "train_counts_step12.pt", weights_only=True)
+    b = torch.load(run_dir / "routing" / "train_counts_step12.pt", weights_only=True)
+    assert a["train_steps"] == b["train_steps"] and len(a["train_steps"]) == 4
     assert torch.equal(a["counts"], b["counts"])
     weights_a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     weights_b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

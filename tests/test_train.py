@@ -54,6 +54,13 @@ def test_summary_holds_losses_and_metrics(first_run):
     assert counts["counts"].shape == (2, 3, 6)
     # each validation token is routed to top_k = 2 experts in every layer
     assert torch.all(counts["counts"].sum(dim=(1, 2)) == 2 * counts["tokens"].sum(-1))
+    # beside it, the training steps measured so far (every 50: steps 0 and 50), for choices made on
+    # training data: 8 sequences x 32 tokens each, every token routed to 2 experts
+    trained = torch.load(run_dir / "routing" / "train_counts_step60.pt", weights_only=True)
+    assert trained["train_steps"] == [0, 50] and trained["counts"].shape == (2, 3, 6)
+    assert torch.all(trained["tokens"].sum(-1) == 2 * 8 * 32)
+    assert torch.all(trained["counts"].sum(dim=(1, 2)) == 2 * trained["tokens"].sum(-1))
+    assert torch.load(run_dir / "routing" / "train_counts_step30.pt", weights_only=True)["train_steps"] == [0]
     header = (run_dir / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {
         "spec/purity/layer0",

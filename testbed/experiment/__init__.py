@@ -13,7 +13,11 @@ what every run shares (model size, steps, data), and its `experiment:` block lis
           from: pretrain                    # once per finished run of sweep `pretrain`: its overrides,
           overrides: [data.domains=[code]]  # init_from=<its last.ckpt>, then this sweep's settings
           select_experts: {domain: code, fraction: 0.15}    # optional: finetune.experts per layer
-                                                            # (pick: random = as many, drawn at random)
+                                                            # (pick: random = as many, drawn at random;
+                                                            # source: train = counted on the parent's last
+                                                            # measured training steps, the default, so the
+                                                            # gain on validation is out of sample; val = on
+                                                            # its validation set)
       commands:                             # optional, after the sweeps; {out} {run} {conf} filled in
         - {once: "testbed-quiz build --out {out}/quiz"}
         - {each_run_of: pretrain, run: "testbed-quiz eval {run} --quiz {out}/quiz"}

@@ -56,16 +56,26 @@ def random_experts(num_layers: int, num_experts: int, fraction: float, seed: int
 
 
 def expert_path_override(
-    run_dir: Path, domain: str, fraction: float, pick: str = "top", seed: int = 0
+    run_dir: Path, domain: str, fraction: float, pick: str = "top", seed: int = 0, source: str = "train"
 ) -> str:
     """finetune.experts={layer0:[...],...} from the last routing table saved by the run at `run_dir`: the
-    experts that serve `domain` most (pick=top), or as many drawn at random per layer (pick=random)."""
+    experts that serve `domain` most (pick=top), or as many drawn at random per layer (pick=random). The
+    table (source): `train` = the counts of the run's last measured training steps
+    (routing/train_counts_step<N>.pt), so that the path is chosen on training data and its gain scored on
+    validation; `val` = the last validation's counts (routing/counts_step<N>.pt)."""
+    prefix = "train_counts_step" if source == "train" else "counts_step"
     tables = sorted(
-        (run_dir / "routing").glob("counts_step*.pt"), key=lambda p: int(p.stem.removeprefix("counts_step"))
+        (run_dir / "routing").glob(f"{prefix}*.pt"), key=lambda p: int(p.stem.removeprefix(prefix))
     )
     if not tables:
-        raise ExperimentError(f"{run_dir}: no routing/counts_step*.pt to select experts from")
-    table = torch.load(tables[-1], map_location="cpu", weights_only=False)
+        hint = (
+            " (training counts are saved when metrics.train_every_n_steps and metrics.train_counts_window are"
+            " > 0; select_experts.source=val uses the validation table)"
+            if source == "train"
+            else ""
+        )
+        raise ExperimentError(f"{run_dir}: no routing/{prefix}*.pt to select experts from{hint}")
+    table = torch.load(tables[-1], map_location="cpu", weights_only=True)
     if domain not in table["domains"]:
         raise ExperimentError(
             f"select_experts.domain {domain!r} not in {run_dir}'s domains {table['domains']}"

@@ -80,12 +80,14 @@ def load_experiment(name: str, conf_dir: Path = EXPERIMENT_DIR) -> Experiment:
         select = raw.get("select_experts")
         if select is not None and (
             parent is None
-            or not {"domain", "fraction"} <= set(select) <= {"domain", "fraction", "pick"}
+            or not {"domain", "fraction"} <= set(select) <= {"domain", "fraction", "pick", "source"}
             or select.get("pick", "top") not in ("top", "random")
+            or select.get("source", "train") not in ("train", "val")
         ):
             fail(
                 f"sweeps[{i}].select_experts",
-                "{domain: <name>, fraction: <0..1>, pick: top|random (optional)} on a sweep with `from`",
+                "{domain: <name>, fraction: <0..1>, pick: top|random (optional), source: train|val "
+                "(optional)} on a sweep with `from`",
             )
         sweeps.append(Sweep(raw["name"], grid, list(raw.get("overrides") or []), parent, select))
     if not sweeps:

@@ -5,11 +5,14 @@
 - at each validation: every SPEC metric as `spec/<metric>/layer<i>` and `spec/<metric>/mean`, including
   routing stiffness from a second, perturbed pass over a fixed subset of validation batches; the
   layer x domain x expert count table is saved to `<run_dir>/routing/counts_step<N>.pt` and drawn as
-  heatmaps in `<run_dir>/plots/` (also sent to TensorBoard / W&B when those loggers are on).
+  heatmaps in `<run_dir>/plots/` (also sent to TensorBoard / W&B when those loggers are on); beside it,
+  `train_counts_step<N>.pt` sums the count tables of the last `metrics.train_counts_window` measured
+  training steps, so that a choice (an expert path) can be made on training data and scored on validation.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 
 import lightning as L
@@ -94,6 +97,7 @@ class SpecializationMetrics(L.Callback):
         self.last_metrics: dict[str, float] = {}
         self.history: list[dict] = []  # (step, per-layer gate entropy ...) for end-of-run plots
         self.train_stats_step = 0
+        self.train_counts: deque = deque()  # (step, counts [L, D, E], tokens [L, D]) of measured steps
         self.previous_top1: torch.Tensor | None = (
             None  # [layers, tokens] top-1 experts at the last validation
         )
@@ -106,12 +110,14 @@ class SpecializationMetrics(L.Callback):
             "last_metrics": dict(self.last_metrics),
             "history": list(self.history),
             "previous_top1": self.previous_top1,
+            "train_counts": list(self.train_counts),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.last_metrics = dict(state_dict.get("last_metrics", {}))
         self.history = list(state_dict.get("history", []))
         self.previous_top1 = state_dict.get("previous_top1")
+        self.train_counts = deque(state_dict.get("train_counts", []))
 
     # ------------------------------------------------------------------ training-time routing stats
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -127,6 +133,14 @@ class SpecializationMetrics(L.Callback):
             return
         pl_module.train_routing_stats = None
         metrics = spec_metrics(stats, pl_module.moe_layer_names, prefix="train/spec")
+        window = pl_module.run_config.metrics.train_counts_window
+        if window > 0:
+            reduce = trainer.strategy.reduce
+            counts = reduce(stats.counts.clone(), reduce_op="sum").cpu()
+            tokens = reduce(stats.tokens.clone(), reduce_op="sum").cpu()
+            self.train_counts.append((self.train_stats_step, counts, tokens))
+            while len(self.train_counts) > window:
+                self.train_counts.popleft()
         means = {k: v for k, v in metrics.items() if k.endswith("/mean")}
         # straight to the loggers, once, at the step measured: self.log would write the value again at
         # every logging step until the next collection (a flat, stale curve between measurements)
@@ -210,6 +224,18 @@ class SpecializationMetrics(L.Callback):
             },
             out / f"counts_step{step}.pt",
         )
+        if self.train_counts:
+            torch.save(
+                {
+                    "step": step,
+                    "domains": pl_module.domains,
+                    "layers": pl_module.moe_layer_names,
+                    "train_steps": [s for s, _, _ in self.train_counts],
+                    "counts": sum(c for _, c, _ in self.train_counts),
+                    "tokens": sum(t for _, _, t in self.train_counts),
+                },
+                out / f"train_counts_step{step}.pt",
+            )
         if not pl_module.run_config.metrics.plots:
             return
 
