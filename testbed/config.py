@@ -142,6 +142,8 @@ class OptimConfig:
     min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio at max_steps
     router_lr_scale: float = 1.0  # router (gate) learning rate = lr * router_lr_scale
     router_weight_decay: bool = True  # false: no weight decay on the router gates
+    router_init_scale: float = 1.0  # router gates start at std = router_init_scale / sqrt(d_model)
+    router_freeze_step: int | None = None  # from this optimizer step on the router gates stop training
 
 
 @dataclass
@@ -612,6 +614,13 @@ def validate(run: RunConfig) -> None:
         raise ConfigError("optim.lr", run.optim.lr, "a float > 0")
     if run.optim.router_lr_scale <= 0:
         raise ConfigError("optim.router_lr_scale", run.optim.router_lr_scale, "a float > 0")
+    if run.optim.router_init_scale < 0:
+        raise ConfigError("optim.router_init_scale", run.optim.router_init_scale, "a float >= 0")
+    freeze = run.optim.router_freeze_step
+    if freeze is not None and not 0 <= freeze <= run.trainer.max_steps:
+        raise ConfigError(
+            "optim.router_freeze_step", freeze, f"null, or a step in [0, trainer.max_steps = {run.trainer.max_steps}]"
+        )
     o = run.optim
     _in_range("optim.weight_decay", o.weight_decay, 0.0, None)
     _in_range("optim.beta1", o.beta1, 0.0, 1.0, high_open=True)

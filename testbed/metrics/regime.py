@@ -39,7 +39,12 @@ DATA_IGNORED = ("name", "cache_dir", "num_workers")
 DATA_ADDED = {"test_fraction": 0.0, "dedup_paragraphs": False, "hub": None, "group_field": None}
 """Data settings added after runs were committed, at the values those runs had: a summary without them
 compares equal to one that records them at these values."""
-OPTIM_IGNORED = ("router_lr_scale", "router_weight_decay")  # a dense model has no router
+OPTIM_IGNORED = (  # a dense model has no router
+    "router_lr_scale",
+    "router_weight_decay",
+    "router_init_scale",
+    "router_freeze_step",
+)
 TRAINER_KEYS = ("max_steps", "accumulate_grad_batches", "gradient_clip_val", "devices")
 
 

@@ -119,6 +119,11 @@ class MoELanguageModel(L.LightningModule):
         self.losses = build_losses(run)
         self.loss_coefficients = {loss.name: loss.coefficient for loss in self.losses}
         self.model = MoETransformer(run.model, run.router, self.losses, num_domains=len(domains))
+        if run.optim.router_init_scale != 1.0:  # the same draws, scaled: every other weight is unchanged
+            with torch.no_grad():
+                for name, parameter in self.model.named_parameters():
+                    if ".router." in name:
+                        parameter.mul_(run.optim.router_init_scale)
         self.masked_parameters = apply_finetune(self.model, run.finetune)
         if run.trainer.compile:  # in place: parameter names (and checkpoints) stay the same
             self.model.compile(backend=run.trainer.compile_backend)
@@ -397,5 +402,10 @@ class MoELanguageModel(L.LightningModule):
             progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
             return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        def router_schedule(step: int) -> float:  # frozen from optim.router_freeze_step on: lr 0, no decay
+            frozen = cfg.router_freeze_step is not None and step >= cfg.router_freeze_step
+            return 0.0 if frozen else schedule(step)
+
+        lambdas = [schedule] * (len(groups) - 1) + [router_schedule if router else schedule]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
