@@ -619,7 +619,9 @@ def validate(run: RunConfig) -> None:
     freeze = run.optim.router_freeze_step
     if freeze is not None and not 0 <= freeze <= run.trainer.max_steps:
         raise ConfigError(
-            "optim.router_freeze_step", freeze, f"null, or a step in [0, trainer.max_steps = {run.trainer.max_steps}]"
+            "optim.router_freeze_step",
+            freeze,
+            f"null, or a step in [0, trainer.max_steps = {run.trainer.max_steps}]",
         )
     o = run.optim
     _in_range("optim.weight_decay", o.weight_decay, 0.0, None)

@@ -93,7 +93,9 @@ def test_expert_path_is_chosen_on_training_counts_by_default(tmp_path):
         ex.expert_path_override(tmp_path, domain="code", fraction=0.5)
     assert ex.expert_path_override(tmp_path, "code", 0.5, source="val") == "finetune.experts={layer0:[0,1]}"
     torch.save({**meta, "step": 5, "counts": val}, routing / "train_counts_step5.pt")
-    torch.save({**meta, "step": 10, "counts": train}, routing / "train_counts_step10.pt")  # the last one counts
+    torch.save(
+        {**meta, "step": 10, "counts": train}, routing / "train_counts_step10.pt"
+    )  # the last one counts
     assert ex.expert_path_override(tmp_path, "code", 0.5) == "finetune.experts={layer0:[2,3]}"
 
 

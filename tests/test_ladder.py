@@ -45,16 +45,33 @@ def ladder_dirs(tmp_path):
             fake_run(
                 tmp_path / str(steps) / role / f"s{seed}",
                 [f"trainer.max_steps={steps}", f"run_name={role}"],
-                {"run_name": role, "seed": seed, "steps": steps, "tokens_seen": steps * 2048, "val/loss": value,
-                 "data": [{"domain": "code", "epochs_at_max_steps": steps / 1000}]},
+                {
+                    "run_name": role,
+                    "seed": seed,
+                    "steps": steps,
+                    "tokens_seen": steps * 2048,
+                    "val/loss": value,
+                    "data": [{"domain": "code", "epochs_at_max_steps": steps / 1000}],
+                },
             )
     return tmp_path
 
 
 def test_ladder_report_pairs_seeds_and_finds_the_crossing(tmp_path, capsys):
     root = ladder_dirs(tmp_path)
-    assert main([str(root), "--ladder", "--no-committed-baselines", "--out", str(root / "r" / "report.md"),
-                 "--plots"]) == 0
+    assert (
+        main(
+            [
+                str(root),
+                "--ladder",
+                "--no-committed-baselines",
+                "--out",
+                str(root / "r" / "report.md"),
+                "--plots",
+            ]
+        )
+        == 0
+    )
     text = (root / "r" / "report.md").read_text()
     assert (root / "r" / "ladder.png").stat().st_size > 0
     rows = (root / "r" / "report.csv").read_text().splitlines()
@@ -81,8 +98,18 @@ def test_ladder_extrapolates_only_a_significant_trend(tmp_path):
     for steps, gap in ((100, -0.12), (200, -0.08), (400, -0.04)):
         for seed, wobble in enumerate((-0.005, 0.0, 0.005)):
             for role, loss in (("hash", 4.0), ("moe", 4.0 - gap + wobble)):
-                runs.append({"dir": tmp_path / role, "summary": {"run_name": role, "seed": seed, "steps": steps,
-                                                                   "tokens_seen": steps * 1000, "val/loss": loss}})
+                runs.append(
+                    {
+                        "dir": tmp_path / role,
+                        "summary": {
+                            "run_name": role,
+                            "seed": seed,
+                            "steps": steps,
+                            "tokens_seen": steps * 1000,
+                            "val/loss": loss,
+                        },
+                    }
+                )
     assert set(collect(runs)) == {"hash", "moe"}
     text, _, _ = ladder_report(runs)
     # +0.04 per doubling from -0.04 at 400k tokens: 0 at 800k tokens, 2x the longest rung

@@ -41,7 +41,10 @@ def test_used_folder_is_refused_and_overwrite_clears_it(synth_mix, tmp_path):
     (tmp_path / "plots" / "heatmap_step999.png").write_bytes(b"old")
     second = train(synth_mix, tmp_path, "seed=1", "overwrite=true")
     assert second["seed"] == 1 and json.loads((tmp_path / "summary.json").read_text())["seed"] == 1
-    assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == ["counts_step2.pt", "train_counts_step2.pt"]
+    assert sorted(p.name for p in (tmp_path / "routing").iterdir()) == [
+        "counts_step2.pt",
+        "train_counts_step2.pt",
+    ]
     assert not (tmp_path / "plots" / "heatmap_step999.png").exists()
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -73,5 +73,10 @@ def trend(x: Sequence[float], y: Sequence[float]) -> dict:
     fit = stats.linregress(xs, ys)
     half = float(stats.t.ppf(0.975, n - 2) * fit.stderr)
     x0 = -fit.intercept / fit.slope if fit.slope != 0 else math.nan
-    return {"n": n, "slope": float(fit.slope), "slope_half": half, "intercept": float(fit.intercept),
-            "x0": float(x0)}
+    return {
+        "n": n,
+        "slope": float(fit.slope),
+        "slope_half": half,
+        "intercept": float(fit.intercept),
+        "x0": float(x0),
+    }

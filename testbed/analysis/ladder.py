@@ -99,25 +99,50 @@ def ladder_report(runs: list[dict], reference: str = "hash") -> tuple[str, list[
             values = [v for v, _, _ in table[role].get(s, {}).values()]
             cells.append(_cell(*ci95(values), digits=4) if values else "")
         lines.append(f"| {label(role)} | " + " | ".join(cells) + " |")
-    epochs = [max((e for role in table.values() for _, _, e in role.get(s, {}).values()
-                   if isinstance(e, int | float)), default=math.nan) for s in rungs]
+    epochs = [
+        max(
+            (
+                e
+                for role in table.values()
+                for _, _, e in role.get(s, {}).values()
+                if isinstance(e, int | float)
+            ),
+            default=math.nan,
+        )
+        for s in rungs
+    ]
     lines.append("| max epochs | " + " | ".join("" if math.isnan(e) else f"{e:.2f}" for e in epochs) + " |")
 
     # paired gains; the family: every configuration against the reference at every rung
-    rows, csv_rows = [], [["steps", "tokens", "configuration", "baseline", "gain_mean", "ci95_half", "n", "p",
-                           "p_holm"]]
+    rows, csv_rows = (
+        [],
+        [["steps", "tokens", "configuration", "baseline", "gain_mean", "ci95_half", "n", "p", "p_holm"]],
+    )
     for s in rungs:
         for role in roles:
             for baseline in BASELINES:
-                if role == baseline or role in DENSE or (role == reference and baseline != "dense_active"
-                                                          and baseline != "dense_total"):
+                if (
+                    role == baseline
+                    or role in DENSE
+                    or (role == reference and baseline != "dense_active" and baseline != "dense_total")
+                ):
                     continue
                 diffs = gains(table, role, baseline, s)
                 if not diffs:
                     continue
                 mean, half, n = ci95(diffs)
-                rows.append({"steps": s, "role": role, "baseline": baseline, "mean": mean, "half": half, "n": n,
-                             "p": one_sample_p(diffs), "diffs": diffs})
+                rows.append(
+                    {
+                        "steps": s,
+                        "role": role,
+                        "baseline": baseline,
+                        "mean": mean,
+                        "half": half,
+                        "n": n,
+                        "p": one_sample_p(diffs),
+                        "diffs": diffs,
+                    }
+                )
     family = [r for r in rows if r["baseline"] == reference]
     for r, adjusted in zip(family, holm([r["p"] for r in family]), strict=True):
         r["p_holm"] = adjusted
@@ -127,7 +152,8 @@ def ladder_report(runs: list[dict], reference: str = "hash") -> tuple[str, list[
         f"over seed pairs (n); p: paired t-test; Holm: adjusted over the {len(family)} comparisons with "
         f"{label(reference)}, the family of this report):",
         "",
-        "| steps | tokens | configuration | over " + " | over ".join(label(b) for b in BASELINES)
+        "| steps | tokens | configuration | over "
+        + " | over ".join(label(b) for b in BASELINES)
         + f" | p vs {label(reference)} | Holm p |",
         "|---|---|---|" + "---|" * (len(BASELINES) + 2),
     ]
@@ -143,15 +169,33 @@ def ladder_report(runs: list[dict], reference: str = "hash") -> tuple[str, list[
             ref = next((r for r in mine if r["baseline"] == reference), None)
             p = f"{ref['p']:.3g}" if ref and math.isfinite(ref["p"]) else ""
             ph = f"{ref['p_holm']:.3g}" if ref and math.isfinite(ref.get("p_holm", math.nan)) else ""
-            lines.append(f"| {s:,} | {tokens[s] / 1e6:.1f}M | {label(role)} | " + " | ".join(cells)
-                         + f" | {p} | {ph} |")
+            lines.append(
+                f"| {s:,} | {tokens[s] / 1e6:.1f}M | {label(role)} | "
+                + " | ".join(cells)
+                + f" | {p} | {ph} |"
+            )
     for r in rows:
-        csv_rows.append([r["steps"], int(tokens[r["steps"]]), r["role"], r["baseline"], f"{r['mean']:.6f}",
-                         f"{r['half']:.6f}", r["n"], f"{r['p']:.6g}", f"{r.get('p_holm', math.nan):.6g}"])
+        csv_rows.append(
+            [
+                r["steps"],
+                int(tokens[r["steps"]]),
+                r["role"],
+                r["baseline"],
+                f"{r['mean']:.6f}",
+                f"{r['half']:.6f}",
+                r["n"],
+                f"{r['p']:.6g}",
+                f"{r.get('p_holm', math.nan):.6g}",
+            ]
+        )
 
     # crossing and trend per configuration against the reference
-    lines += ["", f"Against {label(reference)} over the ladder (trend: least squares of the per-seed gain on "
-                  "log2 tokens; slope = change per doubling, 95% CI):", ""]
+    lines += [
+        "",
+        f"Against {label(reference)} over the ladder (trend: least squares of the per-seed gain on "
+        "log2 tokens; slope = change per doubling, 95% CI):",
+        "",
+    ]
     figure = {"tokens": tokens, "rungs": rungs, "series": {}}
     for role in roles:
         mine = [r for r in family if r["role"] == role]
@@ -163,8 +207,11 @@ def ladder_report(runs: list[dict], reference: str = "hash") -> tuple[str, list[
         lines.append(f"- {label(role)}: " + crossing_sentence(mine, tokens, fit))
     for baseline in (reference, "dense_active"):
         figure["series"][baseline] = {
-            role: [(tokens[r["steps"]], r["mean"], r["half"], r["n"]) for r in rows
-                   if r["role"] == role and r["baseline"] == baseline]
+            role: [
+                (tokens[r["steps"]], r["mean"], r["half"], r["n"])
+                for r in rows
+                if r["role"] == role and r["baseline"] == baseline
+            ]
             for role in roles
             if any(r["role"] == role and r["baseline"] == baseline for r in rows)
         }
@@ -183,18 +230,24 @@ def crossing_sentence(rows: list[dict], tokens: dict, fit: dict) -> str:
     if behind:
         parts.append("behind (CI excludes 0) at " + ", ".join(f"{r['steps']:,}" for r in behind) + " steps")
     if flips:
-        parts.append("the mean gain changes sign between " + "; ".join(f"{a:,} and {b:,}" for a, b in flips)
-                     + " steps")
+        parts.append(
+            "the mean gain changes sign between " + "; ".join(f"{a:,} and {b:,}" for a, b in flips) + " steps"
+        )
     elif rows:
-        parts.append("no crossing within the ladder (the mean gain is "
-                     + ("positive" if rows[0]["mean"] > 0 else "negative") + " at every rung)")
+        parts.append(
+            "no crossing within the ladder (the mean gain is "
+            + ("positive" if rows[0]["mean"] > 0 else "negative")
+            + " at every rung)"
+        )
     if math.isfinite(fit["slope"]):
         text = f"trend {fit['slope']:+.4f} ± {fit['slope_half']:.4f} nats per doubling (n = {fit['n']})"
         if abs(fit["slope"]) > fit["slope_half"] and fit["slope"] > 0 and all(r["mean"] < 0 for r in rows):
             x0 = 2 ** fit["x0"]
-            text += (f"; extrapolated, the line reaches 0 at about {x0 / 1e6:,.0f}M tokens "
-                     f"({x0 / tokens[rows[-1]['steps']]:.0f}x the longest rung), an extrapolation, not a "
-                     "measurement")
+            text += (
+                f"; extrapolated, the line reaches 0 at about {x0 / 1e6:,.0f}M tokens "
+                f"({x0 / tokens[rows[-1]['steps']]:.0f}x the longest rung), an extrapolation, not a "
+                "measurement"
+            )
         elif abs(fit["slope"]) <= fit["slope_half"]:
             text += "; the slope's interval includes 0"
         parts.append(text)

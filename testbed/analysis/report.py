@@ -754,8 +754,11 @@ def holm_file(path: Path, out: Path | None) -> int:
         if math.isfinite(q):
             survives = q < 0.05
             survivors += survives
-            lines[i] = lines[i].split("; Holm p =")[0] + f"; Holm p = {q:.3g}, " + (
-                "survives" if survives else "does not survive")
+            lines[i] = (
+                lines[i].split("; Holm p =")[0]
+                + f"; Holm p = {q:.3g}, "
+                + ("survives" if survives else "does not survive")
+            )
     m = sum(math.isfinite(q) for q in adjusted)
     lines.append(f"Holm over the {m} paired tests above (family-wise level 0.05): {survivors} survive.")
     text = "\n".join(lines)
@@ -836,7 +839,9 @@ def main(argv: list[str] | None = None) -> int:
         "against --reference and the dense baselines, Holm over the reference family, trend per doubling; "
         "with --plots, ladder.png",
     )
-    parser.add_argument("--reference", default="hash", help="with --ladder: the run_name every gain family uses")
+    parser.add_argument(
+        "--reference", default="hash", help="with --ladder: the run_name every gain family uses"
+    )
     parser.add_argument(
         "--holm",
         type=Path,

@@ -138,6 +138,7 @@ class Router(nn.Module):
         self.config = config
         self.num_experts = num_experts
         self.num_domains = num_domains
+        self.step = 0  # the optimizer step, set by the training module (for routers that change with it)
         self.gate = nn.Linear(d_model, num_experts, bias=False)
         nn.init.normal_(self.gate.weight, std=d_model**-0.5)
         # b_e of expert-bias balancing: changes which experts are selected, never the gates.

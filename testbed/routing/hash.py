@@ -16,6 +16,21 @@ from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routi
 PRIME = 2**31 - 1  # Mersenne prime; (id + 1) * A + B stays far below 2**63 for any realistic vocabulary
 
 
+def hash_constants(num_experts: int, seed: int) -> tuple[Tensor, Tensor]:
+    """(A, B) of the hash, [E] each, drawn from `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    hash_a = torch.randint(1, PRIME, (num_experts,), generator=generator)
+    hash_b = torch.randint(0, PRIME, (num_experts,), generator=generator)
+    return hash_a, hash_b
+
+
+def hash_choices(token_ids: Tensor, hash_a: Tensor, hash_b: Tensor, top_k: int) -> Tensor:
+    """[T, K] the experts with the K largest keys ((id + 1) * A_e + B_e) mod p: K distinct experts."""
+    ids = token_ids.long().unsqueeze(-1) + 1  # [T, 1]
+    keys = (ids * hash_a + hash_b) % PRIME  # [T, E]
+    return torch.topk(keys, top_k, dim=-1).indices
+
+
 @dataclass
 class HashConfig:
     name: str = "hash"
@@ -29,21 +44,15 @@ class HashRouter(Router):
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__(d_model, num_experts, config, num_domains)
-        generator = torch.Generator().manual_seed(config.seed)
+        hash_a, hash_b = hash_constants(num_experts, config.seed)
         # derived from the seed: not saved in checkpoints
-        self.register_buffer(
-            "hash_a", torch.randint(1, PRIME, (num_experts,), generator=generator), persistent=False
-        )
-        self.register_buffer(
-            "hash_b", torch.randint(0, PRIME, (num_experts,), generator=generator), persistent=False
-        )
+        self.register_buffer("hash_a", hash_a, persistent=False)
+        self.register_buffer("hash_b", hash_b, persistent=False)
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
         if context.token_ids is None:
             raise ValueError("the hash router needs the input token ids (context.token_ids is None)")
-        ids = context.token_ids.long().unsqueeze(-1) + 1  # [T, 1]
-        keys = (ids * self.hash_a + self.hash_b) % PRIME  # [T, E]: keys_{t,e} = ((id_t + 1) A_e + B_e) mod p
-        chosen = torch.topk(keys, self.config.top_k, dim=-1).indices  # K distinct experts by construction
+        chosen = hash_choices(context.token_ids, self.hash_a, self.hash_b, self.config.top_k)
         num_tokens, top_k = chosen.shape
         logits = x.new_zeros(num_tokens, self.num_experts)  # nothing is learned
         gates = x.new_full((num_tokens, top_k), 1.0 / top_k)

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
+from testbed.routing.hash import hash_choices, hash_constants
 
 
 @dataclass
@@ -21,11 +22,22 @@ class TopKSoftmaxConfig:
     jitter: float = (
         0.0  # multiplicative input noise U(1-jitter, 1+jitter) during training (Switch Transformer)
     )
+    # two-stage start: for the first hash_steps optimizer steps each token goes to the hash router's experts
+    # (router=hash, seed 0), gated by this router's probabilities, so the router learns to weight a stable
+    # assignment; from then on its own top-k (StableMoE's two stages, in the other order)
+    hash_steps: int = 0
 
 
 @ROUTERS.register("topk_softmax", TopKSoftmaxConfig)
 class TopKSoftmaxRouter(Router):
     supports_expert_bias = True
+
+    def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
+        super().__init__(d_model, num_experts, config, num_domains)
+        if config.hash_steps > 0:
+            hash_a, hash_b = hash_constants(num_experts, seed=0)
+            self.register_buffer("hash_a", hash_a, persistent=False)
+            self.register_buffer("hash_b", hash_b, persistent=False)
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
         if self.training and self.config.jitter > 0:
@@ -33,9 +45,14 @@ class TopKSoftmaxRouter(Router):
             x = x * noise
         logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        chosen = torch.topk(
-            probs + self.expert_bias, self.config.top_k, dim=-1
-        ).indices  # bias: selection only
+        if self.step < self.config.hash_steps:  # stage one: the hash assignment, learned gates
+            if context.token_ids is None:
+                raise ValueError("router.hash_steps needs the input token ids (context.token_ids is None)")
+            chosen = hash_choices(context.token_ids, self.hash_a, self.hash_b, self.config.top_k)
+        else:
+            chosen = torch.topk(
+                probs + self.expert_bias, self.config.top_k, dim=-1
+            ).indices  # bias: selection only
         gates = probs.gather(-1, chosen)
         if self.config.renormalize:
             gates = gates / gates.sum(dim=-1, keepdim=True)
@@ -46,3 +63,5 @@ class TopKSoftmaxRouter(Router):
         super().check(config, run, key)
         if not 0 <= config.jitter < 1:
             raise ConfigError(f"{key}.jitter", config.jitter, "a float in [0, 1)")
+        if not isinstance(config.hash_steps, int) or config.hash_steps < 0:
+            raise ConfigError(f"{key}.hash_steps", config.hash_steps, "an integer >= 0 (0 = off)")

@@ -19,6 +19,7 @@ from testbed.losses.expert_bias import ExpertBiasTracker
 from testbed.metrics.stats import RoutingStats
 from testbed.model import LayerOutput, MoETransformer
 from testbed.model.lm_loss import linear_cross_entropy
+from testbed.routing.base import Router
 from testbed.scope import GlobalScopeState
 from testbed.train.checkpoint import TrainingDiverged
 from testbed.train.finetune import apply_finetune
@@ -125,6 +126,7 @@ class MoELanguageModel(L.LightningModule):
                     if ".router." in name:
                         parameter.mul_(run.optim.router_init_scale)
         self.masked_parameters = apply_finetune(self.model, run.finetune)
+        self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
         if run.trainer.compile:  # in place: parameter names (and checkpoints) stay the same
             self.model.compile(backend=run.trainer.compile_backend)
         self.routing_stats = None  # set by the metrics callback during validation
@@ -214,6 +216,14 @@ class MoELanguageModel(L.LightningModule):
             self.expert_bias_tracker.apply(
                 {layer.layer_index: layer.router for layer in self.model.moe_layers}
             )
+
+    def set_router_step(self) -> None:
+        """Routers that change with the step (router.hash_steps) read it here: a host integer, no sync."""
+        for router in self.routers:
+            router.step = self.global_step
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self.set_router_step()
 
     def training_step(self, batch, batch_idx):
         lm_loss, outputs = self.lm_loss(
@@ -317,6 +327,7 @@ class MoELanguageModel(L.LightningModule):
             random.setstate(rng["python"])
 
     def on_validation_epoch_start(self) -> None:
+        self.set_router_step()
         self.val_loss_sums.zero_()
         self.val_token_counts.zero_()
 
