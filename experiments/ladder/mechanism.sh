@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The mechanism runs (experiments/ladder/README.md, "Mechanism"): candidates for why hash routing beats the
+# learned top-2 router, each a change to the default run (data=large, micro, 1,500 steps: the ladder's
+# 1,500-step rung, whose moe / hash / dense runs in experiments/regime_large are the shared baselines,
+# same seeds):
+#   renorm       router.renormalize=true            gates of the chosen experts sum to 1
+#   freeze       optim.router_freeze_step=300       the router stops training after 300 steps
+#   hash_start   router.hash_steps=300              two-stage start: hash experts gated by the router, then top-k
+#   lbl_1e-3     balance.coefficient=0.001          a tenth of the default load balance
+#   init_0.1     optim.router_init_scale=0.1        router gates start 10x smaller
+#   fine64       64 experts of hidden 16, top-8     fine-grained, equal active and total parameters
+#   hash64       the same, routed by hash           fine64's hash baseline
+#   lr sweep     optim.lr 1e-3 and 1e-2             for moe, hash and dense_active: each model at its best rate
+# Seeds 0-4 (the lr sweep 0-2). Resumable like run.sh; JOBS / NAMES / SEEDS narrow it; DRY=1 prints.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+FINE="model.moe.num_experts=64 model.moe.expert_hidden=16 router.top_k=8"
+commands() {
+  for name in ${NAMES:-renorm freeze hash_start lbl_1e-3 init_0.1 fine64 hash64 moe_lr1e-3 moe_lr1e-2 hash_lr1e-3 hash_lr1e-2 dense_active_lr1e-3 dense_active_lr1e-2}; do
+    case $name in
+      renorm) args="router.renormalize=true" ;;
+      freeze) args="optim.router_freeze_step=300" ;;
+      hash_start) args="router.hash_steps=300" ;;
+      lbl_1e-3) args="balance.coefficient=0.001" ;;
+      init_0.1) args="optim.router_init_scale=0.1" ;;
+      fine64) args="$FINE" ;;
+      hash64) args="router=hash balance=none $FINE" ;;
+      moe_lr*) args="optim.lr=${name#moe_lr}" ;;
+      hash_lr*) args="router=hash balance=none optim.lr=${name#hash_lr}" ;;
+      dense_active_lr*) args="model=micro_dense optim.lr=${name#dense_active_lr}" ;;
+      *) echo "unknown name $name" >&2; exit 2 ;;
+    esac
+    case $name in *_lr*) seeds=${SEEDS:-0 1 2} ;; *) seeds=${SEEDS:-0 1 2 3 4} ;; esac
+    for seed in $seeds; do
+      dir=experiments/ladder/mechanism/$name/s$seed
+      [ -f "$dir/summary.json" ] && continue
+      echo "OMP_NUM_THREADS=1 .venv/bin/testbed-train $args seed=$seed run_name=$name" \
+        "trainer.progress_bar=false resume=auto hydra.run.dir=$dir > /dev/null 2>&1" \
+        "&& echo done $dir || echo FAILED $dir"
+    done
+  done
+}
+if [ -n "${DRY:-}" ]; then commands; exit 0; fi
+commands | xargs -P "${JOBS:-2}" -I{} bash -c {}
