@@ -89,6 +89,7 @@ def test_ladder_report_pairs_seeds_and_finds_the_crossing(tmp_path, capsys):
     assert "the mean gain changes sign between 100 and 200 steps" in text
     assert "behind (CI excludes 0) at 100 steps" in text and "ahead (CI excludes 0) at 200 steps" in text
     assert "| max epochs | 0.10 | 0.20 |" in text
+    assert "over 2 rungs, no extrapolation" in text and "reaches 0" not in text
     # hash's own gain over dense-active is shown, never a gain of hash over itself
     assert "| 100 | 0.2M | hash |  | +0.300 ± 0.000 (3) |" in text
 

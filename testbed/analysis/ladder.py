@@ -8,7 +8,7 @@ seed, with the 95% t interval over the seed pairs and the paired t-test's p. The
 reference (hash by default) form one family per report: Holm-adjusted p-values (testbed.analysis.inference)
 say which survive. The trend of the gain over the reference is a least-squares line in log2(tokens) over
 every seed pair of every rung: its slope is the change per doubling of the tokens, and where it crosses 0
-is an extrapolation, reported as such and only when the slope's interval excludes 0.
+is an extrapolation, reported as such and only from three rungs on, when the slope's interval excludes 0.
 """
 
 from __future__ import annotations
@@ -241,7 +241,10 @@ def crossing_sentence(rows: list[dict], tokens: dict, fit: dict) -> str:
         )
     if math.isfinite(fit["slope"]):
         text = f"trend {fit['slope']:+.4f} ± {fit['slope_half']:.4f} nats per doubling (n = {fit['n']})"
-        if abs(fit["slope"]) > fit["slope_half"] and fit["slope"] > 0 and all(r["mean"] < 0 for r in rows):
+        rungs = len({r["steps"] for r in rows})
+        if rungs < 3:
+            text += f"; over {rungs} rungs, no extrapolation (a line through two rungs says nothing of curvature)"
+        elif abs(fit["slope"]) > fit["slope_half"] and fit["slope"] > 0 and all(r["mean"] < 0 for r in rows):
             x0 = 2 ** fit["x0"]
             text += (
                 f"; extrapolated, the line reaches 0 at about {x0 / 1e6:,.0f}M tokens "
