@@ -309,3 +309,14 @@ def test_sweeps_option_runs_only_the_commands_of_the_named_sweeps():
         "oracle",
     ]
     assert ex.commands_for(experiment.commands, experiment.sweeps) == experiment.commands
+
+
+@pytest.mark.parametrize("name", ["scale_micro", "scale_small"])
+def test_scale_ladder_grids_compose_and_validate(tmp_path, capsys, name):
+    """The scale ladder's rungs: six sweeps matched by name across scales, every point valid before a run."""
+    assert ex.main([name, "--seeds", "0", "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    scale = name.removeprefix("scale_")
+    for sweep in ("lbl_micro_batch", "lbl_global", "eb", "sinkhorn", "hash", "dense_active"):
+        assert f"/{sweep}/s0" in out
+    assert f"model={scale}_dense" in out and "balance.scope=global" in out

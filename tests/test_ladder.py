@@ -126,3 +126,34 @@ def test_holm_file_marks_survivors(tmp_path, capsys):
     assert lines[-1] == "Holm over the 2 paired tests above (family-wise level 0.05): 2 survive."
     assert main(["--holm", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_rank_agreement_by_hand(tmp_path, capsys):
+    from testbed.analysis.ladder import rank_agreement
+
+    # the same order at both scales with no seed noise: rho 1 and the interval collapses onto it
+    a = {"x": [1.0, 1.0], "y": [2.0, 2.0], "z": [3.0, 3.0]}
+    b = {"x": [5.0, 5.0], "y": [6.0, 6.0], "z": [9.0, 9.0], "w": [0.0]}
+    result = rank_agreement(a, b, draws=200)
+    assert (
+        result["names"] == ["x", "y", "z"] and result["rho"] == 1.0 and result["low"] == result["high"] == 1.0
+    )
+    # reversed order: -1; overlapping seeds at the larger scale widen the interval
+    reverse = {"x": [3.0, 3.1], "y": [2.0, 3.05], "z": [1.0, 1.1]}
+    result = rank_agreement(a, reverse, draws=500)
+    assert result["rho"] == -1.0 and result["low"] == -1.0 and result["high"] > -1.0
+    # the CLI on two grids (configuration = sweep folder)
+    for scale, values in (("micro", a), ("tiny", b)):
+        for name, seeds in values.items():
+            for seed, value in enumerate(seeds):
+                fake_run(
+                    tmp_path / scale / name / f"s{seed}" / "0",
+                    [f"seed={seed}"],
+                    {"seed": seed, "val/loss": value, "spec/purity/mean": 0.5},
+                )
+    assert main(["--rank", str(tmp_path / "micro"), str(tmp_path / "tiny"), "--columns", "val/loss"]) == 0
+    out = capsys.readouterr().out
+    assert "| x | 1.0000 (2) | 1 | 5.0000 (2) | 1 |" in out
+    assert (
+        "Spearman rho over the 3 configurations: +1.000" in out and "in one scale only (left out): w" in out
+    )

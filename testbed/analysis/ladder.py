@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from scipy import stats
 
 from testbed.analysis.inference import ci95, holm, one_sample_p, trend
 from testbed.plots import save_figure
@@ -243,7 +244,9 @@ def crossing_sentence(rows: list[dict], tokens: dict, fit: dict) -> str:
         text = f"trend {fit['slope']:+.4f} ± {fit['slope_half']:.4f} nats per doubling (n = {fit['n']})"
         rungs = len({r["steps"] for r in rows})
         if rungs < 3:
-            text += f"; over {rungs} rungs, no extrapolation (a line through two rungs says nothing of curvature)"
+            text += (
+                f"; over {rungs} rungs, no extrapolation (a line through two rungs says nothing of curvature)"
+            )
         elif abs(fit["slope"]) > fit["slope_half"] and fit["slope"] > 0 and all(r["mean"] < 0 for r in rows):
             x0 = 2 ** fit["x0"]
             text += (
@@ -281,3 +284,74 @@ def ladder_figure(figure: dict, out_path: Path, reference: str = "hash") -> Path
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     return save_figure(fig, out_path)
+
+
+def config_values(runs: list[dict], metric: str) -> dict[str, list[float]]:
+    """{configuration: [value per seed]}: the configuration of a run is its sweep (the first folder below
+    the report root in an experiment grid's output), else its run_name."""
+    out: dict[str, list[float]] = {}
+    for run in runs:
+        value = run["summary"].get(metric)
+        if isinstance(value, int | float) and math.isfinite(value):
+            name = run.get("sweep") or str(run["summary"].get("run_name"))
+            out.setdefault(name, []).append(float(value))
+    return out
+
+
+def rank_agreement(
+    a: dict[str, list[float]], b: dict[str, list[float]], draws: int = 2000, seed: int = 0
+) -> dict:
+    """Spearman's rho between the configurations' mean values at two scales (the configurations both have),
+    with a 95% percentile bootstrap interval: each draw resamples every configuration's seeds with
+    replacement at each scale independently."""
+
+    names = sorted(set(a) & set(b))
+    if len(names) < 3:
+        return {"names": names, "rho": math.nan, "low": math.nan, "high": math.nan}
+    rho = float(stats.spearmanr([np.mean(a[n]) for n in names], [np.mean(b[n]) for n in names]).statistic)
+    rng = np.random.default_rng(seed)
+    draws_rho = []
+    for _ in range(draws):
+        ma = [np.mean(rng.choice(a[n], len(a[n]))) for n in names]
+        mb = [np.mean(rng.choice(b[n], len(b[n]))) for n in names]
+        value = stats.spearmanr(ma, mb).statistic
+        if math.isfinite(value):
+            draws_rho.append(value)
+    low, high = np.percentile(draws_rho, [2.5, 97.5]) if draws_rho else (math.nan, math.nan)
+    return {"names": names, "rho": rho, "low": float(low), "high": float(high)}
+
+
+def rank_report(
+    runs_a: list[dict], runs_b: list[dict], labels: tuple[str, str], metrics: tuple[str, ...]
+) -> str:
+    """Per metric: each configuration's mean (and rank) at both scales; Spearman's rho with its interval."""
+    lines = []
+    for metric in metrics:
+        a, b = config_values(runs_a, metric), config_values(runs_b, metric)
+        result = rank_agreement(a, b)
+        names = result["names"]
+        if not names:
+            lines += [f"{metric}: no configuration in both", ""]
+            continue
+        rank_a = {n: r for r, n in enumerate(sorted(names, key=lambda n: np.mean(a[n])), 1)}
+        rank_b = {n: r for r, n in enumerate(sorted(names, key=lambda n: np.mean(b[n])), 1)}
+        lines += [
+            f"{metric} (mean over seeds (n), rank 1 = lowest):",
+            "",
+            f"| configuration | {labels[0]} | rank | {labels[1]} | rank |",
+            "|---|---|---|---|---|",
+        ]
+        for n in sorted(names, key=lambda n: rank_a[n]):
+            lines.append(
+                f"| {label(n)} | {np.mean(a[n]):.4f} ({len(a[n])}) | {rank_a[n]} | {np.mean(b[n]):.4f} "
+                f"({len(b[n])}) | {rank_b[n]} |"
+            )
+        only = sorted(set(a) ^ set(b))
+        lines += [
+            "",
+            f"Spearman rho over the {len(names)} configurations: {result['rho']:+.3f} (95% bootstrap "
+            f"interval over seeds {result['low']:+.3f} to {result['high']:+.3f})"
+            + (f"; in one scale only (left out): {', '.join(only)}" if only else ""),
+            "",
+        ]
+    return "\n".join(lines).rstrip()

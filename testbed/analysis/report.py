@@ -8,8 +8,9 @@ curves) and `.hydra/overrides.yaml` (what the sweep set). A directory with `.hyd
 Runs are grouped by their overrides minus `seed` (and minus `init_from`, whose path differs per seed in
 post-training sweeps); each group shows mean ± sample standard deviation and n. With `--per-run` the
 table lists every run instead. Plots (`--plots`): the utilization-vs-specialization frontier (oracle a
-star, hash an x, error bars = spread over seeds), per-layer curves of the last validation, and training
-curves of `--curves` metrics (mean over seeds, shaded ± std).
+star, hash an x, error bars = 95% t confidence intervals over seeds), per-layer curves of the last validation
+and training curves of `--curves` metrics (mean over seeds, shaded 95% CI), configurations named by short
+labels (plot_labels: "LBL, global", "EB, micro_batch", "hash", "dense").
 """
 
 from __future__ import annotations
@@ -31,9 +32,18 @@ from scipy import stats
 from scipy.optimize import brentq
 
 from testbed.analysis.inference import holm
-from testbed.analysis.ladder import ladder_figure, ladder_report
+from testbed.analysis.ladder import ladder_figure, ladder_report, rank_report
 from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check, repeated_domains
-from testbed.plots import domain_expert_heatmaps, frontier_scatter, per_layer_curves, training_curves
+from testbed.plots import (
+    domain_expert_heatmaps,
+    frontier_scatter,
+    per_layer_curves,
+    readable_label,
+    readable_setting,
+    spread_label,
+    t_interval,
+    training_curves,
+)
 from testbed.routing import ROUTERS
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -452,45 +462,107 @@ def method_and_scope(summary: dict) -> tuple[str, str]:
     return "none", ""
 
 
+ROUTER_NAMES = {"topk_softmax": "", "sinkhorn": "SH", "balanced_assignment": "BA", "expert_choice": "EC"}
+"""How a router shows in a plot label: top-k softmax is the default (unnamed), others by name."""
+
+
+def base_label(group: dict) -> str:
+    """A configuration's short name for figures: its balancing method and scope ("LBL, global", "SH,
+    sequence"), a non-default router in front ("sigmoid, EB, global"), "oracle" / "hash", "dense" (and
+    "dense, total params" for the dense model of the MoE's total size)."""
+    summary = group["runs"][0]["summary"]
+    settings = group["settings"]
+    resolved_model = summary.get("resolved", {}).get("model")
+    if resolved_model and not is_moe(summary):
+        return "dense, total params" if "total" in str(resolved_model.get("name", "")) else "dense"
+    method, scope = method_and_scope(summary)
+    router = str(summary.get("config", {}).get("router") or settings.get("router", "")).rpartition("/")[2]
+    if method == "none":
+        if not router:  # a summary that names neither: its settings, written as words
+            return readable_label(settings_label(group))
+        if router in reference_routers() or "balance" not in summary.get("config", {}):
+            return router  # (a summary that does not say how it balances: its router only)
+        return f"{ROUTER_NAMES.get(router) or router}, no balancing"
+    named = ROUTER_NAMES.get(router, router)
+    words = [w for w in (named if named not in (method, "") else "", method, scope) if w]
+    return ", ".join(words)
+
+
+def plot_labels(groups: list[dict]) -> list[str]:
+    """Short legend labels of `groups`, one each, without raw overrides: `base_label`, and where groups share
+    one, the settings that tell them apart written as words ("LBL, micro_batch, mixed batches", "LBL,
+    micro_batch, coef. 0.01", "LBL, micro_batch, renormalized"); still equal: the sweep, else the folder the
+    runs came from."""
+    bases = [base_label(g) for g in groups]
+    if any(b == "dense, total params" for b in bases):
+        bases = ["dense, active params" if b == "dense" else b for b in bases]
+    labels = list(bases)
+    for base in {b for b in bases if bases.count(b) > 1}:
+        members = [i for i, b in enumerate(bases) if b == base]
+        keys = dict.fromkeys(k for i in members for k in groups[i]["settings"] if k not in ("sweep", "model"))
+        for i in members:
+            settings = groups[i]["settings"]
+            extra = []
+            for key in keys:
+                values = {groups[j]["settings"].get(key, "") for j in members}
+                value = settings.get(key, "")
+                if len(values) > 1 and value:
+                    word = readable_setting(key, value)
+                    if word not in base.split(", "):
+                        extra.append(word)
+            labels[i] = ", ".join([base, *extra])
+    for label in {lab for lab in labels if labels.count(lab) > 1}:
+        members = [i for i, lab in enumerate(labels) if lab == label]
+        sweeps = [groups[i]["settings"].get("sweep", "") for i in members]
+        if len(set(sweeps)) == len(members) and all(sweeps):
+            names = sweeps
+        else:  # the first folder where their runs' paths part
+            paths = [Path(groups[i]["runs"][0]["dir"]).resolve().parts for i in members]
+            depth = next((d for d in range(min(map(len, paths))) if len({p[d] for p in paths}) > 1), None)
+            names = [p[depth] if depth is not None else f"#{k + 1}" for k, p in enumerate(paths)]
+        for i, name in zip(members, names, strict=True):
+            labels[i] = f"{label} ({name})"
+    return labels
+
+
 def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
     """Utilization vs specialization across groups (purity, nmi, reference precision), the Testbed paper's
     picture: one marker per balancing method, one colour per scope, oracle and hash as references, hollow
-    for mixed batches; error bars are the std over seeds (n in the title)."""
+    for mixed batches; error bars are 95% t confidence intervals over seeds (none for one seed; n in the
+    title); an oracle far above the learned routers is marked at the top edge (frontier_scatter)."""
     _, groups = group_runs(runs)
+    labels = plot_labels(groups)
     paths = []
     for metric in ("purity", "nmi", "reference_precision"):
         points = []
-        for group in groups:
-            util = aggregate([r["summary"].get("spec/utilization/mean") for r in group["runs"]])
-            value = aggregate([r["summary"].get(f"spec/{metric}/mean") for r in group["runs"]])
+        for group, label in zip(groups, labels, strict=True):
+            util = ci95([r["summary"].get("spec/utilization/mean") for r in group["runs"]])
+            value = ci95([r["summary"].get(f"spec/{metric}/mean") for r in group["runs"]])
             if util[2] and value[2]:
                 summary = group["runs"][0]["summary"]
                 method, scope = method_and_scope(summary)
                 composition = summary.get("resolved", {}).get("data", {}).get("batch_composition")
                 points.append(
                     {
-                        "label": settings_label(group),
+                        "label": label,
                         "method": method,
                         "scope": scope,
                         "hollow": composition == "mixed" and method not in reference_routers(),
                         "utilization": util[0],
                         metric: value[0],
-                        "xerr": util[1],
-                        "yerr": value[1],
+                        "xerr": util[1] if util[2] > 1 else 0.0,
+                        "yerr": value[1] if value[2] > 1 else 0.0,
                         "n": min(util[2], value[2]),
                     }
                 )
         if points:
             path = out_dir / f"frontier_{metric}.png"
-            counts = sorted({p["n"] for p in points})
-            seeds = f"n = {counts[0]}" if len(counts) == 1 else f"n = {counts[0]}-{counts[-1]}"
-            spread = "mean ± std over seeds" if counts[-1] > 1 else "one seed each"
             frontier_scatter(
                 points,
                 out_path=path,
                 x="utilization",
                 y=metric,
-                title=f"specialization vs balance ({spread}, {seeds})",
+                title=f"specialization vs balance ({spread_label([p['n'] for p in points])})",
             )
             paths.append(path)
     return paths
@@ -530,21 +602,24 @@ def last_layer_values(run_dir: Path, metric: str) -> list[float]:
 
 
 def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> list[Path]:
-    """Per-layer curves of the final validation, mean over each group's seeds."""
+    """Per-layer curves of the final validation: mean over each group's seeds, shaded 95% t confidence
+    interval (none for one seed)."""
     _, groups = group_runs(runs)
+    labels = plot_labels(groups)
     paths = []
     for metric in metrics:
-        series, seeds = {}, 0
-        for group in groups:
+        series, bands, seeds = {}, {}, []
+        for group, label in zip(groups, labels, strict=True):
             per_run = [last_layer_values(run["dir"], metric) for run in group["runs"]]
             per_run = [v for v in per_run if v]
             if per_run and len({len(v) for v in per_run}) == 1:
-                series[settings_label(group)] = np.mean(per_run, axis=0).tolist()
-                seeds = max(seeds, len(per_run))
+                mean, half = t_interval(per_run)
+                series[label], bands[label] = mean.tolist(), half.tolist()
+                seeds.append(len(per_run))
         if series:
             path = out_dir / f"layers_{metric.replace('/', '_')}.png"
-            spread = "mean over seeds" if seeds > 1 else "one seed"
-            per_layer_curves(series, metric, out_path=path, title=f"{metric} per layer ({spread})")
+            title = f"{metric} per layer ({spread_label(seeds)})"
+            per_layer_curves(series, metric, out_path=path, title=title, bands=bands)
             paths.append(path)
     return paths
 
@@ -552,10 +627,12 @@ def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
 def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Path]:
     """p(expert | domain) of one MoE layer, one panel per configuration (its lowest seed's run that has a
     testbed-analyze analysis.json with routing counts), oracle blocks outlined: heatmaps.png, and
-    heatmaps_<E>_experts.png for configurations with another number of experts."""
+    heatmaps_<E>_experts.png for configurations with another number of experts. Panels are named by
+    `plot_labels` (and the analysis's own overrides: "balanced eval"); the seed goes in the figure's title
+    when every panel shows the same one, else in each panel's name."""
     _, groups = group_runs(runs)
-    counts, labels, domains, layer_name = [], [], None, None
-    for group in groups:
+    counts, labels, seeds, domains, layer_name = [], [], [], None, None
+    for group, label in zip(groups, plot_labels(groups), strict=True):
         with_counts = []
         for run in group["runs"]:
             path = run["dir"] / "analysis" / "analysis.json"
@@ -571,8 +648,9 @@ def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Pat
         domains, layer_name = analysis["domains"], names[layer]
         counts.append(analysis["counts"][layer_name])
         # the analysis's own overrides (e.g. router.eval_balanced=true: scored with balanced routing)
-        scored = "".join(f"; {o.rpartition('.')[2]}" for o in analysis.get("overrides", []))
-        labels.append(f"{settings_label(group)} (seed {seed}{scored})")
+        scored = [readable_setting(*o.partition("=")[::2]) for o in analysis.get("overrides", [])]
+        labels.append(", ".join([label, *scored]))
+        seeds.append(seed)
     # one figure per number of experts (X5 mixes 16- and 64-expert models): heatmaps.png for the first
     # configuration's, heatmaps_<E>_experts.png for each other
     by_width: dict[int, list[int]] = {}
@@ -581,12 +659,15 @@ def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Pat
     paths = []
     for n, (experts, members) in enumerate(by_width.items()):
         path = out_dir / ("heatmaps.png" if n == 0 else f"heatmaps_{experts}_experts.png")
+        shown = {seeds[i] for i in members}
+        names = [labels[i] if len(shown) == 1 else f"{labels[i]} (seed {seeds[i]})" for i in members]
         domain_expert_heatmaps(
             np.array([counts[i] for i in members]),
             domains,
-            [labels[i] for i in members],
+            names,
             out_path=path,
-            title=f"p(expert | domain), MoE {layer_name}",
+            title=f"p(expert | domain), MoE {layer_name}"
+            + (f", seed {shown.pop()}" if len(shown) == 1 else ""),
         )
         paths.append(path)
     return paths
@@ -601,12 +682,16 @@ def curve_of(run_dir: Path, metric: str) -> dict[int, float]:
 
 
 def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: str = "step") -> list[Path]:
-    """Training curves of `metrics` from metrics.csv: per group, mean over seeds at the steps all share;
-    x = "tokens" puts training tokens (step x the run's tokens per step) on the x axis."""
+    """Training curves of `metrics` from metrics.csv: per group, mean over seeds at the steps all share,
+    shaded 95% t confidence interval (none for one seed); x = "tokens" puts training tokens (step x the
+    run's tokens per step) on the x axis (drawn in millions). Series are keyed by `settings_label` and named
+    in the legend by `plot_labels`; training-batch purity lines that are 1.0 by construction are left out
+    with a footnote (training_curves)."""
     _, groups = group_runs(runs)
+    names = dict(zip((settings_label(g) for g in groups), plot_labels(groups), strict=True))
     paths = []
     for metric in metrics:
-        series = {}
+        series, seeds = {}, []
         for group in groups:
             curves = [c for c in (curve_of(run["dir"], metric) for run in group["runs"]) if c]
             if not curves:
@@ -618,19 +703,21 @@ def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: st
                 summary = group["runs"][0]["summary"]
                 per_step = summary["tokens_seen"] / max(1, summary["steps"])
                 xs = [(s + 1) * per_step for s in steps]  # a row logged at step s follows s + 1 steps
-            series[settings_label(group)] = (xs, values.mean(axis=0), values.std(axis=0))
+            mean, half = t_interval(values)
+            series[settings_label(group)] = (xs, mean, half)
+            seeds.append(len(curves))
         if all(len(xs) < 2 for xs, _, _ in series.values()):
             continue  # one measurement per run is not a curve (it is in the table)
         if series:
             path = out_dir / f"curve_{metric.replace('/', '_')}.png"
-            n = max(len(g["runs"]) for g in groups)
-            spread = "mean ± std over seeds" if n > 1 else "one seed"
+            spread = spread_label(seeds) if max(seeds) > 1 else "one seed"
             training_curves(
                 series,
                 metric,
                 out_path=path,
                 title=f"{metric} ({spread})",
                 x_label="training tokens" if x == "tokens" else "step",
+                labels={key: names.get(key, key) for key in series},
             )
             paths.append(path)
     return paths
@@ -769,6 +856,24 @@ def holm_file(path: Path, out: Path | None) -> int:
     return 0
 
 
+def rank_main(args) -> int:
+    try:
+        (runs_a, _), (runs_b, _) = find_runs([args.rank[0]]), find_runs([args.rank[1]])
+    except FileNotFoundError as err:
+        print(f"error: --rank: {err}", file=sys.stderr)
+        return 2
+    metrics = split_list(args.columns) if args.columns != ",".join(DEFAULT_COLUMNS) else RANK_METRICS
+    text = rank_report(runs_a, runs_b, (args.rank[0].name, args.rank[1].name), metrics)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return 0
+
+
+RANK_METRICS = ("val/loss", "spec/purity/mean")
+
+
 def ladder_main(runs: list[dict], failed: list[Path], args) -> int:
     text, csv_rows, figure = ladder_report(runs, args.reference)
     if failed:
@@ -849,9 +954,19 @@ def main(argv: list[str] | None = None) -> int:
         help="Holm-correct the paired tests in FILE (lines written by --compare, 'p = ...'): the family is "
         "the file; prints it with the adjusted p and whether each survives at 0.05 (no DIRS needed)",
     )
+    parser.add_argument(
+        "--rank",
+        nargs=2,
+        type=Path,
+        metavar=("SMALLER", "LARGER"),
+        help="scale ladder: the configurations (sweeps, else run names) of two grids ranked by --columns "
+        "(default val/loss, purity), Spearman's rho with a bootstrap interval over seeds (no DIRS needed)",
+    )
     args = parser.parse_args(argv)
     if args.holm is not None:
         return holm_file(args.holm, args.out)
+    if args.rank is not None:
+        return rank_main(args)
     if not args.dirs:
         parser.error("give run or sweep directories (or --holm FILE)")
     try:
