@@ -257,9 +257,12 @@ def test_heatmap_panels_show_each_configuration_lowest_seed(tmp_path, monkeypatc
     monkeypatch.setattr(report, "domain_expert_heatmaps", fake_heatmaps)
     runs, _ = report.find_runs([sweep])
     assert report.heatmap_panels(runs, tmp_path) == [tmp_path / "heatmaps.png"]
-    assert seen["names"] == ["router=oracle (seed 0)", "router=hash (seed 0; eval_balanced=true)"]
+    assert seen["names"] == [
+        "oracle",
+        "hash, balanced eval",
+    ]  # short names, the analysis's overrides as words
     assert seen["counts"].tolist() == [[[10, 0], [0, 6]], [[10, 0], [0, 7]]]
-    assert seen["domains"] == ["a", "b"] and seen["title"] == "p(expert | domain), MoE layer1"
+    assert seen["domains"] == ["a", "b"] and seen["title"] == "p(expert | domain), MoE layer1, seed 0"
 
 
 def test_heatmap_panels_split_by_number_of_experts(tmp_path, monkeypatch):
@@ -283,10 +286,7 @@ def test_heatmap_panels_split_by_number_of_experts(tmp_path, monkeypatch):
     runs, _ = report.find_runs([tmp_path / "sweep"])
     paths = report.heatmap_panels(runs, tmp_path)
     assert paths == [tmp_path / "heatmaps.png", tmp_path / "heatmaps_3_experts.png"]
-    assert seen == {
-        "heatmaps.png": (2, ["router=a (seed 0)"]),
-        "heatmaps_3_experts.png": (3, ["router=b (seed 0)"]),
-    }
+    assert seen == {"heatmaps.png": (2, ["a"]), "heatmaps_3_experts.png": (3, ["b"])}
 
 
 def test_group_stats_and_metrics_csv_on_pandas(tmp_path):
@@ -334,3 +334,161 @@ def test_experts_selected_per_seed_group_within_a_grid_only(tmp_path, capsys):
     assert main([str(tmp_path / "sweep"), "--columns", "val/loss", "--no-committed-baselines"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| {layer0")]
     assert len(rows) == 3
+
+
+def moe_summary(router: str, balance: str, scope: str = "", composition: str = "homogeneous", **values):
+    """A summary as training writes it: the chosen config groups and the resolved settings."""
+    dense = router == "dense"
+    return {
+        "status": "finished",
+        "config": {"router": "topk_softmax" if dense else router, "balance": balance},
+        "resolved": {
+            "model": {
+                "name": "micro_dense" if dense else "micro",
+                "n_layers": 2,
+                "dense_layers": 2 if dense else 0,
+            },
+            "balance": {"scope": scope} if balance != "none" else {},
+            "router": {"scope": scope} if router == "sinkhorn" else {},
+            "data": {"batch_composition": composition},
+        },
+        **values,
+    }
+
+
+def test_plot_labels_are_short_names_not_overrides(tmp_path):
+    from testbed.analysis import report
+
+    lbl, eb = ("topk_softmax", "load_balance"), ("topk_softmax", "expert_bias")
+    configurations = [
+        (["balance.scope=global"], moe_summary(*lbl, "global")),
+        (["balance=expert_bias", "balance.scope=micro_batch"], moe_summary(*eb, "micro_batch")),
+        (["router=sinkhorn", "router.scope=sequence"], moe_summary("sinkhorn", "none", "sequence")),
+        (["router=hash", "balance=none"], moe_summary("hash", "none")),
+        (["router=oracle", "balance=none"], moe_summary("oracle", "none")),
+        (["model=micro_dense"], moe_summary("dense", "load_balance", "micro_batch")),
+        (["balance.scope=global", "data.batch_composition=mixed"], moe_summary(*lbl, "global", "mixed")),
+        (["balance.scope=global", "balance.coefficient=0.01"], moe_summary(*lbl, "global")),
+    ]  # fmt: skip
+    for i, (overrides, summary) in enumerate(configurations):
+        fake_run(tmp_path / "sweep" / str(i), overrides, summary)
+    runs, _ = report.find_runs([tmp_path / "sweep"])
+    _, groups = report.group_runs(runs)
+    assert report.plot_labels(groups) == [
+        "LBL, global",
+        "EB, micro_batch",
+        "SH, sequence",
+        "hash",
+        "oracle",
+        "dense",
+        "LBL, global, mixed batches",
+        "LBL, global, coef. 0.01",
+    ]
+
+
+def capture_figures(monkeypatch, report) -> list:
+    """Wrap the report's plot functions: each figure they draw is kept for inspection."""
+    figures = []
+    for name in ("frontier_scatter", "per_layer_curves", "training_curves"):
+        real = getattr(report, name)
+
+        def wrapped(*args, _real=real, _name=name, **kwargs):
+            figure = _real(*args, **kwargs)
+            figures.append((_name, args, kwargs, figure))
+            return figure
+
+        monkeypatch.setattr(report, name, wrapped)
+    return figures
+
+
+def legend_texts(figure) -> list[str]:
+    legends = list(figure.legends)
+    for ax in figure.axes:
+        legends += [a for a in ax.artists if a.__class__.__name__ == "Legend"]
+        legends += [ax.get_legend()] if ax.get_legend() else []
+    return [t.get_text() for legend in legends for t in legend.get_texts()]
+
+
+def test_report_plots_show_95_percent_intervals_and_short_labels(tmp_path, monkeypatch):
+    """Three seeds per configuration: frontier error bars, training-curve bands and per-layer bands are the
+    95% t interval over the seeds (hand-computed here), titles say so, and no legend shows an override."""
+    import numpy as np
+    import pytest
+    from matplotlib.collections import PolyCollection
+
+    from testbed.analysis import report
+
+    t = 4.302652729911275  # t_{0.975, 2}
+    purities = {"micro_batch": [0.2, 0.3, 0.5], "global": [0.3, 0.35, 0.4]}
+    for scope, values in purities.items():
+        for seed, purity in enumerate(values):
+            run = tmp_path / "sweep" / f"{scope}{seed}"
+            summary = moe_summary("topk_softmax", "load_balance", scope, "mixed")
+            summary.update({"seed": seed, "spec/purity/mean": purity, "spec/utilization/mean": 0.9})
+            summary.update({"spec/nmi/mean": purity / 2, "spec/reference_precision/mean": purity})
+            fake_run(run, [f"balance.scope={scope}", f"seed={seed}"], summary)
+            write_metrics_csv(
+                run,
+                [
+                    {"step": 10, "train/spec/purity/mean": purity / 2},
+                    {"step": 20, "train/spec/purity/mean": purity},
+                    {"step": 20, "spec/purity/layer0": purity - 0.1, "spec/purity/layer1": purity + 0.1},
+                ],
+            )
+    for seed in range(3):  # the oracle: purity 1.0 everywhere, 1.0 by construction on training batches
+        run = tmp_path / "sweep" / f"oracle{seed}"
+        summary = moe_summary("oracle", "none", composition="mixed", seed=seed)
+        summary.update({"spec/purity/mean": 1.0, "spec/utilization/mean": 1.0, "spec/nmi/mean": 0.9})
+        summary["spec/reference_precision/mean"] = 1.0
+        fake_run(run, ["router=oracle", "balance=none", f"seed={seed}"], summary)
+        write_metrics_csv(
+            run,
+            [
+                {"step": 10, "train/spec/purity/mean": 1.0},
+                {"step": 20, "train/spec/purity/mean": 1.0},
+                {"step": 20, "spec/purity/layer0": 1.0, "spec/purity/layer1": 1.0},
+            ],
+        )
+    figures = capture_figures(monkeypatch, report)
+    args = [
+        str(tmp_path / "sweep"),
+        "--out",
+        str(tmp_path / "r" / "r.md"),
+        "--plots",
+        "--no-committed-baselines",
+    ]
+    assert report.main(args + ["--curves", "train/spec/purity/mean", "--layer-metrics", "purity"]) == 0
+
+    def half(values):
+        return t * np.std(values, ddof=1) / np.sqrt(len(values))
+
+    frontier = next(f for f in figures if f[0] == "frontier_scatter" and f[2]["y"] == "purity")
+    points = {p["label"]: p for p in frontier[1][0]}
+    assert set(points) == {"LBL, micro_batch", "LBL, global", "oracle"}
+    assert points["LBL, micro_batch"]["yerr"] == pytest.approx(half([0.2, 0.3, 0.5]), rel=1e-9)
+    assert points["LBL, global"]["yerr"] == pytest.approx(half([0.3, 0.35, 0.4]), rel=1e-9)
+    assert points["oracle"]["yerr"] == 0.0
+    assert "mean ± 95% CI over n = 3 seeds" in frontier[2]["title"]
+    assert frontier[3].axes[0].get_ylim()[1] < 1.0  # the oracle does not set the axis
+
+    (curves,) = [f for f in figures if f[0] == "training_curves"]
+    ax = curves[3].axes[0]
+    assert sorted(line.get_label() for line in ax.lines) == ["LBL, global", "LBL, micro_batch"]  # no oracle
+    assert "1 line omitted, 1.0 by construction: oracle" in [x.get_text() for x in ax.texts]
+    assert "mean ± 95% CI over n = 3 seeds" in curves[2]["title"]
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]  # one per line, in line order
+    for line, band, values in zip(ax.lines, bands, ([0.3, 0.35, 0.4], [0.2, 0.3, 0.5]), strict=True):
+        assert line.get_label() == ("LBL, global" if values[0] == 0.3 else "LBL, micro_batch")
+        at_step_20 = [y for x, y in band.get_paths()[0].vertices if x == 20]
+        assert (max(at_step_20) - min(at_step_20)) / 2 == pytest.approx(half(values), rel=1e-9)
+
+    (layers,) = [f for f in figures if f[0] == "per_layer_curves"]
+    bands = layers[2]["bands"]
+    assert bands["LBL, micro_batch"] == pytest.approx(
+        [half([0.1, 0.2, 0.4]), half([0.3, 0.4, 0.6])], rel=1e-9
+    )
+    assert bands["oracle"] == [0.0, 0.0]
+    assert "mean ± 95% CI over n = 3 seeds" in layers[2]["title"]
+
+    texts = [text for figure in figures for text in legend_texts(figure[3])]
+    assert "LBL, global" in texts and not [text for text in texts if "=" in text]

@@ -22,6 +22,7 @@ from testbed.model.lm_loss import linear_cross_entropy
 from testbed.routing.base import Router
 from testbed.scope import GlobalScopeState
 from testbed.train.checkpoint import TrainingDiverged
+from testbed.train.doc_bootstrap import DocumentLosses
 from testbed.train.finetune import apply_finetune
 from testbed.train.sharding import shard_model
 
@@ -147,6 +148,7 @@ class MoELanguageModel(L.LightningModule):
         self._checked_step = -1
         self.top1_record: list[torch.Tensor] = []  # filled during validation while routing_stats is set
         self.last_val_metrics: dict[str, float] = {}
+        self.doc_losses: DocumentLosses | None = None  # per validation document (bootstrap interval)
         self.last_val_step = -1
         self.register_buffer(
             "val_loss_sums", torch.zeros(len(domains), dtype=torch.float64), persistent=False
@@ -330,6 +332,7 @@ class MoELanguageModel(L.LightningModule):
         self.set_router_step()
         self.val_loss_sums.zero_()
         self.val_token_counts.zero_()
+        self.doc_losses = DocumentLosses.for_validation(self)
 
     def validation_step(self, batch, batch_idx):
         logits, outputs = self.model(
@@ -348,6 +351,8 @@ class MoELanguageModel(L.LightningModule):
         domains = batch["domain_ids"].reshape(-1)
         self.val_loss_sums.index_add_(0, domains, token_loss.double())
         self.val_token_counts.index_add_(0, domains, torch.ones_like(token_loss, dtype=torch.float64))
+        if self.doc_losses is not None:
+            self.doc_losses.add(batch["input_ids"], batch["domain_ids"][:, 0], token_loss)
 
     def on_validation_epoch_end(self) -> None:
         sums = self.trainer.strategy.reduce(self.val_loss_sums, reduce_op="sum")
@@ -360,6 +365,9 @@ class MoELanguageModel(L.LightningModule):
         }
         if metrics:
             metrics["val/loss"] = sum(metrics.values()) / len(metrics)  # domains weighted equally
+            if self.doc_losses is not None:
+                metrics.update(self.doc_losses.bootstrap(seed=self.global_step))
+        self.doc_losses = None
         self.log_dict(metrics, sync_dist=False)
         self.last_val_metrics = metrics
         self.last_val_step = self.global_step
