@@ -157,3 +157,25 @@ def test_rank_agreement_by_hand(tmp_path, capsys):
     assert (
         "Spearman rho over the 3 configurations: +1.000" in out and "in one scale only (left out): w" in out
     )
+
+
+def test_another_reference_is_a_baseline_column_too(tmp_path):
+    runs = [
+        {
+            "dir": tmp_path,
+            "summary": {
+                "run_name": role,
+                "seed": seed,
+                "steps": steps,
+                "tokens_seen": steps * 2048,
+                "val/loss": value,
+            },
+        }
+        for (role, steps), values in LOSSES.items()
+        for seed, value in enumerate(values)
+    ]
+    text, rows, _ = ladder_report(runs, reference="moe")
+    # hash against the default run at 100 steps: moe - hash = +0.10 per seed on average
+    row = next(r for r in rows[1:] if r[0] == 100 and r[2] == "hash" and r[3] == "moe")
+    assert float(row[4]) == pytest.approx(0.10, abs=1e-9)
+    assert "| steps | tokens | configuration | over top-2 softmax + LBL | over hash |" in text
