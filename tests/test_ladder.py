@@ -51,6 +51,7 @@ def ladder_dirs(tmp_path):
                     "steps": steps,
                     "tokens_seen": steps * 2048,
                     "val/loss": value,
+                    "val/doc_ci95": 0.01 * (seed + 1),
                     "data": [{"domain": "code", "epochs_at_max_steps": steps / 1000}],
                 },
             )
@@ -86,6 +87,7 @@ def test_ladder_report_pairs_seeds_and_finds_the_crossing(tmp_path, capsys):
     p200 = stats.ttest_1samp([0.04, 0.03, 0.05], 0).pvalue
     assert float(row[8]) == pytest.approx(holm([p, p200])[0], rel=1e-4)
     assert "-0.100 ± " + f"{half:.3f} (3)" in text
+    assert "| 4.1000 ± " in text and "(3) [docs ±0.0200] |" in text  # the mean of 0.01, 0.02, 0.03
     assert "the mean gain changes sign between 100 and 200 steps" in text
     assert "behind (CI excludes 0) at 100 steps" in text and "ahead (CI excludes 0) at 200 steps" in text
     assert "| max epochs | 0.10 | 0.20 |" in text

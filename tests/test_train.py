@@ -41,6 +41,9 @@ def test_summary_holds_losses_and_metrics(first_run):
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["steps"] == summary["steps"] == 60
     assert on_disk["status"] == "finished"
+    # the validation documents (1 per domain at 512 tokens here: no spread to bootstrap; by hand in
+    # tests/test_doc_bootstrap.py)
+    assert on_disk["val/documents_min"] >= 1 and on_disk["val/doc_ci95"] >= 0
     assert on_disk["tokens_seen"] == 60 * 8 * 32
     for domain in SYNTH_DOMAINS:  # the LM has learned more than token frequencies
         assert on_disk[f"val/loss/{domain}"] < on_disk["unigram_entropy"][domain]

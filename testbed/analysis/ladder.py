@@ -41,7 +41,8 @@ def label(role: str) -> str:
 
 
 def collect(runs: list[dict], metric: str = "val/loss") -> dict[str, dict[int, dict]]:
-    """{role: {steps: {seed: (value, tokens, max_epochs)}}} over the finished runs that record `metric`."""
+    """{role: {steps: {seed: (value, tokens, max_epochs, doc_ci95)}}} over the finished runs that record
+    `metric`."""
     table: dict[str, dict[int, dict]] = {}
     for run in runs:
         summary = run["summary"]
@@ -51,7 +52,7 @@ def collect(runs: list[dict], metric: str = "val/loss") -> dict[str, dict[int, d
         role = str(summary.get("run_name") or Path(run["dir"]).parent.name)
         steps = int(summary.get("steps") or 0)
         epochs = summary.get("regime/max_epochs")
-        entry = (float(value), int(summary.get("tokens_seen") or 0), epochs)
+        entry = (float(value), int(summary.get("tokens_seen") or 0), epochs, summary.get("val/doc_ci95"))
         table.setdefault(role, {}).setdefault(steps, {})[summary.get("seed")] = entry
     return table
 
@@ -62,7 +63,7 @@ def ordered_roles(table: dict) -> list[str]:
 
 
 def rung_tokens(table: dict, steps: int) -> float:
-    tokens = [t for role in table.values() for v, t, _ in role.get(steps, {}).values() if t]
+    tokens = [t for role in table.values() for _, t, *_ in role.get(steps, {}).values() if t]
     return float(np.median(tokens)) if tokens else math.nan
 
 
@@ -88,8 +89,9 @@ def ladder_report(runs: list[dict], reference: str = "hash") -> tuple[str, list[
     rungs = sorted({steps for role in table.values() for steps in role})
     tokens = {s: rung_tokens(table, s) for s in rungs}
     lines = [
-        "Validation loss (nats/token; mean ± 95% CI over seeds (n); max epochs: the most any run of the rung "
-        "read a domain's training tokens):",
+        "Validation loss (nats/token; mean ± 95% CI over seeds (n); [docs ±x]: the runs' mean half-width of "
+        "the 95% bootstrap interval over validation documents, where recorded; max epochs: the most any run "
+        "of the rung read a domain's training tokens):",
         "",
         "| configuration | " + " | ".join(f"{s:,} steps ({tokens[s] / 1e6:.1f}M tok)" for s in rungs) + " |",
         "|---|" + "---|" * len(rungs),
@@ -97,15 +99,20 @@ def ladder_report(runs: list[dict], reference: str = "hash") -> tuple[str, list[
     for role in roles:
         cells = []
         for s in rungs:
-            values = [v for v, _, _ in table[role].get(s, {}).values()]
-            cells.append(_cell(*ci95(values), digits=4) if values else "")
+            entries = list(table[role].get(s, {}).values())
+            values = [v for v, *_ in entries]
+            cell = _cell(*ci95(values), digits=4) if values else ""
+            documents = [d for *_, d in entries if isinstance(d, int | float)]
+            if documents:  # the runs' own sampling uncertainty over validation documents (mean half-width)
+                cell += f" [docs ±{np.mean(documents):.4f}]"
+            cells.append(cell)
         lines.append(f"| {label(role)} | " + " | ".join(cells) + " |")
     epochs = [
         max(
             (
                 e
                 for role in table.values()
-                for _, _, e in role.get(s, {}).values()
+                for _, _, e, _ in role.get(s, {}).values()
                 if isinstance(e, int | float)
             ),
             default=math.nan,

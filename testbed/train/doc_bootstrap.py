@@ -6,7 +6,7 @@ known on the device without a host sync: the running number of EOS tokens of its
 `DocumentLosses` sums the token losses and counts per (domain, document) during validation. At its end,
 `bootstrap` resamples the documents of each domain with replacement (the domain's loss = its resampled
 loss sum / resampled token count; `val/loss` = the mean over domains, as in training) and reports
-`val/loss_doc_ci95`: half the width of the 95% percentile interval of `val/loss` over 1,000 draws. It is
+`val/doc_ci95`: half the width of the 95% percentile interval of `val/loss` over 1,000 draws. It is
 the run's sampling uncertainty from the choice of validation documents, next to the spread over seeds.
 Off (absent from the summary) under data parallelism, where ranks see different windows.
 """
@@ -81,4 +81,4 @@ class DocumentLosses:
         if not used:
             return {}
         low, high = np.percentile(total / used, [2.5, 97.5])
-        return {"val/loss_doc_ci95": float(high - low) / 2, "val/documents_min": float(min(documents))}
+        return {"val/doc_ci95": float(high - low) / 2, "val/documents_min": float(min(documents))}
