@@ -136,3 +136,16 @@ def test_regime_large_readme_rows_rebuild_from_committed_runs(capsys):
     """The default run's regime check on the large mix (experiments/regime_large): its four rows."""
     base = ROOT / "experiments" / "regime_large"
     assert_regime_rows_in_readme(capsys, base, [base], 4)
+
+
+def test_ladder_readme_tables_rebuild_from_committed_runs(capsys):
+    """Every row of the token ladder's tables (experiments/ladder/README.md) is testbed-report --ladder's row
+    for the committed runs, as rebuild.sh makes it."""
+    base = ROOT / "experiments" / "ladder"
+    assert report.main([str(ROOT / "experiments" / "regime_large"), str(base / "runs"), "--ladder"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    assert len(rows) >= 2 + 6 + 1 + 4  # the headers, six configurations, max epochs, a rung of gains
+    readme = set((base / "README.md").read_text().splitlines())
+    missing = [row for row in rows if row not in readme]
+    assert not missing, missing

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The regime check of the default run on the large mix (data=large, the micro model, 1,500 steps): the
-# learned top-2 MoE and its three baselines, seeds 0-2 (SEEDS="0" for one). Skips finished runs.
+# learned top-2 MoE and its three baselines, seeds 0-4 (SEEDS="0" for one). Skips finished runs.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-for seed in ${SEEDS:-0 1 2}; do
+for seed in ${SEEDS:-0 1 2 3 4}; do
   for role in moe dense_active dense_total hash; do
     case $role in
       moe) args=() ;;

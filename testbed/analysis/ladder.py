@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 from scipy import stats
 
 from testbed.analysis.inference import ci95, holm, one_sample_p, trend
@@ -281,6 +282,9 @@ def ladder_figure(figure: dict, out_path: Path, reference: str = "hash") -> Path
                 ax.errorbar(x, mean, yerr=half, color=line.get_color(), capsize=3)
         ax.axhline(0.0, color="black", lw=0.8)
         ax.set_xscale("log")
+        rungs = sorted(t for t in figure["tokens"].values() if math.isfinite(t))
+        ax.set_xticks(rungs, [f"{t / 1e6:.1f}M" for t in rungs])  # the rungs, in plain millions
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("training tokens (each rung its own schedule)")
         ax.set_ylabel(f"gain over {label(baseline)} (nats/token)")
         ax.set_title(f"vs {label(baseline)}: > 0 = better", fontsize=10)
