@@ -74,10 +74,10 @@ def gains(table: dict, role: str, baseline: str, steps: int) -> list[float]:
     return [theirs[s][0] - mine[s][0] for s in sorted(mine, key=str) if s in theirs]
 
 
-def _cell(mean: float, half: float, n: int, digits: int = 3) -> str:
+def _cell(mean: float, half: float, n: int, digits: int = 3, signed: bool = True) -> str:
     if n == 0:
         return ""
-    text = f"{mean:+.{digits}f}" if digits == 3 else f"{mean:.{digits}f}"
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
     return text + (f" ± {half:.{digits}f}" if n > 1 else "") + f" ({n})"
 
 
@@ -102,7 +102,7 @@ def ladder_report(runs: list[dict], reference: str = "hash") -> tuple[str, list[
         for s in rungs:
             entries = list(table[role].get(s, {}).values())
             values = [v for v, *_ in entries]
-            cell = _cell(*ci95(values), digits=4) if values else ""
+            cell = _cell(*ci95(values), digits=4, signed=False) if values else ""
             documents = [d for *_, d in entries if isinstance(d, int | float)]
             if documents:  # the runs' own sampling uncertainty over validation documents (mean half-width)
                 cell += f" [docs ±{np.mean(documents):.4f}]"

@@ -31,7 +31,7 @@ import yaml
 from scipy import stats
 from scipy.optimize import brentq
 
-from testbed.analysis.inference import holm
+from testbed.analysis.inference import ci95, holm, one_sample_p
 from testbed.analysis.ladder import ladder_figure, ladder_report, rank_report
 from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check, repeated_domains
 from testbed.plots import (
@@ -159,15 +159,6 @@ def add_regime(runs: list[dict], extra_roots: list[Path]) -> None:
         for key in (*REGIME_KEYS, "regime/max_epochs"):
             run["summary"].pop(key, None)
         run["summary"].update(regime_check(run["summary"], pool))
-
-
-def ci95(values: list) -> tuple[float, float, int]:
-    """(mean, half-width of the 95% t confidence interval, n) over the finite values (half-width nan for
-    n < 2)."""
-    mean, std, n = aggregate(values)
-    if n < 2:
-        return mean, float("nan"), n
-    return mean, float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)), n
 
 
 def regime_table(runs: list[dict]) -> str:
@@ -809,10 +800,7 @@ def compare(runs: list[dict], a: str, b: str, metric: str = "val/loss") -> str:
     line = f"compare {metric}: B ({b}) - A ({a}) = {mean:+.4f}"
     if n < 2:
         return line + f" (n = {n} seed pair: no interval)"
-    if half > 0:
-        p = float(stats.ttest_rel([y for _, y in pairs], [x for x, _ in pairs]).pvalue)
-    else:  # every pair differs by the same amount: certain if that is not 0, no evidence if it is
-        p = 0.0 if mean != 0 else 1.0
+    p = one_sample_p(diffs)  # the paired t-test: B - A per seed against 0
     verdict = "excludes 0" if abs(mean) > half else "includes 0"
     line += f" ± {half:.4f} (95% CI over n = {n} seed pairs; paired t p = {p:.3g}; the interval {verdict})"
     smallest = detectable_effect(float(np.std(diffs, ddof=1)), n)
