@@ -146,7 +146,7 @@ def with_resolved_config(summary: dict, run_dir: Path) -> dict:
 
 
 def add_regime(runs: list[dict], extra_roots: list[Path]) -> None:
-    """Regime keys (SPEC "Regime check") of every run, from baselines among the runs and under extra_roots
+    """Regime keys (README, "Regime check") of every run, from baselines among the runs and under extra_roots
     (the committed experiments/): stored in each run's summary, recomputed even where summary.json has them
     (a baseline may have finished after the run)."""
     candidates = {str(Path(run["dir"]).resolve()): run["summary"] for run in runs}

@@ -2,9 +2,9 @@
 
 - every `metrics.train_every_n_steps` steps: the routing of one training step, logged as
   `train/spec/<metric>/mean` (layer means only, to keep the number of keys bounded);
-- at each validation: every SPEC metric as `spec/<metric>/layer<i>` and `spec/<metric>/mean`, including
-  routing stiffness from a second, perturbed pass over a fixed subset of validation batches; the
-  layer x domain x expert count table is saved to `<run_dir>/routing/counts_step<N>.pt` and drawn as
+- at each validation: every specialization metric (README, "Specialization metrics") as
+  `spec/<metric>/layer<i>` and `spec/<metric>/mean`, including routing stiffness from a second, perturbed
+  pass over a fixed subset of validation batches; the layer x domain x expert count table is saved to `<run_dir>/routing/counts_step<N>.pt` and drawn as
   heatmaps in `<run_dir>/plots/` (also sent to TensorBoard / W&B when those loggers are on); beside it,
   `train_counts_step<N>.pt` sums the count tables of the last `metrics.train_counts_window` measured
   training steps, so that a choice (an expert path) can be made on training data and scored on validation.
@@ -58,7 +58,7 @@ def perturbed_prefix(input_ids: torch.Tensor, domain_ids: torch.Tensor) -> tuple
 
 @torch.no_grad()
 def stiffness_pass(module, batches, stats: RoutingStats) -> None:
-    """Routing Stiffness (DBES RSS, SPEC): route each batch twice, with the original and a perturbed context
+    """Routing Stiffness (DBES RSS): route each batch twice, with the original and a perturbed context
     prefix, and count how much of the routing of the compared tokens is kept."""
     cfg = module.run_config.metrics
     for batch in batches:
