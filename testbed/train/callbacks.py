@@ -4,10 +4,11 @@
   `train/spec/<metric>/mean` (layer means only, to keep the number of keys bounded);
 - at each validation: every specialization metric (README, "Specialization metrics") as
   `spec/<metric>/layer<i>` and `spec/<metric>/mean`, including routing stiffness from a second, perturbed
-  pass over a fixed subset of validation batches; the layer x domain x expert count table is saved to `<run_dir>/routing/counts_step<N>.pt` and drawn as
-  heatmaps in `<run_dir>/plots/` (also sent to TensorBoard / W&B when those loggers are on); beside it,
-  `train_counts_step<N>.pt` sums the count tables of the last `metrics.train_counts_window` measured
-  training steps, so that a choice (an expert path) can be made on training data and scored on validation.
+  pass over a fixed subset of validation batches; the layer x domain x expert count table is saved to
+  `<run_dir>/routing/counts_step<N>.pt` and drawn as heatmaps in `<run_dir>/plots/` (also sent to
+  TensorBoard / W&B when those loggers are on); beside it, `train_counts_step<N>.pt` sums the count tables
+  of the last `metrics.train_counts_window` measured training steps, so that a choice (an expert path) can
+  be made on training data and scored on validation.
 """
 
 from __future__ import annotations
