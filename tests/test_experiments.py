@@ -178,6 +178,45 @@ def test_threads_per_packed_job():
     assert not ex.runs_on_gpu(x2, []) and ex.runs_on_gpu(x2, ["trainer=gpu"])
 
 
+def test_launcher_choice(monkeypatch):
+    """Jobs start from a preloaded forkserver for single-device CPU runs only; a GPU or multi-device run,
+    or TESTBED_LAUNCHER=subprocess, gets a fresh interpreter; a bad TESTBED_LAUNCHER is refused."""
+    x2 = ex.load_experiment("x2")
+    monkeypatch.delenv("TESTBED_LAUNCHER", raising=False)
+    assert ex.preloaded_launcher_fits(ex.first_run(x2, []))
+    assert not ex.preloaded_launcher_fits(ex.first_run(x2, ["trainer=gpu"]))
+    assert not ex.preloaded_launcher_fits(ex.first_run(x2, ["trainer.devices=2"]))
+    monkeypatch.setenv("TESTBED_LAUNCHER", "subprocess")
+    assert not ex.preloaded_launcher_fits(ex.first_run(x2, []))
+    assert ex.project_script("testbed-quiz") == "testbed.hf.cli:quiz_main"
+    assert ex.project_script("ls") is None
+    monkeypatch.setenv("TESTBED_LAUNCHER", "fork")
+    with pytest.raises(ex.ExperimentError, match="TESTBED_LAUNCHER='fork': allowed are auto, subprocess"):
+        ex.preloaded_launcher_fits(ex.first_run(x2, []))
+
+
+@pytest.mark.slow
+def test_preloaded_and_fresh_launchers_train_the_same_run(tmp_path, synth_mix, monkeypatch):
+    """One job through each launcher: the same summary (loss, steps), its output in sweep.log, the child
+    seeing the launching process's environment and folder; a failing job returns its exit status."""
+    from tests.conftest import synth_overrides
+
+    cache = tmp_path / "cache"  # set after the forkserver may have started: the child must see it
+    monkeypatch.setenv("TESTBED_CACHE", str(cache))
+    results = {}
+    for preload in (True, False):
+        job = ex.Job("s", tmp_path / str(preload), synth_overrides(synth_mix, "trainer.max_steps=4"))
+        assert ex.Launcher(preload).run(job, threads=1, log=lambda _: None) == 0
+        (summary,) = summaries(job.sweep_dir).values()
+        results[preload] = (summary["steps"], summary["val/loss"])
+        assert "run folder:" in (job.sweep_dir / "sweep.log").read_text()
+    assert results[True] == results[False] and results[True][0] == 4
+    assert any((cache / "stores").iterdir())
+    bad = ex.Job("s", tmp_path / "bad", synth_overrides(synth_mix, "optim.lr=-1"))
+    assert ex.Launcher(True).run(bad, threads=1, log=lambda _: None) == 2
+    assert "optim.lr" in (bad.sweep_dir / "sweep.log").read_text()
+
+
 @pytest.mark.slow
 def test_packed_grid_runs_two_processes_sharing_one_token_store(tmp_path, synth_mix):
     """`--jobs 2` on a 2-point grid (X2's smoke variant, seeds 0 and 1): two training processes at once,

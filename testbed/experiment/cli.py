@@ -2,6 +2,8 @@
 
 The command line and the processes it runs: its options, threads per packed process, one `testbed-train -m`
 process per planned job (`testbed.experiment.grid`), the experiment's commands, then `testbed-report`.
+Single-device CPU grids fork their processes from one that imported the training code once (`Launcher`;
+TESTBED_LAUNCHER=subprocess for a fresh interpreter per job).
 The experiment file's format: testbed/experiment/__init__.py.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import os
 import shlex
 import subprocess
@@ -44,19 +47,34 @@ def threads_per_job(jobs: int, gpu: bool, cores: int | None = None) -> int:
     return min(share, GPU_THREADS_CAP) if gpu else share
 
 
-def runs_on_gpu(experiment: Experiment, extra: list[str]) -> bool:
-    """Whether the experiment's first grid point trains on a GPU (trainer.accelerator gpu/cuda)."""
+def first_run(experiment: Experiment, extra: list[str]):
+    """The run config of the experiment's first grid point (its trainer decides how jobs are launched)."""
     point = merge_overrides(experiment.sweeps[0].overrides, *grid_points(experiment.sweeps[0])[:1], extra)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        run = parse_config(compose("config", overrides=[f"+experiment={experiment.name}", *point]))
-    return run.trainer.accelerator in ("gpu", "cuda")
+        return parse_config(compose("config", overrides=[f"+experiment={experiment.name}", *point]))
 
 
-def run_job(job: Job, threads: int, python: str, log) -> int:
-    command = [
-        python,
-        "-m",
-        "testbed.train.cli",
+def runs_on_gpu(experiment: Experiment, extra: list[str]) -> bool:
+    """Whether the experiment's first grid point trains on a GPU (trainer.accelerator gpu/cuda)."""
+    return first_run(experiment, extra).trainer.accelerator in ("gpu", "cuda")
+
+
+def preloaded_launcher_fits(run) -> bool:
+    """Whether jobs may start from a preloaded process (see `Launcher`): CPU runs on one device only (a
+    multi-device run re-executes its command line per rank; CUDA must not be initialised before a fork),
+    on a platform with the forkserver start method, unless TESTBED_LAUNCHER=subprocess asks otherwise."""
+    wanted = os.environ.get("TESTBED_LAUNCHER", "auto")
+    if wanted not in ("auto", "subprocess", "preload"):
+        raise ExperimentError(f"TESTBED_LAUNCHER={wanted!r}: allowed are auto, subprocess, preload")
+    if wanted == "subprocess" or "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    single = run.trainer.accelerator == "cpu" and str(run.trainer.devices) in ("1", "auto")
+    return single and run.trainer.num_nodes == 1
+
+
+def train_command(job: Job, threads: int) -> list[str]:
+    """The `testbed-train -m` arguments of one job (without the program)."""
+    return [
         "-m",
         *job.args,
         f"hydra.sweep.dir={job.sweep_dir}",
@@ -65,25 +83,101 @@ def run_job(job: Job, threads: int, python: str, log) -> int:
         # a rerun continues interrupted runs from their last checkpoint and does not retrain ended ones
         "resume=auto",
     ]
-    job.sweep_dir.mkdir(parents=True, exist_ok=True)
-    log(f"[{job.sweep}] {shlex.join(command[3:])}")
-    with open(job.sweep_dir / "sweep.log", "a") as fh:
-        result = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0:
-        log(f"[{job.sweep}] exit status {result.returncode}; see {job.sweep_dir / 'sweep.log'}")
-    return result.returncode
+
+
+def _main_in_child(target: str, argv: list[str], log_path: str | None, env: dict[str, str], cwd: str) -> None:
+    """A preloaded child: the launching process's environment and folder (the forkserver holds those of
+    its own start), the output to `log_path` (else the launcher's own), then the console script `target`
+    ("module:function") with `argv` in this process; its exit status as the process's."""
+    import importlib
+    import traceback
+
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    if log_path is not None:
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    module, function = target.split(":")
+    sys.argv = argv
+    try:
+        result = getattr(importlib.import_module(module), function)()
+        code = result if isinstance(result, int) else 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except BaseException:  # noqa: BLE001 - the traceback goes to the log, as a process's would
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def project_script(name: str) -> str | None:
+    """The "module:function" of one of this project's console scripts (testbed-*), else None."""
+    from importlib.metadata import entry_points
+
+    found = [e.value for e in entry_points(group="console_scripts", name=name)]
+    return found[0] if found and found[0].startswith("testbed.") else None
+
+
+class Launcher:
+    """Starts each job's `testbed-train -m` process. `subprocess`: a fresh interpreter per job (imports
+    torch and Lightning each time, about 10 s of CPU on a small machine). `preload`: children forked from
+    one forkserver process that imported the training code once, so a grid of short runs (the smoke
+    variants) does not pay the imports per job; the child runs exactly the command line a subprocess
+    would, with the same log file and exit status."""
+
+    def __init__(self, preload: bool):
+        self.context = None
+        if preload:
+            self.context = multiprocessing.get_context("forkserver")
+            self.context.set_forkserver_preload(["testbed.train.cli"])
+
+    def run(self, job: Job, threads: int, log) -> int:
+        args = train_command(job, threads)
+        job.sweep_dir.mkdir(parents=True, exist_ok=True)
+        log(f"[{job.sweep}] {shlex.join(args[1:])}")
+        log_path = job.sweep_dir / "sweep.log"
+        if self.context is None:
+            command = [sys.executable, "-m", "testbed.train.cli", *args]
+            with open(log_path, "a") as fh:
+                code = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, check=False).returncode
+        else:
+            code = self._fork("testbed.train.cli:train_main", ["testbed-train", *args], str(log_path))
+        if code != 0:
+            log(f"[{job.sweep}] exit status {code}; see {log_path}")
+        return code
+
+    def command(self, argv: list[str], log) -> int:
+        """One of the experiment's commands: this project's console scripts from the preloaded process,
+        anything else as a subprocess (a program next to this Python's first, then on PATH)."""
+        log("$ " + shlex.join(argv))
+        target = project_script(argv[0]) if self.context is not None else None
+        if target is not None:
+            return self._fork(target, argv, None)
+        bin_dir = Path(sys.executable).parent
+        if (bin_dir / argv[0]).exists():
+            argv = [str(bin_dir / argv[0]), *argv[1:]]
+        return subprocess.run(argv, check=False).returncode
+
+    def _fork(self, target: str, argv: list[str], log_path: str | None) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        child = self.context.Process(
+            target=_main_in_child, args=(target, argv, log_path, dict(os.environ), os.getcwd())
+        )
+        child.start()
+        child.join()
+        return child.exitcode
 
 
 def fill(template: str, **values) -> list[str]:
     return [part.format(**values) for part in shlex.split(template)]
-
-
-def run_command(argv: list[str], log) -> int:
-    log("$ " + shlex.join(argv))
-    bin_dir = Path(sys.executable).parent
-    if (bin_dir / argv[0]).exists():
-        argv = [str(bin_dir / argv[0]), *argv[1:]]
-    return subprocess.run(argv, check=False).returncode
 
 
 def commands_for(commands: list[dict], sweeps: list) -> list[dict]:
@@ -153,7 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     log(f"experiment {args.name}: {checked} configurations compose and validate")
-    threads = args.threads or threads_per_job(args.jobs, runs_on_gpu(experiment, extra))
+    try:
+        first = first_run(experiment, extra)
+        launcher = Launcher(preload=preloaded_launcher_fits(first))
+    except ExperimentError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    threads = args.threads or threads_per_job(args.jobs, first.trainer.accelerator in ("gpu", "cuda"))
     if args.jobs > 1:
         log(f"{args.jobs} training processes at once, trainer.num_threads={threads} each")
     for stage in stages(experiment.sweeps):
@@ -173,17 +273,17 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[{job.sweep}] finished before, skipped: {job.sweep_dir}")
         jobs = [job for job in jobs if job not in done]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            codes = list(pool.map(lambda job: run_job(job, threads, sys.executable, log), jobs))
+            codes = list(pool.map(lambda job: launcher.run(job, threads, log), jobs))
         failures += sum(code != 0 for code in codes)
     if args.dry_run:
         return 0
     commands = experiment.smoke.get("commands", experiment.commands) if args.smoke else experiment.commands
     for command in commands_for(commands, experiment.sweeps):
         if "once" in command:
-            failures += run_command(fill(command["once"], out=out, conf=CONF_DIR), log) != 0
+            failures += launcher.command(fill(command["once"], out=out, conf=CONF_DIR), log) != 0
             continue
         for run_dir, _ in parent_runs(out, command["each_run_of"]):
-            failures += run_command(fill(command["run"], out=out, run=run_dir, conf=CONF_DIR), log) != 0
+            failures += launcher.command(fill(command["run"], out=out, run=run_dir, conf=CONF_DIR), log) != 0
     report_args = [str(out), "--out", str(out / "report.md"), "--plots"]
     for key in ("columns", "curves", "layer_metrics"):
         if key in experiment.report:
