@@ -54,6 +54,32 @@ def test_load_balance_fractions_carry_no_gradient():
     torch.testing.assert_close(probs.grad, torch.tensor([[0.75, 0.25]] * 4) * 2 / 4)
 
 
+@pytest.mark.parametrize("capacity", [None, 0.75])
+@pytest.mark.parametrize("scope", ["micro_batch", "sequence"])
+def test_load_balance_scopes_equal_the_grouped_form(scope, capacity):
+    """The micro-batch form (the routing's own counts, a mean) and the sequence form (a [B, S, E] mean)
+    equal `load_balance_value` with explicit groups, values and gradients, capacity drops included."""
+    from testbed.routing.capacity import mask_capacity
+
+    g = torch.Generator().manual_seed(0)
+    batch, seq, num_experts = 3, 10, 6
+    logits = torch.randn(batch * seq, num_experts, generator=g, requires_grad=True)
+    probs = logits.softmax(-1)
+    chosen = torch.randn(batch * seq, num_experts, generator=g).topk(2, dim=-1).indices
+    r = routing_from_choices(logits, probs, chosen, probs.gather(1, chosen))
+    if capacity is not None:
+        r = mask_capacity(r, capacity, 2)
+        assert not bool(r.kept.all())
+    context = RoutingContext(batch, seq)
+    groups = (context.sequence_ids, batch) if scope == "sequence" else (None, 1)
+    loss = LoadBalanceLoss(LoadBalanceConfig(scope=scope))(r, context)
+    (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    expected = load_balance_value(r.probs, r.expert_index, r.token_index, num_experts, *groups, kept=r.kept)
+    (expected_grad,) = torch.autograd.grad(expected, logits)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-8)
+
+
 def test_z_loss_by_hand():
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
     r = routing_from_choices(logits, logits.softmax(-1), torch.tensor([[0], [0]]), torch.ones(2, 1))

@@ -55,19 +55,32 @@ def load_balance_value(
     return (num_experts * (fractions * mean_probs).sum(-1)).mean()
 
 
+def micro_batch_load_balance(routing: Routing) -> Tensor:
+    """Micro-batch scope, the value of `load_balance_value` with one group: f_e from the routing's own
+    per-expert counts (`tokens_per_expert`; recounted over the kept assignments under capacity) and P_e a
+    mean over tokens, so no scatter funnels every assignment into one row."""
+    probs = routing.probs.float()
+    counts = routing.tokens_per_expert
+    if routing.kept is not None:
+        counts = count_per_expert(routing.expert_index, routing.num_experts, routing.kept)
+    counts = counts.to(probs.dtype)
+    fractions = (counts / counts.sum().clamp_min(1)).detach()
+    return routing.num_experts * (fractions * probs.mean(0)).sum()
+
+
 def sequence_load_balance(routing: Routing, context: RoutingContext) -> Tensor:
     """Sequence scope (DeepSeek's sequence-wise loss): the value within each sequence, averaged; also the
-    complementary loss beside expert-bias balancing (`sequence_coefficient`)."""
+    complementary loss beside expert-bias balancing (`sequence_coefficient`). Tokens are laid out
+    batch-major, so P_e per sequence is a mean over a [B, S, E] view; f_e counts per (sequence, expert)."""
     probs = routing.probs.float()
-    return load_balance_value(
-        probs,
-        routing.expert_index,
-        routing.token_index,
-        routing.num_experts,
-        context.sequence_ids.to(probs.device),
-        context.batch_size,
-        routing.kept,
-    )
+    num_experts, batch = routing.num_experts, context.batch_size
+    sequence = torch.div(routing.token_index, context.seq_len, rounding_mode="floor")
+    ones = routing.kept_as(probs.dtype)
+    counts = torch.zeros(batch * num_experts, device=probs.device, dtype=probs.dtype)
+    counts = counts.scatter_add_(0, sequence * num_experts + routing.expert_index, ones).view(batch, -1)
+    fractions = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).detach()
+    mean_probs = probs.view(batch, context.seq_len, num_experts).mean(1)
+    return (num_experts * (fractions * mean_probs).sum(-1)).mean()
 
 
 def global_load_balance(
@@ -96,9 +109,7 @@ class LoadBalanceLoss(AuxLoss):
             return global_load_balance(probs, routing.expert_index, context, routing.kept)
         if self.config.scope == "sequence":
             return sequence_load_balance(routing, context)
-        return load_balance_value(
-            probs, routing.expert_index, routing.token_index, routing.num_experts, kept=routing.kept
-        )
+        return micro_batch_load_balance(routing)
 
     @classmethod
     def check(cls, config: LoadBalanceConfig, key: str) -> None:

@@ -4,6 +4,15 @@ Both backends compute the per-assignment expert outputs `o_{t,k}` (before gating
 expert-sorted assignments of a `Routing`, then combine them into y[T, d]:
 - `loop`: a Python loop over experts; readable, the reference the tests compare against.
 - `grouped`: two grouped matmuls (torch.nn.functional.grouped_mm) with int32 offsets, no host sync.
+
+The data path (`ExpertBank.forward`): the hidden states are cast once to the compute dtype (bf16 for the
+grouped backend on CUDA, the input's dtype otherwise) before dispatch, so the [T*K, d] gather, the GEMMs
+and the combine all move compute-dtype rows and only y [T, d] is cast back. For token choice (K
+assignments per token, as `routing_from_choices` builds them) dispatch and combine are permutations
+(`permute_rows`): dispatch gathers each token's rows in expert order, and its backward gathers them back
+into token-major order and sums each token's K rows (no accumulating scatter, no atomics); combine
+gathers the outputs into token-major order and takes one batched product with the gates [T, 1, K] x
+[T, K, d]. Expert choice, the oracle and other variable-count routings combine with an `index_add_`.
 """
 
 from __future__ import annotations
@@ -44,37 +53,106 @@ class ExpertBank(nn.Module):
         self.w_out = nn.Parameter(torch.empty(num_experts, hidden, d_model))
         nn.init.normal_(self.w_in, std=d_model**-0.5)
         nn.init.normal_(self.w_out, std=out_init_scale * hidden**-0.5)
+        # None: bf16 for the grouped backend on CUDA (its kernels take bf16), else the input's dtype; the
+        # tests set bf16 on CPU to check the bf16 data path against the fp32 reference
+        self.compute_dtype: torch.dtype | None = None
+
+    def dtype_for(self, x: Tensor) -> torch.dtype:
+        if self.compute_dtype is not None:
+            return self.compute_dtype
+        return torch.bfloat16 if x.is_cuda and self.backend == "grouped" else x.dtype
 
     def expert_outputs(self, x: Tensor, routing: Routing) -> Tensor:
-        """Per-assignment outputs o [A, d], in the expert-sorted order of `routing` (no gating)."""
-        x_sorted = x[routing.token_index]
+        """Per-assignment outputs o [A, d], in the expert-sorted order of `routing` (no gating), in the
+        compute dtype."""
+        x = x.to(self.dtype_for(x))
+        plan = token_major_plan(routing, x.shape[0])
+        if plan is None:
+            x_sorted = x.index_select(0, routing.token_index)
+        else:
+            token_major, inverse, top_k = plan
+            x_sorted = dispatch_rows(x, routing.token_index, inverse, top_k)
         if self.backend == "loop":
             return self._loop(x_sorted, routing.tokens_per_expert)
         return self._grouped(x_sorted, routing.tokens_per_expert)
 
     def forward(self, x: Tensor, routing: Routing, return_expert_outputs: bool = False):
         outputs = self.expert_outputs(x, routing)
-        y = combine(outputs, routing, num_tokens=x.shape[0])
+        y = combine(outputs, routing, num_tokens=x.shape[0]).to(x.dtype)
         return (y, outputs) if return_expert_outputs else y
 
     def _loop(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
         chunks = []
         # Host sync by design: this is the readable reference backend. unbind, not w_in[expert]: indexing
         # per expert would make a full-size zero gradient of the bank per expert in backward.
-        w_in, w_out = self.w_in.unbind(0), self.w_out.unbind(0)
+        dtype = x_sorted.dtype
+        w_in, w_out = self.w_in.to(dtype).unbind(0), self.w_out.to(dtype).unbind(0)
         for expert, x_e in enumerate(x_sorted.split(tokens_per_expert.tolist())):
             chunks.append(swiglu(x_e @ w_in[expert]) @ w_out[expert])
         return torch.cat(chunks) if chunks else x_sorted.new_zeros(0, self.d_model)
 
     def _grouped(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
-        offsets = torch.cumsum(tokens_per_expert, dim=0).to(torch.int32)
-        w_in, w_out = self.w_in, self.w_out
-        compute_dtype = x_sorted.dtype
-        if x_sorted.is_cuda and compute_dtype != torch.bfloat16:
-            compute_dtype = torch.bfloat16  # the CUDA grouped GEMM kernels take bf16; CPU stays in fp32
-        hidden = grouped_matmul(x_sorted.to(compute_dtype), w_in.to(compute_dtype), offsets)
-        out = grouped_matmul(swiglu(hidden), w_out.to(compute_dtype), offsets)
-        return out.to(x_sorted.dtype)
+        offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
+        dtype = x_sorted.dtype
+        hidden = grouped_matmul(x_sorted, self.w_in.to(dtype), offsets)
+        return grouped_matmul(swiglu(hidden), self.w_out.to(dtype), offsets)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """rows[index] along dim 0 for a permutation `index`; backward: grad[inverse] (a gather, not the
+    accumulating scatter of plain indexing)."""
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class _DispatchRows(torch.autograd.Function):
+    """x [T, d] -> x[token_index] [T*K, d], every token K times; backward: the rows gathered back into
+    token-major order (`inverse`) and summed over each token's K rows, in a fixed order."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, token_index: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.top_k = top_k
+        return x.index_select(0, token_index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (inverse,) = ctx.saved_tensors
+        per_token = grad.index_select(0, inverse)
+        return per_token.view(-1, ctx.top_k, *grad.shape[1:]).sum(1), None, None, None
+
+
+def permute_rows(rows: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+    """rows[index] for a permutation `index` whose inverse is `inverse` (gather forward and backward)."""
+    return _PermuteRows.apply(rows, index, inverse)
+
+
+def dispatch_rows(x: Tensor, token_index: Tensor, inverse: Tensor, top_k: int) -> Tensor:
+    """x[token_index] for a token-choice routing (each token K times; `inverse` from `token_major_plan`)."""
+    return _DispatchRows.apply(x, token_index, inverse, top_k)
+
+
+def token_major_plan(routing: Routing, num_tokens: int) -> tuple[Tensor, Tensor, int] | None:
+    """For a token-choice routing with exactly K assignments per token (capacity drops stay in place with
+    gate 0): (token_major [A], inverse [A], K), where token_major[j] = t*K + k is the token-major position
+    of expert-sorted assignment j and inverse[token_major[j]] = j. None for any other routing."""
+    num_assignments = routing.num_assignments
+    every_token_k = routing.dropped is None or routing.kept is not None  # not `apply_capacity`'s removal
+    if routing.slot_index is None or not every_token_k or num_tokens == 0 or num_assignments % num_tokens:
+        return None
+    top_k = num_assignments // num_tokens
+    token_major = routing.token_index * top_k + routing.slot_index
+    positions = torch.arange(num_assignments, device=token_major.device, dtype=token_major.dtype)
+    inverse = torch.empty_like(token_major).scatter_(0, token_major, positions)  # unique targets
+    return token_major, inverse, top_k
 
 
 # torch.compile traces grouped_mm through its fake kernel, which accepts bf16 only; on CPU (fp32) the
@@ -125,27 +203,22 @@ def grouped_matmul(mat_a: Tensor, mat_b: Tensor, offsets: Tensor) -> Tensor:
 
 
 def combine(expert_outputs: Tensor, routing: Routing, num_tokens: int) -> Tensor:
-    """y_t = sum_k g_{t,k} o_{t,k}; tokens with no (kept) assignment get 0 (the residual carries them).
+    """y_t = sum_k g_{t,k} o_{t,k} in the outputs' dtype; tokens with no (kept) assignment get 0 (the
+    residual carries them).
 
-    Token choice (every token has exactly K assignments, `slot_index` set, no capacity drops): the
-    assignments are put back in (token, slot) order by one permutation (each row written once, so no
-    atomics) and summed over a [T, K, d] view, a fixed-order sum that is deterministic on GPU. Otherwise
-    (expert choice, oracle, capacity drops: counts per token vary) an `index_add_` over tokens."""
-    weighted = expert_outputs * routing.weight.unsqueeze(-1).to(expert_outputs.dtype)
-    num_assignments, d_model = weighted.shape
-    if (
-        routing.slot_index is not None
-        and routing.dropped is None
-        and num_tokens > 0
-        and num_assignments % num_tokens == 0
-    ):
-        top_k = num_assignments // num_tokens
-        # position of each (expert-sorted) assignment in token-major order: token * K + slot
-        token_major = routing.token_index * top_k + routing.slot_index
-        unsorted = weighted.new_zeros(num_assignments, d_model).index_copy(0, token_major, weighted)
-        return unsorted.view(num_tokens, top_k, d_model).sum(1)
-    y = expert_outputs.new_zeros(num_tokens, d_model)
-    return y.index_add_(0, routing.token_index, weighted)
+    Token choice (`token_major_plan`): outputs and gates are permuted into token-major order (gathers
+    forward and backward) and combined by one batched product [T, 1, K] x [T, K, d]: a fixed-order sum,
+    deterministic on GPU, with no zero-filled [T*K, d] buffer. Otherwise (expert choice, oracle: counts
+    per token vary) an `index_add_` over tokens."""
+    plan = token_major_plan(routing, num_tokens)
+    gates = routing.weight.to(expert_outputs.dtype)
+    if plan is not None:
+        token_major, inverse, top_k = plan
+        outputs = permute_rows(expert_outputs, inverse, token_major).view(num_tokens, top_k, -1)
+        gates = permute_rows(gates, inverse, token_major).view(num_tokens, 1, top_k)
+        return torch.bmm(gates, outputs).squeeze(1)
+    y = expert_outputs.new_zeros(num_tokens, expert_outputs.shape[1])
+    return y.index_add_(0, routing.token_index, expert_outputs * gates.unsqueeze(-1))
 
 
 class DenseSwiGLU(nn.Module):

@@ -97,7 +97,7 @@ def routing_from_choices(logits: Tensor, probs: Tensor, chosen_experts: Tensor, 
     """
     num_tokens, top_k = chosen_experts.shape
     flat_expert = chosen_experts.reshape(-1)
-    order = torch.argsort(flat_expert, stable=True)
+    order = torch.argsort(flat_expert.to(torch.int32), stable=True)  # int32 keys: half the sort traffic
     expert_index = flat_expert[order]
     token_index = torch.div(order, top_k, rounding_mode="floor")
     weight = gates.reshape(-1)[order]
