@@ -4,13 +4,19 @@ On a bare CUDA machine (Python with torch, lightning, tokenizers, matplotlib, sc
 it installs the wheels carried in `.whl/` (benchmarks/fetch_gpu_wheels.sh) into /tmp/site, then runs:
   pytest     `pytest -m gpu`: sync-free MoE path, grouped == loop in bf16, every router
   moe_layer  benchmarks/moe_layer.py on the GPU grid: grouped vs loop, MoE vs dense, TFLOP/s
+             and model=small's and model=base's own layers (fp32 under autocast) against their dense twins
   step_time  model=small top-4 training steps, eager vs compiled: step ms, tokens/s, MFU
-  train      a short real run (trainer=gpu model=small top-4): Lightning + Hydra + data on CUDA
+  profile    a few compiled model=small steps under torch.profiler: top kernels, time per category
+  train      a short real run (trainer=gpu model=small top-4, no checkpoint): Lightning + Hydra + data
 Each stage is a subprocess with its own time limit (and the whole check a deadline, 8 minutes by
-default), so one slow stage cannot eat the others; a failure is recorded and the next stage runs.
+default), so one slow stage cannot eat the others; a failure is recorded and the next stage runs. Its
+output streams into gpu_check.log as it comes, and gpu_check.json is rewritten after every stage, so a
+check cut short still leaves what it measured. When the environment probe fails (no Hydra: the wheels
+were not carried; no importable training code) the check stops at once with exit 2 before any stage.
 Written to --out (default $OUT if set, else benchmarks/results/gpu/), at most 8 files:
   gpu_check.json (every stage: status, seconds, command, output tail; the environment), gpu_check.md
-  (a short table), pytest.json, moe_layer.json, step_time.json, summary.json (the run's), gpu_check.log.
+  (a short table), pytest.json, moe_layer.json, step_time.json, profile.json, summary.json (the run's),
+  gpu_check.log.
 `--dry-run` runs the same stages on CPU at tiny sizes (model=micro, a few steps, moe_layer --tiny).
     python benchmarks/gpu_check.py [--dry-run] [--out DIR] [--deadline 480]
 """
@@ -26,6 +32,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -59,9 +66,10 @@ def stage_plan(dry_run: bool, out: Path, work: Path, peak: float | None) -> list
             "metrics.stiffness_batches=1",
             "metrics.plots=false",
         ]
-        moe_args = ["--tiny", "--repeats", "2"]
+        moe_args = ["--tiny", "--models", "--repeats", "2"]
         steps, warmup = 2, 1
-        limits = {"pytest": 60, "moe_layer": 60, "step_time": 90, "train": 120}
+        profile = [steps_common, "--steps", "2", "--warmup", "1"]
+        limits = {"pytest": 60, "moe_layer": 60, "step_time": 90, "profile": 60, "train": 120}
     else:
         steps_common = " ".join([*GPU_MODEL, "trainer=gpu", "data.seq_len=1024", "data.batch_size=32", cache])
         step_variants = ["trainer.compile=false", "trainer.compile=true"]
@@ -69,16 +77,17 @@ def stage_plan(dry_run: bool, out: Path, work: Path, peak: float | None) -> list
             "data=shipped",
             "trainer=gpu",
             *GPU_MODEL,
-            "trainer.max_steps=300",
-            "trainer.val_check_interval=300",
+            "trainer.max_steps=150",
+            "trainer.val_check_interval=150",
             "trainer.log_every_n_steps=25",
             "data.seq_len=1024",
             "data.batch_size=16",
             "data.val_tokens_per_domain=16384",
         ]
-        moe_args = ["--no-compile", "--repeats", "10", "--budget", "50"]
+        moe_args = ["--no-compile", "--models", "--repeats", "20", "--budget", "40"]
         steps, warmup = 20, 6
-        limits = {"pytest": 105, "moe_layer": 75, "step_time": 135, "train": 150}
+        profile = [steps_common + " trainer.compile=true", "--steps", "4", "--warmup", "8"]
+        limits = {"pytest": 90, "moe_layer": 90, "step_time": 120, "profile": 75, "train": 90}
     step_cmd = [python, "benchmarks/step_time.py", "--common", steps_common, "--steps", str(steps)]
     step_cmd += ["--warmup", str(warmup), "--json", str(out / "step_time.json")]
     for variant in step_variants:
@@ -102,9 +111,18 @@ def stage_plan(dry_run: bool, out: Path, work: Path, peak: float | None) -> list
         },
         {"name": "step_time", "command": step_cmd, "limit": limits["step_time"]},
         {
+            "name": "profile",
+            "command": [
+                python, "benchmarks/profile_step.py", "--common", profile[0], *profile[1:],
+                "--json", str(out / "profile.json"),
+            ],
+            "limit": limits["profile"],
+        },
+        {
             "name": "train",
             "command": [
-                python, "-m", "testbed.train.cli", *train, f"data.cache_dir={work / 'cache'}", "trainer.progress_bar=false",
+                python, "-m", "testbed.train.cli", *train, f"data.cache_dir={work / 'cache'}",
+                "trainer.progress_bar=false", "trainer.enable_checkpointing=false",
                 f"hydra.run.dir={run_dir}",
             ],
             "limit": limits["train"],
@@ -154,7 +172,8 @@ print(json.dumps({
 
 
 def run_stage(stage: dict, limit: float, env: dict, log) -> dict:
-    """Run one stage in its own process group; kill the whole group at the limit."""
+    """Run one stage in its own process group, its output streamed into the log line by line; kill the
+    whole group at the limit."""
     log(f"\n===== {stage['name']} (limit {limit:.0f} s): {' '.join(stage['command'])}")
     start = time.perf_counter()
     process = subprocess.Popen(
@@ -164,17 +183,27 @@ def run_stage(stage: dict, limit: float, env: dict, log) -> dict:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        bufsize=1,
         start_new_session=True,  # its own process group: compile workers die with it
     )
+    lines: list[str] = []
+
+    def pump() -> None:
+        for line in process.stdout:
+            lines.append(line)
+            log(line.rstrip("\n"))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     try:
-        output, _ = process.communicate(timeout=limit)
+        process.wait(timeout=limit)
         status = "ok" if process.returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
+        process.wait()
         status = "timeout"
+    reader.join(timeout=10)
     seconds = round(time.perf_counter() - start, 1)
-    log(output or "")
     log(f"===== {stage['name']}: {status} in {seconds} s (exit {process.returncode})")
     return {
         "name": stage["name"],
@@ -183,7 +212,7 @@ def run_stage(stage: dict, limit: float, env: dict, log) -> dict:
         "limit_s": round(limit),
         "returncode": process.returncode,
         "command": stage["command"],
-        "output_tail": (output or "")[-3000:],
+        "output_tail": "".join(lines)[-3000:],
     }
 
 
@@ -245,18 +274,49 @@ def markdown(report: dict) -> str:
                 f"{r['grouped_ms']} | {r['dense_ms']} | {r['grouped_tflops']} | {r['grouped_over_loop']} | "
                 f"{r['moe_over_dense']} |"
             )
+    if layer.get("models"):
+        lines += [
+            "",
+            "Each model's own MoE layer against its dense twin (forward + backward, input as in training):",
+            "",
+            "| model | d | E | K | tokens | input | MoE ms | dense ms | dense/MoE | extra ms per K |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in layer["models"]:
+            lines.append(
+                f"| {r['model']} | {r['d']} | {r['experts']} | {r['top_k']} | {r['tokens']} | {r['input']} | "
+                f"{r['moe_ms']} | {r['dense_ms']} | {r['moe_over_dense']} | {r['extra_ms_per_k']} |"
+            )
     steps = report.get("step_time") or {}
     if steps.get("rows"):
         lines += ["", f"Training step ({steps['common']}):", "", "| variant | step ms | tokens/s | MFU |"]
         lines.append("|---|---|---|---|")
         for r in steps["rows"]:
             lines.append(f"| {r['variant']} | {r['step_ms']} | {r['tokens_per_s']:,.0f} | {r['mfu']} |")
-    summary = report.get("summary") or {}
-    if summary:
+    profile = report.get("profile") or {}
+    if profile.get("top"):
+        categories = ", ".join(f"{k} {v}" for k, v in profile["ms_per_step_by_category"].items())
         lines += [
             "",
-            f"Training run: {summary.get('steps')} steps, {summary.get('tokens_seen', 0):,} tokens, "
-            f"{summary.get('wall_time_s')} s, val/loss {summary.get('val/loss')}",
+            f"Profile ({profile['timing']}, compile {profile['compile']}): step {profile['step_ms']} ms, "
+            f"{profile['tokens_per_s']:,.0f} tokens/s; ms per step by category: {categories}",
+            "",
+            "| kernel | category | ms/step | calls/step | share |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {t['name'][:80]} | {t['category']} | {t['ms_per_step']} | {t['calls_per_step']} "
+                f"| {t['share']} |"
+                for t in profile["top"][:10]
+            ),
+        ]
+    summary = report.get("summary") or {}
+    if summary:
+        tokens, wall = summary.get("tokens_seen", 0), summary.get("wall_time_s") or 0
+        rate = f", {tokens / wall:,.0f} tokens/s over the whole run" if wall else ""
+        lines += [
+            "",
+            f"Training run: {summary.get('steps')} steps, {tokens:,} tokens, {wall} s{rate}, "
+            f"val/loss {summary.get('val/loss')}",
         ]
     return "\n".join(lines) + "\n"
 
@@ -292,39 +352,55 @@ def main(argv: list[str] | None = None) -> int:
     log(json.dumps({"wheels": wheels, "environment": env_info}, indent=2))
     device = env_info.get("device", "")
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device), None)
-    deadline = start + args.deadline
-    stages = []
-    for stage in stage_plan(args.dry_run, out, work, peak):
-        left = deadline - time.perf_counter() - 5
-        if left < 10:
-            stages.append({"name": stage["name"], "status": "skipped", "seconds": 0, "reason": "deadline"})
-            continue
-        stages.append(run_stage(stage, min(stage["limit"], left), env, log))
-        if "run_dir" in stage and (stage["run_dir"] / "summary.json").exists():
-            shutil.copy(stage["run_dir"] / "summary.json", out / "summary.json")
-    tests = pytest_counts(work / "pytest.xml")
-    (out / "pytest.json").write_text(json.dumps(tests, indent=2))
     report = {
         "dry_run": args.dry_run,
-        "seconds": round(time.perf_counter() - start, 1),
+        "seconds": 0.0,
         "deadline_s": args.deadline,
         "peak_bf16_tflops": peak,
         "wheels": wheels,
         "environment": env_info,
-        "stages": stages,
-        "pytest": tests,
-        "moe_layer": read_json(out / "moe_layer.json"),
-        "step_time": read_json(out / "step_time.json"),
-        "summary": read_json(out / "summary.json"),
+        "stages": [],
+        "complete": False,
     }
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    (out / "gpu_check.md").write_text(markdown(report))
+
+    def write(final: bool = False) -> None:
+        """gpu_check.json (and .md) as they stand: rewritten after every stage."""
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        report["pytest"] = pytest_counts(work / "pytest.xml")
+        for name in ("moe_layer", "step_time", "profile", "summary"):
+            report[name] = read_json(out / f"{name}.json")
+        report["complete"] = final
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+        (out / "gpu_check.md").write_text(markdown(report))
+
+    if "error" in env_info:  # a check without its environment would waste every stage's device time
+        write()
+        log_file.close()
+        shutil.rmtree(work, ignore_errors=True)
+        print(
+            "gpu-check: the environment probe failed, no stage run (see gpu_check.json 'environment'). "
+            "Carry the wheels Hydra needs (make gpu-wheels, then carry .whl) or install the project.",
+            file=sys.stderr,
+        )
+        return 2
+    deadline = start + args.deadline
+    for stage in stage_plan(args.dry_run, out, work, peak):
+        left = deadline - time.perf_counter() - 5
+        if left < 10:
+            report["stages"].append(
+                {"name": stage["name"], "status": "skipped", "seconds": 0, "reason": "deadline"}
+            )
+        else:
+            report["stages"].append(run_stage(stage, min(stage["limit"], left), env, log))
+            if "run_dir" in stage and (stage["run_dir"] / "summary.json").exists():
+                shutil.copy(stage["run_dir"] / "summary.json", out / "summary.json")
+        write()
+    (out / "pytest.json").write_text(json.dumps(report["pytest"], indent=2))
+    write(final=True)
     log(markdown(report))
     log_file.close()
     shutil.rmtree(work, ignore_errors=True)
-    failed = [s["name"] for s in stages if s["status"] != "ok"] + (
-        ["environment"] if "error" in env_info else []
-    )
+    failed = [s["name"] for s in report["stages"] if s["status"] != "ok"]
     if failed:
         print(f"gpu-check: not ok: {failed}", file=sys.stderr)
     return 1 if failed else 0

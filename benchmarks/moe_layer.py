@@ -4,9 +4,15 @@ For each model width d and (E, K), experts have hidden size 2d/K, so K experts h
 parameters as a dense SwiGLU of hidden 2d. Variants: the `loop` backend, the `grouped` backend
 (grouped_mm), `grouped` + torch.compile, and the dense block. Reported: median ms of forward+backward,
 TFLOP/s counted as 6 x active matmul params x tokens (router included), and the ratios grouped/loop
-and MoE/dense (throughput). On CUDA it runs the issue-7 grid in bf16; on CPU (`--tiny`, CI) fp32 at
-tiny sizes, without compile unless asked.
-    python benchmarks/moe_layer.py [--tiny] [--compile|--no-compile] [--repeats 20] [--budget S] [--json out]
+and MoE/dense (throughput). On CUDA the grid runs with bf16 inputs and weights; on CPU (`--tiny`, CI)
+fp32 at tiny sizes, without compile unless asked. GPU times are CUDA events around each repeat (median).
+
+`--models` adds the layers of the configs the GPU runs train (model=small and model=base, top-4 of 32
+experts, 32K tokens) as training sees them: fp32 weights and an fp32 residual stream under bf16 autocast,
+next to their dense twin of equal active parameters (hidden K x expert hidden), with the MoE layer's
+extra time over the dense twin per unit of K (`extra_ms_per_k`). On CPU: model=micro's layer in fp32.
+    python benchmarks/moe_layer.py [--tiny] [--models] [--compile|--no-compile] [--repeats 20] [--budget S]
+        [--json out]
 `--budget` stops starting new grid points after S seconds; the JSON is rewritten after every point, so a
 run cut short still leaves the rows it measured (`make gpu-check` uses both).
 """
@@ -33,18 +39,84 @@ def dense_step(block, x, grad) -> None:
 
 
 def timed(fn, repeats: int, device: str) -> float:
+    """Median seconds of `fn` over `repeats` after 3 warm-up calls: CUDA events on the GPU (no host
+    timing of queued work), wall time on CPU."""
     for _ in range(3):
         fn()
+    if device == "cuda":
+        events = [
+            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            for _ in range(repeats)
+        ]
+        torch.cuda.synchronize()
+        for start, end in events:
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        return statistics.median(start.elapsed_time(end) / 1000 for start, end in events)
     times = []
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+MODEL_SHAPES = {  # conf/model/*.yaml: d_model, num_experts, expert_hidden; top-4 as the GPU runs train
+    "small": (512, 32, 4, 512),
+    "base": (1024, 32, 4, 1024),
+    "micro": (64, 8, 2, 64),
+}
+
+
+def model_rows(names: list[str], tokens: int, repeats: int, device: str, use_compile: bool) -> list[dict]:
+    """Each model's own MoE layer as training runs it (fp32 weights and input, bf16 autocast on CUDA)
+    against its dense twin (hidden K x expert hidden): ms, ratio, and the extra ms per unit of K."""
+    from testbed.config import MoEConfig
+    from testbed.model.experts import DenseSwiGLU
+    from testbed.model.moe import MoELayer
+    from testbed.routing import RoutingContext
+    from testbed.routing.topk_softmax import TopKSoftmaxConfig
+
+    rows = []
+    for name in names:
+        d, num_experts, top_k, hidden = MODEL_SHAPES[name]
+        torch.manual_seed(0)
+        x = torch.randn(1, tokens, d, device=device, requires_grad=True)
+        grad = torch.randn_like(x)
+        layer = MoELayer(
+            d, MoEConfig(num_experts=num_experts, expert_hidden=hidden), TopKSoftmaxConfig(top_k=top_k), [], 0
+        )
+        dense = DenseSwiGLU(d, top_k * hidden)
+        layer, dense = layer.to(device), dense.to(device)
+        if use_compile:
+            layer.compile()
+            dense.compile()
+        autocast = partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=device == "cuda")
+
+        def moe(layer=layer, x=x, grad=grad, autocast=autocast):
+            with autocast():
+                y, _ = layer(x, RoutingContext(1, x.shape[1]))
+            y.backward(grad)
+
+        def twin(dense=dense, x=x, grad=grad, autocast=autocast):
+            with autocast():
+                y = dense(x)
+            y.backward(grad)
+
+        moe_s, dense_s = timed(moe, repeats, device), timed(twin, repeats, device)
+        flops = 6 * (top_k * 3 * d * hidden + d * num_experts) * tokens
+        rows.append({
+            "model": name, "d": d, "experts": num_experts, "top_k": top_k, "expert_hidden": hidden,
+            "tokens": tokens, "input": "fp32 under bf16 autocast" if device == "cuda" else "fp32",
+            "compile": use_compile, "moe_ms": round(1000 * moe_s, 3), "dense_ms": round(1000 * dense_s, 3),
+            "moe_over_dense": round(dense_s / moe_s, 3),
+            "extra_ms_per_k": round(1000 * (moe_s - dense_s) / top_k, 3),
+            "moe_tflops": round(flops / moe_s / 1e12, 4),
+        })  # fmt: skip
+        print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -60,6 +132,9 @@ def main() -> None:
         "--compile", action="store_true", help="also grouped + torch.compile (default on CUDA)"
     )
     parser.add_argument("--no-compile", action="store_true", help="skip grouped + torch.compile")
+    parser.add_argument(
+        "--models", action="store_true", help="also the model configs' own layers (see above)"
+    )
     parser.add_argument("--budget", type=float, default=0.0, help="seconds; no new grid point after it")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json")
@@ -131,9 +206,12 @@ def main() -> None:
         if args.json:  # partial results survive a timeout
             with open(args.json, "w") as fh:
                 json.dump({**header, "rows": rows, "complete": False}, fh, indent=2)
-    emit(
-        {**header, "rows": rows, "grid_points": len(points), "complete": len(rows) == len(points)}, args.json
-    )
+    models = []
+    if args.models:
+        names, tokens = (["small", "base"], 32768) if device == "cuda" else (["micro"], 512)
+        models = model_rows(names, tokens, args.repeats, device, use_compile)
+    result = {**header, "rows": rows, "grid_points": len(points), "complete": len(rows) == len(points)}
+    emit({**result, "models": models}, args.json)
 
 
 if __name__ == "__main__":
