@@ -1,4 +1,4 @@
-"""Issue 13, items 5-7: every bad value or file stops before training with its key or file, the bad value
+"""Bad input: every bad value or file stops before training with its key or file, the bad value
 and what is allowed (exit code 2 on the command line)."""
 
 from __future__ import annotations

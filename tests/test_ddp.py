@@ -198,7 +198,7 @@ def _rank_counts(rank: int, world_size: int, init_file: str, out_dir: str) -> No
 
 
 def test_global_scope_counts_are_summed_over_ranks_and_running_over_micro_batches(tmp_path):
-    """SPEC "Balancing scope": every rank sees the all-reduced counts, running over the step's micro-batches.
+    """Balancing scope: every rank sees the all-reduced counts, running over the step's micro-batches.
     Rank r's counts are (r + 1) x the base counts, so the sum over 2 ranks is 3 x."""
     mp.start_processes(
         _rank_counts, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn"

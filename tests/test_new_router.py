@@ -1,4 +1,4 @@
-"""Adding a router is one .py in testbed/routing/ and one .yaml in conf/router/ (issue 17).
+"""Adding a router is one .py in testbed/routing/ and one .yaml in conf/router/.
 
 A throwaway router is written into a copy of the package and its configs: the registry finds it,
 `router=<name>` composes and validates (its Enum option is checked, an unknown option refused), and the

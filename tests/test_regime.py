@@ -1,4 +1,4 @@
-"""Regime check (SPEC): baselines matched by role, gains by hand, report flags; dense configs."""
+"""Regime check: baselines matched by role, gains by hand, report flags; dense configs."""
 
 import copy
 import json

@@ -9,9 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")"
 R="$(pwd)/../../.venv/bin/testbed-report"
 REGIME=../../regime/runs
-SPEC=spec/utilization/mean,spec/purity/mean,spec/nmi/mean,spec/reference_precision/mean,spec/routing_specialization/mean,spec/domain_isolation/mean,spec/effective_rank/mean
+SPEC_COLS=spec/utilization/mean,spec/purity/mean,spec/nmi/mean,spec/reference_precision/mean,spec/routing_specialization/mean,spec/domain_isolation/mean,spec/effective_rank/mean
 mkdir -p report
-(cd runs && $R . $REGIME/micro $REGIME/micro_renorm --no-committed-baselines --columns val/loss,$SPEC \
+(cd runs && $R . $REGIME/micro $REGIME/micro_renorm --no-committed-baselines --columns val/loss,$SPEC_COLS \
     --out ../report/report.md --plots --layer-metrics purity,nmi,reference_precision \
     --curves train/spec/purity/mean --curve-x tokens)
 # paired over seeds (B - A): every learned router against the oracle (B = oracle) and against hash (A = hash),
@@ -23,5 +23,5 @@ LEARNED=("$TOPK" "router.renormalize=true" "router=sigmoid" "router=expert_choic
     for r in "${LEARNED[@]}"; do args+=(--compare "$r" "router=oracle" --compare "router=hash" "$r"); done
     for r in "${LEARNED[@]:1}"; do args+=(--compare "$TOPK" "$r"); done
     (cd runs && $R . $REGIME/micro $REGIME/micro_renorm --no-committed-baselines --columns val/loss \
-        --compare-metric val/loss,$SPEC "${args[@]}" | grep '^compare')
+        --compare-metric val/loss,$SPEC_COLS "${args[@]}" | grep '^compare')
 } | tee report/compare.txt

@@ -8,12 +8,12 @@ cd "$(dirname "$0")"
 R="$(pwd)/../../.venv/bin/testbed-report"
 X1=../../x1_scope/runs
 DOMAINS="code fiction drama formal_math biomedical legal speeches spanish"
-SPEC=spec/utilization/mean,spec/max_violation/mean,spec/routing_variance/mean,spec/expert_overlap/mean,spec/purity/mean,spec/nmi/mean
+SPEC_COLS=spec/utilization/mean,spec/max_violation/mean,spec/routing_variance/mean,spec/expert_overlap/mean,spec/purity/mean,spec/nmi/mean
 POST=spec/utilization/mean,spec/max_violation/mean,spec/routing_variance/mean,spec/expert_overlap/mean  # one domain: purity 1, nmi 0
 PER_DOMAIN=$(for d in $DOMAINS; do printf 'val/loss/%s,' "$d"; done)
 mkdir -p report
 # pretraining (4 loss sets, 2 variance weights) with the references: every domain's loss and the routing
-(cd runs && $R pretrain variance_weight $X1/dense $X1/references --columns val/loss,${PER_DOMAIN}$SPEC \
+(cd runs && $R pretrain variance_weight $X1/dense $X1/references --columns val/loss,${PER_DOMAIN}$SPEC_COLS \
     --no-committed-baselines --out ../report/pretrain.md --plots \
     --layer-metrics routing_variance,expert_overlap,utilization \
     --curves train/spec/routing_variance/mean,train/spec/expert_overlap/mean --curve-x tokens)
@@ -30,7 +30,7 @@ ARMS=("sweep=pretrain;aux_loss=[z_loss,orthogonality]" "sweep=pretrain;aux_loss=
     args=()
     for arm in "${ARMS[@]}"; do args+=(--compare "$BASE" "$arm"); done
     (cd runs && $R . --no-committed-baselines --columns val/loss \
-        --compare-metric "val/loss,${PER_DOMAIN}$SPEC" "${args[@]}" | grep '^compare')
+        --compare-metric "val/loss,${PER_DOMAIN}$SPEC_COLS" "${args[@]}" | grep '^compare')
     args=()
     for arm in "${ARMS[@]}"; do
         arm=${arm/sweep=pretrain/sweep=posttrain}

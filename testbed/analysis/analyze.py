@@ -1,4 +1,4 @@
-"""`testbed-analyze <checkpoint or run dir> [key=value ...]`: recompute every SPEC metric of a trained
+"""`testbed-analyze <checkpoint or run dir> [key=value ...]`: recompute every `spec/` metric of a trained
 model on the validation set of its data config (or of overrides such as `data.root=... data.domains=[...]`),
 and write `analysis.json`, the count table, plots and a short Markdown summary.
 

@@ -2,7 +2,7 @@
 
 Every sequence comes from one domain, so each token carries its domain id. A micro-batch mixes domains
 (`mixed`) or holds one (`homogeneous`); with `homogeneous`, consecutive micro-batches (those accumulated
-into one optimizer step) come from different domains (SPEC "Balancing scope").
+into one optimizer step) come from different domains (README, "Balancing").
 """
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ Rules (selection; gate of a chosen expert; families):
 Shared experts (Qwen2-MoE's gated shared expert, DeepSeek's `n_shared_experts`) see every token and are not
 routed: they are not among the E experts counted here.
 
-The full distribution used by the metrics (`probs`, SPEC's p_t) is softmax(z) for every rule except
-`sigmoid_group`, where it is σ(z) normalized over the experts (SPEC: normalized sigmoid scores).
+The full distribution used by the metrics (`probs`, p_t) is softmax(z) for every rule except
+`sigmoid_group`, where it is σ(z) normalized over the experts.
 
 Interventions, defined here: `excluded` [E] bool removes experts from the *selection* only (the chosen set is
 the best K among the others; gate values are computed as the model computes them, with the excluded experts

@@ -1,7 +1,7 @@
 """Auxiliary-loss interface: a loss maps one layer's `Routing` (and context) to an unweighted scalar.
 
 Layers return the raw values per loss name; the training module multiplies by each loss's
-`coefficient` and averages over layers (SPEC: "per MoE layer, averaged over layers").
+`coefficient` and averages over layers.
 """
 
 from __future__ import annotations

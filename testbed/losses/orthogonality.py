@@ -1,4 +1,4 @@
-"""Orthogonality loss (Guo et al., NeurIPS 2025, arXiv 2505.22323), per-token form [SPEC].
+"""Orthogonality loss (Guo et al., NeurIPS 2025, arXiv 2505.22323), per-token form.
 
 L = w_o * (1 / sum_t |S_t|) * sum_t sum_{k in S_t} ||Proj_{span{o_tj : j in S_t, j != k}} o_tk||^2,
 o_tk = output of expert k for token t before gating; the span is built by Gram-Schmidt with eps 1e-6.

@@ -1,4 +1,4 @@
-"""Metrics per MoE layer from the routing counters (`RoutingStats`), and the SPEC metric keys they are
+"""Metrics per MoE layer from the routing counters (`RoutingStats`), and the metric keys they are
 logged under, `spec/<metric>/layer<i>` and `spec/<metric>/mean`; the headline metrics a run prints."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def per_layer(stats: RoutingStats) -> list[dict[str, float]]:
 
 
 def spec_metrics(stats: RoutingStats, layer_names: list[str], prefix: str = "spec") -> dict[str, float]:
-    """All layers' metrics under SPEC keys plus the mean over layers; metrics with no data (NaN in every
+    """All layers' metrics under `spec/` keys plus the mean over layers; metrics with no data (NaN in every
     layer, e.g. stiffness when its pass did not run) are left out rather than logged as NaN."""
     layers = per_layer(stats)
     out: dict[str, float] = {}

@@ -1,4 +1,4 @@
-"""Specialization and balance metrics as pure functions of count tables (SPEC.md "Metrics").
+"""Specialization and balance metrics as pure functions of count tables (README, "Specialization metrics").
 
 Inputs are numpy arrays (or anything np.asarray accepts) for ONE layer:
 `domain_expert_counts` n[D, E] = #{t : d_t = d, e in S_t}; expert loads C_e = sum_d n[d, e].
@@ -71,7 +71,7 @@ def gate_entropy(entropy_sum: float, num_tokens: int) -> float:
 
 
 def purity(domain_expert_counts) -> float:
-    """sum_e max_d n[d, e] / sum n: 1 when every expert serves a single domain [defined here, SPEC]."""
+    """sum_e max_d n[d, e] / sum n: 1 when every expert serves a single domain [defined here]."""
     n = np.asarray(domain_expert_counts, dtype=np.float64)
     total = n.sum()
     return float(n.max(axis=0).sum() / total) if total > 0 else float("nan")
@@ -96,7 +96,7 @@ def mutual_information(domain_expert_counts) -> tuple[float, float, float]:
 
 
 def nmi(domain_expert_counts) -> float:
-    """I(D;E) / sqrt(H(D) H(E)) [defined here, SPEC]; 0 when either marginal is deterministic."""
+    """I(D;E) / sqrt(H(D) H(E)) [defined here]; 0 when either marginal is deterministic."""
     mi, h_domain, h_expert = mutual_information(domain_expert_counts)
     denom = math.sqrt(h_domain * h_expert)
     return float(mi / denom) if denom > EPS else 0.0
@@ -122,7 +122,7 @@ def reference_assignment(domain_expert_counts) -> np.ndarray:
 
 
 def reference_precision(domain_expert_counts) -> float:
-    """Agreement with the oracle's block layout up to relabeling of experts [defined here, SPEC]:
+    """Agreement with the oracle's block layout up to relabeling of experts [defined here]:
     max over ways of giving each domain a block of the layout's sizes of sum_t |S_t ∩ B(d_t)| / sum_t |S_t|.
     NaN when D > E (no layout) or nothing was routed."""
     n = np.asarray(domain_expert_counts, dtype=np.float64)
@@ -140,7 +140,7 @@ def ratio(numerator: float, denominator: float) -> float:
 
 
 def routing_specialization(domain_expert_counts) -> float:
-    """DBES Routing Specialization: I(D;E) / H(D) [defined here, SPEC]; 1 when the expert set determines
+    """DBES Routing Specialization: I(D;E) / H(D) [defined here]; 1 when the expert set determines
     the domain, 0 when routing is independent of the domain."""
     mi, h_domain, _ = mutual_information(domain_expert_counts)
     return float(mi / h_domain) if h_domain > EPS else 0.0
@@ -148,7 +148,7 @@ def routing_specialization(domain_expert_counts) -> float:
 
 def effective_rank(domain_expert_counts) -> float:
     """DBES Normalized Effective Rank: exp(H(sigma / sum sigma)) / min(D, E), sigma the singular values of
-    the row-normalized table p(e|d) [defined here, SPEC]; 1 when domains use linearly independent expert
+    the row-normalized table p(e|d) [defined here]; 1 when domains use linearly independent expert
     mixes, 1/min(D, E) when all domains share one mix."""
     n = np.asarray(domain_expert_counts, dtype=np.float64)
     rows = n[n.sum(axis=1) > 0]
@@ -174,7 +174,7 @@ def covering_set(expert_counts_of_domain, coverage: float = 0.8) -> set[int]:
 
 def domain_isolation(domain_expert_counts, coverage: float = 0.8) -> float:
     """DBES Domain Isolation: 1 - mean over domain pairs of Jaccard(T_d, T_d'), T_d the smallest expert set
-    covering 80% of domain d's assignments [defined here, SPEC]; 1 = disjoint expert sets."""
+    covering 80% of domain d's assignments [defined here]; 1 = disjoint expert sets."""
     n = np.asarray(domain_expert_counts, dtype=np.float64)
     sets = [covering_set(row, coverage) for row in n if row.sum() > 0]
     pairs = [(a, b) for i, a in enumerate(sets) for b in sets[i + 1 :]]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Rebuild the numbers and figures of X1's first rerun at the 8,192-token-step scope scale (issue 14;
-# experiments/x1_scope/scope_8k/README.md) from the committed runs in runs/. Those runs were made with
+# Rebuild the numbers and figures of X1's first rerun at the 8,192-token-step scope scale
+# (experiments/x1_scope/scope_8k/README.md) from the committed runs in runs/. Those runs were made with
 # conf/experiment/x1.yaml as of commit 041ab66, whose _scope.yaml was 375 steps of 16 x 128-token sequences
 # x 4 accumulated, lr 6e-3; each run's .hydra/config.yaml records it. Kept as a negative result: the
 # regime fails there. The current X1 is in ../README.md.
