@@ -13,6 +13,9 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+HOST_READ_ON_CPU = True
+"""On CPU the loss reads once whether any target is ignored (free there) and skips the mask when none is;
+False takes the GPU's sync-free path on CPU too (the whole-step sync test, tests/test_compile_step.py)."""
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -32,7 +35,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # one host read on CPU only (free there); on GPU the mask is always applied, sync-free
-        ignored_any = hidden.is_cuda or not bool(valid.all())
+        ignored_any = hidden.is_cuda or not HOST_READ_ON_CPU or not bool(valid.all())
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start : start + chunk_size].to(compute_dtype)
             t = targets[start : start + chunk_size]

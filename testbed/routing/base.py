@@ -148,6 +148,17 @@ class Router(nn.Module):
     def top_k(self) -> int:
         return self.config.top_k
 
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        """The optimizer step, a host integer. The forward reads only `hash_stage` (router.hash_steps'
+        first stage), a bool that changes once per run: a compiled router recompiles once, not every step."""
+        self._step = value
+        self.hash_stage = value < getattr(self.config, "hash_steps", 0)
+
     def router_logits(self, x: Tensor) -> Tensor:
         """z = W_r x, always in fp32: under bf16 autocast (GPU) the logits would otherwise be bf16, whose
         8-bit mantissa ties and flips close top-k choices (routers in OLMoE and DeepSeek-V3 run in fp32)."""

@@ -45,7 +45,7 @@ class TopKSoftmaxRouter(Router):
             x = x * noise
         logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        if self.step < self.config.hash_steps:  # stage one: the hash assignment, learned gates
+        if self.hash_stage:  # stage one: the hash assignment, learned gates
             if context.token_ids is None:
                 raise ValueError("router.hash_steps needs the input token ids (context.token_ids is None)")
             chosen = hash_choices(context.token_ids, self.hash_a, self.hash_b, self.config.top_k)

@@ -89,7 +89,8 @@ class NonFiniteGuard:
         index = bad.int().argmax()
         self.first_step = torch.where(new, torch.full_like(self.first_step, step), self.first_step)
         self.term = torch.where(new, index, self.term)
-        self.value = torch.where(new, values[index], self.value)
+        # gather, not values[index]: a 0-dim index tensor used as a Python index is read on the host
+        self.value = torch.where(new, values.gather(0, index.reshape(1)).reshape(()), self.value)
 
     def check(self, detected_at: int, checkpoint: str) -> None:
         if self.first_step is None or int(self.first_step) < 0:
@@ -112,6 +113,16 @@ class TrainingState(TypedDict):
     expert_bias_tracker: ExpertBiasTracker | None
 
 
+def compile_blocks(model, backend: str) -> None:
+    """torch.compile each transformer block, in place. Blocks share their code, so
+    identical blocks reuse one compiled graph (compile time does not grow with depth), and each block is
+    compiled with fullgraph=True, so a graph break is an error rather than a silent slowdown; routers
+    that read the device on the host (`host_sync`, the balanced-assignment auction) compile with breaks."""
+    for block in model.blocks:
+        ffn_router = getattr(block.ffn, "router", None)
+        block.compile(backend=backend, fullgraph=not getattr(ffn_router, "host_sync", False))
+
+
 class MoELanguageModel(L.LightningModule):
     def __init__(self, run: RunConfig, domains: list[str]):
         super().__init__()
@@ -129,7 +140,7 @@ class MoELanguageModel(L.LightningModule):
         self.masked_parameters = apply_finetune(self.model, run.finetune)
         self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
         if run.trainer.compile:  # in place: parameter names (and checkpoints) stay the same
-            self.model.compile(backend=run.trainer.compile_backend)
+            compile_blocks(self.model, run.trainer.compile_backend)
         self.routing_stats = None  # set by the metrics callback during validation
         self.train_routing_stats = None  # set by the metrics callback every N training steps
         # Global balancing scope: running counts over the micro-batches of one optimizer step.
