@@ -241,6 +241,13 @@ def read_json(path: Path):
         return None
 
 
+def peer_cell(row: dict, peer: str) -> str:
+    """A peer's ms, or why it was not measured."""
+    if row.get(f"{peer}_ms") is not None:
+        return str(row[f"{peer}_ms"])
+    return f"not measured ({row.get(f'{peer}_status', 'no status')[:60]})"
+
+
 def markdown(report: dict) -> str:
     """A short table of the figures (the JSON files hold everything)."""
     env = report["environment"]
@@ -279,13 +286,15 @@ def markdown(report: dict) -> str:
             "",
             "Each model's own MoE layer against its dense twin (forward + backward, input as in training):",
             "",
-            "| model | d | E | K | tokens | input | MoE ms | dense ms | dense/MoE | extra ms per K |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| model | d | E | K | tokens | input | MoE ms | dense ms | dense/MoE | extra ms per K "
+            "| HF grouped_mm ms | torchtitan ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in layer["models"]:
             lines.append(
                 f"| {r['model']} | {r['d']} | {r['experts']} | {r['top_k']} | {r['tokens']} | {r['input']} | "
-                f"{r['moe_ms']} | {r['dense_ms']} | {r['moe_over_dense']} | {r['extra_ms_per_k']} |"
+                f"{r['moe_ms']} | {r['dense_ms']} | {r['moe_over_dense']} | {r['extra_ms_per_k']} | "
+                f"{peer_cell(r, 'hf')} | {peer_cell(r, 'torchtitan')} |"
             )
     steps = report.get("step_time") or {}
     if steps.get("rows"):

@@ -10,7 +10,10 @@ fp32 at tiny sizes, without compile unless asked. GPU times are CUDA events arou
 `--models` adds the layers of the configs the GPU runs train (model=small and model=base, top-4 of 32
 experts, 32K tokens) as training sees them: fp32 weights and an fp32 residual stream under bf16 autocast,
 next to their dense twin of equal active parameters (hidden K x expert hidden), with the MoE layer's
-extra time over the dense twin per unit of K (`extra_ms_per_k`). On CPU: model=micro's layer in fp32.
+extra time over the dense twin per unit of K (`extra_ms_per_k`), and peers at the same shape and input:
+Hugging Face's Qwen3-MoE sparse block with its `grouped_mm` experts (`hf_ms`, where transformers is
+installed) and torchtitan's MoE module (`torchtitan_ms`, where torchtitan is installed); a peer that is
+missing or fails is recorded with its reason, never silently left out. On CPU: model=micro's layer, fp32.
     python benchmarks/moe_layer.py [--tiny] [--models] [--compile|--no-compile] [--repeats 20] [--budget S]
         [--json out]
 `--budget` stops starting new grid points after S seconds; the JSON is rewritten after every point, so a
@@ -63,6 +66,70 @@ def timed(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def hf_peer(d: int, num_experts: int, top_k: int, hidden: int):
+    """Hugging Face's Qwen3-MoE sparse block (softmax top-k router, SwiGLU experts as 3-D weights) with its
+    `grouped_mm` experts implementation, at the same shape; weights drawn like ours."""
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = Qwen3MoeConfig(
+        hidden_size=d, moe_intermediate_size=hidden, num_experts=num_experts, num_experts_per_tok=top_k,
+        norm_topk_prob=False,
+    )  # fmt: skip
+    config._experts_implementation = "grouped_mm"
+    block = Qwen3MoeSparseMoeBlock(config)
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.normal_(std=d**-0.5)
+    return _hidden_only(block)
+
+
+def torchtitan_peer(d: int, num_experts: int, top_k: int, hidden: int):
+    """torchtitan's MoE module (0.3 config API: softmax token-choice top-k router, grouped experts with
+    torch._grouped_mm, local token dispatcher; no load-balance buffer), at the same shape. Its import
+    needs Triton, so it runs on a CUDA machine with the carried wheels (benchmarks/fetch_gpu_wheels.sh)."""
+    from torchtitan.models.common.linear import Linear
+    from torchtitan.models.common.moe import (
+        GroupedExperts,
+        MoE,
+        RoutedExperts,
+        TokenChoiceTopKRouter,
+    )
+    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+    config = MoE.Config(
+        num_experts=num_experts,
+        routed_experts=RoutedExperts.Config(
+            inner_experts=GroupedExperts.Config(dim=d, hidden_dim=hidden, num_experts=num_experts),
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=num_experts, top_k=top_k),
+        ),
+        router=TokenChoiceTopKRouter.Config(
+            num_experts=num_experts,
+            gate=Linear.Config(in_features=d, out_features=num_experts),
+            top_k=top_k,
+            score_func="softmax",
+        ),
+        load_balance_coeff=None,
+    )
+    block = config.build()
+    with torch.no_grad():
+        for parameter in block.parameters():
+            parameter.normal_(std=d**-0.5)
+    return _hidden_only(block)
+
+
+class _hidden_only(torch.nn.Module):
+    """A peer block's hidden-state output alone (some return (y, router logits))."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        y = self.block(x)
+        return y[0] if isinstance(y, tuple) else y
+
+
 MODEL_SHAPES = {  # conf/model/*.yaml: d_model, num_experts, expert_hidden; top-4 as the GPU runs train
     "small": (512, 32, 4, 512),
     "base": (1024, 32, 4, 1024),
@@ -106,6 +173,25 @@ def model_rows(names: list[str], tokens: int, repeats: int, device: str, use_com
             y.backward(grad)
 
         moe_s, dense_s = timed(moe, repeats, device), timed(twin, repeats, device)
+        peers = {}
+        for peer, make in (("hf", hf_peer), ("torchtitan", torchtitan_peer)):
+            try:
+                block = make(d, num_experts, top_k, hidden).to(device)
+            except Exception as err:  # noqa: BLE001 - recorded: which peer is missing and why
+                peers[f"{peer}_ms"], peers[f"{peer}_status"] = None, f"{type(err).__name__}: {err}"[:200]
+                continue
+
+            def step(block=block, x=x, grad=grad, autocast=autocast):
+                with autocast():
+                    y = block(x)
+                y.backward(grad)
+
+            try:
+                peers[f"{peer}_ms"] = round(1000 * timed(step, repeats, device), 3)
+                peers[f"{peer}_status"] = "ok"
+                peers[f"moe_over_{peer}"] = round(peers[f"{peer}_ms"] / (1000 * moe_s), 3)
+            except Exception as err:  # noqa: BLE001
+                peers[f"{peer}_ms"], peers[f"{peer}_status"] = None, f"{type(err).__name__}: {err}"[:200]
         flops = 6 * (top_k * 3 * d * hidden + d * num_experts) * tokens
         rows.append({
             "model": name, "d": d, "experts": num_experts, "top_k": top_k, "expert_hidden": hidden,
@@ -113,7 +199,7 @@ def model_rows(names: list[str], tokens: int, repeats: int, device: str, use_com
             "compile": use_compile, "moe_ms": round(1000 * moe_s, 3), "dense_ms": round(1000 * dense_s, 3),
             "moe_over_dense": round(dense_s / moe_s, 3),
             "extra_ms_per_k": round(1000 * (moe_s - dense_s) / top_k, 3),
-            "moe_tflops": round(flops / moe_s / 1e12, 4),
+            "moe_tflops": round(flops / moe_s / 1e12, 4), **peers,
         })  # fmt: skip
         print(rows[-1], flush=True)
     return rows

@@ -49,6 +49,8 @@ def test_dry_run_runs_every_stage_and_writes_the_figures(tmp_path):
     assert report["moe_layer"]["complete"] is True
     (model,) = report["moe_layer"]["models"]  # the model's own layer next to its dense twin
     assert model["model"] == "micro" and model["moe_ms"] > 0 and model["dense_ms"] > 0
+    assert model["hf_status"] == "ok" and model["hf_ms"] > 0  # the Hugging Face peer (transformers here)
+    assert model["torchtitan_status"] == "ok" or model["torchtitan_ms"] is None  # needs Triton: GPU only
     profile = report["profile"]
     assert profile["top"] and profile["busy_ms_per_step"] > 0
     assert set(profile["ms_per_step_by_category"]) <= {c for c, _ in gpu_check_categories()} | {"other"}
