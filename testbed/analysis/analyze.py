@@ -26,6 +26,7 @@ from testbed.data.datamodule import DomainMixDataModule
 from testbed.errors import CheckpointError, ConfigError, TestbedError
 from testbed.metrics.per_layer import per_layer, spec_metrics
 from testbed.plots import domain_expert_heatmaps, per_layer_curves
+from testbed.safe_load import load_file
 from testbed.train.callbacks import new_stats, stiffness_pass
 from testbed.train.checkpoint import load_weights
 from testbed.train.module import MoELanguageModel
@@ -52,12 +53,11 @@ def load_run(checkpoint: Path, overrides: list[str]):
                 override,
                 "key=value with a dotted config key, e.g. data.root=/my/mix",
             )
-    try:
-        payload = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as err:  # garbage, truncated or empty files raise pickle, zip or EOF errors
+    try:  # tensors and plain containers only (testbed/safe_load.py): a crafted file runs no code
+        payload = load_file(checkpoint, "")
+    except CheckpointError as err:
         raise CheckpointError(
-            f"{checkpoint} is not a readable torch checkpoint ({type(err).__name__}: {err}); "
-            "pass a .ckpt written by testbed-train (<run dir>/checkpoints/last.ckpt)"
+            f"{err}; pass a .ckpt written by testbed-train (<run dir>/checkpoints/last.ckpt)"
         ) from err
     hparams = payload.get("hyper_parameters", {}) if isinstance(payload, dict) else {}
     if "run" not in hparams:

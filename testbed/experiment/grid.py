@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 from hydra import compose, initialize_config_dir
 
@@ -19,7 +18,9 @@ from testbed import CONF_DIR
 from testbed.config import parse_config
 from testbed.data.loading import missing_folder_error, resolve_data_path
 from testbed.data.tokenizer import load_tokenizer
+from testbed.errors import CheckpointError
 from testbed.experiment.schema import Experiment, ExperimentError, Sweep
+from testbed.safe_load import load_file
 
 
 def hydra_value(value) -> str:
@@ -75,7 +76,10 @@ def expert_path_override(
             else ""
         )
         raise ExperimentError(f"{run_dir}: no routing/{prefix}*.pt to select experts from{hint}")
-    table = torch.load(tables[-1], map_location="cpu", weights_only=True)
+    try:  # tensors and plain containers only (testbed/safe_load.py)
+        table = load_file(tables[-1], "expert path")
+    except CheckpointError as err:
+        raise ExperimentError(str(err)) from err
     if domain not in table["domains"]:
         raise ExperimentError(
             f"select_experts.domain {domain!r} not in {run_dir}'s domains {table['domains']}"

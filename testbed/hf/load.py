@@ -6,6 +6,7 @@ is wrong and what is allowed (the CLIs print it and exit with code 2).
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,22 +85,39 @@ def router_spec(config) -> RouterSpec:
     return spec_for(config)
 
 
+def has_safetensors(source: str) -> bool | None:
+    """True for a local folder with .safetensors weights (then only those load), None otherwise (hub ids:
+    transformers prefers safetensors itself, and a .bin loads with weights_only)."""
+    folder = Path(source)
+    if folder.is_dir():
+        return any(folder.glob("*.safetensors")) or None
+    return None
+
+
 def load_hf_model(
     source: str, device: str = "cpu", dtype: str = "auto", tokenizer: str | None = None
 ) -> HFModel:
     """Config, weights and tokenizer of `source` in eval mode; the config is checked before weights load."""
     transformers = require_transformers()
     check_source(source)
-    try:
-        config = transformers.AutoConfig.from_pretrained(source)
+    try:  # a model folder's own code never runs (trust_remote_code=False: no prompt on a terminal either)
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=False)
     except (OSError, ValueError) as err:
         raise HFModelError(f"--hf {source}: cannot read its config ({str(err).splitlines()[0]})") from err
     spec = router_spec(config)
     torch_device = torch.device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
-        tok = transformers.AutoTokenizer.from_pretrained(tokenizer or source)
+    try:  # safetensors where the folder has them; a pickled .bin loads with weights_only (tensors only)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, trust_remote_code=False, use_safetensors=has_safetensors(source)
+        )
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer or source, trust_remote_code=False)
+    except pickle.UnpicklingError as err:
+        raise HFModelError(
+            f"--hf {source}: its weights were refused: a pickled weights file (.bin) holds Python objects "
+            f"beyond tensors, and loading them could run code ({str(err).splitlines()[0][:200]}). Use a "
+            "copy with .safetensors weights, or convert the weights where you trust them"
+        ) from err
     except (OSError, ValueError) as err:
         raise HFModelError(f"--hf {source}: cannot load it ({str(err).splitlines()[0]})") from err
     model.to(torch_device).eval()

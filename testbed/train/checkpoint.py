@@ -21,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from testbed.errors import CheckpointError, TestbedError
+from testbed.safe_load import load_file
 
 logger = logging.getLogger(__name__)
 
@@ -58,12 +59,7 @@ def load_weights(module: torch.nn.Module, path: str | Path, what: str = "init_fr
     Missing, unexpected or mis-shaped tensors are reported by name; nothing is silently skipped.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{what}: checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"{what}: {path} is not a readable torch checkpoint ({err})") from err
+    payload = load_file(path, what)  # tensors and plain containers only (testbed/safe_load.py)
     state = payload.get("state_dict", payload) if isinstance(payload, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"{what}: {path} holds no state_dict")
@@ -209,10 +205,7 @@ class RunLock:
 # ---------------------------------------------------------------------------------------------- resume
 def read_checkpoint(path: Path) -> dict:
     """The checkpoint to resume from, with a clear error when it is unreadable or not a testbed run's."""
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise CheckpointError(f"resume: {path} is not a readable torch checkpoint ({err})") from err
+    payload = load_file(path, "resume", mmap=True)  # tensors and plain containers only
     if not isinstance(payload, dict) or "testbed" not in payload or "optimizer_states" not in payload:
         raise CheckpointError(
             f"resume: {path} is not a training checkpoint of a testbed run (no optimizer or run state); "

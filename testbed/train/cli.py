@@ -28,6 +28,7 @@ from testbed import CONF_DIR
 from testbed.config import FSDP2, RunConfig, allowed_for, check_hardware, parse_config, plain
 from testbed.data.datamodule import DomainMixDataModule
 from testbed.errors import ConfigError, TestbedError
+from testbed.safe_load import trusted
 from testbed.train.callbacks import SpecializationMetrics
 from testbed.train.checkpoint import (
     LAST,
@@ -245,12 +246,13 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
             trainer.validate(module, datamodule=datamodule, verbose=False)
             initial = {f"init/{k}": v for k, v in module.last_val_metrics.items()}
         module.initial_metrics = initial
-        # weights_only=False: the run state holds numpy RNG states and metric history (as init_from trusts)
+        # the checkpoint holds tensors and plain containers only (RNG states as tensors and ints):
+        # Lightning reads it with weights_only=True too, unless TESTBED_TRUST_CHECKPOINTS=1
         trainer.fit(
             module,
             datamodule=datamodule,
             ckpt_path=str(resume_from) if resume_from else None,
-            weights_only=False,
+            weights_only=not trusted(),
         )
         module.check_finite()
         if module.last_val_step != trainer.global_step:
