@@ -70,13 +70,13 @@ def results(summary):
                 *SMALL_EPOCHS,
             ),
         ),
-        (signal.SIGTERM, 6, True, ("router.jitter=0.1", *SMALL_EPOCHS)),  # resumes at an epoch boundary
+        (signal.SIGINT, 6, True, ("router.jitter=0.1", *SMALL_EPOCHS)),  # Ctrl-C; at an epoch boundary
     ],
     ids=[
         "sigterm_after_validation",
         "validation_with_accumulation",
         "sigusr1_mid_epoch_expert_bias_accum",
-        "epoch_boundary_jitter",
+        "sigint_epoch_boundary_jitter",
     ],
 )
 def test_resumed_run_equals_the_uninterrupted_run(synth_mix, tmp_path, signum, step, at_val, extra):
@@ -166,9 +166,10 @@ def cli(*args):
     return subprocess.Popen([exe, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def test_sigterm_to_the_cli_saves_and_resume_auto_finishes_identically(synth_mix, tmp_path):
-    """The real command: SIGTERM after the first checkpoint exits non-zero with an interrupted summary; the
-    same command with resume=auto finishes with the uninterrupted run's numbers."""
+def test_ctrl_c_to_the_cli_saves_and_resume_auto_finishes_identically(synth_mix, tmp_path):
+    """The real command: Ctrl-C (SIGINT) after the first checkpoint saves, exits 2 with the same message and
+    interrupted summary as SIGTERM; the same command with resume=auto finishes with the uninterrupted run's
+    numbers."""
     overrides = synth_overrides(
         synth_mix,
         "trainer.num_threads=1",
@@ -181,10 +182,11 @@ def test_sigterm_to_the_cli_saves_and_resume_auto_finishes_identically(synth_mix
     deadline = time.time() + 120
     while not (run_dir / "checkpoints" / "last.ckpt").exists() and time.time() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 2, stderr[-2000:]
-    assert "run interrupted by SIGTERM after step" in stderr and "resume=auto" in stderr
+    assert "run interrupted by SIGINT after step" in stderr and "resume=auto" in stderr
+    assert "Ctrl-C again stops at once" in stderr
     interrupted = json.loads((run_dir / "summary.json").read_text())
     assert interrupted["status"] == "interrupted" and 10 <= interrupted["steps"] < 150
 

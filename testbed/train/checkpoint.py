@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,7 +31,7 @@ LAST = Path("checkpoints") / "last.ckpt"
 RUN_FILES = ("summary.json", "metrics.csv", "hparams.yaml")
 RUN_FOLDERS = ("checkpoints", "routing", "plots", "tensorboard", "wandb")
 LOCK_NAME = ".run.lock"
-INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
 
 
 class RunDirError(TestbedError):
@@ -46,7 +47,7 @@ class TrainingDiverged(TestbedError):
 
 
 class RunInterrupted(TestbedError):
-    """SIGTERM or SIGUSR1 stopped the run after a checkpoint was saved."""
+    """SIGTERM, SIGUSR1 or SIGINT (Ctrl-C) stopped the run after a checkpoint was saved."""
 
     def __init__(self, message: str, signum: int, step: int):
         super().__init__(message)
@@ -258,7 +259,7 @@ def csv_data_rows(path: Path) -> int:
 class RunCheckpoint(L.Callback):
     """Writes <run_dir>/checkpoints/last.ckpt at the end of every validation during training (after checking
     that no loss went non-finite, so a diverged state is never saved). On SIGTERM / SIGUSR1 (what clusters
-    send before pre-emption) it saves at the end of the current optimizer step, or of the validation that
+    send before pre-emption) or SIGINT (Ctrl-C; a second one stops at once, unsaved) it saves at the end of the current optimizer step, or of the validation that
     follows it, and stops the run with RunInterrupted. Saving goes through a temporary file and a rename: a
     kill during the save leaves the previous checkpoint intact."""
 
@@ -274,7 +275,17 @@ class RunCheckpoint(L.Callback):
 
     # signals -------------------------------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum is not None:  # Ctrl-C twice: stop at once, unsaved
+            self._restore_handlers()
+            raise KeyboardInterrupt
         self.signum = signum
+        if signum == signal.SIGINT:
+            print(
+                f"\nSIGINT: saving {self.path} at the end of this optimizer step, then stopping "
+                "(Ctrl-C again stops at once, without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def on_train_start(self, trainer, pl_module) -> None:
         if threading.current_thread() is not threading.main_thread():
