@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,28 @@ def test_cli_refuses_a_used_folder_with_exit_2(synth_mix, tmp_path):
     assert "Traceback" not in result.stderr
     # refused before Hydra starts: the old run's .hydra/ is left as it was (no seed=7 written over it)
     assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == overrides
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_refused_or_skipped_runs_leave_every_file_as_it_was(synth_mix, tmp_path):
+    """The run's record (.hydra/, cli.log) is written only once a run is accepted: resume=auto with another
+    lr on a finished run (skipped, exit 0), a second process while the folder is locked (refused), and
+    overwrite=true with other settings while it is locked (refused, nothing deleted) change no byte."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
+    exe = os.path.join(os.path.dirname(sys.executable), "testbed-train")
+    args = [exe, *synth_overrides(synth_mix, *SHORT), f"hydra.run.dir={tmp_path}"]
+    assert subprocess.run(args, capture_output=True, text=True, env=env, timeout=300).returncode == 0
+    before = snapshot(tmp_path)
+    assert {Path(".hydra/overrides.yaml"), Path(".hydra/config.yaml"), Path("cli.log")} <= set(before)
+    skipped = subprocess.run([*args, "resume=auto", "optim.lr=1e-3"], capture_output=True, text=True, env=env)
+    assert skipped.returncode == 0 and "not trained again" in skipped.stdout + skipped.stderr
+    assert snapshot(tmp_path) == before
+    with RunLock(tmp_path):  # another process is training in the folder
+        for extra in (["resume=auto", "seed=1"], ["overwrite=true", "seed=5", "router=sigmoid"]):
+            refused = subprocess.run([*args, *extra], capture_output=True, text=True, env=env, timeout=300)
+            assert refused.returncode == 2 and "in use by another training process" in refused.stderr, refused.stderr
+            assert {k: v for k, v in snapshot(tmp_path).items() if k.name != ".run.lock"} == before

@@ -27,8 +27,10 @@ from testbed.safe_load import load_file
 logger = logging.getLogger(__name__)
 
 LAST = Path("checkpoints") / "last.ckpt"
-# What a run writes into its folder (Hydra's .hydra/ is rewritten by Hydra itself for every run).
+# What a run writes into its folder; its record (.hydra/, cli.log) is written once the run is accepted
+# (`write_run_record`) and cleared with the rest, but alone does not make a folder "used".
 RUN_FILES = ("summary.json", "metrics.csv", "hparams.yaml")
+RECORD = (".hydra", "cli.log")
 RUN_FOLDERS = ("checkpoints", "routing", "plots", "tensorboard", "wandb")
 LOCK_NAME = ".run.lock"
 INTERRUPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
@@ -101,7 +103,7 @@ def previous_run_files(run_dir: Path) -> list[str]:
 def clear_run(run_dir: Path) -> list[str]:
     """Delete an earlier run's files (count tables, plots, metrics.csv, checkpoints, summary.json, ...)."""
     removed = previous_run_files(run_dir)
-    for name in removed:
+    for name in [*removed, *(name for name in RECORD if (run_dir / name).exists())]:
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     return removed
@@ -161,6 +163,33 @@ def prepare_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> Path 
             f"{LAST}) or the path of a .ckpt file written by a testbed run"
         )
     return checkpoint
+
+
+def write_run_record(run_dir: Path, cfg) -> None:
+    """The record of an accepted run: its cli.log opened (`accept_run_log`), and under Hydra the run's
+    .hydra/config.yaml (the composed config), overrides.yaml (the command line's overrides) and hydra.yaml,
+    which Hydra itself no longer writes (hydra.output_subdir is null): each to a temporary file, then
+    renamed, so the folder never holds a half-written record or another run's label."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from testbed.train.progress import accept_run_log
+
+    accept_run_log()
+    if not HydraConfig.initialized():  # the Python API (run_training on a composed config): no Hydra run
+        return
+    hydra_cfg = HydraConfig.get()
+    record = run_dir / ".hydra"
+    record.mkdir(exist_ok=True)
+    files = {
+        "config.yaml": OmegaConf.to_yaml(cfg),
+        "overrides.yaml": OmegaConf.to_yaml(OmegaConf.create(list(hydra_cfg.overrides.task))),
+        "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+    }
+    for name, text in files.items():
+        temporary = record / f".{name}.{os.getpid()}.tmp"
+        temporary.write_text(text)
+        os.replace(temporary, record / name)
 
 
 class RunLock:
@@ -259,9 +288,10 @@ def csv_data_rows(path: Path) -> int:
 class RunCheckpoint(L.Callback):
     """Writes <run_dir>/checkpoints/last.ckpt at the end of every validation during training (after checking
     that no loss went non-finite, so a diverged state is never saved). On SIGTERM / SIGUSR1 (what clusters
-    send before pre-emption) or SIGINT (Ctrl-C; a second one stops at once, unsaved) it saves at the end of the current optimizer step, or of the validation that
-    follows it, and stops the run with RunInterrupted. Saving goes through a temporary file and a rename: a
-    kill during the save leaves the previous checkpoint intact."""
+    send before pre-emption) or SIGINT (Ctrl-C; a second one stops at once, unsaved) it saves at the end of
+    the current optimizer step, or of the validation that follows it, and stops the run with RunInterrupted.
+    Saving goes through a temporary file and a rename: a kill during the save leaves the previous checkpoint
+    intact."""
 
     def __init__(self, run_dir: Path, started: float | None = None, previous_wall_time: float = 0.0):
         self.run_dir = Path(run_dir)

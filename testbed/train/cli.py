@@ -44,6 +44,7 @@ from testbed.train.checkpoint import (
     read_checkpoint,
     read_status,
     truncate_csv,
+    write_run_record,
 )
 from testbed.train.finetune import trainable_parameter_count
 from testbed.train.module import MoELanguageModel
@@ -110,7 +111,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, call
     if not is_launch_rank_zero():  # a DDP rank started by Lightning: rank 0 holds the folder
         return _train(run, run_dir, quiet, callbacks, owner=False)
     with RunLock(run_dir):
-        return _train(run, run_dir, quiet, callbacks, owner=True)
+        return _train(run, run_dir, quiet, callbacks, owner=True, cfg=cfg)
 
 
 def runnable_elsewhere(samples: int = 5, interval: float = 0.05) -> int | None:
@@ -162,7 +163,9 @@ def ended_run(run: RunConfig, run_dir: Path) -> dict | None:
     return json.loads((run_dir / "summary.json").read_text())
 
 
-def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, owner: bool) -> dict:
+def _train(
+    run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, owner: bool, cfg: DictConfig = None
+) -> dict:
     if owner:
         ended = ended_run(run, run_dir)
         if ended is not None:
@@ -174,6 +177,8 @@ def _train(run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, o
     payload = read_checkpoint(Path(resume_from)) if resume_from else None
     if payload is not None:
         check_same_run(plain(run), payload, Path(resume_from))
+    if owner:  # accepted: only now the folder gets this run's record (.hydra/, cli.log)
+        write_run_record(run_dir, cfg)
     L.seed_everything(run.seed, workers=True, verbose=False)
 
     datamodule = DomainMixDataModule(run.data, seed=run.seed)

@@ -58,6 +58,36 @@ def rich_log_handler() -> logging.Handler:
     return handler
 
 
+class PendingRunLog(logging.FileHandler):
+    """The run's cli.log (conf/hydra/job_logging/rich.yaml), opened only once the run is accepted: until
+    `accept_run_log()` its records wait in memory, so a run that is refused or skipped (a used folder, a
+    held lock, a finished run under resume=auto) appends nothing to the log of the run in that folder."""
+
+    def __init__(self, filename: str, mode: str = "a", encoding: str | None = None):
+        super().__init__(filename, mode, encoding, delay=True)
+        self.accepted = False
+        self.pending: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.accepted:
+            super().emit(record)
+        else:
+            self.pending.append(record)
+
+    def accept(self) -> None:
+        self.accepted = True
+        for record in self.pending:
+            super().emit(record)
+        self.pending = []
+
+
+def accept_run_log() -> None:
+    """Open the run's cli.log and write what was logged before the run was accepted."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PendingRunLog):
+            handler.accept()
+
+
 def quiet_lightning_logs() -> None:
     """Install the filter once on Lightning's console logger."""
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
