@@ -217,6 +217,39 @@ def test_preloaded_and_fresh_launchers_train_the_same_run(tmp_path, synth_mix, m
     assert "optim.lr" in (bad.sweep_dir / "sweep.log").read_text()
 
 
+def test_settings_compare_without_swept_keys_quotes_or_threads():
+    job = ex.Job("s", ex.EXPERIMENT_DIR, ["+experiment=x1", "balance.scope=sequence,global", "seed=0"])
+    assert ex.grid._top_level_comma("sequence,global") and not ex.grid._top_level_comma("[z_loss,variance]")
+    assert ex.grid._settings(
+        ["a='x=1'", "aux_loss=[z_loss,variance]", "trainer.num_threads=2", "hydra.run.dir=/x", "b=c"], {"b"}
+    ) == {"a": '"x=1"', "aux_loss": '["z_loss", "variance"]'}
+    assert ex.grid._settings(["p=False", "lr=1e-3"], set()) == ex.grid._settings(
+        ["p=false", "lr=0.001"], set()
+    )
+    assert job.mismatches() == []  # no runs in that folder
+
+
+@pytest.mark.slow
+def test_rerun_with_other_settings_into_the_same_out_is_refused(tmp_path, synth_mix):
+    """A grid's --out holding runs of other settings (here 2 steps, now 3) is refused with exit 2, naming the
+    run and the setting; the same command again skips its finished runs."""
+    from tests.conftest import SMALL_MODEL, SYNTH_DOMAINS
+
+    data = [
+        f"data.root={synth_mix}",
+        f"data.tokenizer={synth_mix / 'tokenizer.json'}",
+        f"data.domains=[{','.join(SYNTH_DOMAINS)}]",
+        "data.seq_len=32",
+        *SMALL_MODEL,
+    ]
+    out = tmp_path / "x2"
+    assert ex.main(["x2", "--smoke", "--out", str(out), *data]) == 0
+    runs = summaries(out)
+    assert ex.main(["x2", "--smoke", "--out", str(out), *data, "trainer.max_steps=3"]) == 2
+    assert summaries(out) == runs  # nothing trained, nothing relabelled
+    assert ex.main(["x2", "--smoke", "--out", str(out), *data]) == 0
+
+
 @pytest.mark.slow
 def test_packed_grid_runs_two_processes_sharing_one_token_store(tmp_path, synth_mix):
     """`--jobs 2` on a 2-point grid (X2's smoke variant, seeds 0 and 1): two training processes at once,

@@ -132,5 +132,7 @@ def test_refused_or_skipped_runs_leave_every_file_as_it_was(synth_mix, tmp_path)
     with RunLock(tmp_path):  # another process is training in the folder
         for extra in (["resume=auto", "seed=1"], ["overwrite=true", "seed=5", "router=sigmoid"]):
             refused = subprocess.run([*args, *extra], capture_output=True, text=True, env=env, timeout=300)
-            assert refused.returncode == 2 and "in use by another training process" in refused.stderr, refused.stderr
+            assert refused.returncode == 2 and "in use by another training process" in refused.stderr, (
+                refused.stderr
+            )
             assert {k: v for k, v in snapshot(tmp_path).items() if k.name != ".run.lock"} == before

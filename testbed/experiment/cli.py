@@ -268,6 +268,17 @@ def main(argv: list[str] | None = None) -> int:
             for job in jobs:
                 log(shlex.join(["testbed-train", "-m", *job.args, f"hydra.sweep.dir={job.sweep_dir}"]))
             continue
+        mismatched = [line for job in jobs for line in job.mismatches()]
+        if mismatched:  # never report runs made with other settings under this command's labels
+            shown = "\n  ".join(mismatched[:8]) + (
+                f"\n  ... {len(mismatched) - 8} more" if len(mismatched) > 8 else ""
+            )
+            print(
+                f"error: {out} holds runs made with other settings than this command's:\n  {shown}\n"
+                "use another --out, or delete those run folders to train them again with these settings",
+                file=sys.stderr,
+            )
+            return 2
         done = [job for job in jobs if job.finished()]
         for job in done:
             log(f"[{job.sweep}] finished before, skipped: {job.sweep_dir}")

@@ -140,6 +140,24 @@ class Job:
     args: list[str]
     runs: int = 1  # training runs this process makes (the grid points it sweeps)
 
+    def mismatches(self) -> list[str]:
+        """How the runs already in this job's folder were made differently from this job's command line:
+        one line per run and setting (empty: every run there has this job's settings). Swept keys (a
+        comma list here) and settings that cannot change results (threads, progress bar, resume, hydra.*)
+        are not compared."""
+        swept = {override_key(item) for item in self.args if _top_level_comma(item.partition("=")[2])}
+        wanted = _settings(self.args, swept)
+        lines = []
+        for path in sorted(self.sweep_dir.glob("*/.hydra/overrides.yaml")):
+            have = _settings(yaml.safe_load(path.read_text()) or [], swept)
+            for key in sorted(set(wanted) | set(have)):
+                if wanted.get(key) != have.get(key):
+                    lines.append(
+                        f"{path.parent.parent}: {key}={have.get(key, '(not set)')} there, "
+                        f"{wanted.get(key, '(not set)')} requested"
+                    )
+        return lines
+
     def finished(self) -> bool:
         """Every run of this process ended: its summary.json says finished or failed (a rerun of the
         experiment skips the process; a failed run would fail again). Interrupted or unfinished runs make the
@@ -149,6 +167,49 @@ class Job:
             p for p in self.sweep_dir.glob("*/summary.json") if summary_status(p) in ("finished", "failed")
         ]
         return len(ended) >= self.runs
+
+
+NOT_COMPARED = ("hydra.", "trainer.num_threads=", "trainer.progress_bar=", "resume=", "overwrite=")
+
+
+def _top_level_comma(value: str) -> bool:
+    """Whether a Hydra override value is a sweep list (a comma outside brackets and quotes)."""
+    depth, quote = 0, None
+    for char in value:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[({":
+            depth += 1
+        elif char in "])}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            return True
+    return False
+
+
+def _settings(overrides: list[str], skip: set[str]) -> dict[str, str]:
+    """key -> value (outer quotes removed) of the overrides that decide a run's results."""
+    settings = {}
+    for item in overrides:
+        key = override_key(item)
+        if item.startswith(NOT_COMPARED) or key in skip:
+            continue
+        value = item.partition("=")[2].strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        try:  # false == False, 1e-3 == 0.001: compared as the values they parse to (as Hydra parses them)
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(parsed, str):
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        settings[key] = json.dumps(parsed, sort_keys=True, default=str)
+    return settings
 
 
 def summary_status(path: Path) -> str:
