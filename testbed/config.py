@@ -14,6 +14,7 @@ module; they are importable from here as well.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
@@ -320,12 +321,31 @@ def _strict_bool(key: str, value: Any) -> bool:
     return value
 
 
+MAX_STEPS = 100_000_000
+"""The largest trainer.max_steps accepted (the step counters, schedules and token counts stay exact far
+beyond; what is refused is a run nobody means to start)."""
+
+
+def refuse_non_finite(node: Any, key: str = "") -> None:
+    """No option takes NaN or infinity: the first one found anywhere in the config is refused by name
+    (a NaN slips through every `<` and `>` check, and an infinite rate or weight diverges later)."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            refuse_non_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            refuse_non_finite(value, f"{key}[{index}]")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(key, node, "a finite number (no option takes NaN or infinity)")
+
+
 def parse_config(cfg: DictConfig | dict) -> RunConfig:
     """Turn a composed Hydra config into a validated `RunConfig`; raises ConfigError on the first problem."""
     if not isinstance(cfg, DictConfig):
         cfg = OmegaConf.create(cfg)
     raw = OmegaConf.to_container(cfg, resolve=True)
     raw.pop("hydra", None)
+    refuse_non_finite(raw)
     unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(unknown[0], raw[unknown[0]], f"top-level keys {sorted(TOP_LEVEL_KEYS)}")
@@ -597,6 +617,13 @@ def validate(run: RunConfig) -> None:
             if value % 16:
                 raise ConfigError(key, value, "a multiple of 16 on GPU (grouped GEMM alignment)")
     _positive("trainer.max_steps", t.max_steps)
+    if t.max_steps > MAX_STEPS:
+        raise ConfigError(
+            "trainer.max_steps",
+            t.max_steps,
+            f"at most {MAX_STEPS:,} optimizer steps (about {MAX_STEPS / 1e6:.0f}M steps: years on one GPU at "
+            "this testbed's sizes; a value like 1e12 is almost surely a typo)",
+        )
     _positive("trainer.val_check_interval", t.val_check_interval)
     _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
     validate_trainer(run)

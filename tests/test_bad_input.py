@@ -247,3 +247,54 @@ def test_cli_exit_code_2(tmp_path, args, expected):
     assert done.returncode == 2
     assert expected in done.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.lr=nan",
+        "optim.beta1=nan",
+        "trainer.gradient_clip_val=nan",
+        "model.moe.capacity_factor=nan",
+        "optim.lr=inf",
+        "optim.min_lr_ratio=nan",
+        "optim.weight_decay=nan",
+        "balance.coefficient=nan",
+        "optim.lr=-inf",
+    ],
+)
+def test_non_finite_values_are_refused_by_name(override):
+    """NaN passes every < and > check and an infinite rate diverges later: both are refused up front."""
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match="a finite number") as info:
+        parse_config(compose([override]))
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize("steps", ["1000000000000", "100000000000000000000", "100000001"])
+def test_absurd_step_counts_are_refused(steps):
+    with pytest.raises(ConfigError, match="at most 100,000,000 optimizer steps") as info:
+        parse_config(compose([f"trainer.max_steps={steps}"]))
+    assert info.value.key == "trainer.max_steps"
+    parse_config(compose(["trainer.max_steps=100000000"]))  # the bound itself is allowed
+
+
+def test_experiment_seeds_and_report_curves_are_checked(tmp_path, capsys):
+    from testbed.analysis.report import main as report_main
+    from testbed.experiment import main as experiment_main
+
+    assert experiment_main(["x2", "--seeds", "abc", "--dry-run"]) == 2
+    assert "--seeds 'abc': allowed are comma-separated integers" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"val/loss": 1.0, "status": "finished", "steps": 2}))
+    (run / "metrics.csv").write_text("step,train/loss\n0,2.0\n1,1.5\n")
+    assert (
+        report_main([str(run), "--plots", "--curves", "nosuch/metric", "--out", str(tmp_path / "r.md")]) == 2
+    )
+    assert "--curves nosuch/metric: no run's metrics.csv has this column" in capsys.readouterr().err
+    assert (
+        report_main([str(run), "--plots", "--curves", "train/aux/z_loss", "--out", str(tmp_path / "r.md")])
+        == 0
+    )
+    assert "warning: --curves train/aux/z_loss: no run logged it" in capsys.readouterr().err

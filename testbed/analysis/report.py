@@ -672,6 +672,32 @@ def curve_of(run_dir: Path, metric: str) -> dict[int, float]:
     return {int(step): float(value) for step, value in zip(logged["step"], logged[metric], strict=True)}
 
 
+def known_curves(runs: list[dict]) -> list[str]:
+    """The metric columns of the runs' metrics.csv files (sorted)."""
+    columns: set[str] = set()
+    for run in runs:
+        columns |= set(read_metrics_csv(run["dir"]).columns)
+    return sorted(columns - {"step", "epoch"})
+
+
+def unknown_curves(runs: list[dict], metrics: tuple[str, ...]) -> list[str]:
+    """The requested --curves metrics that cannot be a metric of these runs: no run logged them and their
+    namespace (the part before the first "/") is not one any run logs (a typo would otherwise draw nothing,
+    silently). A metric of a known namespace that no run logged yet (training metrics of very short runs)
+    gets a warning instead."""
+    known = set(known_curves(runs)) if metrics else set()
+    spaces = {column.split("/")[0] for column in known}
+    unknown = []
+    for metric in metrics:
+        if metric in known:
+            continue
+        if metric.split("/")[0] in spaces:
+            print(f"warning: --curves {metric}: no run logged it; no curve drawn", file=sys.stderr)
+        else:
+            unknown.append(metric)
+    return unknown
+
+
 def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: str = "step") -> list[Path]:
     """Training curves of `metrics` from metrics.csv: per group, mean over seeds at the steps all share,
     shaded 95% t confidence interval (none for one seed); x = "tokens" puts training tokens (step x the
@@ -965,6 +991,15 @@ def main(argv: list[str] | None = None) -> int:
     if not runs and not failed:
         print(
             f"error: no runs found under {[str(d) for d in args.dirs]} (looked for summary.json)",
+            file=sys.stderr,
+        )
+        return 2
+    missing = unknown_curves(runs, split_list(args.curves)) if args.plots else []
+    if missing:
+        print(
+            f"error: --curves {','.join(missing)}: no run's metrics.csv has "
+            f"{'these columns' if len(missing) > 1 else 'this column'}; some that exist: "
+            f"{known_curves(runs)[:12]}",
             file=sys.stderr,
         )
         return 2

@@ -234,7 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     seeds = experiment.smoke.get("seeds", [0]) if args.smoke else experiment.seeds
     if args.seeds:
-        seeds = [int(s) for s in args.seeds.split(",")]
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            print(
+                f"error: --seeds {args.seeds!r}: allowed are comma-separated integers, e.g. 0,1,2",
+                file=sys.stderr,
+            )
+            return 2
     extra = [*(experiment.smoke.get("overrides", []) if args.smoke else []), *args.overrides]
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out = args.out or Path("multirun") / f"{args.name}{'-smoke' if args.smoke else ''}" / stamp
