@@ -136,3 +136,34 @@ def test_refused_or_skipped_runs_leave_every_file_as_it_was(synth_mix, tmp_path)
                 refused.stderr
             )
             assert {k: v for k, v in snapshot(tmp_path).items() if k.name != ".run.lock"} == before
+
+
+def test_which_trainer_settings_may_change_on_resume(caplog):
+    """Every trainer key is classified (refused, allowed with a notice, allowed silently); clipping is
+    refused, a longer max_steps is allowed with what it does to the cosine schedule, threads silently."""
+    import dataclasses
+    import logging
+
+    from testbed.config import TrainerConfig, parse_config, plain
+    from testbed.errors import CheckpointError
+    from testbed.train.checkpoint import RESUME_TRAINER, check_same_run
+    from tests.conftest import compose
+
+    assert set(RESUME_TRAINER) == {f.name for f in dataclasses.fields(TrainerConfig)}
+    saved = plain(parse_config(compose(["trainer.max_steps=40", "optim.warmup_steps=4"])))
+    payload = {"hyper_parameters": {"run": saved}, "global_step": 20}
+
+    def resumed(*overrides):
+        return plain(parse_config(compose(["trainer.max_steps=40", "optim.warmup_steps=4", *overrides])))
+
+    with pytest.raises(CheckpointError, match=r"other settings \(trainer.gradient_clip_val\)"):
+        check_same_run(resumed("trainer.gradient_clip_val=0.5"), payload, Path("x.ckpt"))
+    with caplog.at_level(logging.WARNING):
+        check_same_run(resumed("trainer.num_threads=3"), payload, Path("x.ckpt"))
+        assert not caplog.records
+        check_same_run(resumed("trainer.max_steps=60"), payload, Path("x.ckpt"))
+    (record,) = caplog.records
+    # at step 20 of 40 (4 warmup) the factor is 0.1 + 0.9 * 0.5 * (1 + cos(pi * 16/36)) = 0.1 + 0.45 * 1.1736
+    # = 0.628; planned for 60 steps: 0.1 + 0.45 * (1 + cos(pi * 16/56)) = 0.1 + 0.45 * 1.6235 = 0.831
+    assert "trainer.max_steps changed from 40 to 60" in record.getMessage()
+    assert "from 0.628 to 0.831 x optim.lr" in record.getMessage()

@@ -258,11 +258,76 @@ def check_same_run(run_config: dict, payload: dict, path: Path) -> None:
             differing += [f"{section}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif old != new:
             differing.append(section)
+    old_trainer, new_trainer = saved.get("trainer") or {}, run_config.get("trainer") or {}
+    changed = {
+        k: (old_trainer[k], new_trainer.get(k)) for k in old_trainer if old_trainer[k] != new_trainer.get(k)
+    }
+    differing += [f"trainer.{k}" for k in sorted(changed) if RESUME_TRAINER.get(k, "refused") == "refused"]
     if differing:
         raise CheckpointError(
             f"resume: {path} was written by a run with other settings ({', '.join(differing[:6])}"
-            f"{' ...' if len(differing) > 6 else ''}); resume with the same overrides as that run"
+            f"{' ...' if len(differing) > 6 else ''}); resume with the same overrides as that run, or start "
+            "a new run from its weights with init_from (README: which settings may change on resume)"
         )
+    for key in sorted(changed):
+        if RESUME_TRAINER.get(key) == "notice":
+            old, new = changed[key]
+            logger.warning(
+                "resume: trainer.%s changed from %s to %s: %s",
+                key,
+                old,
+                new,
+                _consequence(key, saved, run_config, payload),
+            )
+
+
+RESUME_TRAINER = {
+    # refused: the resumed run would no longer be the run it continues (its results change)
+    "precision": "refused",
+    "deterministic": "refused",
+    "gradient_clip_val": "refused",
+    "limit_val_batches": "refused",
+    "accumulate_grad_batches": "refused",
+    "chunked_cross_entropy": "silent",  # the same values and gradients either way (tested)
+    # allowed with a notice in the log: the run goes on, differently from an uninterrupted run
+    "max_steps": "notice",
+    "val_check_interval": "notice",
+    "compile": "notice",
+    "fused_optimizer": "notice",
+    "accelerator": "notice",
+    "name": "notice",
+    "enable_checkpointing": "notice",
+    # allowed silently: they cannot change the numbers (the process layout is checked separately)
+    "num_threads": "silent",
+    "progress_bar": "silent",
+    "log_every_n_steps": "silent",
+    "compile_backend": "silent",
+    "devices": "silent",
+    "num_nodes": "silent",
+    "strategy": "silent",
+}
+"""What may change when a run resumes, per trainer key (model, data, optim, router, balance, aux_loss,
+finetune and seed may not change at all). The README's resume table lists the same."""
+
+
+def _consequence(key: str, saved: dict, now: dict, payload: dict) -> str:
+    """What a changed trainer setting does to the resumed run (the notice's second half)."""
+    if key == "max_steps":
+        from testbed.train.schedule import lr_factor
+
+        optim, step = now.get("optim", {}), int(payload.get("global_step", 0))
+        old_steps, new_steps = saved["trainer"]["max_steps"], now["trainer"]["max_steps"]
+        args = (optim.get("warmup_steps", 0), optim.get("min_lr_ratio", 0.1))
+        before, after = lr_factor(step, old_steps, *args), lr_factor(step, new_steps, *args)
+        return (
+            f"the cosine schedule now ends at step {new_steps}: at step {step} the learning rate goes from "
+            f"{before:.3f} to {after:.3f} x optim.lr: the run differs from one planned for {new_steps} steps"
+        )
+    if key == "val_check_interval":
+        return "validations (and checkpoints) now come at the new interval; the final validation is the same"
+    if key == "enable_checkpointing":
+        return "no more checkpoints will be written" if not now["trainer"][key] else "checkpoints resume"
+    return "the numbers may differ in the last bits from an uninterrupted run"
 
 
 def truncate_csv(path: Path, rows: int) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import random
 from typing import TypedDict
 
@@ -24,6 +23,7 @@ from testbed.scope import GlobalScopeState
 from testbed.train.checkpoint import TrainingDiverged
 from testbed.train.doc_bootstrap import DocumentLosses
 from testbed.train.finetune import apply_finetune
+from testbed.train.schedule import lr_factor
 from testbed.train.sharding import shard_model
 
 logger = logging.getLogger(__name__)
@@ -427,10 +427,7 @@ class MoELanguageModel(L.LightningModule):
         )
 
         def schedule(step: int) -> float:  # linear warmup, then cosine to min_lr_ratio
-            if step < cfg.warmup_steps:
-                return (step + 1) / cfg.warmup_steps
-            progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            return lr_factor(step, max_steps, cfg.warmup_steps, cfg.min_lr_ratio)
 
         def router_schedule(step: int) -> float:  # frozen from optim.router_freeze_step on: lr 0, no decay
             frozen = cfg.router_freeze_step is not None and step >= cfg.router_freeze_step
