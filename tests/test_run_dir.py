@@ -167,3 +167,38 @@ def test_which_trainer_settings_may_change_on_resume(caplog):
     # = 0.628; planned for 60 steps: 0.1 + 0.45 * (1 + cos(pi * 16/56)) = 0.1 + 0.45 * 1.6235 = 0.831
     assert "trainer.max_steps changed from 40 to 60" in record.getMessage()
     assert "from 0.628 to 0.831 x optim.lr" in record.getMessage()
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_full_disk_stops_with_what_survived(synth_mix, tmp_path, monkeypatch, fail_at):
+    """The checkpoint write fails with ENOSPC (the first save, or the second): a SaveFailed error (exit 2 on
+    the command line) naming the folder, the last good checkpoint and how to go on; no temporary file left,
+    and the earlier checkpoint intact and loadable."""
+    import errno
+
+    import lightning as L
+    import torch
+
+    from testbed.train.checkpoint import SaveFailed
+
+    real = L.Trainer.save_checkpoint
+    calls = []
+
+    def save(self, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == fail_at:
+            Path(path).write_bytes(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", save)
+    with pytest.raises(SaveFailed, match="No space left on device") as err:
+        train(synth_mix, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=2")
+    message = str(err.value)
+    assert f"in {tmp_path / 'checkpoints'}" in message and "resume=auto" in message
+    assert not list((tmp_path / "checkpoints").glob(".last.*.tmp"))
+    if fail_at == 1:
+        assert "none was saved" in message and not (tmp_path / "checkpoints" / "last.ckpt").exists()
+    else:
+        assert "the last good checkpoint is" in message and "(step 2)" in message
+        assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2

@@ -40,6 +40,14 @@ class RunDirError(TestbedError):
     """The run folder holds another run or is in use by another process."""
 
 
+class SaveFailed(TestbedError):
+    """A checkpoint could not be written (disk full, quota, permissions)."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
 class TrainingDiverged(TestbedError):
     """A loss term became NaN or infinite."""
 
@@ -417,11 +425,27 @@ class RunCheckpoint(L.Callback):
     def save(self, trainer, pl_module) -> None:
         for logger in trainer.loggers:  # metrics logged so far reach the disk first: their count is saved
             logger.save()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f".last.{os.getpid()}.tmp")
-        trainer.save_checkpoint(str(temporary), weights_only=False)  # full state; also no log line per save
-        if trainer.is_global_zero:
-            os.replace(temporary, self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(str(temporary), weights_only=False)  # full state; no log line per save
+            if trainer.is_global_zero:
+                os.replace(temporary, self.path)
+        except OSError as err:  # a full disk, a quota, a folder made read-only: say what survived
+            temporary.unlink(missing_ok=True)
+            last = (
+                f"the last good checkpoint is {self.path} (step {self.saved_step})"
+                if self.saved_step is not None and self.path.is_file()
+                else (
+                    f"{self.path} is intact from before this run" if self.path.is_file() else "none was saved"
+                )
+            )
+            raise SaveFailed(
+                f"could not save the checkpoint of step {trainer.global_step} in {self.path.parent} "
+                f"({err.strerror or err}); {last}; no half-written file is left. Free space there, or copy "
+                "the run folder to a roomier disk and continue it there with resume=auto",
+                trainer.global_step,
+            ) from err
         self.saved_step = trainer.global_step
 
     def on_validation_start(self, trainer, pl_module) -> None:
