@@ -152,3 +152,19 @@ def test_eval_balanced_routes_at_evaluation_as_in_training(name):
     evaluated = router.eval()(x, RoutingContext(4, 32))
     assert torch.equal(evaluated.tokens_per_expert, trained.tokens_per_expert)
     assert evaluated.tokens_per_expert.max() <= 40  # balanced (plain top-k sends all 128 to expert 0)
+
+
+def test_an_unfinished_auction_fails_the_run_with_a_summary(synth_mix, tmp_path):
+    """router.max_rounds too small: the run stops with AuctionUnfinished (a TestbedError: exit 2 on the
+    command line) naming the setting, and summary.json says failed, with the message."""
+    import json
+
+    from testbed.routing.balanced_assignment import AuctionUnfinished
+    from testbed.train.cli import run_training
+    from tests.conftest import compose, synth_overrides
+
+    overrides = synth_overrides(synth_mix, "router=balanced_assignment", "router.max_rounds=1")
+    with pytest.raises(AuctionUnfinished, match="raise router.max_rounds"):
+        run_training(compose(overrides), tmp_path, quiet=True)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "router.max_rounds" in summary["error"]

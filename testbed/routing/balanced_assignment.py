@@ -33,9 +33,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from testbed.errors import ConfigError
+from testbed.errors import ConfigError, TestbedError
 from testbed.routing.base import ROUTERS, BalancingRouter, RoutingContext
 from testbed.scope import LOCAL_SCOPES, Scope
+
+
+class AuctionUnfinished(TestbedError, RuntimeError):
+    """The balanced-assignment auction hit router.max_rounds: the run fails with this message (exit 2)."""
 
 
 @dataclass
@@ -112,9 +116,9 @@ def balanced_assignment(
             lowest = torch.where(keep, top.values, torch.inf).amin(dim=1, keepdim=True)
             price = torch.where(full, lowest, floor)
         else:
-            raise RuntimeError(
-                f"balanced assignment: the auction did not finish in {max_rounds} rounds at eps={epsilon:g} "
-                "(router.max_rounds, router.eps)"
+            raise AuctionUnfinished(
+                f"balanced assignment: the auction did not finish in {max_rounds} rounds at eps={epsilon:g}; "
+                "raise router.max_rounds (default 20000) or router.eps"
             )
         if epsilon <= eps:
             return held, (price * span).squeeze(1)

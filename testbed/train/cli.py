@@ -28,6 +28,7 @@ from testbed import CONF_DIR
 from testbed.config import FSDP2, RunConfig, allowed_for, check_hardware, parse_config, plain
 from testbed.data.datamodule import DomainMixDataModule
 from testbed.errors import ConfigError, TestbedError
+from testbed.routing.balanced_assignment import AuctionUnfinished
 from testbed.safe_load import trusted
 from testbed.train.callbacks import SpecializationMetrics
 from testbed.train.checkpoint import (
@@ -262,8 +263,8 @@ def _train(
         module.check_finite()
         if module.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
-    except (TrainingDiverged, RunInterrupted) as err:
-        failed = isinstance(err, TrainingDiverged)
+    except (TrainingDiverged, RunInterrupted, AuctionUnfinished) as err:
+        failed = not isinstance(err, RunInterrupted)
         for logger in trainer.loggers:
             logger.save()
         if trainer.is_global_zero:
@@ -274,7 +275,11 @@ def _train(
                 status="failed" if failed else "interrupted",
                 extra={
                     "error": str(err),
-                    **({"failed_step": err.step, "failed_term": err.term} if failed else {}),
+                    **(
+                        {"failed_step": err.step, "failed_term": err.term}
+                        if isinstance(err, TrainingDiverged)
+                        else {}
+                    ),
                     **({"signal": signal_name(err.signum)} if not failed else {}),
                     "checkpoint": str(run_dir / LAST) if (run_dir / LAST).is_file() else None,
                     "checkpoint_step": checkpointer.saved_step,
