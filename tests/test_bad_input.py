@@ -298,3 +298,26 @@ def test_experiment_seeds_and_report_curves_are_checked(tmp_path, capsys):
         == 0
     )
     assert "warning: --curves train/aux/z_loss: no run logged it" in capsys.readouterr().err
+
+
+def test_output_folder_that_is_a_file_is_refused(tmp_path):
+    from testbed.train.cli import check_output_dirs
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="is a file") as info:
+        check_output_dirs([f"hydra.run.dir={blocker}"])
+    assert info.value.key == "hydra.run.dir"
+    with pytest.raises(ConfigError, match=r"is under a file \("):
+        check_output_dirs([f"hydra.sweep.dir={blocker / 'sub' / 'dir'}"])
+    check_output_dirs([f"hydra.run.dir={tmp_path / 'new' / 'run'}", "seed=1"])  # can be made: fine
+    assert not (tmp_path / "new").exists()  # and nothing is made by the check
+
+
+def test_unwritable_cache_dir_is_named_not_taken_for_a_parse_error(synth_mix, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(DataError, match=r"data.cache_dir .*cannot write there") as info:
+        load_documents("alpha", None, str(synth_mix), cache_dir=str(blocker / "cache"))
+    assert "cannot parse" not in str(info.value)
+    assert len(load_documents("alpha", None, str(synth_mix), cache_dir=str(tmp_path / "cache"))) == 24

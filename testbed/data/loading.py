@@ -14,6 +14,7 @@ import bz2
 import gzip
 import json
 import lzma
+import os
 from pathlib import Path
 
 from testbed import PROJECT_ROOT
@@ -245,6 +246,22 @@ class Documents(list):
     groups: list[str] | None = None
 
 
+def check_cache_dir(cache_dir: str) -> None:
+    """The datasets cache must be a folder this process can write (made if missing): otherwise its failure
+    would surface as a parse error of the first data file."""
+    path = Path(cache_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise DataError(
+            f"data.cache_dir {cache_dir}: cannot write there ({err.strerror or err}); "
+            "set data.cache_dir to a writable folder"
+        ) from err
+
+
 def load_documents(
     domain: str,
     source: DomainSourceConfig | None,
@@ -256,6 +273,8 @@ def load_documents(
     of that field (`.groups`; a row without it is its own group)."""
     source = source or DomainSourceConfig()
     groups = None
+    if cache_dir is not None:
+        check_cache_dir(cache_dir)
     if source.hf_dataset:
         try:
             import datasets

@@ -426,6 +426,25 @@ def check_overrides(argv: list[str], conf_dir: str = CONF_DIR) -> None:
             ) from None
 
 
+def check_output_dirs(argv: list[str]) -> None:
+    """hydra.run.dir / hydra.sweep.dir must be a folder that exists or can be made: a path that is a file,
+    or under a file, or in a folder this user cannot write, is refused here before Hydra starts (Hydra
+    would end in a traceback)."""
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or key.lstrip("+~") not in ("hydra.run.dir", "hydra.sweep.dir") or "${" in value:
+            continue
+        path = Path(value.strip("'\"")).expanduser().absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            what = "is a file" if existing == path else f"is under a file ({existing})"
+            raise ConfigError(key.lstrip("+~"), value, f"a folder for the run's files; {path} {what}")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(
+                key.lstrip("+~"), value, f"a folder this user can write; {existing} is not writable"
+            )
+
+
 def refuse_used_run_dir(argv: list[str]) -> None:
     """A single run into an explicit `hydra.run.dir` that already holds a run is refused here, before Hydra
     starts: Hydra would otherwise write the new run's `.hydra/` over the old run's first. (Multirun job
@@ -451,6 +470,7 @@ def train_main() -> None:
     try:
         check_group_choices(sys.argv[1:])
         check_overrides(sys.argv[1:])
+        check_output_dirs(sys.argv[1:])
         refuse_used_run_dir(sys.argv[1:])
     except TestbedError as err:
         print(f"error: {err}", file=sys.stderr)
