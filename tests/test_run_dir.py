@@ -202,3 +202,11 @@ def test_a_full_disk_stops_with_what_survived(synth_mix, tmp_path, monkeypatch, 
     else:
         assert "the last good checkpoint is" in message and "(step 2)" in message
         assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+        # continued once there is room: a save killed mid-write earlier left its temporary file; it goes
+        monkeypatch.setattr(L.Trainer, "save_checkpoint", real)
+        (tmp_path / "checkpoints" / ".last.4242.tmp").write_bytes(b"torn")
+        resumed = train(
+            synth_mix, tmp_path, "trainer.max_steps=6", "trainer.val_check_interval=2", "resume=auto"
+        )
+        assert resumed["status"] == "finished" and resumed["steps"] == 6
+        assert not list((tmp_path / "checkpoints").glob(".last.*.tmp"))

@@ -184,6 +184,11 @@ def write_run_record(run_dir: Path, cfg) -> None:
     from testbed.train.progress import accept_run_log
 
     accept_run_log()
+    # a save killed mid-write (SIGKILL, power loss) leaves its temporary file; this run holds the folder's
+    # lock, so no other process is writing one now
+    for leftover in (run_dir / LAST.parent).glob(".last.*.tmp"):
+        logger.info("removing %s, left by a checkpoint save that was killed mid-write", leftover)
+        leftover.unlink(missing_ok=True)
     if not HydraConfig.initialized():  # the Python API (run_training on a composed config): no Hydra run
         return
     hydra_cfg = HydraConfig.get()
