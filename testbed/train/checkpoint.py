@@ -23,6 +23,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from testbed.errors import CheckpointError, TestbedError
 from testbed.safe_load import load_file
+from testbed.train.progress import accept_run_log
+from testbed.train.schedule import lr_factor
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +183,6 @@ def write_run_record(run_dir: Path, cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from testbed.train.progress import accept_run_log
-
     accept_run_log()
     # a save killed mid-write (SIGKILL, power loss) leaves its temporary file; this run holds the folder's
     # lock, so no other process is writing one now
@@ -326,8 +326,6 @@ finetune and seed may not change at all). The README's resume table lists the sa
 def _consequence(key: str, saved: dict, now: dict, payload: dict) -> str:
     """What a changed trainer setting does to the resumed run (the notice's second half)."""
     if key == "max_steps":
-        from testbed.train.schedule import lr_factor
-
         optim, step = now.get("optim", {}), int(payload.get("global_step", 0))
         old_steps, new_steps = saved["trainer"]["max_steps"], now["trainer"]["max_steps"]
         args = (optim.get("warmup_steps", 0), optim.get("min_lr_ratio", 0.1))
