@@ -14,7 +14,7 @@ export WANDB_MODE ?= offline
 export PYTHONUNBUFFERED = 1
 ARGS ?=
 
-.PHONY: help venv train test test-fast lint format data data-sources data-large data-sources-large bench clean
+.PHONY: help venv train test test-all test-fast lint format data data-sources data-large data-sources-large bench clean
 
 help:
 	@echo "make train   train the default tiny MoE on the shipped domain mix (ARGS='router.top_k=1 ...')"
@@ -40,6 +40,11 @@ train: $(STAMP)
 # the import contracts first (pyproject.toml, [tool.importlinter]), then the suite: one process per core
 # (pytest-xdist), one torch thread each: 7.6 min instead of 11.2 on 2 cores
 test: $(STAMP)
+	$(BIN)/lint-imports --no-logo
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto -m "not heavy" $(ARGS)
+
+# everything, the `heavy` checks included (more smoke variants, the second DDP scope, plugin sweeps)
+test-all: $(STAMP)
 	$(BIN)/lint-imports --no-logo
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto $(ARGS)
 

@@ -33,6 +33,7 @@ def run_benchmark(script: str, out: Path, *args: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.heavy
 def test_metrics_overhead_benchmark_runs(tmp_path):
     data = run_benchmark(
         "metrics_overhead.py", tmp_path / "bench.json", "--steps", "2", "--warmup", "1", *SMALL

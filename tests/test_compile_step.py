@@ -42,7 +42,7 @@ def finish(module, optimizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("router", ["topk_softmax", "sinkhorn"])
+@pytest.mark.parametrize("router", ["topk_softmax", pytest.param("sinkhorn", marks=pytest.mark.heavy)])
 def test_compiled_training_steps_do_not_break_or_recompile(synth_mix, router):
     """Blocks compile with fullgraph=True (a break would raise); after two steps (one recompile for the
     training batch's shapes at most) three more steps compile nothing new while the routers' step moves."""

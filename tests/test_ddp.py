@@ -91,7 +91,7 @@ DDP = ["trainer.strategy=ddp", "trainer.devices=2", "trainer.accelerator=cpu"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scope", ["micro_batch", "global"])
+@pytest.mark.parametrize("scope", [pytest.param("micro_batch", marks=pytest.mark.heavy), "global"])
 def test_two_ranks_match_one_process_with_two_accumulated_micro_batches(synth_mix, tmp_path, scope):
     """Same data, same gradient: 2 ranks x 1 micro-batch == 1 process x 2 accumulated micro-batches.
 

@@ -116,6 +116,7 @@ def test_optuna_search_of_two_trials(synth_mix, tmp_path):
     assert trials[0]["resolved"]["optim"]["lr"] != trials[1]["resolved"]["optim"]["lr"]
 
 
+@pytest.mark.heavy
 def test_submitit_local_sweep_of_two_jobs(synth_mix, tmp_path):
     sweep = tmp_path / "submitit"
     runs = sweep_of_two(synth_mix, sweep, "hydra/launcher=submitit_local", "seed=0,1")

@@ -686,6 +686,9 @@ def unknown_curves(runs: list[dict], metrics: tuple[str, ...]) -> list[str]:
     silently). A metric of a known namespace that no run logged yet (training metrics of very short runs)
     gets a warning instead."""
     known = set(known_curves(runs)) if metrics else set()
+    if not known:
+        print("warning: --curves: no run has a metrics.csv; no curve drawn", file=sys.stderr)
+        return []
     spaces = {column.split("/")[0] for column in known}
     unknown = []
     for metric in metrics:
@@ -994,7 +997,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    missing = unknown_curves(runs, split_list(args.curves)) if args.plots else []
+    asked = args.plots and args.curves != ",".join(DEFAULT_CURVES)  # the defaults may be absent quietly
+    missing = unknown_curves(runs, split_list(args.curves)) if asked else []
     if missing:
         print(
             f"error: --curves {','.join(missing)}: no run's metrics.csv has "
