@@ -41,7 +41,7 @@ train: $(STAMP)
 # (pytest-xdist), one torch thread each: 7.6 min instead of 11.2 on 2 cores
 test: $(STAMP)
 	$(BIN)/lint-imports --no-logo
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto -m "not heavy" $(ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist worksteal -m "not heavy" $(ARGS)
 
 # everything, the `heavy` checks included (more smoke variants, the second DDP scope, plugin sweeps)
 test-all: $(STAMP)

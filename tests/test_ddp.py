@@ -117,6 +117,7 @@ FSDP2 = ["trainer.strategy=fsdp2", "trainer.devices=2", "trainer.accelerator=cpu
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_fsdp2_on_two_processes_trains_like_ddp_and_resumes(synth_mix, tmp_path):
     """trainer.strategy=fsdp2 on 2 CPU processes (gloo), with the expert bias at global scope, the
     orthogonality loss and the noise stiffness pass: every parameter is sharded (one log line), and 3 steps,

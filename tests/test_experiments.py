@@ -121,12 +121,12 @@ def summaries(out):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name",  # x3, x4, x7, x8 only in `make test-all`: their grids compose in the suite, their training paths
-    # (router types, the Guo losses, trainer=cpu, LBL values) train in other tests
+    "name",  # x2, x3, x4, x7, x8 only in `make test-all`: their grids compose in the suite, and their
+    # training paths train in other tests (capacity: three more x2 grids below; router types, the Guo
+    # losses, trainer=cpu, LBL values)
     [
         "x1",
-        "x2",
-        *(pytest.param(n, marks=pytest.mark.heavy) for n in ("x3", "x4")),
+        *(pytest.param(n, marks=pytest.mark.heavy) for n in ("x2", "x3", "x4")),
         "x5",
         "x6",
         *(pytest.param(n, marks=pytest.mark.heavy) for n in ("x7", "x8")),

@@ -97,35 +97,26 @@ def test_a_second_process_in_the_same_folder_is_refused(synth_mix, tmp_path):
     assert not (tmp_path / ".run.lock").exists()
 
 
-def test_cli_refuses_a_used_folder_with_exit_2(synth_mix, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
-    exe = os.path.join(os.path.dirname(sys.executable), "testbed-train")
-    args = [exe, *synth_overrides(synth_mix, *SHORT), f"hydra.run.dir={tmp_path}"]
-    assert subprocess.run(args, capture_output=True, text=True, env=env, timeout=300).returncode == 0
-    overrides = (tmp_path / ".hydra" / "overrides.yaml").read_text()
-    result = subprocess.run([*args, "seed=7"], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 2
-    assert f"error: run folder {tmp_path} already holds a run" in result.stderr
-    assert "Traceback" not in result.stderr
-    # refused before Hydra starts: the old run's .hydra/ is left as it was (no seed=7 written over it)
-    assert (tmp_path / ".hydra" / "overrides.yaml").read_text() == overrides
-
-
 def snapshot(folder):
     return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.slow
 def test_refused_or_skipped_runs_leave_every_file_as_it_was(synth_mix, tmp_path):
-    """The run's record (.hydra/, cli.log) is written only once a run is accepted: resume=auto with another
-    lr on a finished run (skipped, exit 0), a second process while the folder is locked (refused), and
-    overwrite=true with other settings while it is locked (refused, nothing deleted) change no byte."""
+    """The run's record (.hydra/, cli.log) is written only once a run is accepted: a new run into the used
+    folder (refused before Hydra starts, exit 2), resume=auto with another lr on a finished run (skipped,
+    exit 0), a second process while the folder is locked (refused), and overwrite=true with other settings
+    while it is locked (refused, nothing deleted) change no byte."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline"}
     exe = os.path.join(os.path.dirname(sys.executable), "testbed-train")
     args = [exe, *synth_overrides(synth_mix, *SHORT), f"hydra.run.dir={tmp_path}"]
     assert subprocess.run(args, capture_output=True, text=True, env=env, timeout=300).returncode == 0
     before = snapshot(tmp_path)
     assert {Path(".hydra/overrides.yaml"), Path(".hydra/config.yaml"), Path("cli.log")} <= set(before)
+    result = subprocess.run([*args, "seed=7"], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"error: run folder {tmp_path} already holds a run" in result.stderr
+    assert snapshot(tmp_path) == before
     skipped = subprocess.run([*args, "resume=auto", "optim.lr=1e-3"], capture_output=True, text=True, env=env)
     assert skipped.returncode == 0 and "not trained again" in skipped.stdout + skipped.stderr
     assert snapshot(tmp_path) == before
