@@ -33,7 +33,8 @@ commands() {
     case $name in *_lr*) seeds=${SEEDS:-0 1 2} ;; *) seeds=${SEEDS:-0 1 2 3 4} ;; esac
     for seed in $seeds; do
       dir=experiments/ladder/mechanism/$name/s$seed
-      [ -f "$dir/summary.json" ] && continue
+      # skip ended runs only: an interrupted one (status "interrupted") continues with resume=auto
+      grep -qE '"status": "(finished|failed)"' "$dir/summary.json" 2>/dev/null && continue
       echo "OMP_NUM_THREADS=1 .venv/bin/testbed-train $args seed=$seed run_name=$name" \
         "trainer.progress_bar=false resume=auto hydra.run.dir=$dir > /dev/null 2>&1" \
         "&& echo done $dir || echo FAILED $dir"

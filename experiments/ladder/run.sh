@@ -7,7 +7,8 @@
 # 3,000 and 6,000 (RUNGS="12000" adds a longer rung). The 1,500-step runs of moe/hash/dense_* are experiments/regime_large's (same
 # configuration); this script adds their seeds 3 and 4 there.
 #
-# Resumable: a run whose summary.json exists is skipped, an interrupted one resumes from its last.ckpt.
+# Resumable: a run whose summary.json says finished (or failed) is skipped, an interrupted one resumes from
+# its last.ckpt.
 # JOBS single-threaded processes at once (default 2). RUNGS / ROLES / SEEDS narrow the grid, e.g.
 #   RUNGS="1500 3000" ROLES="moe hash" experiments/ladder/run.sh
 # DRY=1 prints the commands instead of running them.
@@ -34,7 +35,8 @@ commands() {
           dir=experiments/ladder/runs/$rung/$role/s$seed
           steps="trainer.max_steps=$rung trainer.val_check_interval=$(( rung <= 1500 ? 250 : rung / 6 ))"
         fi
-        [ -f "$dir/summary.json" ] && continue
+        # skip ended runs only: an interrupted one (status "interrupted") continues with resume=auto
+        grep -qE '"status": "(finished|failed)"' "$dir/summary.json" 2>/dev/null && continue
         echo "OMP_NUM_THREADS=1 .venv/bin/testbed-train $args $steps seed=$seed run_name=$role" \
  "trainer.progress_bar=false resume=auto hydra.run.dir=$dir > /dev/null 2>&1" \
           "&& echo done $dir || echo FAILED $dir"
