@@ -89,3 +89,18 @@ def test_strict_json_has_no_bare_nan():
     cleaned = strict_json(value)
     assert cleaned == {"a": None, "b": [1.5, None, 3], "c": 2.0, "d": None}
     assert json.dumps(cleaned, allow_nan=False) == '{"a": null, "b": [1.5, null, 3], "c": 2.0, "d": null}'
+
+
+def test_divergence_before_any_checkpoint_says_so(tmp_path):
+    """The message names the last good checkpoint only when one exists."""
+    from testbed.train.module import NonFiniteGuard
+
+    guard = NonFiniteGuard()
+    guard.update({"lm_loss": torch.tensor(float("nan")), "loss": torch.tensor(1.0)}, 3)
+    with pytest.raises(TrainingDiverged) as err:
+        guard.check(5, str(tmp_path / "checkpoints" / "last.ckpt"))
+    assert "no checkpoint was written before it" in str(err.value) and "kept" not in str(err.value)
+    assert err.value.step == 3 and err.value.term == "lm_loss"
+    (tmp_path / "last.ckpt").write_bytes(b"x")
+    with pytest.raises(TrainingDiverged, match="the last good checkpoint is kept"):
+        guard.check(5, str(tmp_path / "last.ckpt"))

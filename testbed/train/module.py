@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import TypedDict
 
 import lightning as L
@@ -98,8 +99,13 @@ class NonFiniteGuard:
         step, term = int(self.first_step), self.names[int(self.term)]
         raise TrainingDiverged(
             f"training diverged: non-finite loss at step {step}: {term} = {float(self.value)} (the first "
-            f"non-finite term of {self.names}; detected at step {detected_at}); the last good checkpoint is "
-            f"kept ({checkpoint}); lower optim.lr, raise optim.warmup_steps or set trainer.gradient_clip_val",
+            f"non-finite term of {self.names}; detected at step {detected_at}); "
+            + (
+                f"the last good checkpoint is kept ({checkpoint})"
+                if checkpoint and Path(checkpoint).is_file()
+                else "no checkpoint was written before it"
+            )
+            + "; lower optim.lr, raise optim.warmup_steps or set trainer.gradient_clip_val",
             step,
             term,
         )
