@@ -321,3 +321,13 @@ def test_unwritable_cache_dir_is_named_not_taken_for_a_parse_error(synth_mix, tm
         load_documents("alpha", None, str(synth_mix), cache_dir=str(blocker / "cache"))
     assert "cannot parse" not in str(info.value)
     assert len(load_documents("alpha", None, str(synth_mix), cache_dir=str(tmp_path / "cache"))) == 24
+
+
+def test_a_one_token_tokenizer_is_named_as_such(tmp_path):
+    from tokenizers import Tokenizer, models
+
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel({"<|endoftext|>": 0}, unk_token="<|endoftext|>")).save(str(path))
+    with pytest.raises(DataError, match=r"has 1 token\(s\): it cannot encode text") as info:
+        load_tokenizer(path)
+    assert "too little text" not in str(info.value)

@@ -19,6 +19,7 @@ from testbed.errors import DataError
 
 END_OF_TEXT = "<|endoftext|>"
 END_OF_TEXT_ID = 0
+MIN_VOCAB = 2  # the end-of-text token and at least one token of text
 
 
 def _texts(files_or_texts: Iterable[str | os.PathLike]) -> Iterator[str]:
@@ -97,6 +98,13 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
             f"--tokenizer {path}` (the shipped data/tokenizer.json fits the shipped mix)"
         )
     try:
-        return Tokenizer.from_file(str(path))
+        tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:  # tokenizers raises a bare Exception on bad JSON
         raise DataError(f"tokenizer file {path} is not a valid tokenizers JSON file: {error}") from error
+    size = tokenizer.get_vocab_size()
+    if size < MIN_VOCAB:
+        raise DataError(
+            f"tokenizer file {path} has {size} token(s): it cannot encode text (at least {MIN_VOCAB}); "
+            f"train one on your mix with `testbed-data --out <your data folder> --tokenizer {path}`"
+        )
+    return tokenizer
