@@ -13,7 +13,9 @@ next to their dense twin of equal active parameters (hidden K x expert hidden), 
 extra time over the dense twin per unit of K (`extra_ms_per_k`), and peers at the same shape and input:
 Hugging Face's Qwen3-MoE sparse block with its `grouped_mm` experts (`hf_ms`, where transformers is
 installed) and torchtitan's MoE module (`torchtitan_ms`, where torchtitan is installed); a peer that is
-missing or fails is recorded with its reason, never silently left out. On CPU: model=micro's layer, fp32.
+missing or fails is recorded with its reason, never silently left out; and the router GEMM's cost in fp32
+(what the router runs, so that close top-k choices do not flip) against bf16, with its share of the layer.
+On CPU: model=micro's layer, fp32.
     python benchmarks/moe_layer.py [--tiny] [--models] [--compile|--no-compile] [--repeats 20] [--budget S]
         [--json out]
 `--budget` stops starting new grid points after S seconds; the JSON is rewritten after every point, so a
@@ -173,6 +175,19 @@ def model_rows(names: list[str], tokens: int, repeats: int, device: str, use_com
             y.backward(grad)
 
         moe_s, dense_s = timed(moe, repeats, device), timed(twin, repeats, device)
+        # the router GEMM [T, d] x [d, E], forward + backward: fp32 (what the router runs, for stable top-k)
+        # against bf16 (what it would cost under autocast); its share of the layer is the price of fp32
+        gate = layer.router.gate.weight
+        router_ms = {}
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            xr = x.detach().reshape(-1, d).to(dtype).requires_grad_(True)
+            wr = gate.detach().to(dtype).requires_grad_(True)
+            probe = torch.randn(xr.shape[0], num_experts, device=device, dtype=dtype)
+
+            def gemm(xr=xr, wr=wr, probe=probe):
+                torch.nn.functional.linear(xr, wr).backward(probe)
+
+            router_ms[precision] = round(1000 * timed(gemm, repeats, device), 4)
         peers = {}
         for peer, make in (("hf", hf_peer), ("torchtitan", torchtitan_peer)):
             try:
@@ -199,7 +214,9 @@ def model_rows(names: list[str], tokens: int, repeats: int, device: str, use_com
             "compile": use_compile, "moe_ms": round(1000 * moe_s, 3), "dense_ms": round(1000 * dense_s, 3),
             "moe_over_dense": round(dense_s / moe_s, 3),
             "extra_ms_per_k": round(1000 * (moe_s - dense_s) / top_k, 3),
-            "moe_tflops": round(flops / moe_s / 1e12, 4), **peers,
+            "moe_tflops": round(flops / moe_s / 1e12, 4), "router_fp32_ms": router_ms["fp32"],
+            "router_bf16_ms": router_ms["bf16"],
+            "router_fp32_share": round(router_ms["fp32"] / (1000 * moe_s), 4), **peers,
         })  # fmt: skip
         print(rows[-1], flush=True)
     return rows

@@ -50,6 +50,7 @@ def test_dry_run_runs_every_stage_and_writes_the_figures(tmp_path):
     (model,) = report["moe_layer"]["models"]  # the model's own layer next to its dense twin
     assert model["model"] == "micro" and model["moe_ms"] > 0 and model["dense_ms"] > 0
     assert model["hf_status"] == "ok" and model["hf_ms"] > 0  # the Hugging Face peer (transformers here)
+    assert model["router_fp32_ms"] > 0 and model["router_bf16_ms"] > 0 and 0 < model["router_fp32_share"] < 1
     assert model["torchtitan_status"] == "ok" or model["torchtitan_ms"] is None  # needs Triton: GPU only
     profile = report["profile"]
     assert profile["top"] and profile["busy_ms_per_step"] > 0
