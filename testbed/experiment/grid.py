@@ -101,21 +101,7 @@ def parent_runs(out: Path, sweep: str) -> list[tuple[Path, list[str]]]:
             continue
         run_dir = summary.parent
         overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-        kept = [
-            o
-            for o in overrides
-            if not o.startswith(
-                (
-                    "hydra.",
-                    "+experiment=",
-                    "init_from=",
-                    "trainer.num_threads=",
-                    "trainer.progress_bar=",
-                    "resume=",
-                    "overwrite=",
-                )
-            )
-        ]
+        kept = [o for o in overrides if not o.startswith((*NOT_COMPARED, "+experiment=", "init_from="))]
         runs.append((run_dir, kept))
     return runs
 
@@ -170,6 +156,8 @@ class Job:
 
 
 NOT_COMPARED = ("hydra.", "trainer.num_threads=", "trainer.progress_bar=", "resume=", "overwrite=")
+"""Overrides that cannot change a run's results: not compared between runs (`Job.mismatches`) and not
+inherited by post-training from a parent run (`parent_runs`)."""
 
 
 def _top_level_comma(value: str) -> bool:

@@ -62,23 +62,24 @@ class ExpertBank(nn.Module):
             return self.compute_dtype
         return torch.bfloat16 if x.is_cuda and self.backend == "grouped" else x.dtype
 
-    def expert_outputs(self, x: Tensor, routing: Routing) -> Tensor:
+    def expert_outputs(self, x: Tensor, routing: Routing, plan=None) -> Tensor:
         """Per-assignment outputs o [A, d], in the expert-sorted order of `routing` (no gating), in the
-        compute dtype."""
+        compute dtype. `plan`: `token_major_plan(routing, T)` when the caller has it already."""
         x = x.to(self.dtype_for(x))
-        plan = token_major_plan(routing, x.shape[0])
+        plan = plan if plan is not None else token_major_plan(routing, x.shape[0])
         if plan is None:
             x_sorted = x.index_select(0, routing.token_index)
         else:
-            token_major, inverse, top_k = plan
+            _, inverse, top_k = plan
             x_sorted = dispatch_rows(x, routing.token_index, inverse, top_k)
         if self.backend == "loop":
             return self._loop(x_sorted, routing.tokens_per_expert)
         return self._grouped(x_sorted, routing.tokens_per_expert)
 
     def forward(self, x: Tensor, routing: Routing, return_expert_outputs: bool = False):
-        outputs = self.expert_outputs(x, routing)
-        y = combine(outputs, routing, num_tokens=x.shape[0]).to(x.dtype)
+        plan = token_major_plan(routing, x.shape[0])  # once per layer: dispatch and combine share it
+        outputs = self.expert_outputs(x, routing, plan)
+        y = combine(outputs, routing, num_tokens=x.shape[0], plan=plan).to(x.dtype)
         return (y, outputs) if return_expert_outputs else y
 
     def _loop(self, x_sorted: Tensor, tokens_per_expert: Tensor) -> Tensor:
@@ -202,7 +203,7 @@ def grouped_matmul(mat_a: Tensor, mat_b: Tensor, offsets: Tensor) -> Tensor:
     return F.grouped_mm(mat_a, mat_b, offs=offsets)
 
 
-def combine(expert_outputs: Tensor, routing: Routing, num_tokens: int) -> Tensor:
+def combine(expert_outputs: Tensor, routing: Routing, num_tokens: int, plan=None) -> Tensor:
     """y_t = sum_k g_{t,k} o_{t,k} in the outputs' dtype; tokens with no (kept) assignment get 0 (the
     residual carries them).
 
@@ -210,7 +211,7 @@ def combine(expert_outputs: Tensor, routing: Routing, num_tokens: int) -> Tensor
     forward and backward) and combined by one batched product [T, 1, K] x [T, K, d]: a fixed-order sum,
     deterministic on GPU, with no zero-filled [T*K, d] buffer. Otherwise (expert choice, oracle: counts
     per token vary) an `index_add_` over tokens."""
-    plan = token_major_plan(routing, num_tokens)
+    plan = plan if plan is not None else token_major_plan(routing, num_tokens)
     gates = routing.weight.to(expert_outputs.dtype)
     if plan is not None:
         token_major, inverse, top_k = plan
