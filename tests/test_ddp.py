@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -208,3 +210,50 @@ def test_global_scope_counts_are_summed_over_ranks_and_running_over_micro_batche
     for rank in range(2):
         totals = torch.load(tmp_path / f"counts_rank{rank}.pt")
         assert torch.equal(totals[0], first) and torch.equal(totals[1], second)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(c) for c in text]
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_rank_stops_its_partner_and_the_pair_resumes(synth_mix, tmp_path):
+    """SIGKILL to rank 1 of a 2-process DDP run (after its first checkpoint): rank 0 does not hang on the
+    next collective; it stops with an error (no 'finished' summary), and the same command with resume=auto
+    finishes all steps from the last checkpoint."""
+    run_dir = tmp_path / "run"
+    args = [
+        *synth_overrides(synth_mix, "trainer.max_steps=60", "trainer.val_check_interval=5"),
+        "trainer.num_threads=1",
+        "metrics.plots=false",
+        "data.batch_composition=homogeneous",
+        *DDP,
+        f"hydra.run.dir={run_dir}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rank0 = subprocess.Popen([str(TRAIN), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    checkpoint = run_dir / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 180
+    while not checkpoint.exists() and time.time() < deadline and rank0.poll() is None:
+        time.sleep(0.05)
+    assert checkpoint.exists(), rank0.communicate()[0].decode()[-3000:]
+    rank1 = [c for c in _children(rank0.pid) if "LOCAL_RANK=1" in Path(f"/proc/{c}/environ").read_text()]
+    assert len(rank1) == 1
+    os.kill(rank1[0], signal.SIGKILL)
+    output = rank0.communicate(timeout=180)[0].decode()
+    assert rank0.returncode == 2, output[-3000:]
+    assert "another process of this 2-process run stopped" in output and "resume=auto" in output
+    assert "Traceback" not in output
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert stopped["status"] == "interrupted" and stopped["peer_lost"] is True
+    saved = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 0 < saved < 60
+
+    resumed, _ = _train(
+        run_dir, synth_mix, *DDP, "trainer.max_steps=60", "trainer.val_check_interval=5", "resume=auto"
+    )
+    assert resumed["status"] == "finished" and resumed["steps"] == 60

@@ -201,3 +201,23 @@ def test_a_full_disk_stops_with_what_survived(synth_mix, tmp_path, monkeypatch, 
         )
         assert resumed["status"] == "finished" and resumed["steps"] == 6
         assert not list((tmp_path / "checkpoints").glob(".last.*.tmp"))
+
+
+def test_checkpoints_are_not_staged_in_the_system_temp_folder(synth_mix, tmp_path, monkeypatch):
+    """Every save goes straight to the run folder's temporary name and is renamed into place: nothing is
+    written to the system temp folder (Lightning's default stages each save there first, and a kill or a full
+    disk left that file behind), so a run leaves it as it found it."""
+    import tempfile
+
+    import torch
+
+    system_temp = tmp_path / "system_temp"
+    system_temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_temp))
+    staged = []
+    real_mkstemp = tempfile.mkstemp
+    monkeypatch.setattr(tempfile, "mkstemp", lambda *a, **k: staged.append(a) or real_mkstemp(*a, **k))
+    summary = train(synth_mix, tmp_path / "run", "trainer.max_steps=6", "trainer.val_check_interval=2")
+    assert summary["status"] == "finished"
+    assert staged == [] and list(system_temp.iterdir()) == []
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6

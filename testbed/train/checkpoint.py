@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -64,6 +65,42 @@ class RunInterrupted(TestbedError):
     def __init__(self, message: str, signum: int, step: int):
         super().__init__(message)
         self.signum, self.step = signum, step
+
+
+class DirectCheckpointIO(TorchCheckpointIO):
+    """`torch.save` straight to the path it is given. RunCheckpoint already writes a temporary name inside
+    the run folder and renames it into place; Lightning's default would stage every save again through a
+    temporary file in the system temp folder (an fsspec transaction), which a kill or a full disk leaves
+    there for good and which copies every checkpoint twice when /tmp is another file system."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, path)
+
+
+class PeerLost(TestbedError):
+    """Another process of a multi-process run stopped (killed, out of memory, lost node): this one's next
+    collective fails with a backend error instead of hanging; the run resumes from its last checkpoint."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+PEER_FAILURE_WORDS = ("peer", "connection", "gloo", "nccl", "timed out", "timeout", "broken pipe")
+
+
+def peer_lost(err: BaseException, world_size: int) -> bool:
+    """Whether `err` is a collective failing because another process of the run went away (a killed DDP
+    rank ends its partner's all-reduce with "Connection reset by peer" under gloo, a timeout or abort under
+    NCCL). Only in a multi-process run; anything else is re-raised as it is."""
+    if world_size <= 1 or not isinstance(err, RuntimeError):
+        return False
+    dist_error = getattr(torch.distributed, "DistError", ())
+    message = str(err).lower()
+    return isinstance(err, dist_error) or any(word in message for word in PEER_FAILURE_WORDS)
 
 
 def load_weights(module: torch.nn.Module, path: str | Path, what: str = "init_from") -> None:

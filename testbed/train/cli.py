@@ -33,6 +33,8 @@ from testbed.safe_load import trusted
 from testbed.train.callbacks import SpecializationMetrics
 from testbed.train.checkpoint import (
     LAST,
+    DirectCheckpointIO,
+    PeerLost,
     RunCheckpoint,
     RunCSVLogger,
     RunInterrupted,
@@ -41,6 +43,7 @@ from testbed.train.checkpoint import (
     check_same_run,
     is_launch_rank_zero,
     load_weights,
+    peer_lost,
     prepare_run_dir,
     read_checkpoint,
     read_status,
@@ -239,6 +242,7 @@ def _train(
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
         default_root_dir=str(run_dir),
+        plugins=[DirectCheckpointIO()],  # no staging copy in /tmp: RunCheckpoint renames into place
     )
     summary_args = dict(
         run=run,
@@ -263,28 +267,22 @@ def _train(
         module.check_finite()
         if module.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
+    except RuntimeError as err:
+        if not peer_lost(err, trainer.world_size):
+            raise
+        saved = checkpointer.saved_step
+        where = f"{run_dir / LAST} (step {saved})" if saved is not None else "none was saved"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        lost = PeerLost(
+            f"another process of this {trainer.world_size}-process run stopped at step {trainer.global_step} "
+            f"(this process's collective failed: {first_line[:200]}); last checkpoint: {where}; "
+            "check the other process's log, then run the same command with resume=auto",
+            trainer.global_step,
+        )
+        _record_stop(trainer, module, checkpointer, metrics_callback, run_dir, summary_args, lost)
+        raise lost from err
     except (TrainingDiverged, RunInterrupted, AuctionUnfinished) as err:
-        failed = not isinstance(err, RunInterrupted)
-        for logger in trainer.loggers:
-            logger.save()
-        if trainer.is_global_zero:
-            write_summary(
-                run_dir,
-                **summary_args,
-                **training_state(trainer, module, checkpointer, metrics_callback),
-                status="failed" if failed else "interrupted",
-                extra={
-                    "error": str(err),
-                    **(
-                        {"failed_step": err.step, "failed_term": err.term}
-                        if isinstance(err, TrainingDiverged)
-                        else {}
-                    ),
-                    **({"signal": signal_name(err.signum)} if not failed else {}),
-                    "checkpoint": str(run_dir / LAST) if (run_dir / LAST).is_file() else None,
-                    "checkpoint_step": checkpointer.saved_step,
-                },
-            )
+        _record_stop(trainer, module, checkpointer, metrics_callback, run_dir, summary_args, err)
         raise
     finish_loggers(trainer, module)
 
@@ -298,6 +296,36 @@ def _train(
         print_summary(summary)
         print(f"run folder: {run_dir}")
     return summary
+
+
+def _record_stop(
+    trainer, module, checkpointer, metrics_callback, run_dir: Path, summary_args: dict, err
+) -> None:
+    """summary.json of a run that stopped before its end: "failed" (diverged, auction unfinished) or
+    "interrupted" (a signal, a lost peer process: resumable with resume=auto)."""
+    failed = isinstance(err, (TrainingDiverged, AuctionUnfinished))
+    for logger in trainer.loggers:
+        logger.save()
+    if not trainer.is_global_zero:
+        return
+    extra = {"error": str(err)}
+    if isinstance(err, TrainingDiverged):
+        extra |= {"failed_step": err.step, "failed_term": err.term}
+    if isinstance(err, RunInterrupted):
+        extra["signal"] = signal_name(err.signum)
+    if isinstance(err, PeerLost):
+        extra["peer_lost"] = True
+    extra |= {
+        "checkpoint": str(run_dir / LAST) if (run_dir / LAST).is_file() else None,
+        "checkpoint_step": checkpointer.saved_step,
+    }
+    write_summary(
+        run_dir,
+        **summary_args,
+        **training_state(trainer, module, checkpointer, metrics_callback),
+        status="failed" if failed else "interrupted",
+        extra=extra,
+    )
 
 
 def training_state(trainer, module, checkpointer, metrics_callback) -> dict:
