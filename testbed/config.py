@@ -2,53 +2,54 @@
 
 `RunConfig` is registered in Hydra's ConfigStore as `run_schema`, the first entry of conf/config.yaml's
 defaults: Hydra composes the YAML of conf/ onto it, so an unknown key, a value of the wrong type or a value
-outside a fixed option set (the Enum fields) fails at composition, naming the key. `parse_config` then
-turns the composed config into dataclasses (the same checks, for configs that do not come through Hydra:
-checkpoints, tests) and `validate` checks the values that cannot work together: the cross-field checks,
-all here. Router and loss sections are validated against the config dataclass of the registered component
-they name. The model's own sections
-(`ModelConfig`, `MoEConfig`) are defined in testbed/model/schema.py, so that the model does not import this
-module; they are importable from here as well.
+outside a fixed option set (the Enum fields) fails at composition, naming the key. Every option's default
+is stated once, in its dataclass: the YAML of conf/ only selects and overrides. Router, balance and
+auxiliary-loss options take their defaults from the config dataclass of the registered component they name,
+stored here as registry/<group>/<name> for the defaults list of conf/<group>/<name>.yaml.
+
+`parse_config` then turns the composed config into dataclasses (the same checks, for configs that do not
+come through Hydra: checkpoints, tests) and `validate` checks the values that cannot work: each section
+checks itself beside its component (DataConfig.validate, TrainerConfig.validate, Router.check, ...), then
+the checks across sections run here. The model's own sections (`ModelConfig`, `MoEConfig`) are defined in
+testbed/model/schema.py and the data section in testbed/data/schema.py, so that neither the model nor the
+data code imports this module; they are importable from here as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
-from enum import Enum, StrEnum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
+from testbed.checks import (
+    field_type,
+    in_range,
+    integer,
+    positive,
+    refuse_non_finite,
+    strict_bool,
+    structured,
+    type_name,
+)
+from testbed.checks import plain as plain  # re-exported: summary.json and checkpoints use it from here
+from testbed.data.schema import DEFAULT_MIX as DEFAULT_MIX  # re-exported, as the data section's names below
+from testbed.data.schema import BatchComposition as BatchComposition
+from testbed.data.schema import DataConfig, parse_data
+from testbed.data.schema import DomainSourceConfig as DomainSourceConfig
+from testbed.data.schema import HubCorpusConfig as HubCorpusConfig
+from testbed.data.schema import validate_hub as validate_hub
 from testbed.errors import ConfigError
 from testbed.losses import AUX_LOSSES, BALANCE
 from testbed.model.schema import ModelConfig
 from testbed.model.schema import MoEConfig as MoEConfig  # re-exported: a run's `model.moe`
 from testbed.registry import Registry
 from testbed.routing import ROUTERS
-
-DEFAULT_MIX: tuple[str, ...] = (
-    "code",
-    "fiction",
-    "drama",
-    "formal_math",
-    "biomedical",
-    "legal",
-    "speeches",
-    "spanish",
-)
-"""The domains the default training mix uses (their sources: testbed/data/corpora.py)."""
-
-
-class BatchComposition(StrEnum):
-    mixed = "mixed"  # every micro-batch draws from all domains
-    homogeneous = "homogeneous"  # every micro-batch holds sequences of one domain
 
 
 class Accelerator(StrEnum):
@@ -76,61 +77,14 @@ class Trainable(StrEnum):
     routers_and_experts = "routers_and_experts"
 
 
-@dataclass
-class DomainSourceConfig:
-    """Where one domain's documents come from: a local file/dir, or a Hugging Face hub dataset."""
+MAX_STEPS = 100_000_000
+"""The largest trainer.max_steps accepted (the step counters, schedules and token counts stay exact far
+beyond; what is refused is a run nobody means to start)."""
 
-    path: str | None = None  # jsonl / json(.gz) / txt / parquet file, or a directory of .txt files
-    format: str | None = None  # json | text | parquet (inferred from the file name when null)
-    text_field: str = "text"
-    hf_dataset: str | None = None  # hub name, for users with internet
-    hf_config: str | None = None
-    hf_split: str = "train"
-    hf_revision: str | None = None  # a commit or tag of the hub dataset (null: its main branch)
+PRECISIONS = ["16-mixed", "16-true", "32", "32-true", "64-true", "bf16-mixed", "bf16-true"]
 
-
-@dataclass
-class HubCorpusConfig:
-    """One dataset whose rows carry a domain label (a Pile-style corpus keyed by its subset name), streamed
-    into the token store: each row's label picks its domain, a hash of its text its split."""
-
-    dataset: str = ""  # hub name (monology/pile-uncopyrighted), or a builder (parquet, json) with data_files
-    config: str | None = None
-    split: str = "train"
-    revision: str | None = None  # a commit or tag (null: the main branch)
-    data_files: list[str] | None = None  # local or remote shards for a builder name
-    text_field: str = "text"
-    label_field: str = "meta.pile_set_name"  # dotted path into each row
-    labels: dict[str, Any] = field(default_factory=dict)  # domain -> label value (or a list of values)
-    streaming: bool = True  # false: download and prepare the whole split first (datasets' cache)
-    max_rows: int = 0  # stop after reading this many rows (0: read until every domain is full or the end)
-
-
-@dataclass
-class DataConfig:
-    name: str = "shipped"
-    root: str | None = None  # directory holding <domain>.jsonl.gz; null = the shipped data/mix
-    domains: list[str] = field(default_factory=lambda: list(DEFAULT_MIX))
-    weights: list[float] | None = None  # mixture weights per domain; null = balanced
-    # per-domain overrides: {domain: DomainSourceConfig fields}, typed in parse_config (open in the schema, so
-    # that `+data.sources.<domain>.path=...` can create an entry on the command line)
-    sources: dict[str, Any] = field(default_factory=dict)
-    tokenizer: str | None = None  # tokenizer.json; null = the shipped data/tokenizer.json
-    seq_len: int = 128
-    batch_size: int = 16
-    batch_composition: BatchComposition = BatchComposition.mixed  # mixed | homogeneous
-    val_fraction: float = 0.1  # documents held out per domain
-    test_fraction: float = 0.0  # documents held out per domain for testing (never trained or validated on)
-    split_seed: int = 0  # which documents are held out: fixed, so every training seed validates on the same
-    dedup_paragraphs: bool = False  # remove paragraphs shared across splits (testbed/data/splits.py)
-    group_field: str | None = None  # documents with one value of this field stay in one split (null: none)
-    val_tokens_per_domain: int = 8192  # cap on validation tokens per domain (0 = all)
-    max_train_tokens_per_domain: int = 0  # 0 = all
-    num_workers: int = 0
-    cache_dir: str | None = None  # Hugging Face datasets cache and token stores (<cache_dir>/stores); null =
-    # datasets' own cache and $TESTBED_CACHE/stores or ~/.cache/moe-testbed/stores
-    # a domain-labelled corpus streamed into the token store: HubCorpusConfig fields (null: per-domain files)
-    hub: dict[str, Any] | None = None
+FSDP2 = "fsdp2"
+"""Our sharded strategy's name (testbed/train/sharding.py), accepted besides Lightning's registry."""
 
 
 @dataclass
@@ -145,6 +99,25 @@ class OptimConfig:
     router_weight_decay: bool = True  # false: no weight decay on the router gates
     router_init_scale: float = 1.0  # router gates start at std = router_init_scale / sqrt(d_model)
     router_freeze_step: int | None = None  # from this optimizer step on the router gates stop training
+
+    def validate(self, max_steps: int) -> None:
+        """`max_steps`: the run's trainer.max_steps, the last step the router can be frozen at."""
+        if self.lr <= 0:
+            raise ConfigError("optim.lr", self.lr, "a float > 0")
+        if self.router_lr_scale <= 0:
+            raise ConfigError("optim.router_lr_scale", self.router_lr_scale, "a float > 0")
+        if self.router_init_scale < 0:
+            raise ConfigError("optim.router_init_scale", self.router_init_scale, "a float >= 0")
+        freeze = self.router_freeze_step
+        if freeze is not None and not 0 <= freeze <= max_steps:
+            raise ConfigError(
+                "optim.router_freeze_step", freeze, f"null, or a step in [0, trainer.max_steps = {max_steps}]"
+            )
+        in_range("optim.weight_decay", self.weight_decay, 0.0, None)
+        in_range("optim.beta1", self.beta1, 0.0, 1.0, high_open=True)
+        in_range("optim.beta2", self.beta2, 0.0, 1.0, high_open=True)
+        integer("optim.warmup_steps", self.warmup_steps, 0)
+        in_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
 
 
 @dataclass
@@ -170,6 +143,85 @@ class TrainerConfig:
     fused_optimizer: bool = False  # fused AdamW kernel (CUDA)
     chunked_cross_entropy: bool = True  # LM head + loss in row chunks, no [N, V] logits (same values)
 
+    def validate(self, model: ModelConfig) -> None:
+        """Lightning Trainer arguments, checked here so that a bad one fails before data loading; `model`:
+        the run's, whose sizes the grouped GEMM on GPU needs aligned."""
+        if self.accelerator in ("gpu", "cuda") and model.moe.backend == "grouped":
+            sizes = (("model.d_model", model.d_model), ("model.moe.expert_hidden", model.moe.expert_hidden))
+            for key, value in sizes:
+                if value % 16:
+                    raise ConfigError(key, value, "a multiple of 16 on GPU (grouped GEMM alignment)")
+        positive("trainer.max_steps", self.max_steps)
+        if self.max_steps > MAX_STEPS:
+            raise ConfigError(
+                "trainer.max_steps",
+                self.max_steps,
+                f"at most {MAX_STEPS:,} optimizer steps (about {MAX_STEPS / 1e6:.0f}M steps: years on one "
+                "GPU at this testbed's sizes; a value like 1e12 is almost surely a typo)",
+            )
+        positive("trainer.val_check_interval", self.val_check_interval)
+        positive("trainer.accumulate_grad_batches", self.accumulate_grad_batches)
+        if str(self.precision) not in PRECISIONS:
+            raise ConfigError("trainer.precision", self.precision, f"one of {PRECISIONS}")
+        if not _devices_ok(self.devices):
+            raise ConfigError(
+                "trainer.devices",
+                self.devices,
+                "a count >= 1, -1 (all devices), 'auto' or a list of device ids",
+            )
+        positive("trainer.num_nodes", self.num_nodes)
+        if self.fused_optimizer and str(self.precision) == "16-mixed" and self.gradient_clip_val:
+            raise ConfigError(
+                "trainer.fused_optimizer",
+                self.fused_optimizer,
+                "false with trainer.precision=16-mixed and gradient clipping (the fused step unscales "
+                "fp16 gradients itself, after clipping would have run); bf16-mixed, or "
+                "trainer.gradient_clip_val=0",
+            )
+        self._validate_strategy()
+        limit = self.limit_val_batches
+        if isinstance(limit, float) and not limit.is_integer():
+            in_range("trainer.limit_val_batches", limit, 0.0, 1.0, low_open=True)
+        elif limit > 1:
+            self.limit_val_batches = int(limit)  # a batch count (Lightning reads a float as a fraction)
+        elif limit < 1:
+            raise ConfigError(
+                "trainer.limit_val_batches",
+                limit,
+                "a fraction in (0, 1] or a batch count >= 1 (validation is "
+                "where the losses and metrics come from)",
+            )
+        in_range("trainer.gradient_clip_val", self.gradient_clip_val, 0.0, None)
+        positive("trainer.log_every_n_steps", self.log_every_n_steps)
+        integer("trainer.num_threads", self.num_threads, 0)
+
+    def _validate_strategy(self) -> None:
+        strategies = strategy_names()
+        if self.strategy not in strategies:
+            raise ConfigError("trainer.strategy", self.strategy, f"one of {strategies}")
+        if self.strategy.startswith("fsdp") and self.strategy != FSDP2:
+            raise ConfigError(
+                "trainer.strategy",
+                self.strategy,
+                f"{FSDP2} for sharded training (FSDP2 with one unit per block, tested against DDP); "
+                f"Lightning's '{self.strategy}' wraps the model in the first FSDP API, which is not tested "
+                "with this model",
+            )
+        if self.strategy == FSDP2:
+            precisions = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true")  # ModelParallelStrategy's
+            if str(self.precision) not in precisions:
+                raise ConfigError(
+                    "trainer.precision",
+                    self.precision,
+                    f"with trainer.strategy={FSDP2} one of {list(precisions)}",
+                )
+            if self.compile:
+                raise ConfigError(
+                    "trainer.compile",
+                    self.compile,
+                    f"false with trainer.strategy={FSDP2} (compiling the sharded blocks is not tested here)",
+                )
+
 
 @dataclass
 class LoggerConfig:
@@ -193,6 +245,16 @@ class MetricsConfig:
     # (routing/train_counts_step<N>.pt): choices made on training data, scored on validation (X6's path)
     train_counts_window: int = 10
 
+    def validate(self) -> None:
+        if self.train_every_n_steps < 0 or self.stiffness_batches < 0 or self.train_counts_window < 0:
+            raise ConfigError(
+                "metrics.train_every_n_steps/stiffness_batches/train_counts_window",
+                (self.train_every_n_steps, self.stiffness_batches, self.train_counts_window),
+                "integers >= 0 (0 = off)",
+            )
+        if not self.ngram_sizes or any(n < 2 for n in self.ngram_sizes):
+            raise ConfigError("metrics.ngram_sizes", self.ngram_sizes, "a non-empty list of integers >= 2")
+
 
 @dataclass
 class FinetuneConfig:
@@ -201,6 +263,35 @@ class FinetuneConfig:
     trainable: Trainable = Trainable.all  # all | routers | routers_and_experts (everything else frozen)
     experts: Any = None  # routers_and_experts: expert ids trained in every MoE layer, or {layer<i>: [ids]};
     # null = all experts. Frozen experts get no gradient and no weight decay.
+
+    def validate(self, model: ModelConfig, strategy: str) -> None:
+        """`model`: the run's (its MoE layers and experts); `strategy`: trainer.strategy."""
+        if self.experts is None:
+            return
+        if self.trainable != "routers_and_experts":
+            raise ConfigError(
+                "finetune.experts", self.experts, "null unless finetune.trainable=routers_and_experts"
+            )
+        if strategy == FSDP2:
+            raise ConfigError(
+                "finetune.experts",
+                self.experts,
+                f"null with trainer.strategy={FSDP2} (the chosen experts train through gradient masks on the "
+                "stacked expert weights, which sharding replaces); train the expert path with ddp or one "
+                "process",
+            )
+        num_experts = model.moe.num_experts
+        moe_layers = [f"layer{i}" for i in range(model.dense_layers, model.n_layers)]
+        per_layer = (
+            self.experts if isinstance(self.experts, dict) else dict.fromkeys(moe_layers, self.experts)
+        )
+        for layer, ids in per_layer.items():
+            if layer not in moe_layers:
+                raise ConfigError(f"finetune.experts.{layer}", ids, f"keys among the MoE layers {moe_layers}")
+            if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < num_experts for i in ids):
+                raise ConfigError(
+                    f"finetune.experts.{layer}", ids, f"a list of expert ids in [0, {num_experts})"
+                )
 
 
 @dataclass
@@ -236,107 +327,37 @@ SECTIONS = {
 }
 """The sections typed by their own dataclass (model, data, trainer, ...), by name."""
 TOP_LEVEL_KEYS = {f.name for f in dataclasses.fields(RunConfig)}
-
-ConfigStore.instance().store(name="run_schema", node=RunConfig)
-
-
-def plain(config: Any) -> Any:
-    """A config dataclass as plain dicts, lists and scalars (Enum members as their string value): for
-    summary.json, checkpoint hyperparameters and YAML, which must not depend on testbed's classes."""
-
-    def factory(items: list[tuple[str, Any]]) -> dict:
-        return {key: value.value if isinstance(value, Enum) else value for key, value in items}
-
-    return dataclasses.asdict(config, dict_factory=factory)
+COMPONENT_REGISTRIES: tuple[Registry, ...] = (ROUTERS, BALANCE, AUX_LOSSES)
+"""The registries whose entries a run section names (router, balance, aux_loss)."""
 
 
-def _lookup(node: Any, dotted: str) -> Any:
-    """The raw value at `dotted` in a nested dict (None when absent)."""
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+def _store_schemas() -> None:
+    """`run_schema`, and each registered component's option defaults (its config dataclass, as plain
+    values: parse_config types them) as registry/<group>/<name>, which conf/<group>/<name>.yaml lists first
+    in its defaults: the YAML then states only what differs, and every option exists to be overridden by key
+    (`router.top_k=4`) without the YAML restating it."""
+    store = ConfigStore.instance()
+    store.store(name="run_schema", node=RunConfig)
+    for registry in COMPONENT_REGISTRIES:
+        for name, (_, config_cls) in registry.items():
+            store.store(group=f"registry/{registry.config_key}", name=name, node=plain(config_cls()))
 
 
-def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type) and issubclass(annotation, Enum):
-        return f"one of {[member.value for member in annotation]}"
-    names = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
-    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
-
-
-def _field_type(schema: type, dotted: str) -> Any:
-    """The annotated type of a (nested) dataclass field, or None."""
-    for part in dotted.split("."):
-        hints = typing.get_type_hints(schema) if dataclasses.is_dataclass(schema) else {}
-        if part not in hints:
-            return None
-        schema = hints[part]
-    return schema
+_store_schemas()
 
 
 def allowed_for(key: str) -> str | None:
     """What the schema allows at a dotted key of the composed config ("one of [...]", "an integer", ...), or
     None for a key the schema leaves open (router, balance, aux_loss) or does not have."""
-    expected = _field_type(RunConfig, key)
-    return None if expected is None or expected is Any else _type_name(expected)
-
-
-def _structured(section: str, schema: type, node: Any, fields_of: str | None = None) -> Any:
-    """Merge `node` into the dataclass `schema`: unknown keys, values of the wrong type (a string for a
-    bool, int or float field) and values outside an Enum field's options fail with the key, the value and
-    what is allowed (`fields_of` names the schema in the unknown-key message)."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(schema), node if node is not None else {})
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        full_key = getattr(err, "full_key", None) or ""
-        key = f"{section}.{full_key}" if full_key else section
-        value = getattr(err, "value", None)
-        if value is None and full_key:
-            value = _lookup(node, full_key)
-        expected = _field_type(schema, full_key) if full_key else None
-        if expected is None:
-            parent = _field_type(schema, full_key.rpartition(".")[0]) if "." in full_key else schema
-            is_schema = dataclasses.is_dataclass(parent)
-            fields = sorted(f.name for f in dataclasses.fields(parent)) if is_schema else []
-            owner = fields_of if parent is schema and fields_of else f"the fields of {parent.__name__}"
-            allowed = f"{owner}: {fields}"
-        else:
-            allowed = _type_name(expected)
-        raise ConfigError(key, value, allowed) from None
+    expected = field_type(RunConfig, key)
+    return None if expected is None or expected is Any else type_name(expected)
 
 
 def _component(registry: Registry, name: str, options: dict, key: str) -> Any:
     """A router/balance/aux-loss config, typed through the dataclass of the component it names (so an
     unknown option, `renormalize=nope` or `jitter=abc` fail instead of passing)."""
     _, config_cls = registry.get(name, key)
-    return _structured(key, config_cls, options, fields_of=f"options of {registry.kind} '{name}'")
-
-
-def _strict_bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(key, value, "true or false")
-    return value
-
-
-MAX_STEPS = 100_000_000
-"""The largest trainer.max_steps accepted (the step counters, schedules and token counts stay exact far
-beyond; what is refused is a run nobody means to start)."""
-
-
-def refuse_non_finite(node: Any, key: str = "") -> None:
-    """No option takes NaN or infinity: the first one found anywhere in the config is refused by name
-    (a NaN slips through every `<` and `>` check, and an infinite rate or weight diverges later)."""
-    if isinstance(node, dict):
-        for name, value in node.items():
-            refuse_non_finite(value, f"{key}.{name}" if key else str(name))
-    elif isinstance(node, list):
-        for index, value in enumerate(node):
-            refuse_non_finite(value, f"{key}[{index}]")
-    elif isinstance(node, float) and not math.isfinite(node):
-        raise ConfigError(key, node, "a finite number (no option takes NaN or infinity)")
+    return structured(key, config_cls, options, fields_of=f"options of {registry.kind} '{name}'")
 
 
 def parse_config(cfg: DictConfig | dict) -> RunConfig:
@@ -349,14 +370,10 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
     unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
     if unknown:
         raise ConfigError(unknown[0], raw[unknown[0]], f"top-level keys {sorted(TOP_LEVEL_KEYS)}")
-    sections = {name: _structured(name, schema, raw.get(name)) for name, schema in SECTIONS.items()}
-    sources = sections["data"].sources
-    if not isinstance(sources, dict):
-        raise ConfigError("data.sources", sources, "a mapping {domain: {path: ..., format: ...}}")
-    for domain, source in sources.items():
-        sources[domain] = _structured(f"data.sources.{domain}", DomainSourceConfig, source)
-    if sections["data"].hub is not None:
-        sections["data"].hub = _structured("data.hub", HubCorpusConfig, sections["data"].hub)
+    sections = {
+        name: parse_data(raw.get(name)) if schema is DataConfig else structured(name, schema, raw.get(name))
+        for name, schema in SECTIONS.items()
+    }
 
     router_raw = dict(raw.get("router") or {})
     router_name = router_raw.pop("name", None)
@@ -382,53 +399,16 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
         router=router,
         balance=balance,
         aux_loss=aux,
-        seed=_integer("seed", raw.get("seed", 0), 0, 2**32 - 1),
+        seed=integer("seed", raw.get("seed", 0), 0, 2**32 - 1),
         run_name=str(raw.get("run_name", "run")),
         init_from=raw.get("init_from"),
         resume=None if raw.get("resume") is None else str(raw.get("resume")),
-        overwrite=_strict_bool("overwrite", raw.get("overwrite", False)),
+        overwrite=strict_bool("overwrite", raw.get("overwrite", False)),
         **sections,
     )
     validate(run)
     run.trainer.strategy = resolve_strategy(run)
     return run
-
-
-def _positive(key: str, value: int) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ConfigError(key, value, "a positive integer")
-
-
-def _integer(key: str, value: Any, low: int, high: int | None = None) -> int:
-    """`value` as an integer in [low, high] (booleans and strings are not integers)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        allowed = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
-        raise ConfigError(key, value, allowed)
-    return value
-
-
-def _in_range(
-    key: str, value: float, low: float, high: float | None, low_open: bool = False, high_open: bool = False
-) -> None:
-    bad = value < low or (low_open and value == low)
-    if high is not None:
-        bad = bad or value > high or (high_open and value == high)
-    if bad:
-        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
-        allowed = (
-            f"a number in {lo}{low}, {high}{hi}"
-            if high is not None
-            else (f"a number {'>' if low_open else '>='} {low}")
-        )
-        raise ConfigError(key, value, allowed)
-
-
-PRECISIONS = ["16-mixed", "16-true", "32", "32-true", "64-true", "bf16-mixed", "bf16-true"]
 
 
 def _devices_ok(devices: Any) -> bool:
@@ -449,10 +429,6 @@ def _devices_ok(devices: Any) -> bool:
     return False
 
 
-FSDP2 = "fsdp2"
-"""Our sharded strategy's name (testbed/train/sharding.py), accepted besides Lightning's registry."""
-
-
 def strategy_names() -> list[str]:
     """Lightning's registered strategy names (ddp, ddp_spawn, fsdp, ...) plus "auto" and "fsdp2" (ours:
     FSDP2 through Lightning's ModelParallelStrategy, testbed/train/sharding.py)."""
@@ -460,62 +436,6 @@ def strategy_names() -> list[str]:
     from lightning.pytorch.strategies import StrategyRegistry
 
     return sorted({"auto", FSDP2, *StrategyRegistry.available_strategies()})
-
-
-def validate_trainer(run: RunConfig) -> None:
-    """Lightning Trainer arguments, checked here so that a bad one fails before data loading."""
-    t = run.trainer
-    if str(t.precision) not in PRECISIONS:
-        raise ConfigError("trainer.precision", t.precision, f"one of {PRECISIONS}")
-    if not _devices_ok(t.devices):
-        raise ConfigError(
-            "trainer.devices", t.devices, "a count >= 1, -1 (all devices), 'auto' or a list of device ids"
-        )
-    _positive("trainer.num_nodes", t.num_nodes)
-    if t.fused_optimizer and str(t.precision) == "16-mixed" and t.gradient_clip_val:
-        raise ConfigError(
-            "trainer.fused_optimizer",
-            t.fused_optimizer,
-            "false with trainer.precision=16-mixed and gradient clipping (the fused step unscales fp16 "
-            "gradients itself, after clipping would have run); bf16-mixed, or trainer.gradient_clip_val=0",
-        )
-    strategies = strategy_names()
-    if t.strategy not in strategies:
-        raise ConfigError("trainer.strategy", t.strategy, f"one of {strategies}")
-    if t.strategy.startswith("fsdp") and t.strategy != FSDP2:
-        raise ConfigError(
-            "trainer.strategy",
-            t.strategy,
-            f"{FSDP2} for sharded training (FSDP2 with one unit per block, tested against DDP); Lightning's "
-            f"'{t.strategy}' wraps the model in the first FSDP API, which is not tested with this model",
-        )
-    if t.strategy == FSDP2:
-        precisions = ("32-true", "32", "bf16-mixed", "bf16-true", "16-true")  # ModelParallelStrategy's
-        if str(t.precision) not in precisions:
-            raise ConfigError(
-                "trainer.precision", t.precision, f"with trainer.strategy={FSDP2} one of {list(precisions)}"
-            )
-        if t.compile:
-            raise ConfigError(
-                "trainer.compile",
-                t.compile,
-                f"false with trainer.strategy={FSDP2} (compiling the sharded blocks is not tested here)",
-            )
-    limit = t.limit_val_batches
-    if isinstance(limit, float) and not limit.is_integer():
-        _in_range("trainer.limit_val_batches", limit, 0.0, 1.0, low_open=True)
-    elif limit > 1:
-        t.limit_val_batches = int(limit)  # a batch count (Lightning reads a float as a fraction)
-    elif limit < 1:
-        raise ConfigError(
-            "trainer.limit_val_batches",
-            limit,
-            "a fraction in (0, 1] or a batch count >= 1 (validation is "
-            "where the losses and metrics come from)",
-        )
-    _in_range("trainer.gradient_clip_val", t.gradient_clip_val, 0.0, None)
-    _positive("trainer.log_every_n_steps", t.log_every_n_steps)
-    _integer("trainer.num_threads", t.num_threads, 0)
 
 
 def check_hardware(run: RunConfig) -> None:
@@ -528,33 +448,47 @@ def check_hardware(run: RunConfig) -> None:
         )
 
 
-def _gateless_router(run: RunConfig) -> bool:
-    """Routers whose gate gets no gradient (hash; oracle with uniform within-block choice)."""
-    return run.router.name == "hash" or (
-        run.router.name == "oracle" and getattr(run.router, "within_block", None) == "uniform"
-    )
-
-
 def resolve_strategy(run: RunConfig) -> str:
-    """The Lightning strategy to use: DDP with a gate-less router needs `find_unused_parameters`, which
-    is chosen here (the gate never gets a gradient, and plain DDP fails at the first backward)."""
+    """The Lightning strategy to use: DDP with a gate-less router (Router.gateless) needs
+    `find_unused_parameters`, which is chosen here (the gate never gets a gradient, and plain DDP fails at
+    the first backward)."""
     t = run.trainer
     distributed = t.strategy in ("ddp", "ddp_spawn") or (
         t.strategy == "auto" and (t.num_nodes > 1 or t.devices not in (1, "1", "auto"))
     )
-    if distributed and _gateless_router(run):
+    router_cls, _ = ROUTERS.get(run.router.name, "router.name")
+    if distributed and router_cls.is_gateless(run.router):
         base = "ddp" if t.strategy == "auto" else t.strategy
         return f"{base}_find_unused_parameters_true"
     return t.strategy
 
 
 def validate(run: RunConfig) -> None:
-    """Checks of values that cannot work (single fields and combinations)."""
-    m = run.model
+    """Checks of values that cannot work: each section checks itself beside its component (given what it
+    needs of the others), then the router, balancing method and auxiliary losses against each other."""
+    validate_model(run.model)
+    run.data.validate(run.model.max_seq_len)
+    run.trainer.validate(run.model)
+    run.finetune.validate(run.model, run.trainer.strategy)
+    run.metrics.validate()
+    run.optim.validate(run.trainer.max_steps)
+    if run.init_from is not None and Path(str(run.init_from)).is_dir():
+        raise ConfigError(
+            "init_from",
+            run.init_from,
+            "a checkpoint file (.ckpt), not a directory; for a run folder pass "
+            f"{Path(str(run.init_from)) / 'checkpoints' / 'last.ckpt'}",
+        )
+    validate_components(run)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """The model section (ModelConfig and MoEConfig live in testbed/model/schema.py, which imports nothing
+    of the config's checks)."""
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "dense_hidden", "max_seq_len"):
-        _positive(f"model.{key}", getattr(m, key))
-    _positive("model.moe.num_experts", m.moe.num_experts)
-    _positive("model.moe.expert_hidden", m.moe.expert_hidden)
+        positive(f"model.{key}", getattr(m, key))
+    positive("model.moe.num_experts", m.moe.num_experts)
+    positive("model.moe.expert_hidden", m.moe.expert_hidden)
     if m.d_model % m.n_heads:
         raise ConfigError("model.d_model", m.d_model, f"a multiple of model.n_heads={m.n_heads}")
     if (m.d_model // m.n_heads) % 2:
@@ -569,180 +503,64 @@ def validate(run: RunConfig) -> None:
         )
     if m.moe.num_shared_experts < 0:
         raise ConfigError("model.moe.num_shared_experts", m.moe.num_shared_experts, "an integer >= 0")
+    capacity = m.moe.capacity_factor
+    if capacity is not None and capacity <= 0:
+        raise ConfigError("model.moe.capacity_factor", capacity, "null (dropless) or a float > 0")
 
-    d = run.data
-    _positive("data.seq_len", d.seq_len)
-    _positive("data.batch_size", d.batch_size)
-    if d.seq_len > m.max_seq_len:
-        raise ConfigError("data.seq_len", d.seq_len, f"at most model.max_seq_len={m.max_seq_len}")
-    if not d.domains:
-        raise ConfigError("data.domains", d.domains, "a non-empty list of domain names")
-    if len(set(d.domains)) != len(d.domains):
-        raise ConfigError("data.domains", d.domains, "a list without repeated names")
-    if d.weights is not None:
-        if len(d.weights) != len(d.domains) or any(w < 0 for w in d.weights) or sum(d.weights) <= 0:
-            raise ConfigError(
-                "data.weights",
-                d.weights,
-                f"null (balanced) or {len(d.domains)} non-negative numbers, one per data.domains entry",
-            )
-    _integer("data.val_tokens_per_domain", d.val_tokens_per_domain, 0)
-    _integer("data.max_train_tokens_per_domain", d.max_train_tokens_per_domain, 0)
-    _integer("data.split_seed", d.split_seed, 0, 2**32 - 1)
-    _integer("data.num_workers", d.num_workers, 0)
-    if not 0 < d.val_fraction < 1:
-        raise ConfigError("data.val_fraction", d.val_fraction, "a fraction in (0, 1)")
-    if not 0 <= d.test_fraction < 1 - d.val_fraction:
-        raise ConfigError(
-            "data.test_fraction",
-            d.test_fraction,
-            f"a fraction in [0, 1 - data.val_fraction = {1 - d.val_fraction:g})",
-        )
-    _strict_bool("data.dedup_paragraphs", d.dedup_paragraphs)
-    if d.group_field is not None and (not isinstance(d.group_field, str) or not d.group_field):
-        raise ConfigError("data.group_field", d.group_field, "null or the name of a field of the documents")
-    if d.hub is not None:
-        validate_hub(d)
-    unknown_sources = sorted(set(d.sources) - set(d.domains))
-    if unknown_sources:
-        raise ConfigError(
-            f"data.sources.{unknown_sources[0]}",
-            unknown_sources[0],
-            f"a domain listed in data.domains {d.domains}",
-        )
 
-    t = run.trainer
-    if t.accelerator in ("gpu", "cuda") and m.moe.backend == "grouped":
-        for key, value in (("model.d_model", m.d_model), ("model.moe.expert_hidden", m.moe.expert_hidden)):
-            if value % 16:
-                raise ConfigError(key, value, "a multiple of 16 on GPU (grouped GEMM alignment)")
-    _positive("trainer.max_steps", t.max_steps)
-    if t.max_steps > MAX_STEPS:
-        raise ConfigError(
-            "trainer.max_steps",
-            t.max_steps,
-            f"at most {MAX_STEPS:,} optimizer steps (about {MAX_STEPS / 1e6:.0f}M steps: years on one GPU at "
-            "this testbed's sizes; a value like 1e12 is almost surely a typo)",
-        )
-    _positive("trainer.val_check_interval", t.val_check_interval)
-    _positive("trainer.accumulate_grad_batches", t.accumulate_grad_batches)
-    validate_trainer(run)
-    validate_finetune(run)
-    mc = run.metrics
-    if mc.train_every_n_steps < 0 or mc.stiffness_batches < 0 or mc.train_counts_window < 0:
-        raise ConfigError(
-            "metrics.train_every_n_steps/stiffness_batches/train_counts_window",
-            (mc.train_every_n_steps, mc.stiffness_batches, mc.train_counts_window),
-            "integers >= 0 (0 = off)",
-        )
-    if not mc.ngram_sizes or any(n < 2 for n in mc.ngram_sizes):
-        raise ConfigError("metrics.ngram_sizes", mc.ngram_sizes, "a non-empty list of integers >= 2")
-    if run.optim.lr <= 0:
-        raise ConfigError("optim.lr", run.optim.lr, "a float > 0")
-    if run.optim.router_lr_scale <= 0:
-        raise ConfigError("optim.router_lr_scale", run.optim.router_lr_scale, "a float > 0")
-    if run.optim.router_init_scale < 0:
-        raise ConfigError("optim.router_init_scale", run.optim.router_init_scale, "a float >= 0")
-    freeze = run.optim.router_freeze_step
-    if freeze is not None and not 0 <= freeze <= run.trainer.max_steps:
-        raise ConfigError(
-            "optim.router_freeze_step",
-            freeze,
-            f"null, or a step in [0, trainer.max_steps = {run.trainer.max_steps}]",
-        )
-    o = run.optim
-    _in_range("optim.weight_decay", o.weight_decay, 0.0, None)
-    _in_range("optim.beta1", o.beta1, 0.0, 1.0, high_open=True)
-    _in_range("optim.beta2", o.beta2, 0.0, 1.0, high_open=True)
-    _integer("optim.warmup_steps", o.warmup_steps, 0)
-    _in_range("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
-    if run.init_from is not None and Path(str(run.init_from)).is_dir():
-        raise ConfigError(
-            "init_from",
-            run.init_from,
-            "a checkpoint file (.ckpt), not a directory; for a run folder pass "
-            f"{Path(str(run.init_from)) / 'checkpoints' / 'last.ckpt'}",
-        )
-
+def validate_components(run: RunConfig) -> None:
+    """The router, the balancing method and each auxiliary loss check their own options (Router.check,
+    AuxLoss.check); then what they need of each other and of the model."""
     router_cls, _ = ROUTERS.get(run.router.name, "router.name")
     router_cls.check(run.router, run, "router")
-    capacity = m.moe.capacity_factor
-    if capacity is not None:
-        if capacity <= 0:
-            raise ConfigError("model.moe.capacity_factor", capacity, "null (dropless) or a float > 0")
-        if not router_cls.token_choice:
-            raise ConfigError(
-                "model.moe.capacity_factor",
-                capacity,
-                f"null with router '{run.router.name}', which sets its own capacity (router.capacity_factor)",
-            )
-    if run.balance.name == "expert_bias" and not router_cls.supports_expert_bias:
-        supported = [name for name in ROUTERS.names() if ROUTERS.get(name)[0].supports_expert_bias]
+    capacity = run.model.moe.capacity_factor
+    if capacity is not None and not router_cls.token_choice:
+        raise ConfigError(
+            "model.moe.capacity_factor",
+            capacity,
+            f"null with router '{run.router.name}', which sets its own capacity (router.capacity_factor)",
+        )
+    balance_cls, _ = BALANCE.get(run.balance.name, "balance.name")
+    if balance_cls.stateful and not router_cls.supports_expert_bias:
+        supported = [name for name, (cls, _) in ROUTERS.items() if cls.supports_expert_bias]
         raise ConfigError(
             "balance",
-            "expert_bias",
+            run.balance.name,
             f"a router with expert-bias support {supported} (router is '{run.router.name}'); "
             "use balance=load_balance or balance=none",
         )
-    balance_cls, _ = BALANCE.get(run.balance.name, "balance.name")
     balance_cls.check(run.balance, "balance")
     for name, options in run.aux_loss.items():
         loss_cls, _ = AUX_LOSSES.get(name, "aux_loss")
         loss_cls.check(options, f"aux_loss.{name}")
 
 
-def validate_hub(d: DataConfig) -> None:
-    """A hub corpus supplies every domain: each one has a label, no label names another domain, and
-    per-domain sources are not mixed in."""
-    hub = d.hub
-    if not hub.dataset:
-        raise ConfigError(
-            "data.hub.dataset", hub.dataset, "a hub dataset name, or parquet / json with data.hub.data_files"
-        )
-    if not hub.text_field or not hub.label_field:
-        key = "data.hub.text_field" if not hub.text_field else "data.hub.label_field"
-        raise ConfigError(key, "", "a field name (dotted for nested fields: meta.pile_set_name)")
-    if not isinstance(hub.labels, dict) or not hub.labels:
-        raise ConfigError("data.hub.labels", hub.labels, "a mapping {domain: label value or [values]}")
-    missing = [domain for domain in d.domains if domain not in hub.labels]
-    if missing:
-        raise ConfigError(
-            f"data.hub.labels.{missing[0]}",
-            None,
-            f"the label value(s) of every domain in data.domains {d.domains}",
-        )
-    extra = sorted(set(hub.labels) - set(d.domains))
-    if extra:
-        raise ConfigError(
-            f"data.hub.labels.{extra[0]}",
-            hub.labels[extra[0]],
-            f"a domain listed in data.domains {d.domains}",
-        )
-    values = [v for label in hub.labels.values() for v in (label if isinstance(label, list) else [label])]
-    if len(set(map(str, values))) != len(values):
-        raise ConfigError("data.hub.labels", hub.labels, "each label value mapped to one domain only")
-    if d.sources:
-        raise ConfigError("data.sources", d.sources, "{} when data.hub supplies the domains")
-    _integer("data.hub.max_rows", hub.max_rows, 0)
+def _swiglu_params(d_model: int, hidden: int) -> int:
+    """A SwiGLU feed-forward's weights: d x 2h in, h x d out."""
+    return 3 * d_model * hidden
 
 
-def validate_finetune(run: RunConfig) -> None:
-    f, num_experts = run.finetune, run.model.moe.num_experts
-    if f.experts is None:
-        return
-    if f.trainable != "routers_and_experts":
-        raise ConfigError("finetune.experts", f.experts, "null unless finetune.trainable=routers_and_experts")
-    if run.trainer.strategy == FSDP2:
-        raise ConfigError(
-            "finetune.experts",
-            f.experts,
-            f"null with trainer.strategy={FSDP2} (the chosen experts train through gradient masks on the "
-            "stacked expert weights, which sharding replaces); train the expert path with ddp or one process",
-        )
-    moe_layers = [f"layer{i}" for i in range(run.model.dense_layers, run.model.n_layers)]
-    per_layer = f.experts if isinstance(f.experts, dict) else dict.fromkeys(moe_layers, f.experts)
-    for layer, ids in per_layer.items():
-        if layer not in moe_layers:
-            raise ConfigError(f"finetune.experts.{layer}", ids, f"keys among the MoE layers {moe_layers}")
-        if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < num_experts for i in ids):
-            raise ConfigError(f"finetune.experts.{layer}", ids, f"a list of expert ids in [0, {num_experts})")
+def _params(m: ModelConfig, routed_experts: int) -> int:
+    d, moe = m.d_model, m.moe
+    embeddings = m.vocab_size * d * (1 if m.tie_embeddings else 2)  # the LM head shares them when tied
+    attention = 4 * d * d + 2 * d  # qkv and output projections, and the block's two RMSNorm weights
+    dense_ffn = _swiglu_params(d, m.dense_hidden)
+    moe_ffn = (
+        d * moe.num_experts  # the router's gate
+        + routed_experts * _swiglu_params(d, moe.expert_hidden)
+        + _swiglu_params(d, moe.num_shared_experts * moe.expert_hidden)
+    )
+    moe_layers = m.n_layers - m.dense_layers
+    return embeddings + m.n_layers * attention + m.dense_layers * dense_ffn + moe_layers * moe_ffn + d
+
+
+def num_total_params(model: ModelConfig) -> int:
+    """Every parameter of the model `model` describes, tied embeddings counted once (the count of
+    MoETransformer's `parameters()`), from its sizes alone."""
+    return _params(model, model.moe.num_experts)
+
+
+def num_active_params(model: ModelConfig, top_k: int) -> int:
+    """The parameters one token runs through: `num_total_params` with `top_k` routed experts per MoE layer
+    instead of all of them (the router's gate and the shared experts count in full)."""
+    return _params(model, top_k)

@@ -19,7 +19,11 @@ from matplotlib.ticker import FuncFormatter, ScalarFormatter
 from scipy import stats
 
 from testbed.layout import block_sizes
+from testbed.losses import BALANCE
 from testbed.metrics.specialization import purity, reference_assignment, reference_precision
+from testbed.registry import label_of
+from testbed.routing import ROUTERS
+from testbed.scope import SCOPES
 
 DPI = 120
 MAX_COLUMNS = 4
@@ -150,17 +154,23 @@ def _wrap(text: str, width_in: float) -> str:
 
 
 # The Testbed paper's frontier: one marker per balancing method, one colour per balancing scope.
-METHOD_MARKERS = {
-    "LBL": "o",
-    "EB": "s",
-    "SH": "^",
-    "BA": "D",
-    "EC": "v",
-    "oracle": "*",
-    "hash": "X",
-    "none": "P",
-}
-SCOPE_COLOURS = {"sequence": "tab:blue", "micro_batch": "tab:orange", "global": "tab:green", "": "black"}
+DEFAULT_MARKER = "P"  # a method without a marker of its own (no balancing, an unregistered name)
+
+
+def method_markers() -> dict[str, str]:
+    """Each balancing method's marker, by the name reports give it ("LBL": "o", "SH": "^", "oracle": "*"):
+    the `marker` class attribute of every registered router and balancing method that has one."""
+    classes = [cls for registry in (ROUTERS, BALANCE) for _, (cls, _) in registry.items()]
+    return {label_of(cls): cls.marker for cls in classes if cls.marker and label_of(cls)}
+
+
+def off_scale_methods() -> set[str]:
+    """References drawn off the axes' scale (marked at its edge) so that they do not set the axis: the
+    routers that are an upper reference (Router.reference "upper": the oracle)."""
+    return {label_of(cls) for _, (cls, _) in ROUTERS.items() if cls.reference == "upper"}
+
+
+SCOPE_COLOURS = {**dict(zip(SCOPES, ("tab:blue", "tab:orange", "tab:green"), strict=True)), "": "black"}
 # colours for configurations that share a method, a scope and a batch composition (X3's two top-k variants,
 # X4's loss sets): distinct hues, none of them a scope's colour
 VARIANT_COLOURS = [
@@ -264,10 +274,6 @@ def readable_label(label: str) -> str:
     return " ".join(w for w in words if w).replace("=", " ")
 
 
-# references drawn off the axes' scale (marked at its edge) so that they do not set the axis
-OFF_SCALE = ("oracle",)
-
-
 def frontier_scatter(
     points: Sequence[Mapping],
     out_path: str | Path | None = None,
@@ -282,14 +288,15 @@ def frontier_scatter(
     axes' edge with its value ("oracle: 1.00") instead of squashing them into a strip."""
     fig = Figure(figsize=(6.0, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    colours, variants, variant_title = _variant_colours(points)
-    limits = _frontier_limits(points, y)
+    markers, off_scale = method_markers(), off_scale_methods()
+    colours, variants, variant_title = _variant_colours(points, markers)
+    limits = _frontier_limits(points, y, off_scale)
     for p, colour in zip(points, colours, strict=True):
-        marker = METHOD_MARKERS.get(p.get("method", "none"), "P")
+        marker = markers.get(p.get("method", "none"), DEFAULT_MARKER)
         px, py = float(p[x]), float(p[y])
         face = "none" if p.get("hollow") else colour
         size = 140 if marker == "*" else 55
-        if limits and p.get("method") in OFF_SCALE and not limits[0] <= py <= limits[1]:
+        if limits and p.get("method") in off_scale and not limits[0] <= py <= limits[1]:
             _mark_off_scale(ax, p.get("method"), px, py, limits, marker, size, face, colour)
             continue
         if p.get("xerr") or p.get("yerr"):
@@ -303,7 +310,8 @@ def frontier_scatter(
     methods = list(dict.fromkeys(p.get("method", "none") for p in points))
     scopes = [s for s in SCOPE_COLOURS if s and SCOPE_COLOURS[s] in colours]  # the scope colours drawn
     handles = [
-        Line2D([], [], ls="", marker=METHOD_MARKERS.get(m, "P"), color="dimgray", label=m) for m in methods
+        Line2D([], [], ls="", marker=markers.get(m, DEFAULT_MARKER), color="dimgray", label=m)
+        for m in methods
     ]
     if any(p.get("hollow") for p in points):
         handles.append(Line2D([], [], ls="", marker="o", mfc="none", color="dimgray", label="mixed batches"))
@@ -318,17 +326,17 @@ def frontier_scatter(
         fig.legend(handles=variants, title=variant_title, fontsize=MIN_FONT, title_fontsize=MIN_FONT + 1,
                    loc="outside lower center", ncols=2)  # fmt: skip
     _style(ax, AXIS_LABELS.get(x, x), AXIS_LABELS.get(y, y), title, legend=False)
-    if title and limits and any(p.get("method") in OFF_SCALE and float(p[y]) > limits[1] for p in points):
+    if title and limits and any(p.get("method") in off_scale and float(p[y]) > limits[1] for p in points):
         ax.set_title(title, fontsize=MIN_FONT + 2, pad=12)  # above the marker on the top edge
     return _finish(fig, out_path)
 
 
-def _frontier_limits(points: Sequence[Mapping], y: str) -> tuple[float, float] | None:
-    """The y range of the points that are not OFF_SCALE references (error bars included, a margin around,
-    headroom at the top for an off-scale mark; never below 0 for a fraction); None when no reference lies
-    outside it (the axes scale themselves)."""
-    others = [p for p in points if p.get("method") not in OFF_SCALE]
-    references = [float(p[y]) for p in points if p.get("method") in OFF_SCALE]
+def _frontier_limits(points: Sequence[Mapping], y: str, off_scale: set[str]) -> tuple[float, float] | None:
+    """The y range of the points that are not `off_scale` references (error bars included, a margin
+    around, headroom at the top for an off-scale mark; never below 0 for a fraction); None when no reference
+    lies outside it (the axes scale themselves)."""
+    others = [p for p in points if p.get("method") not in off_scale]
+    references = [float(p[y]) for p in points if p.get("method") in off_scale]
     if not others or not references:
         return None
     low = min(float(p[y]) - float(p.get("yerr") or 0.0) for p in others)
@@ -365,7 +373,7 @@ def _mark_off_scale(ax, name, px, py, limits, marker, size, face, colour) -> Non
     )
 
 
-def _variant_colours(points: Sequence[Mapping]) -> tuple[list, list[Line2D], str]:
+def _variant_colours(points: Sequence[Mapping], markers: Mapping[str, str]) -> tuple[list, list[Line2D], str]:
     """Each point's colour: its scope's colour, or, where several points share a method, a scope and a batch
     composition, a colour of their own each (VARIANT_COLOURS), with legend handles naming the settings that
     tell them apart (the parts of their `label`s not common to all of them: comma-separated parts and a
@@ -389,7 +397,7 @@ def _variant_colours(points: Sequence[Mapping]) -> tuple[list, list[Line2D], str
             colours[i] = next(palette)
             name = joiner.join(part for part in w if part not in common) or points[i].get("label") or f"#{i}"
             face = "none" if k[2] else colours[i]
-            marker = METHOD_MARKERS.get(k[0], "P")
+            marker = markers.get(k[0], DEFAULT_MARKER)
             handles.append(
                 Line2D(
                     [],

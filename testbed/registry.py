@@ -10,6 +10,12 @@ from testbed.errors import ConfigError
 T = TypeVar("T")
 
 
+def label_of(cls: type) -> str:
+    """A registered class's name in reports' words: its `label` class attribute, else its registry name."""
+    label = getattr(cls, "label", None)
+    return cls.registry_name if label is None else label
+
+
 class Registry(Generic[T]):
     """A registry of named components, each with a config dataclass that validates its options."""
 
@@ -30,6 +36,16 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def items(self) -> list[tuple[str, tuple[type[T], type]]]:
+        """(name, (class, config dataclass)) of every entry, by name: what reads the registered classes'
+        facts (their class attributes) iterates these."""
+        return sorted(self._entries.items())
+
+    def find(self, name: str) -> type[T] | None:
+        """The class registered as `name`, or None (e.g. a name from an old summary no longer registered)."""
+        entry = self._entries.get(name)
+        return entry[0] if entry else None
 
     def get(self, name: str, key: str | None = None) -> tuple[type[T], type]:
         if name not in self._entries:

@@ -12,8 +12,10 @@ the first micro-batch of every optimizer step and passes it to the layers in the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
@@ -24,6 +26,33 @@ SCOPES = tuple(s.value for s in Scope)
 # the scopes within one forward pass: routers that need every token of the scope at once (expert choice,
 # balanced assignment) cannot span accumulated micro-batches
 LOCAL_SCOPES = SCOPES[:2]
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """The groups of one forward pass's tokens that a scope counts within: `count` groups of `size`
+    consecutive tokens (tokens are laid out batch-major, so a sequence is a run of consecutive tokens)."""
+
+    count: int
+    size: int
+
+    def index(self, device: torch.device | str | None = None) -> Tensor:
+        """[count * size] long: the group of each token."""
+        return torch.arange(self.count, device=device).repeat_interleave(self.size)
+
+
+def token_groups(scope: str, num_tokens: int, batch_size: int, seq_len: int) -> TokenGroups:
+    """The token groups of `scope` in a forward pass of `num_tokens` tokens: one per sequence for
+    `sequence` (which needs num_tokens = batch_size * seq_len), the whole pass for `micro_batch` and
+    `global` (global scope adds the step's other micro-batches and ranks through GlobalScopeState)."""
+    if Scope(scope) is Scope.sequence:
+        if num_tokens != batch_size * seq_len:
+            raise ValueError(
+                f"scope 'sequence' needs T = batch_size * seq_len tokens, got T={num_tokens}, "
+                f"batch_size={batch_size}, seq_len={seq_len}"
+            )
+        return TokenGroups(batch_size, seq_len)
+    return TokenGroups(1, num_tokens)
 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from scipy.optimize import brentq
 
 from testbed.analysis.inference import ci95, holm, one_sample_p
 from testbed.analysis.ladder import ladder_figure, ladder_report, rank_report
+from testbed.losses import BALANCE
 from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check, repeated_domains
 from testbed.plots import (
     domain_expert_heatmaps,
@@ -44,6 +45,7 @@ from testbed.plots import (
     t_interval,
     training_curves,
 )
+from testbed.registry import label_of
 from testbed.routing import ROUTERS
 
 CHECKOUT = Path(__file__).resolve().parents[2]
@@ -434,27 +436,36 @@ def settings_label(group: dict) -> str:
 
 def reference_routers() -> set[str]:
     """Registered routers that are references (Router.reference: the oracle, hash), not learned routers."""
-    return {name for name in ROUTERS.names() if ROUTERS.get(name)[0].reference}
+    return {name for name, (cls, _) in ROUTERS.items() if cls.reference}
+
+
+NO_METHOD = "none"
+"""The method of a run that balances neither by its router nor by a balancing term."""
 
 
 def method_and_scope(summary: dict) -> tuple[str, str]:
-    """A run's balancing method (LBL, EB, SH, BA, EC, oracle, hash, none) and the scope it balances over
-    ("" for the references and unscoped methods), from its summary's chosen and resolved config."""
+    """A run's balancing method (LBL, EB, SH, BA, EC, oracle, hash, none: the `label` of its registered
+    router or balancing method) and the scope it balances over ("" for the references and unscoped
+    methods), from its summary's chosen and resolved config: a reference router names the run, else a router
+    that balances by itself (Router.balances), else a balancing method that adds a term."""
     config, resolved = summary.get("config", {}), summary.get("resolved", {})
     router, balance = config.get("router", ""), config.get("balance", "")
-    if router in reference_routers():
+    router_cls = ROUTERS.find(str(router))
+    if router_cls is not None and router_cls.reference:
         return router, ""
-    routers = {"sinkhorn": "SH", "balanced_assignment": "BA", "expert_choice": "EC"}
-    if router in routers:
-        return routers[router], str(resolved.get("router", {}).get("scope", "") or "")
-    balances = {"load_balance": "LBL", "expert_bias": "EB"}
-    if balance in balances:
-        return balances[balance], str(resolved.get("balance", {}).get("scope", "") or "")
-    return "none", ""
+    if router_cls is not None and router_cls.balances:
+        return label_of(router_cls), str(resolved.get("router", {}).get("scope", "") or "")
+    balance_cls = BALANCE.find(str(balance))
+    if balance_cls is not None and balance_cls.adds_term:
+        return label_of(balance_cls), str(resolved.get("balance", {}).get("scope", "") or "")
+    return NO_METHOD, ""
 
 
-ROUTER_NAMES = {"topk_softmax": "", "sinkhorn": "SH", "balanced_assignment": "BA", "expert_choice": "EC"}
-"""How a router shows in a plot label: top-k softmax is the default (unnamed), others by name."""
+def router_label(router: str) -> str:
+    """How a router shows in a plot label: its registered `label` (top-k softmax, the default, unnamed: ""),
+    a router no longer registered by its name."""
+    router_cls = ROUTERS.find(router)
+    return router if router_cls is None else label_of(router_cls)
 
 
 def base_label(group: dict) -> str:
@@ -468,13 +479,13 @@ def base_label(group: dict) -> str:
         return "dense, total params" if "total" in str(resolved_model.get("name", "")) else "dense"
     method, scope = method_and_scope(summary)
     router = str(summary.get("config", {}).get("router") or settings.get("router", "")).rpartition("/")[2]
-    if method == "none":
+    if method == NO_METHOD:
         if not router:  # a summary that names neither: its settings, written as words
             return readable_label(settings_label(group))
         if router in reference_routers() or "balance" not in summary.get("config", {}):
             return router  # (a summary that does not say how it balances: its router only)
-        return f"{ROUTER_NAMES.get(router) or router}, no balancing"
-    named = ROUTER_NAMES.get(router, router)
+        return f"{router_label(router) or router}, no balancing"
+    named = router_label(router)
     words = [w for w in (named if named not in (method, "") else "", method, scope) if w]
     return ", ".join(words)
 

@@ -22,23 +22,27 @@ import json
 import math
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
 from hydra.errors import HydraException
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from testbed import PROJECT_ROOT
-from testbed.config import DataConfig, parse_config
+from testbed import CONF_DIR
+from testbed.checks import refuse_non_finite
 from testbed.data import distinguish
 from testbed.data.corpora import SHIPPED_DOMAINS, SOURCES, SourceMissingError, iter_domain_documents
 from testbed.data.datamodule import badly_packed, bytes_per_token
 from testbed.data.large import LARGE_BYTES_PER_DOMAIN, LARGE_MIX, large_domain_documents
 from testbed.data.loading import SHIPPED_TOKENIZER
 from testbed.data.prepare import mix_splits, open_mix_store
+from testbed.data.schema import DataConfig, parse_data
 from testbed.data.tokenizer import load_tokenizer, train_tokenizer
-from testbed.errors import DataError, TestbedError
+from testbed.errors import ConfigError, DataError, TestbedError
 from testbed.plots import confusion_figure
 
 MANIFEST = "manifest.json"
@@ -121,10 +125,48 @@ def balanced_training_texts(out_dir: Path, domains: Sequence[str]) -> list[str]:
     return balanced_texts(per_domain)
 
 
+@dataclass
+class DataOnly:
+    """What `testbed-data` composes: a run's data section alone, typed as in a run (testbed.config's
+    `run_schema` holds every section; this module sits below it)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+DATA_SCHEMA = "data_schema"
+ConfigStore.instance().store(name=DATA_SCHEMA, node=DataOnly)
+
+
+def default_data_option(conf_dir: str = CONF_DIR) -> str:
+    """The data option a run uses unless told otherwise: the `data:` entry of conf/config.yaml's defaults."""
+    config = OmegaConf.to_container(OmegaConf.load(Path(conf_dir) / "config.yaml"))
+    for entry in config.get("defaults", []):
+        if isinstance(entry, dict) and "data" in entry:
+            return str(entry["data"])
+    raise DataError(f"{Path(conf_dir) / 'config.yaml'} selects no data option (a `- data: <name>` default)")
+
+
 def data_config(overrides: Sequence[str]) -> DataConfig:
-    """The data config a `testbed-train` run with these overrides would use (composed and validated)."""
-    with initialize_config_dir(str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        return parse_config(compose("config", overrides=list(overrides))).data
+    """The data config a `testbed-train` run with these data overrides would use (data=<option>,
+    data.<key>=..., +data.sources.<domain>.<key>=...): the data group composed on its own, then typed and
+    validated as a run's data section (the model's bound on data.seq_len aside: no model here)."""
+    option, rest = default_data_option(), []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        name = key.lstrip("+~")
+        if name == "data":
+            option = value
+        elif name.startswith("data."):
+            rest.append(override)
+        else:
+            raise ConfigError(name, value, "a data override (data=<option> or data.<key>=<value>)")
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose(DATA_SCHEMA, overrides=[f"+data={option}", *rest])
+    raw = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)["data"]
+    refuse_non_finite(raw, "data")
+    config = parse_data(raw)
+    config.validate()
+    return config
 
 
 def training_documents(config: DataConfig) -> dict[str, list[str]]:

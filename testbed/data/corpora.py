@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from testbed.config import DEFAULT_MIX as DEFAULT_MIX  # re-exported: the default mix, defined with DataConfig
 from testbed.data.packages import (
     APT_INSTALL,
     Package,
@@ -52,6 +51,7 @@ from testbed.data.plaintext import is_man_redirect as is_man_redirect
 from testbed.data.plaintext import render_license_pattern as render_license_pattern
 from testbed.data.plaintext import render_man_page as render_man_page
 from testbed.data.plaintext import split_document as split_document
+from testbed.data.schema import DEFAULT_MIX as DEFAULT_MIX  # re-exported: the default mix
 
 # Locations of the installed sources. Module-level so tests (and users with unusual layouts)
 # can point them elsewhere.

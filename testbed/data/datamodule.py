@@ -21,9 +21,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from testbed.config import DataConfig, DomainSourceConfig
 from testbed.data.loading import SHIPPED_TOKENIZER, describe_source, resolve_data_path
 from testbed.data.prepare import open_mix_store
+from testbed.data.schema import DataConfig, DomainSourceConfig
 from testbed.data.splits import permutation_labels
 from testbed.data.store import Windows
 from testbed.data.tokenizer import load_tokenizer

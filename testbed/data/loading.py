@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from testbed import PROJECT_ROOT
-from testbed.config import DomainSourceConfig
+from testbed.data.schema import DomainSourceConfig
 from testbed.errors import DataError
 
 SHIPPED_MIX = PROJECT_ROOT / "data" / "mix"

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from testbed.config import DataConfig, DomainSourceConfig, HubCorpusConfig, plain
+from testbed.checks import plain
 from testbed.data.loading import (
     SHIPPED_TOKENIZER,
     _files,
@@ -32,6 +32,7 @@ from testbed.data.loading import (
     load_documents,
     resolve_data_path,
 )
+from testbed.data.schema import DataConfig, DomainSourceConfig, HubCorpusConfig
 from testbed.data.splits import SPLITS, SplitDocuments, hash_label, split_mix
 from testbed.data.store import StoreEvent, TokenStore, build_store, default_store_root, file_sha256
 from testbed.errors import DataError

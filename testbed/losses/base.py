@@ -20,6 +20,14 @@ class AuxLoss:
 
     registry_name = "base"
     needs_expert_outputs = False  # True: the expert backend hands back per-assignment outputs o_{t,k}
+    # As a balancing method (BALANCE): its name in reports' words and legends ("LBL"; None: its registry
+    # name) and its plot marker on the specialization-vs-balance frontier.
+    label: str | None = None
+    marker: str | None = None
+    # Keeps state across optimizer steps (expert bias: the step's loads, applied to the router's expert_bias
+    # buffer after each step), so it needs a router with `supports_expert_bias`.
+    stateful = False
+    adds_term = True  # False: it adds no term to the loss (balance=none); the model leaves it out
 
     def __init__(self, config):
         self.config = config

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from testbed.losses.base import BALANCE, AuxLoss, check_coefficient
 from testbed.routing.base import Routing, RoutingContext, count_per_expert
-from testbed.scope import Scope
+from testbed.scope import LOCAL_SCOPES, Scope, TokenGroups, token_groups
 
 
 @dataclass
@@ -68,19 +68,25 @@ def micro_batch_load_balance(routing: Routing) -> Tensor:
     return routing.num_experts * (fractions * probs.mean(0)).sum()
 
 
+def grouped_load_balance(routing: Routing, groups: TokenGroups) -> Tensor:
+    """The value within each group of consecutive tokens (testbed.scope.token_groups), averaged over the
+    groups: P_e per group is a mean over a [groups, size, E] view; f_e counts per (group, expert)."""
+    probs = routing.probs.float()
+    num_experts = routing.num_experts
+    group = torch.div(routing.token_index, groups.size, rounding_mode="floor")
+    ones = routing.kept_as(probs.dtype)
+    counts = torch.zeros(groups.count * num_experts, device=probs.device, dtype=probs.dtype)
+    counts = counts.scatter_add_(0, group * num_experts + routing.expert_index, ones).view(groups.count, -1)
+    fractions = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).detach()
+    mean_probs = probs.view(groups.count, groups.size, num_experts).mean(1)
+    return (num_experts * (fractions * mean_probs).sum(-1)).mean()
+
+
 def sequence_load_balance(routing: Routing, context: RoutingContext) -> Tensor:
     """Sequence scope (DeepSeek's sequence-wise loss): the value within each sequence, averaged; also the
-    complementary loss beside expert-bias balancing (`sequence_coefficient`). Tokens are laid out
-    batch-major, so P_e per sequence is a mean over a [B, S, E] view; f_e counts per (sequence, expert)."""
-    probs = routing.probs.float()
-    num_experts, batch = routing.num_experts, context.batch_size
-    sequence = torch.div(routing.token_index, context.seq_len, rounding_mode="floor")
-    ones = routing.kept_as(probs.dtype)
-    counts = torch.zeros(batch * num_experts, device=probs.device, dtype=probs.dtype)
-    counts = counts.scatter_add_(0, sequence * num_experts + routing.expert_index, ones).view(batch, -1)
-    fractions = (counts / counts.sum(-1, keepdim=True).clamp_min(1)).detach()
-    mean_probs = probs.view(batch, context.seq_len, num_experts).mean(1)
-    return (num_experts * (fractions * mean_probs).sum(-1)).mean()
+    complementary loss beside expert-bias balancing (`sequence_coefficient`)."""
+    groups = token_groups(Scope.sequence, routing.num_tokens, context.batch_size, context.seq_len)
+    return grouped_load_balance(routing, groups)
 
 
 def global_load_balance(
@@ -101,15 +107,19 @@ def global_load_balance(
 
 @BALANCE.register("load_balance", LoadBalanceConfig)
 class LoadBalanceLoss(AuxLoss):
+    label = "LBL"
+    marker = "o"
+
     def __call__(
         self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
     ) -> Tensor:
-        probs = routing.probs.float()
-        if self.config.scope == "global":
-            return global_load_balance(probs, routing.expert_index, context, routing.kept)
-        if self.config.scope == "sequence":
-            return sequence_load_balance(routing, context)
-        return micro_batch_load_balance(routing)
+        scope = self.config.scope
+        if scope not in LOCAL_SCOPES:  # global: counts of the optimizer step so far, over all ranks
+            return global_load_balance(routing.probs.float(), routing.expert_index, context, routing.kept)
+        groups = token_groups(scope, routing.num_tokens, context.batch_size, context.seq_len)
+        if groups.count == 1:  # the routing's own per-expert counts, no scatter
+            return micro_batch_load_balance(routing)
+        return grouped_load_balance(routing, groups)
 
     @classmethod
     def check(cls, config: LoadBalanceConfig, key: str) -> None:
@@ -123,6 +133,14 @@ class NoBalanceConfig:
 
 @BALANCE.register("none", NoBalanceConfig)
 class NoBalance(AuxLoss):
-    """No balancing term (e.g. for routers that balance by construction)."""
+    """No balancing term (e.g. for routers that balance by construction): its value is a constant 0."""
 
+    label = "none"
+    marker = "P"
+    adds_term = False
     coefficient = 0.0
+
+    def __call__(
+        self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
+    ) -> Tensor:
+        return routing.probs.new_zeros((), dtype=torch.float32)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from testbed.errors import ConfigError, TestbedError
 from testbed.routing.base import ROUTERS, BalancingRouter, RoutingContext
-from testbed.scope import LOCAL_SCOPES, Scope
+from testbed.scope import LOCAL_SCOPES, Scope, token_groups
 
 
 class AuctionUnfinished(TestbedError, RuntimeError):
@@ -128,14 +128,22 @@ def balanced_assignment(
 class BalancedAssignmentRouter(BalancingRouter):
     scopes = LOCAL_SCOPES
     host_sync = True  # the auction's "done?" test every check_every rounds
+    balances = True
+    label = "BA"
+    marker = "D"
 
     @torch.compiler.disable  # a data-dependent loop: runs eagerly inside a compiled model
     def balanced_choice(self, logits: Tensor, context: RoutingContext) -> Tensor:
         num_tokens, num_experts = logits.shape
-        groups = context.batch_size if self.config.scope == "sequence" else 1
         c = self.config
+        groups = token_groups(c.scope, num_tokens, context.batch_size, context.seq_len)
         held, _ = balanced_assignment(
-            logits.view(groups, -1, num_experts), c.top_k, c.eps, c.eps_factor, c.check_every, c.max_rounds
+            logits.view(groups.count, groups.size, num_experts),
+            c.top_k,
+            c.eps,
+            c.eps_factor,
+            c.check_every,
+            c.max_rounds,
         )
         held = held.reshape(num_tokens, num_experts)
         # the K held experts of each token, best logit first

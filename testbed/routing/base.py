@@ -123,7 +123,16 @@ class Router(nn.Module):
     - `host_sync`: its training-time routing reads device values on the host (the balanced-assignment
       auction's stopping test); every other router is sync-free (tests/test_sync_free.py);
     - `reference`: "upper" (specialization by construction: the oracle) or "floor" (no semantic routing:
-      hash); reports draw references apart from the learned routers. None for a learned router.
+      hash); reports draw references apart from the learned routers. None for a learned router;
+    - `balances`: it balances the load itself (Sinkhorn, balanced assignment, expert choice): reports name
+      such a run by its router rather than by its balancing loss;
+    - `label`: its name in reports' words and legends ("SH"); None: its registry name; "": left out (the
+      default router, top-k softmax, goes unnamed);
+    - `marker`: its plot marker where reports draw it as a method of its own (balancing routers, references);
+    - `gateless`: nothing is learned, the gate gets no gradient (hash): DDP then needs
+      `find_unused_parameters` (testbed.config.resolve_strategy). `is_gateless` also reads options that make
+      a router gate-less (the oracle's `within_block: uniform`);
+    - `needs_reference`: it routes by the tokens' domain labels (`RoutingContext.domain_ids`: the oracle).
     """
 
     registry_name = "base"
@@ -132,6 +141,16 @@ class Router(nn.Module):
     scopes: tuple[str, ...] = ()
     host_sync = False
     reference: str | None = None
+    balances = False
+    label: str | None = None
+    marker: str | None = None
+    gateless = False
+    needs_reference = False
+
+    @classmethod
+    def is_gateless(cls, config) -> bool:
+        """Whether the gate goes unused with these options (`gateless`, unless an option decides it)."""
+        return cls.gateless
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__()

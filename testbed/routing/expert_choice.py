@@ -18,7 +18,7 @@ from torch import Tensor
 from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, count_per_expert
 from testbed.routing.capacity import expert_capacity
-from testbed.scope import LOCAL_SCOPES, Scope
+from testbed.scope import LOCAL_SCOPES, Scope, token_groups
 
 
 @dataclass
@@ -32,21 +32,16 @@ class ExpertChoiceConfig:
 @ROUTERS.register("expert_choice", ExpertChoiceConfig)
 class ExpertChoiceRouter(Router):
     token_choice = False
+    balances = True  # every expert takes C tokens
+    label = "EC"
+    marker = "v"
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
         logits = self.router_logits(x)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # P = softmax(Z), [T, E]
         num_tokens, num_experts = probs.shape
-        if self.config.scope == "sequence":
-            batch, seq = context.batch_size, context.seq_len
-            if batch * seq != num_tokens:
-                raise ValueError(
-                    f"expert_choice scope 'sequence' needs T = batch_size * seq_len, got T={num_tokens}, "
-                    f"batch_size={batch}, seq_len={seq}"
-                )
-            groups, group_len = batch, seq
-        else:
-            groups, group_len = 1, num_tokens
+        token_group = token_groups(self.config.scope, num_tokens, context.batch_size, context.seq_len)
+        groups, group_len = token_group.count, token_group.size
         capacity = expert_capacity(group_len, num_experts, self.config.top_k, self.config.capacity_factor)
         # each expert takes its top-C tokens by P[:, e] within each group: [G, E, C] positions in the group
         scores = probs.view(groups, group_len, num_experts).transpose(1, 2)

@@ -41,6 +41,8 @@ class HashConfig:
 @ROUTERS.register("hash", HashConfig)
 class HashRouter(Router):
     reference = "floor"  # the reports' reference, not a learned router
+    marker = "X"
+    gateless = True  # a fixed hash of the token id
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__(d_model, num_experts, config, num_domains)

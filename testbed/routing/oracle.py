@@ -32,6 +32,12 @@ class OracleConfig:
 @ROUTERS.register("oracle", OracleConfig)
 class OracleRouter(Router):
     reference = "upper"  # the reports' reference, not a learned router
+    marker = "*"
+    needs_reference = True  # routes by each token's domain label
+
+    @classmethod
+    def is_gateless(cls, config: OracleConfig) -> bool:
+        return config.within_block == "uniform"  # experts by position: the gate is never used
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__(d_model, num_experts, config, num_domains)

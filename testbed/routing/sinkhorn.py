@@ -24,7 +24,7 @@ from testbed.routing.base import (
     RoutingContext,
     count_per_expert,
 )
-from testbed.scope import SCOPES, Scope, all_reduce_sum
+from testbed.scope import LOCAL_SCOPES, SCOPES, Scope, all_reduce_sum, token_groups
 
 
 @dataclass
@@ -66,16 +66,17 @@ def sinkhorn_log(
 @ROUTERS.register("sinkhorn", SinkhornConfig)
 class SinkhornRouter(BalancingRouter):
     scopes = SCOPES
+    balances = True
+    label = "SH"
+    marker = "^"
 
     def balanced_choice(self, logits: Tensor, context: RoutingContext) -> Tensor:
         num_tokens, num_experts = logits.shape
         scope, top_k = self.config.scope, self.config.top_k
-        if scope == "sequence":
-            log_p = sinkhorn_log(logits.view(context.batch_size, -1, num_experts), self.config.iterations)
+        if scope in LOCAL_SCOPES:  # each group of the forward pass balanced on its own
+            groups = token_groups(scope, num_tokens, context.batch_size, context.seq_len)
+            log_p = sinkhorn_log(logits.view(groups.count, groups.size, num_experts), self.config.iterations)
             return torch.topk(log_p.reshape(num_tokens, num_experts), top_k, dim=-1).indices
-        if scope == "micro_batch":
-            log_p = sinkhorn_log(logits.unsqueeze(0), self.config.iterations)
-            return torch.topk(log_p[0], top_k, dim=-1).indices
         # global: across ranks, and toward the cumulative balance of this optimizer step
         state = context.scope_state
         key = ("sinkhorn", context.layer_index)

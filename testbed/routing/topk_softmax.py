@@ -31,6 +31,7 @@ class TopKSoftmaxConfig:
 @ROUTERS.register("topk_softmax", TopKSoftmaxConfig)
 class TopKSoftmaxRouter(Router):
     supports_expert_bias = True
+    label = ""  # the default router: labels name its balancing method only
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__(d_model, num_experts, config, num_domains)
