@@ -13,16 +13,14 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from testbed.config import MoEConfig
-from testbed.losses.load_balance import LoadBalanceConfig, LoadBalanceLoss
-from testbed.losses.orthogonality import OrthogonalityConfig, OrthogonalityLoss
-from testbed.losses.variance import VarianceConfig, VarianceLoss
-from testbed.losses.z_loss import ZLoss, ZLossConfig
+from testbed.losses.expert_bias import ExpertBiasTracker
 from testbed.metrics.stats import RoutingStats
 from testbed.model.experts import combine
 from testbed.model.moe import MoELayer
 from testbed.routing import ROUTERS, RoutingContext, routing_from_choices
 from testbed.routing.capacity import apply_capacity, mask_capacity
 from testbed.scope import GlobalScopeState
+from tests.loss_cases import every_loss
 
 aten = torch.ops.aten
 SYNCING = {
@@ -92,17 +90,6 @@ def make_layer(router: str, losses, capacity_factor=None, **router_options):
     return MoELayer(32, moe, config_cls(**router_options), losses, 0, num_domains=4).train()
 
 
-def all_losses(orthogonality=True):
-    losses = [
-        LoadBalanceLoss(LoadBalanceConfig(scope="global")),
-        ZLoss(ZLossConfig()),
-        VarianceLoss(VarianceConfig(coefficient=1.0)),
-    ]
-    if orthogonality:
-        losses.append(OrthogonalityLoss(OrthogonalityConfig(coefficient=1.0)))
-    return losses
-
-
 def step(layer, batch=2, seq=24):
     torch.manual_seed(1)
     x = torch.randn(batch, seq, 32, requires_grad=True)
@@ -115,6 +102,7 @@ def step(layer, batch=2, seq=24):
         domain_ids=torch.arange(tokens) % 4,
         scope_state=GlobalScopeState(),
         routing_stats=stats,
+        expert_bias_tracker=ExpertBiasTracker("sequence", 1e-3),  # expert bias's per-sequence loads
     )
     layer(x, context)  # warm-up outside the mode (lazy initialization)
     correct = torch.arange(tokens) % 3 == 0
@@ -137,10 +125,11 @@ def test_only_the_balanced_assignment_auction_reads_the_device():
 
 @pytest.mark.parametrize("router", SYNC_FREE)
 def test_every_router_with_every_loss_is_sync_free(router):
-    """Grouped backend, training mode, global-scope load balance, z-loss, variance, orthogonality (also
-    under expert choice: its per-token slot count is bounded by E, not read from the data), counters
-    (accuracy and stiffness included)."""
-    step(make_layer(router, all_losses()))
+    """Grouped backend, training mode, every registered balancing method and auxiliary loss at every scope
+    it offers (tests/loss_cases.py: orthogonality also under expert choice, whose per-token slot count is
+    bounded by E, not read from the data; expert bias recording its loads), counters (accuracy and
+    stiffness included)."""
+    step(make_layer(router, every_loss()))
 
 
 @pytest.mark.parametrize("capacity_factor", [0.5, 1.25])
@@ -197,7 +186,7 @@ TOKEN_CHOICE = sorted(name for name in SYNC_FREE if ROUTERS.get(name)[0].token_c
 def test_capacity_in_the_layer_is_sync_free(router, capacity_factor):
     """With `model.moe.capacity_factor` the layer uses `mask_capacity`: forward, backward, every loss and
     the counters make no sync, and assignments are really dropped."""
-    y, out = step(make_layer(router, all_losses(), capacity_factor=capacity_factor))
+    y, out = step(make_layer(router, every_loss(), capacity_factor=capacity_factor))
     assert out.routing.kept is not None and out.routing.num_assignments == 48 * 2
     if capacity_factor < 1:
         assert out.routing.dropped.item() > 0 and torch.isfinite(y).all()
