@@ -1,4 +1,5 @@
-"""Every router against the routing contract, plus each router's own rule (property and value tests)."""
+"""Every router against the routing contract, plus each router's own rule (property and value tests), the
+contract's own helpers (routing_from_choices, kept assignments) and the facts routers declare."""
 
 import dataclasses
 import math
@@ -14,7 +15,8 @@ from testbed.config import MoEConfig, parse_config
 from testbed.errors import ConfigError
 from testbed.layout import block_layout
 from testbed.model.moe import MoELayer
-from testbed.routing import ROUTERS, RoutingContext
+from testbed.routing import ROUTERS, RoutingContext, routing_from_choices
+from testbed.routing.base import count_per_expert
 from testbed.routing.capacity import expert_capacity
 from testbed.scope import SCOPES
 from tests.conftest import compose
@@ -177,6 +179,46 @@ def test_registry_lists_routers():
     assert set(shipped) <= set(ALL)  # no stale entry in ROUTER_OPTIONS
     assert [n for n in shipped if not ROUTERS.get(n)[0].token_choice] == ["expert_choice"]
     assert {n for n in shipped if ROUTERS.get(n)[0].supports_expert_bias} == {"topk_softmax", "sigmoid"}
+    with pytest.raises(ValueError, match="one of"):
+        ROUTERS.get("no_such_router")
+    assert ROUTERS.find("no_such_router") is None and ROUTERS.find("hash") is ROUTERS.get("hash")[0]
+
+
+def test_shipped_routers_declare_their_facts():
+    """What reports, plots and the config read of a router, as its class attributes."""
+    facts = {
+        name: (cls.balances, cls.label, cls.marker, cls.gateless, cls.needs_reference)
+        for name, (cls, _) in ROUTERS.items()
+        if name in ROUTER_OPTIONS
+    }
+    assert facts == {
+        "topk_softmax": (False, "", None, False, False),
+        "sigmoid": (False, None, None, False, False),
+        "sinkhorn": (True, "SH", "^", False, False),
+        "balanced_assignment": (True, "BA", "D", False, False),
+        "expert_choice": (True, "EC", "v", False, False),
+        "oracle": (False, None, "*", False, True),
+        "hash": (False, None, "X", True, False),
+    }
+    oracle, config_cls = ROUTERS.get("oracle")
+    assert oracle.is_gateless(config_cls(within_block="uniform")) and not oracle.is_gateless(config_cls())
+
+
+@pytest.mark.parametrize("name", ALL)
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_gateless_is_what_the_gate_gets(name, data):
+    """`is_gateless(config)` holds exactly when nothing the router returns (logits, probabilities, gates)
+    depends on its gate: the fact DDP's strategy is chosen by (testbed.config.resolve_strategy)."""
+    router, x, context = draw_case(data, name)
+    routing = router(x, context)
+    outputs = (routing.logits, routing.probs, routing.weight)
+    total = sum((t.float() * torch.randn(t.shape)).sum() for t in outputs if t.requires_grad)
+    if torch.is_tensor(total):
+        total.backward()
+    grad = router.gate.weight.grad
+    unused = grad is None or not grad.any()
+    assert router.is_gateless(router.config) == unused
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -380,25 +422,15 @@ def test_hash_seed_changes_the_map_and_needs_token_ids():
 # ---- config checks and gradients -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "overrides, key",
-    [
-        (["router=expert_choice", "router.capacity_factor=0"], "router.capacity_factor"),
-        (["router=expert_choice", "router.capacity_factor=-1.5"], "router.capacity_factor"),
-        (["router=expert_choice", "router.scope=global"], "router.scope"),
-        (["router=sigmoid", "router.scale=0"], "router.scale"),
-        (["router=hash", "router.top_k=17"], "router.top_k"),
-    ],
-)
-def test_bad_router_options_raise(overrides, key):
-    with pytest.raises(ConfigError) as err:
-        parse_config(compose(overrides))
-    assert err.value.key == key
-
-
-@pytest.mark.parametrize("name", ["sigmoid", "expert_choice", "oracle", "hash"])
+@pytest.mark.parametrize("name", ALL)
 def test_shipped_router_configs_parse(name):
-    assert parse_config(compose([f"router={name}"])).router.name == name
+    """Every registered router has its conf/router/<name>.yaml, which composes into a valid run whose router
+    section holds every option of the router's config dataclass (at its default unless the file says)."""
+    run = parse_config(compose([f"router={name}", "balance=none"]))
+    _, config_cls = ROUTERS.get(name)
+    assert run.router.name == name and isinstance(run.router, config_cls)
+    composed = compose([f"router={name}"]).router
+    assert set(composed) == {f.name for f in dataclasses.fields(config_cls)}
 
 
 @pytest.mark.parametrize(
@@ -420,3 +452,61 @@ def test_references_are_flagged_on_the_router_classes():
 
     assert reference_routers() == {"oracle", "hash"}
     assert ROUTERS.get("oracle")[0].reference == "upper" and ROUTERS.get("hash")[0].reference == "floor"
+
+
+# ---- top-k softmax -------------------------------------------------------------------------------------
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_topk_softmax_takes_the_top_k_probabilities_as_gates(data):
+    router, x, context = draw_case(data, "topk_softmax")
+    routing = router(x, context)
+    top_k = router.top_k
+    chosen_probs = routing.probs[routing.token_index, routing.expert_index]
+    kth = routing.probs.topk(top_k, dim=-1).values[:, -1]
+    assert torch.all(chosen_probs >= kth[routing.token_index] - 1e-7), "the top-k of the probabilities"
+    if router.config.renormalize:
+        torch.testing.assert_close(gate_matrix(routing).sum(-1), torch.ones(x.shape[0]))
+    else:
+        torch.testing.assert_close(routing.weight, chosen_probs)
+
+
+def test_jitter_only_in_training():
+    router = build("topk_softmax", 8, jitter=0.5)
+    x = torch.randn(10, D_MODEL)
+    router.eval()
+    a, b = router(x, RoutingContext(1, 10)), router(x, RoutingContext(1, 10))
+    assert torch.equal(a.logits, b.logits)
+    router.train()
+    assert not torch.equal(router(x, RoutingContext(1, 10)).logits, a.logits)
+
+
+# ---- the contract's helpers ----------------------------------------------------------------------------
+
+
+def test_routing_from_choices_by_hand():
+    logits = torch.zeros(3, 4)
+    probs = torch.full((3, 4), 0.25)
+    chosen = torch.tensor([[2, 0], [1, 2], [0, 3]])
+    gates = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.9, 0.1]])
+    r = routing_from_choices(logits, probs, chosen, gates)
+    assert r.expert_index.tolist() == [0, 0, 1, 2, 2, 3]
+    assert r.token_index.tolist() == [0, 2, 1, 0, 1, 2]
+    torch.testing.assert_close(r.weight, torch.tensor([0.4, 0.9, 0.7, 0.6, 0.3, 0.1]))
+    assert r.tokens_per_expert.tolist() == [2, 1, 2, 1]
+    assert r.slot_index.tolist() == [1, 0, 0, 0, 1, 1]  # k of each (token, k) choice
+    assert r.kept is None and r.kept_as(torch.long).tolist() == [1] * 6  # dropless: every assignment counts
+
+
+def test_kept_mask_counts_only_the_kept_assignments():
+    r = routing_from_choices(
+        torch.zeros(3, 4),
+        torch.full((3, 4), 0.25),
+        torch.tensor([[2, 0], [1, 2], [0, 3]]),
+        torch.full((3, 2), 0.5),
+    )
+    r.kept = torch.tensor([True, False, True, True, False, True])  # e.g. dropped by capacity
+    assert r.num_assignments == 6 and r.kept_as(torch.float32).tolist() == [1.0, 0.0, 1.0, 1.0, 0.0, 1.0]
+    assert count_per_expert(r.expert_index, 4).tolist() == [2, 1, 2, 1]
+    assert count_per_expert(r.expert_index, 4, r.kept).tolist() == [1, 1, 1, 1]
