@@ -395,38 +395,6 @@ def test_quiz_counts_routing_at_the_answer_position(olmoe_dir, tmp_path):
                 assert m["expert_accuracy"][e] is None
 
 
-def test_intervene_prune_never_fired_changes_nothing_and_reweight_reports(olmoe_dir, tmp_path):
-    from testbed.hf.intervene import main
-
-    quiz = str(olmoe_dir / "quiz")
-    out = tmp_path / "prune"
-    assert (
-        main(["prune", "--hf", str(olmoe_dir), "--quiz", quiz, "--positions", "all", "--out", str(out)]) == 0
-    )
-    result = json.loads((out / "intervention.json").read_text())
-    assert result["before"] == result["after"]
-    out = tmp_path / "prune_answer"
-    assert main(["prune", "--hf", str(olmoe_dir), "--quiz", quiz, "--out", str(out), "--no-progress"]) == 0
-    result = json.loads((out / "intervention.json").read_text())
-    assert all(len(experts) >= 1 for experts in result["experts"].values())  # 10 items, top-2 of 8
-    out = tmp_path / "reweight"
-    assert (
-        main(["reweight", "--hf", str(olmoe_dir), "--quiz", quiz, "--min-items", "1", "--out", str(out)]) == 0
-    )
-    result = json.loads((out / "intervention.json").read_text())
-    assert all(len(experts) == 2 for experts in result["experts"].values())
-    assert result["after"]["loss"] != result["before"]["loss"]
-
-
-def test_best_experts_rule():
-    from testbed.hf.intervene import best_experts
-
-    accuracy = [0.5, 0.9, float("nan"), 0.9, 1.0, 0.2]
-    items = [10, 4, 0, 8, 2, 10]
-    assert best_experts(accuracy, items, top=2, min_items=3) == [1, 3]  # 1.0 has too few items; 0.9 tie
-    assert best_experts(accuracy, items, top=1, min_items=5) == [3]
-
-
 # --------------------------------------------------------------------------------------------- errors
 
 
