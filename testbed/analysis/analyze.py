@@ -21,6 +21,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from testbed.analysis.peer_runs import add_peer_options, run_checkpoint_peers
 from testbed.config import parse_config
 from testbed.data.datamodule import DomainMixDataModule
 from testbed.errors import CheckpointError, ConfigError, TestbedError
@@ -206,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="token budget per domain (default: data.val_tokens_per_domain; 0: every validation token)",
     )
     hf.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_peer_options(parser)  # --peers and its settings (testbed/analysis/peer_runs.py)
     return parser
 
 
@@ -242,4 +244,6 @@ def analyze_checkpoint(args: argparse.Namespace) -> int:
     )
     print((out / "summary.md").read_text())
     print(f"wrote {out}/analysis.json, summary.md, heatmap.png and per-layer plots")
+    if args.peers is not None:  # the analyses of other MoE studies (testbed/analysis/peer_runs.py)
+        return run_checkpoint_peers(args, module, datamodule, out, resolve_checkpoint, load_run)
     return 0

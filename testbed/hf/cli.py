@@ -15,6 +15,7 @@ from testbed.analysis import analyze, quiz
 from testbed.errors import TestbedError
 from testbed.hf.load import load_hf_model
 from testbed.hf.mix import analyze_mix
+from testbed.hf.peers import run_hf_peers
 from testbed.hf.quiz import chernov_figures, evaluate_hf_quiz, quiz_payload
 from testbed.hf.quiz import markdown as hf_markdown
 
@@ -50,6 +51,9 @@ def analyze_hf(args) -> int:
     )
     print((out / "summary.md").read_text())
     print(f"wrote {out}/analysis.json, summary.md, heatmap.png and per-layer plots")
+    if args.peers is not None:  # the analyses of other MoE studies (testbed/hf/peers.py)
+        files = run_hf_peers(args, hf, data, seq_len, budget, out)
+        print(f"wrote {out}/{', '.join(files)}")
     return 0
 
 
