@@ -146,16 +146,36 @@ def test_token_tables_count_lift_and_vocabulary_share():
 
 def test_token_tables_stay_within_their_budget():
     """2 slots: the first types seen (5, 6 by id within the batch) are tracked, type 7 and the next tokens are
-    counted in the totals only, and the coverage says so."""
+    counted in the totals only, and the coverage says so. Tables grow with the types seen, by doubling."""
     tokens, routing = token_routing()
     tables = TokenTables(1, 3, vocab_size=200, budget=12)  # 12 // (2 x 1 x 3) = 2 slots
-    assert tables.slots == 2 and tables.inputs.numel() + tables.nexts.numel() <= 12
+    assert tables.max_slots == 2
     tables.observe(tokens, tokens + 100)
     tables.update(0, routing)
+    assert tables.inputs.numel() + tables.nexts.numel() <= 12
     tracking = tables.coverage()
     assert tracking["types_tracked"] == 2 and not tracking["exact"]
-    assert tracking["coverage_inputs"] == pytest.approx(12 / 14)
+    assert tracking["coverage_inputs"] == pytest.approx(12 / 14) and tracking["coverage_next"] == 0.0
     assert tables.assignments[0].tolist() == [8, 3, 3]  # every assignment is still counted
+    assert tables.inputs[0, :, 0].tolist() == [6, 0, 0] and tables.inputs[0, :, 1].tolist() == [0, 3, 3]
+
+    growing = TokenTables(1, 3, vocab_size=200, initial_slots=1)
+    for start in range(0, 14, 4):  # four batches: the tables widen from 1 slot as types arrive
+        growing.observe(tokens[start : start + 4], tokens[start : start + 4] + 100)
+        growing.update(0, hand_routing(routing_rows(routing)[start : start + 4], gates=None, num_experts=3))
+    assert growing.slots >= growing.used == 6 and growing.coverage()["exact"]
+    exact = TokenTables(1, 3, vocab_size=200)
+    exact.observe(tokens, tokens + 100)
+    exact.update(0, routing)
+    assert growing.summary(top=5, min_count=1) == exact.summary(top=5, min_count=1)
+
+
+def routing_rows(routing) -> list[list[int]]:
+    """A one-expert-per-token routing's experts in token order, as `hand_routing` takes them."""
+    rows = [0] * routing.num_tokens
+    for token, expert in zip(routing.token_index.tolist(), routing.expert_index.tolist(), strict=True):
+        rows[token] = expert
+    return [[e] for e in rows]
 
 
 def test_agreement_of_hand_routings():

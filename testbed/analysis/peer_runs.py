@@ -380,7 +380,7 @@ def checkpoint_peers(
     ablate_layers: str | None = None,
     top: int = 10,
     min_count: int = 5,
-    token_budget: int = 2**26,
+    token_budget: int = 2**27,
 ) -> dict:
     """The selected analyses on a testbed model (`MoELanguageModel`) over `batches` (dicts of input_ids,
     domain_ids and targets [B, S]); `other`: the second checkpoint's module for agreement."""

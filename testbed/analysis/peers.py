@@ -149,10 +149,11 @@ class TokenTables:
     n_in[l, e, v] = #{t : e ∈ S_t, x_t = v}, n_next[l, e, v] = #{t : e ∈ S_t, x_{t+1} = v}, with the base
     counts c_in[v] = #{t : x_t = v}, c_next[v] over every token, and the assignments per expert A[l, e].
 
-    Bounded: token types get a table slot on first sight, at most `slots` = min(V, budget / (2 L E)) of them
-    (default budget 2^26 int32 cells, 256 MiB); the occurrences of types seen after the slots ran out are
-    counted in the totals but in no table, and `coverage` reports the share of occurrences that were
-    tracked (1: the tables are exact). Types are seen roughly by frequency, so the frequent ones are tracked.
+    Bounded: token types get a table slot on first sight, at most `max_slots` = min(V, budget / (2 L E)) of
+    them (default budget 2^27 int32 cells, 512 MiB); the tables grow with the types seen (doubling), so a
+    small mix costs little whatever the vocabulary. Occurrences of types seen after the slots ran out are
+    counted in the totals but in no table, and `coverage` reports the share of occurrences that were tracked
+    (`exact`: all of them). Types are seen roughly by frequency, so the frequent ones are tracked.
     """
 
     def __init__(
@@ -161,32 +162,51 @@ class TokenTables:
         num_experts: int,
         vocab_size: int,
         device: torch.device | str = "cpu",
-        budget: int = 2**26,
+        budget: int = 2**27,
+        initial_slots: int = 1024,
     ):
         self.num_layers, self.num_experts, self.vocab_size = num_layers, num_experts, vocab_size
-        self.slots = max(1, min(vocab_size, budget // (2 * num_layers * num_experts)))
+        self.max_slots = max(1, min(vocab_size, budget // (2 * num_layers * num_experts)))
         self.device = torch.device(device)
         self.slot_of = torch.full((vocab_size,), -1, dtype=torch.long, device=device)
-        self.token_of = torch.full((self.slots,), -1, dtype=torch.long, device=device)
+        self.slots = 0  # allocated
+        self.token_of = torch.zeros(0, dtype=torch.long, device=device)
+        self.inputs = torch.zeros(num_layers, num_experts, 0, dtype=torch.int32, device=device)
+        self.nexts = torch.zeros_like(self.inputs)
+        self.base_inputs = torch.zeros(0, dtype=torch.long, device=device)
+        self.base_nexts = torch.zeros(0, dtype=torch.long, device=device)
+        self._grow(min(self.max_slots, initial_slots))
         self.used = 0
-        shape = (num_layers, num_experts, self.slots)
-        self.inputs = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.nexts = torch.zeros(shape, dtype=torch.int32, device=device)
-        self.base_inputs = torch.zeros(self.slots, dtype=torch.long, device=device)
-        self.base_nexts = torch.zeros(self.slots, dtype=torch.long, device=device)
         self.assignments = torch.zeros(num_layers, num_experts, dtype=torch.long, device=device)
         self.tokens = 0
         self.tracked_inputs = 0
         self.tracked_nexts = 0
+        self.next_tokens = 0
         self._in_slot: Tensor | None = None
         self._next_slot: Tensor | None = None
+
+    def _grow(self, slots: int) -> None:
+        """Widen every table to `slots` columns, keeping the counts."""
+        extra = slots - self.slots
+        if extra <= 0:
+            return
+        pad = torch.zeros(self.num_layers, self.num_experts, extra, dtype=torch.int32, device=self.device)
+        self.inputs = torch.cat([self.inputs, pad], dim=-1)
+        self.nexts = torch.cat([self.nexts, torch.zeros_like(pad)], dim=-1)
+        zeros = torch.zeros(extra, dtype=torch.long, device=self.device)
+        self.base_inputs = torch.cat([self.base_inputs, zeros])
+        self.base_nexts = torch.cat([self.base_nexts, zeros])
+        self.token_of = torch.cat([self.token_of, torch.full_like(zeros, -1)])
+        self.slots = slots
 
     def observe(self, token_ids: Tensor, next_ids: Tensor | None) -> None:
         """The batch's tokens [T] and next tokens [T] (once per batch, before the layers' `update`)."""
         ids = token_ids if next_ids is None else torch.cat([token_ids, next_ids])
         seen = ids.unique()
-        new = seen[self.slot_of[seen] < 0][: self.slots - self.used]
+        new = seen[self.slot_of[seen] < 0][: self.max_slots - self.used]
         if len(new):
+            if self.used + len(new) > self.slots:
+                self._grow(min(self.max_slots, max(2 * self.slots, self.used + len(new))))
             slots = torch.arange(self.used, self.used + len(new), device=self.device)
             self.slot_of[new], self.token_of[slots] = slots, new
             self.used += len(new)
@@ -198,6 +218,7 @@ class TokenTables:
         self._next_slot = None
         if next_ids is not None:
             self._next_slot = self.slot_of[next_ids]
+            self.next_tokens += next_ids.numel()
             tracked = self._next_slot >= 0
             self.base_nexts.index_add_(0, self._next_slot.clamp_min(0), tracked.long())
             self.tracked_nexts += int(tracked.sum())
@@ -214,12 +235,12 @@ class TokenTables:
 
     def coverage(self) -> dict:
         return {
-            "vocabulary_slots": self.slots,
+            "vocabulary_slots": self.max_slots,
             "types_tracked": self.used,
             "tokens": self.tokens,
             "coverage_inputs": self.tracked_inputs / self.tokens if self.tokens else None,
-            "coverage_next": self.tracked_nexts / self.tokens if self.tokens and self.tracked_nexts else None,
-            "exact": self.tracked_inputs == self.tokens,
+            "coverage_next": self.tracked_nexts / self.next_tokens if self.next_tokens else None,
+            "exact": self.tracked_inputs == self.tokens and self.tracked_nexts == self.next_tokens,
         }
 
     def summary(
@@ -244,7 +265,7 @@ class TokenTables:
             for e in range(self.num_experts):
                 entry = {"expert": e, "assignments": float(assignments[layer, e])}
                 for key, table, base in (("input", n_in, base_in), ("next", n_next, base_next)):
-                    if key == "next" and self.tracked_nexts == 0:
+                    if key == "next" and self.next_tokens == 0:
                         continue
                     ranked = expert_tokens(table[e], base, assignments[layer, e], self.tokens, top, min_count)
                     for rows in ranked.values():
@@ -601,7 +622,7 @@ class PeerCollector:
         num_domains: int,
         vocab_size: int,
         device: torch.device | str = "cpu",
-        token_budget: int = 2**26,
+        token_budget: int = 2**27,
     ):
         self.analyses = list(analyses)
         self.num_layers, self.num_experts = num_layers, num_experts

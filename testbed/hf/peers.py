@@ -150,7 +150,7 @@ def hf_peers(
     ablate_layers: str | None = None,
     top: int = 10,
     min_count: int = 5,
-    token_budget: int = 2**26,
+    token_budget: int = 2**27,
     progress: bool = False,
 ) -> dict:
     """The selected analyses on `hf` over the mix `data` (the `data=` config of testbed-analyze); `other`:
