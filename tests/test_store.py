@@ -358,15 +358,3 @@ def test_train_cli_exits_2_on_a_corrupt_store_naming_the_file(synth_mix, tmp_pat
     assert f"error: token store file {damaged} (gamma, val) holds" in done.stderr
     assert "delete the store folder to rebuild it" in done.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
-
-
-@pytest.mark.parametrize(
-    "override,key",
-    [("data.test_fraction=0.95", "data.test_fraction"), ("data.group_field=''", "data.group_field")],
-)
-def test_split_settings_are_validated(override, key):
-    from testbed.config import parse_config
-    from tests.conftest import compose
-
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        parse_config(compose([override]))
