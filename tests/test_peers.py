@@ -621,6 +621,9 @@ def test_testbed_run_option_errors(oracle_run, tmp_path, capsys):
         analyze_main([str(oracle_run), "--peers", "coactivation,bogus"])
     assert exit_info.value.code == 2
     assert "allowed: all" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a bare --peers before an override takes it as its list
+        analyze_main([str(oracle_run), "--peers", "data.seq_len=16"])
+    assert "put it after the overrides" in capsys.readouterr().err
     out = tmp_path / "out"
     assert analyze_main([str(oracle_run), "--out", str(out), "--peers", "agreement"]) == 2
     assert "--compare" in capsys.readouterr().err

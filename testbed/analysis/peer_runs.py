@@ -51,7 +51,12 @@ def _peers_value(value: str) -> list[str]:
     try:
         return parse_peers(value)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        hint = (
+            " (a bare --peers takes the next word as its list: put it after the overrides)"
+            if "=" in value
+            else ""
+        )
+        raise argparse.ArgumentTypeError(f"{err}{hint}") from None
 
 
 def add_peer_options(parser: argparse.ArgumentParser) -> None:
@@ -127,10 +132,11 @@ def ablated_layers(value: str | None, layer_names: Sequence[str]) -> list[int]:
 
 
 def write_peer_report(out: Path, payload: dict) -> list[str]:
-    """peers.json (every number; NaN as null), peers.md and the figures; returns the files written."""
+    """peers.json (every number to 8 significant digits, NaN as null, compact: E x E tables of every layer
+    make it large for big models), peers.md and the figures; returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
-    clean = json_ready(payload)
-    (out / "peers.json").write_text(json.dumps(clean, indent=1) + "\n")
+    clean = json_ready(payload, digits=8)
+    (out / "peers.json").write_text(json.dumps(clean, separators=(",", ":")) + "\n")
     figures = peer_figures(clean, out)
     (out / "peers.md").write_text(markdown(clean, figures))
     return ["peers.json", "peers.md", *figures]
@@ -383,7 +389,9 @@ def checkpoint_peers(
     token_budget: int = 2**27,
 ) -> dict:
     """The selected analyses on a testbed model (`MoELanguageModel`) over `batches` (dicts of input_ids,
-    domain_ids and targets [B, S]); `other`: the second checkpoint's module for agreement."""
+    domain_ids and targets [B, S]; re-iterable, e.g. a DataLoader: ablation and forcing read its first
+    batches again, up to `ablation_tokens_per_domain` tokens per domain, and hold only those);
+    `other`: the second checkpoint's module for agreement."""
     model = module.model.eval()
     device = next(model.parameters()).device
     layers = model.moe_layers
@@ -397,8 +405,6 @@ def checkpoint_peers(
         "top_k": getattr(layers[0].router.config, "top_k", None),
     }
     counting = [a for a in analyses if a in COUNTING or a == "agreement"]
-    kept_batches = list(batches) if any(a in analyses for a in ("ablation", "forcing")) else None
-    source = kept_batches if kept_batches is not None else batches
     if counting:
         collector = PeerCollector(
             counting, len(layers), num_experts, len(domains), model.config.vocab_size, device, token_budget
@@ -406,7 +412,7 @@ def checkpoint_peers(
         if other is not None:
             other.model.eval()
         with ExpertOutputs(layers) as captured:
-            for batch in source:
+            for batch in batches:
                 ids, domain_ids = batch["input_ids"].to(device), batch["domain_ids"].to(device)
                 collector.begin_batch(
                     ids.reshape(-1), batch["targets"].to(device).reshape(-1), domain_ids.reshape(-1)
@@ -424,9 +430,9 @@ def checkpoint_peers(
                 collector.end_batch()
         payload["tokens_counted"] = collector.num_tokens
         payload |= collector.summary(names, domains, decode, top, min_count)
-    if kept_batches is not None:
+    if any(a in analyses for a in ("ablation", "forcing")):
         chosen = ablated_layers(ablate_layers, names)
-        subset = subset_batches(kept_batches, len(domains), ablation_tokens_per_domain)
+        subset = subset_batches(batches, len(domains), ablation_tokens_per_domain)  # a second pass
         baseline = domain_losses(model, subset, len(domains), device)
         tokens = sum(int(b["input_ids"].numel()) for b in subset)
         for kind in ("ablation", "forcing"):

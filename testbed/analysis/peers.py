@@ -776,14 +776,17 @@ def loss_table_summary(
     return out
 
 
-def json_ready(value):
-    """Nested containers with NaN and infinities as None (strict JSON), numpy scalars as Python numbers."""
+def json_ready(value, digits: int | None = None):
+    """Nested containers with NaN and infinities as None (strict JSON), numpy scalars as Python numbers and
+    floats rounded to `digits` significant digits (None: as they are)."""
     if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
+        return {str(k): json_ready(v, digits) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [json_ready(v) for v in value]
+        return [json_ready(v, digits) for v in value]
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        return float(f"{value:.{digits}g}") if digits else value
     return value
