@@ -5,6 +5,7 @@ above testbed.analysis in the layering, so that testbed.analysis never imports t
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from testbed.analysis import analyze, quiz
 from testbed.errors import TestbedError
-from testbed.hf.load import load_hf_model
+from testbed.hf.load import DEVICE_MAPS, load_hf_model
 from testbed.hf.mix import analyze_mix
 from testbed.hf.peers import run_hf_peers
 from testbed.hf.quiz import chernov_figures, evaluate_hf_quiz, quiz_payload
@@ -22,7 +23,7 @@ from testbed.hf.quiz import markdown as hf_markdown
 
 def analyze_hf(args) -> int:
     """`testbed-analyze --hf MODEL [data overrides]`: the same report for a pretrained Hugging Face MoE."""
-    hf = load_hf_model(args.hf, args.device, args.dtype, args.tokenizer)
+    hf = load_hf_model(args.hf, args.device, args.dtype, args.tokenizer, args.revision, args.device_map)
     data = quiz.compose_data(args.overrides)
     seq_len = args.seq_len or data.seq_len
     budget = data.val_tokens_per_domain if args.max_tokens_per_domain is None else args.max_tokens_per_domain
@@ -63,7 +64,7 @@ def quiz_hf(args) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     items = quiz.load_quiz(args.quiz)
-    hf = load_hf_model(args.hf, args.device, args.dtype, args.tokenizer)
+    hf = load_hf_model(args.hf, args.device, args.dtype, args.tokenizer, args.revision, args.device_map)
     result = evaluate_hf_quiz(hf, items, args.batch_items, args.max_length, progress=not args.no_progress)
     payload = {"quiz": [str(p) for p in args.quiz], **quiz_payload(hf, result, items)}
     out = args.out or Path("quiz") / Path(str(args.hf).rstrip("/")).name
@@ -76,9 +77,57 @@ def quiz_hf(args) -> int:
     return 0
 
 
+def first_paragraph(doc: str) -> str:
+    """A module docstring's first paragraph as one line: the whole sentence for --help (argparse's
+    description), never its first line only."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def add_hf_reach_options(parser: argparse.ArgumentParser) -> None:
+    """--revision and --device-map of the --hf paths (testbed/hf/load.py)."""
+    group = parser.add_argument_group("pretrained Hugging Face MoEs: placement and version")
+    group.add_argument("--revision", help="a hub branch, tag or commit of --hf (hub ids only)")
+    group.add_argument(
+        "--device-map",
+        choices=DEVICE_MAPS,
+        help="place the layers with accelerate (needs `pip install accelerate`) instead of --device; "
+        "--dtype auto is then bf16 when a GPU is present",
+    )
+
+
+def analyze_parser() -> argparse.ArgumentParser:
+    parser = analyze.build_parser()
+    parser.description = first_paragraph(analyze.__doc__)
+    add_hf_reach_options(parser)
+    return parser
+
+
+def quiz_parser() -> argparse.ArgumentParser:
+    parser = quiz.build_parser()
+    parser.description = first_paragraph(quiz.__doc__)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and "eval" in action.choices:
+            add_hf_reach_options(action.choices["eval"])
+    return parser
+
+
+def parse_quiz_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """`quiz.parse_args` with the --hf placement options added to `eval` and the whole description."""
+    parser = quiz_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].startswith("--hf"):  # `testbed-quiz --hf MODEL --quiz ...` means `eval --hf`
+        argv.insert(0, "eval")
+    args, extra = parser.parse_known_args(argv)  # overrides may also come after the options
+    if args.command == "build" and not any(x.startswith("-") for x in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def analyze_main(argv: list[str] | None = None) -> int:
     """`testbed-analyze`: a testbed checkpoint or run directory, or `--hf MODEL`."""
-    parser = analyze.build_parser()
+    parser = analyze_parser()
     args = parser.parse_args(argv)
     if args.hf is not None:
         if args.checkpoint is not None:  # argparse puts the first override into `checkpoint`
@@ -90,15 +139,20 @@ def analyze_main(argv: list[str] | None = None) -> int:
             return 2
     if args.checkpoint is None:
         parser.error("give a checkpoint (or run directory), or --hf MODEL")
+    if args.revision is not None or args.device_map is not None:
+        print("error: --revision and --device-map apply to --hf models only", file=sys.stderr)
+        return 2
     return analyze.analyze_checkpoint(args)
 
 
 def quiz_main(argv: list[str] | None = None) -> int:
     """`testbed-quiz build ...`, `testbed-quiz eval <run> ...` or `testbed-quiz [eval] --hf MODEL ...`."""
-    args = quiz.parse_args(argv)
+    args = parse_quiz_args(argv)
     try:
         if args.command == "build":
             return quiz.build_main(args)
+        if args.hf is None and (args.revision is not None or args.device_map is not None):
+            raise TestbedError("--revision and --device-map apply to --hf models only")
         return quiz_hf(args) if args.hf is not None else quiz.eval_main(args)
     except TestbedError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -42,6 +42,7 @@ class UsageCount:
     stable: bool = False
     stop: str = ""
     source: str = ""
+    agreement: dict = field(default_factory=dict)  # per layer: reconstructed == the model's own choice
 
     def never_used(self) -> list[list[int]]:
         return [torch.nonzero(row == 0).flatten().tolist() for row in self.load]
@@ -54,6 +55,7 @@ class UsageCount:
             "stopped": self.stop,
             "never_used": dict(zip(self.layer_names, self.never_used(), strict=True)),
             "history": self.history,
+            "selection_agreement": self.agreement,
         }
 
 
@@ -124,37 +126,44 @@ def count_usage(
 
     hooks.on_choice = on_choice
     count = UsageCount(hooks.layer_names, load, mass, source=source)
-    last: list[frozenset] | None = None
-    next_look = start_tokens
-    body = decoder_of(hf.model)
     with hooks:
-        for batch in batches:
-            ids, mask = batch if isinstance(batch, tuple) else (batch, None)
-            ids = ids.to(hf.device)
-            if int(ids.max()) >= hf.vocab_size:
-                raise DataError(
-                    f"token id {int(ids.max())} is outside the model's vocabulary ({hf.vocab_size}): the "
-                    "tokenizer does not belong to this model"
-                )
-            current["rows"] = None if mask is None else mask.reshape(-1).bool()
-            kwargs = {} if mask is None else {"attention_mask": mask.to(hf.device)}
-            body(input_ids=ids, **kwargs)
-            count.tokens += int(ids.numel() if mask is None else mask.sum())
-            if grow and count.tokens >= next_look:
-                never = [frozenset(e) for e in count.never_used()]
-                count.history.append({"tokens": count.tokens, "never_used": [len(s) for s in never]})
-                if last is not None and never == last:
-                    count.stable, count.stop = True, "stable over a doubling"
-                    return count
-                last, next_look = never, 2 * count.tokens
-            if grow and count.tokens >= max_tokens:
-                count.stop = f"token cap ({max_tokens}) reached before the never-used sets were stable"
-                return count
+        _count(hf, count, batches, current, grow, start_tokens, max_tokens)
+    count.agreement = hooks.agreement()
     if count.tokens == 0:
         raise DataError("no token to count: the sample is empty (lower --count-seq-len or give more text)")
-    if grow:
-        count.history.append({"tokens": count.tokens, "never_used": [len(s) for s in count.never_used()]})
-        count.stop = "the text ran out before the never-used sets were stable"
-    else:
-        count.stop = "every position of the sample counted"
     return count
+
+
+def _count(hf: HFModel, count: UsageCount, batches, current: dict, grow: bool, start: int, cap: int) -> None:
+    """The loop of `count_usage`: forward passes (the hooks count), looks at the never-used sets."""
+    last: list[frozenset] | None = None
+    next_look = start
+    body = decoder_of(hf.model)
+    for batch in batches:
+        ids, mask = batch if isinstance(batch, tuple) else (batch, None)
+        ids = ids.to(hf.device)
+        if int(ids.max()) >= hf.vocab_size:
+            raise DataError(
+                f"token id {int(ids.max())} is outside the model's vocabulary ({hf.vocab_size}): the "
+                "tokenizer does not belong to this model"
+            )
+        current["rows"] = None if mask is None else mask.reshape(-1).bool()
+        kwargs = {} if mask is None else {"attention_mask": mask.to(hf.device)}
+        body(input_ids=ids, **kwargs)
+        count.tokens += int(ids.numel() if mask is None else mask.sum())
+        if grow and count.tokens >= next_look:
+            never = [frozenset(e) for e in count.never_used()]
+            count.history.append({"tokens": count.tokens, "never_used": [len(s) for s in never]})
+            if last is not None and never == last:
+                count.stable, count.stop = True, "stable over a doubling"
+                return
+            last, next_look = never, 2 * count.tokens
+        if grow and count.tokens >= cap:
+            count.stop = f"token cap ({cap}) reached before the never-used sets were stable"
+            return
+    if not grow:
+        count.stop = "every position of the sample counted"
+        return
+    if count.tokens and (not count.history or count.history[-1]["tokens"] != count.tokens):
+        count.history.append({"tokens": count.tokens, "never_used": [len(s) for s in count.never_used()]})
+    count.stop = "the text ran out before the never-used sets were stable"
