@@ -367,3 +367,28 @@ def test_best_experts_rule():
     items = [10, 4, 0, 8, 2, 10]
     assert best_experts(accuracy, items, top=2, min_items=3) == [1, 3]  # 1.0 has too few items; 0.9 tie
     assert best_experts(accuracy, items, top=1, min_items=5) == [3]
+
+
+def test_saved_in_the_checkpoints_dtype_with_fp32_modules_kept(tmp_path):
+    """A bf16 checkpoint analysed in fp32 is saved in bf16 again; what the family keeps in fp32 (DeepSeek-V3:
+    the router weight and its correction bias) stays fp32."""
+    from safetensors import safe_open
+
+    model, unreachable = unreachable_model("deepseek_v3")
+    hf = wrap_model(model, None)
+    hf.stored_dtype = torch.bfloat16
+    plan = PrunePlan(["layer0", "layer1"], [unreachable, unreachable], 8, "test")
+    result = prune_model(hf, plan)
+    saved = save_pruned(hf, tmp_path / "bf16", result)
+    assert saved["dtype"] == "bfloat16"
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as fh:
+        dtypes = {key: fh.get_slice(key).get_dtype() for key in fh.keys()}
+    assert dtypes["model.layers.0.mlp.gate.e_score_correction_bias"] == "F32"
+    assert dtypes["model.layers.0.mlp.gate.weight"] == "F32"
+    assert dtypes["model.layers.0.mlp.experts.0.down_proj.weight"] == "BF16"
+    assert "model.layers.0.mlp.experts.6.down_proj.weight" not in dtypes  # 8 - 2 experts: ids 0 .. 5
+    assert "model.layers.0.mlp.experts.5.down_proj.weight" in dtypes
+    fp32 = sum(n for name, n in result.removed_tensors if "mlp.gate." in name)
+    assert saved["bytes_removed"] == 2 * sum(n for _, n in result.removed_tensors) + 2 * fp32
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+    assert reloaded.config.n_routed_experts == 6
