@@ -265,7 +265,8 @@ def agreement_figure(agreement: Mapping, out: Path, title: str | None = None) ->
         ax.set_ylabel("share of tokens")
         _layer_axis(ax, names)
         ax.legend(loc="best", frameon=False)
-        ax.set_title(f"routing of {agreement.get('checkpoint_b', 'B')} vs this checkpoint", wrap=True)
+        other = Path(str(agreement.get("checkpoint_b", "B")).rstrip("/")).name
+        ax.set_title(f"routing vs {other}")
         if title:
             fig.suptitle(title)
     return save(fig, out, "peers_agreement")
@@ -311,7 +312,8 @@ def loss_change_figure(table: Mapping, kind: str, out: Path, title: str | None =
         bars.axhline(0, color="black", lw=0.5)
         bars.set_xticks(range(len(top)))
         bars.set_xticklabels([f"L{_short(e['layer'])} E{e['expert']}" for e in top])
-        bars.set_xlabel("layer and expert " + ("(largest increase)" if kind == "ablation" else "(smallest)"))
+        rank = "largest mean increase" if kind == "ablation" else "smallest mean change"
+        bars.set_xlabel(f"layer and expert ({rank})")
         bars.set_ylabel("loss change (nats/token)")
         bars.legend(loc="best", frameon=False, ncols=min(len(domains), 3))
         if title:

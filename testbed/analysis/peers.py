@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -46,6 +47,15 @@ def parse_peers(value: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ per token
+
+
+def routing_to(routing: Routing, device: torch.device | str) -> Routing:
+    """`routing` with its tensors on `device` (layers placed on several devices report on theirs)."""
+    device = torch.device(device)
+    if routing.token_index.device == device:
+        return routing
+    moved = {f.name: getattr(routing, f.name) for f in fields(routing)}
+    return replace(routing, **{k: v.to(device) for k, v in moved.items() if isinstance(v, Tensor)})
 
 
 def membership(routing: Routing) -> Tensor:
@@ -508,7 +518,7 @@ class Contribution:
     Per layer: their means over the tokens with a non-zero mixture, the mean share by gate rank and by
     expert, and histograms of the top-1 share and of the cosine."""
 
-    def __init__(self, num_layers: int, num_experts: int, max_rank: int = 8, bins: int = 20):
+    def __init__(self, num_layers: int, num_experts: int, max_rank: int = 16, bins: int = 20):
         self.num_layers, self.num_experts, self.max_rank, self.bins = num_layers, num_experts, max_rank, bins
         self.tokens = np.zeros(num_layers)
         self.skipped = np.zeros(num_layers)
@@ -625,6 +635,7 @@ class PeerCollector:
         token_budget: int = 2**27,
     ):
         self.analyses = list(analyses)
+        self.device = torch.device(device)
         self.num_layers, self.num_experts = num_layers, num_experts
         self.coactivation = (
             CoActivation(num_layers, num_experts, device) if "coactivation" in analyses else None
@@ -650,6 +661,7 @@ class PeerCollector:
     def layer(self, layer: int, routing: Routing) -> None:
         if self.coactivation is None and self.cross_layer is None and self.tokens is None:
             return
+        routing = routing_to(routing, self.device)
         member = membership(routing)
         if self.coactivation is not None:
             self.coactivation.update(layer, member)
@@ -673,7 +685,9 @@ class PeerCollector:
 
     def compare(self, layer: int, a: Routing, b: Routing) -> None:
         if self.agreement is not None:
-            self.agreement.update(layer, a, b, self._domain_ids)
+            self.agreement.update(
+                layer, routing_to(a, self.device), routing_to(b, self.device), self._domain_ids
+            )
 
     def end_batch(self) -> None:
         if self.cross_layer is not None:

@@ -18,7 +18,6 @@ Interventions need routers that return their choice (transformers >= 5).
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import fields, replace
 
 import numpy as np
 import torch
@@ -299,7 +298,7 @@ def _counting_pass(
                 decoder(other)(input_ids=inputs.to(other.device))
                 for layer in range(num_layers):
                     b = other_routings[layer]
-                    collector.compare(layer, routings[layer], _to(b, hf.device))
+                    collector.compare(layer, routings[layer], b)
                 other_routings.clear()
             routings.clear()
             collector.end_batch()
@@ -313,19 +312,6 @@ def _counting_pass(
     if other is not None:
         out["agreement"]["checkpoint_b"] = other.name
     return out
-
-
-def _to(routing, device):
-    if routing.token_index.device == torch.device(device):
-        return routing
-    return replace(
-        routing,
-        **{
-            f.name: getattr(routing, f.name).to(device)
-            for f in fields(routing)
-            if isinstance(getattr(routing, f.name), Tensor)
-        },
-    )
 
 
 def run_hf_peers(args, hf: HFModel, data, seq_len: int, budget: int, out) -> list[str]:
