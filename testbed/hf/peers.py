@@ -227,7 +227,9 @@ def _intervened_losses(hf, kind, layer, expert, batches, routers, domains) -> np
         try:
             with RouterHooks(hf.model, hf.spec, excluded=excluded):
                 return domain_losses(hf, batches, len(domains))
-        except RuntimeError as err:  # a router that returns logits only (transformers 4)
+        except RuntimeError as err:  # a router that returns logits only (transformers 4); others propagate
+            if "transformers>=5" not in str(err):
+                raise
             raise HFModelError(str(err)) from err
     handle = routers[layer].register_forward_hook(_force(expert))
     try:
