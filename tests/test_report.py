@@ -492,3 +492,111 @@ def test_report_plots_show_95_percent_intervals_and_short_labels(tmp_path, monke
 
     texts = [text for figure in figures for text in legend_texts(figure[3])]
     assert "LBL, global" in texts and not [text for text in texts if "=" in text]
+
+
+def test_result_neutral_settings_are_no_grouping_key(tmp_path, capsys):
+    """The same configuration logged to CSV and to TensorBoard (and drawn or not while training) is one
+    row of n = 2: where a run logs cannot change its results."""
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "0", ["balance.scope=global", "seed=0"], {"val/loss": 4.0, "seed": 0})
+    fake_run(
+        sweep / "1",
+        ["balance.scope=global", "seed=1", "logger=tensorboard", "metrics.plots=false", "+logger.project=x"],
+        {"val/loss": 5.0, "seed": 1},
+    )
+    fake_run(
+        sweep / "2", ["balance.scope=sequence", "seed=0", "trainer.progress_bar=false"], {"val/loss": 6.0}
+    )
+    assert main([str(sweep), "--columns", "val/loss", "--no-committed-baselines"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| balance.scope | n | val/loss |"
+    assert lines[1:] == ["| global | 2 | 4.500 ± 0.707 |", "| sequence | 1 | 6.000 |"]
+    assert main([str(sweep), "--columns", "val/loss", "--per-run", "--no-committed-baselines"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header == "| run | balance.scope | seed | val/loss |"  # no logger, plots or progress-bar column
+
+
+def test_plots_need_a_place_and_say_what_they_skip(tmp_path, capsys, monkeypatch):
+    """--plots without --out: into the one folder given (never the current folder); several folders and no
+    --out: refused with a message naming --out. A metric logged once per run draws no curve, and says so."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("a", "b"):
+        run = tmp_path / name / "0"
+        fake_run(
+            run, ["balance.scope=global"], {"spec/utilization/mean": 0.9, "spec/purity/mean": 0.3, "seed": 0}
+        )
+        write_metrics_csv(run, [{"step": 99, "val/loss": 5.0}, {"step": 49, "train/lm_loss": 5.5}])
+    assert main([str(tmp_path / "a"), "--plots", "--curves", "val/loss", "--no-committed-baselines"]) == 0
+    captured = capsys.readouterr()
+    assert (tmp_path / "a" / "frontier_purity.png").is_file()
+    assert not list(tmp_path.glob("*.png"))  # nothing in the current folder
+    assert "note: --curves val/loss: no curve drawn, every run logged it once" in captured.err
+    assert not (tmp_path / "a" / "curve_val_loss.png").exists()
+    assert main([str(tmp_path / "a"), str(tmp_path / "b"), "--plots", "--no-committed-baselines"]) == 2
+    assert "--plots with 2 run folders needs --out" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_heatmaps_from_the_count_tables_training_saved(tmp_path, monkeypatch, capsys):
+    """No testbed-analyze needed: a run's last routing/counts_step<N>.pt (read with the safe loader) gives
+    its panel; an analysis.json, where there is one, still wins; a table holding other objects is refused
+    with a warning, never unpickled."""
+    import numpy as np
+    import torch
+
+    from testbed.analysis import report
+
+    sweep = tmp_path / "sweep"
+    for i, router in enumerate(["oracle", "hash", "sigmoid"]):
+        run = sweep / f"p{i}" / "0"
+        fake_run(run, [f"router={router}", "seed=0"], {"status": "finished", "seed": 0, "val/loss": 4.0})
+        (run / "routing").mkdir()
+        for step, scale in ((10, 100), (20, 1 + i)):  # the last validation's table (step 20) is used
+            counts = torch.tensor([[[1, 1], [1, 1]], [[scale, 0], [0, 2 * scale]]], dtype=torch.float64)
+            table = {"step": step, "domains": ["a", "b"], "layers": ["layer0", "layer1"], "counts": counts}
+            torch.save(table, run / "routing" / f"counts_step{step}.pt")
+    analysed = sweep / "p1" / "0" / "analysis"
+    analysed.mkdir()
+    analysis = {"domains": ["a", "b"], "counts": {"layer0": [[0, 0], [0, 0]], "layer1": [[7, 0], [0, 7]]}}
+    (analysed / "analysis.json").write_text(json.dumps(analysis))
+
+    from argparse import Namespace  # any class: the safe loader refuses it
+
+    torch.save({"counts": Namespace(x=1)}, sweep / "p2" / "0" / "routing" / "counts_step30.pt")
+    seen = {}
+    monkeypatch.setattr(
+        report,
+        "domain_expert_heatmaps",
+        lambda counts, domains, names, out_path=None, title=None: seen.update(counts=np.asarray(counts)),
+    )
+    runs, _ = report.find_runs([sweep])
+    assert report.heatmap_panels(runs, tmp_path) == [tmp_path / "heatmaps.png"]
+    assert seen["counts"].tolist() == [[[1, 0], [0, 2]], [[7, 0], [0, 7]]]  # oracle: step 20; hash: analysis
+    assert "counts_step30.pt: not a routing count table" in capsys.readouterr().err  # refused, named
+
+
+def test_hash_runs_that_balance_are_flagged_not_baselines(tmp_path, capsys):
+    """A router sweep with the default balance=load_balance trains its hash run with a balancing term: the
+    report names it and the regime check leaves it out of gain_over_hash; hash with balance=none is the
+    baseline."""
+    model = {"name": "micro", "n_layers": 2, "dense_layers": 0, "moe": {"num_experts": 4, "expert_hidden": 8}}
+    base = {"data": {}, "optim": {}, "trainer": {"max_steps": 10}, "model": model}
+
+    def summary(router, balance, loss):
+        resolved = {**base, "router": {"name": router, "top_k": 2}}
+        config = {"router": router, "balance": balance}
+        return {"status": "finished", "seed": 0, "val/loss": loss, "config": config, "resolved": resolved,
+                "tokens_seen": 100, "steps": 10}  # fmt: skip
+
+    fake_run(tmp_path / "sweep" / "0", ["router=topk_softmax"], summary("topk_softmax", "load_balance", 4.0))
+    fake_run(tmp_path / "sweep" / "1", ["router=hash"], summary("hash", "load_balance", 4.5))
+    assert main([str(tmp_path / "sweep"), "--columns", "val/loss", "--no-committed-baselines"]) == 0
+    out = capsys.readouterr().out
+    assert "**Not a regime baseline**: 1 hash-routed run(s)" in out
+    assert f"- {tmp_path / 'sweep' / '1'} (balance=load_balance)" in out
+    assert "gain_over_hash" in out and "+0.500" not in out  # no gain over the balancing hash run
+    fake_run(tmp_path / "sweep" / "2", ["router=hash", "balance=none"], summary("hash", "none", 4.25))
+    assert main([str(tmp_path / "sweep"), "--columns", "val/loss", "--no-committed-baselines"]) == 0
+    out = capsys.readouterr().out
+    assert "+0.250" in out  # the gain over the balance=none hash run
+    assert out.count("(balance=load_balance)") == 1

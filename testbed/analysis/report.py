@@ -33,6 +33,7 @@ from scipy.optimize import brentq
 
 from testbed.analysis.inference import ci95, holm, one_sample_p
 from testbed.analysis.ladder import ladder_figure, ladder_report, rank_report
+from testbed.errors import CheckpointError
 from testbed.losses import BALANCE
 from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check, repeated_domains
 from testbed.plots import (
@@ -47,6 +48,7 @@ from testbed.plots import (
 )
 from testbed.registry import label_of
 from testbed.routing import ROUTERS
+from testbed.safe_load import load_file
 
 CHECKOUT = Path(__file__).resolve().parents[2]
 
@@ -65,6 +67,18 @@ DEFAULT_CURVES = ("val/loss", "train/spec/purity/mean")
 LOGGED_WINDOW = 5
 GROUP_IGNORED = ("seed", "init_from", "resume")
 """Override keys that do not define a configuration: runs differing only here are seeds of one group."""
+RESULT_NEUTRAL = (
+    "logger",
+    "logger.*",
+    "trainer.progress_bar",
+    "trainer.enable_checkpointing",
+    "metrics.plots",
+    "overwrite",
+)
+"""Settings that cannot change a run's results (where it logs, what it shows or draws while training,
+whether it keeps checkpoints, whether it may replace an old run folder): never a grouping key or a column,
+so a run logged to TensorBoard groups with its CSV-logged twin. `name.*` stands for every key below name.
+(trainer.num_threads is not here: the number of CPU threads changes the order of floating-point sums.)"""
 SELECTED_PER_SEED = ("finetune.experts",)
 """Set per seed by an experiment's `select_experts` rule (X6's expert path; the sweep names the rule): within
 an experiment grid's sweeps, runs differing only here are seeds of one group. Elsewhere (a hand-made sweep
@@ -150,17 +164,50 @@ def with_resolved_config(summary: dict, run_dir: Path) -> dict:
 def add_regime(runs: list[dict], extra_roots: list[Path]) -> None:
     """Regime keys (README, "Regime check") of every run, from baselines among the runs and under extra_roots
     (the committed experiments/): stored in each run's summary, recomputed even where summary.json has them
-    (a baseline may have finished after the run)."""
+    (a baseline may have finished after the run). Hash-routed runs that train with a balancing term are no
+    baselines (`hash_with_balancing`; the report flags them: `baseline_note`)."""
     candidates = {str(Path(run["dir"]).resolve()): run["summary"] for run in runs}
     for summary in read_summaries(extra_roots):
         key = str(Path(summary["_dir"]).resolve())
         if key not in candidates:
             candidates[key] = with_resolved_config(summary, Path(summary["_dir"]))
-    pool = list(candidates.values())
+    pool = [summary for summary in candidates.values() if not hash_with_balancing(summary)]
     for run in runs:
         for key in (*REGIME_KEYS, "regime/max_epochs"):
             run["summary"].pop(key, None)
         run["summary"].update(regime_check(run["summary"], pool))
+
+
+def hash_with_balancing(summary: dict) -> str | None:
+    """The balancing method of a hash-routed run that trains with a balancing term (`balance=load_balance`,
+    the default, in a plain router sweep): such a run is not the regime check's hash baseline, which is
+    `router=hash balance=none` (docs/regime.md); None for any other run, or where the summary does not say
+    how the run balanced."""
+    config, resolved = summary.get("config", {}), summary.get("resolved", {})
+    router = str(config.get("router") or resolved.get("router", {}).get("name") or "").rpartition("/")[2]
+    if router != "hash":
+        return None
+    balance = str(config.get("balance") or resolved.get("balance", {}).get("name") or "").rpartition("/")[2]
+    balance_cls = BALANCE.find(balance) if balance else None
+    return balance if balance_cls is not None and balance_cls.adds_term else None
+
+
+def baseline_note(runs: list[dict]) -> str:
+    """A warning naming the hash-routed runs that balance (`hash_with_balancing`): left out of every run's
+    gain over hash (empty if none)."""
+    flagged = [(run["dir"], method) for run in runs if (method := hash_with_balancing(run["summary"]))]
+    if not flagged:
+        return ""
+    return "\n".join(
+        [
+            "",
+            "",
+            f"**Not a regime baseline**: {len(flagged)} hash-routed run(s) trained with a balancing term; "
+            "the regime check's hash baseline is `router=hash balance=none`, so they are left out of "
+            "gain_over_hash (rerun them with balance=none to use them):",
+            *[f"- {path} (balance={method})" for path, method in flagged],
+        ]
+    )
 
 
 def regime_table(runs: list[dict]) -> str:
@@ -254,17 +301,23 @@ def settings_of(run: dict) -> dict[str, str]:
     return dict(item.partition("=")[::2] for item in run["overrides"])
 
 
+def result_neutral(key: str) -> bool:
+    """Whether an override key is one of RESULT_NEUTRAL (`+`/`++`/`~` prefixes ignored)."""
+    key = key.lstrip("+~")
+    return any(key == n or (n.endswith(".*") and key.startswith(n[:-1])) for n in RESULT_NEUTRAL)
+
+
 def varying_overrides(runs: list[dict], ignore: tuple[str, ...] = ()) -> list[str]:
     """Override keys whose value differs between runs (the swept ones), in first-seen order."""
     values: dict[str, set] = {}
     for run in runs:
         for key, value in settings_of(run).items():
             values.setdefault(key, set()).add(value)
-    present = {k: v for k, v in values.items() if k not in ignore}
+    present = {k: v for k, v in values.items() if k not in ignore and not result_neutral(k)}
     # A key set in some runs only (e.g. router.scope in the sinkhorn part of a sweep) varies too.
     missing = {k for k in present if any(k not in settings_of(run) for run in runs)}
     keys = [k for k, v in present.items() if len(v) > 1 or k in missing or len(runs) == 1]
-    return keys or [k for k in values if k not in ignore]
+    return keys or [k for k in values if k not in ignore and not result_neutral(k)]
 
 
 def group_runs(runs: list[dict]) -> tuple[list[str], list[dict]]:
@@ -626,19 +679,55 @@ def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
     return paths
 
 
+def saved_counts(run_dir: Path) -> dict:
+    """The routing count tables of a run, as {"domains", "counts": {layer: [D][E]}, "overrides"}: from
+    testbed-analyze's analysis/analysis.json where the run has one (it may score the run another way:
+    router.eval_balanced=true), else from the last validation's table that training saved,
+    routing/counts_step<N>.pt (read with the safe loader: tensors and plain containers only); {} if
+    neither (a table that cannot be read is named in a warning)."""
+    path = run_dir / "analysis" / "analysis.json"
+    analysis = _read_cached(path, json.loads) if path.exists() else {}
+    if analysis.get("counts"):
+        return analysis
+    tables = sorted(
+        (run_dir / "routing").glob("counts_step*.pt"),
+        key=lambda p: int(s) if (s := p.stem.removeprefix("counts_step")).isdigit() else -1,
+    )
+    if not tables:
+        return {}
+    try:
+        return _counts_table(tables[-1], tables[-1].stat().st_mtime_ns)
+    except (CheckpointError, KeyError, TypeError, ValueError) as err:
+        print(f"warning: {tables[-1]}: not a routing count table, no heatmap panel ({err})", file=sys.stderr)
+        return {}
+
+
+@functools.lru_cache(maxsize=256)
+def _counts_table(path: Path, mtime_ns: int) -> dict:
+    table = load_file(path, "routing counts")
+    counts = table["counts"]
+    layers = list(table.get("layers") or [f"layer{i}" for i in range(counts.shape[0])])
+    if counts.ndim != 3 or len(layers) != counts.shape[0] or len(table["domains"]) != counts.shape[1]:
+        raise ValueError(f"counts of shape {tuple(counts.shape)} for {len(layers)} layers")
+    return {
+        "domains": list(table["domains"]),
+        "counts": {name: counts[i].tolist() for i, name in enumerate(layers)},
+        "step": table.get("step"),
+    }
+
+
 def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Path]:
-    """p(expert | domain) of one MoE layer, one panel per configuration (its lowest seed's run that has a
-    testbed-analyze analysis.json with routing counts), oracle blocks outlined: heatmaps.png, and
-    heatmaps_<E>_experts.png for configurations with another number of experts. Panels are named by
-    `plot_labels` (and the analysis's own overrides: "balanced eval"); the seed goes in the figure's title
-    when every panel shows the same one, else in each panel's name."""
+    """p(expert | domain) of one MoE layer, one panel per configuration (its lowest seed's run that has
+    routing count tables: `saved_counts`, testbed-analyze's or the ones training saved), oracle blocks
+    outlined: heatmaps.png, and heatmaps_<E>_experts.png for configurations with another number of experts.
+    Panels are named by `plot_labels` (and the analysis's own overrides: "balanced eval"); the seed goes in
+    the figure's title when every panel shows the same one, else in each panel's name."""
     _, groups = group_runs(runs)
     counts, labels, seeds, domains, layer_name = [], [], [], None, None
     for group, label in zip(groups, plot_labels(groups), strict=True):
         with_counts = []
         for run in group["runs"]:
-            path = run["dir"] / "analysis" / "analysis.json"
-            analysis = _read_cached(path, json.loads) if path.exists() else {}
+            analysis = saved_counts(Path(run["dir"]))
             if analysis.get("counts"):
                 with_counts.append((run["summary"].get("seed", 0), run["dir"], analysis))
         if not with_counts:
@@ -737,8 +826,14 @@ def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: st
             mean, half = t_interval(values)
             series[settings_label(group)] = (xs, mean, half)
             seeds.append(len(curves))
-        if all(len(xs) < 2 for xs, _, _ in series.values()):
-            continue  # one measurement per run is not a curve (it is in the table)
+        if series and all(len(xs) < 2 for xs, _, _ in series.values()):
+            # one measurement per run is not a curve (it is in the table): said, not skipped silently
+            print(
+                f"note: --curves {metric}: no curve drawn, every run logged it once (one validation per "
+                "run); its value is in the table",
+                file=sys.stderr,
+            )
+            continue
         if series:
             path = out_dir / f"curve_{metric.replace('/', '_')}.png"
             spread = spread_label(seeds) if max(seeds) > 1 else "one seed"
@@ -913,9 +1008,27 @@ def ladder_main(runs: list[dict], failed: list[Path], args) -> int:
         with args.out.with_suffix(".csv").open("w", newline="") as fh:
             csv.writer(fh).writerows(csv_rows)
     if args.plots and figure:
-        out_dir = args.out.parent if args.out else Path(".")
-        print(f"wrote {ladder_figure(figure, out_dir / 'ladder.png', args.reference)}")
+        print(f"wrote {ladder_figure(figure, figure_folder(args) / 'ladder.png', args.reference)}")
     return 0
+
+
+def figure_folder(args) -> Path:
+    """Where --plots (and --html) write: beside the --out report, else into the one run or sweep folder
+    given (beside the runs); `figures_without_out` refuses several folders and no --out beforehand."""
+    return args.out.parent if args.out else args.dirs[0]
+
+
+def figures_without_out(args) -> str:
+    """The error for figures asked without --out from several folders (there is no one place beside the
+    runs): empty when there is a place."""
+    flags = {"--plots": args.plots, "--html": getattr(args, "html", False)}
+    if args.out or len(args.dirs) == 1 or not any(flags.values()):
+        return ""
+    wanted = " and ".join(flag for flag, on in flags.items() if on)
+    return (
+        f"error: {wanted} with {len(args.dirs)} run folders needs --out (the figures go beside the report: "
+        "--out <folder>/report.md); with one folder they go into it"
+    )
 
 
 def split_list(value: str) -> tuple[str, ...]:
@@ -936,7 +1049,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="look for regime baselines only among the given runs, not also under experiments/",
     )
-    parser.add_argument("--plots", action="store_true", help="also write figures beside --out (or in .)")
+    parser.add_argument(
+        "--plots",
+        action="store_true",
+        help="also write figures (PNG and PDF) beside --out; without --out, into the one folder given",
+    )
     parser.add_argument(
         "--layer-metrics", default=",".join(DEFAULT_LAYER_METRICS), help="spec metrics for per-layer plots"
     )
@@ -997,6 +1114,9 @@ def main(argv: list[str] | None = None) -> int:
         return rank_main(args)
     if not args.dirs:
         parser.error("give run or sweep directories (or --holm FILE)")
+    if refused := figures_without_out(args):
+        print(refused, file=sys.stderr)
+        return 2
     try:
         runs, failed = find_runs(args.dirs)
     except FileNotFoundError as err:
@@ -1035,6 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
     text = markdown(header, rows, failed) if header else markdown(["run"], [], failed)
     text += regime_table(runs) if runs and not args.per_run else ""
     text += repetition_note(runs)
+    text += baseline_note(runs)
     for metric in split_list(args.curve_table):
         text += curve_table(runs, metric)
     for metric in split_list(args.compare_metric):
@@ -1049,7 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
             writer.writerow(csv_header)
             writer.writerows(csv_rows)
     if args.plots and runs:
-        out_dir = args.out.parent if args.out else Path(".")
+        out_dir = figure_folder(args)
         paths = frontier_plots(runs, out_dir)
         paths += layer_plots(runs, out_dir, split_list(args.layer_metrics))
         paths += curve_plots(runs, out_dir, split_list(args.curves), args.curve_x)
