@@ -480,6 +480,15 @@ def markdown(result: dict, args) -> str:
     if "plan" in result:
         lines += [f"Removed: {result['plan']['rule']} ({result['plan']['experts_before']} -> "
                   f"{result['plan']['experts_after']} experts per layer).", ""]  # fmt: skip
+    if result.get("routing_check"):
+        check = result["routing_check"]
+        unchanged = ", ".join(f"{v:.4f}" for v in check["routing_unchanged"].values())
+        chosen = ", ".join(f"{v:.4f}" for v in check["removed_expert_chosen"].values())
+        lines += [
+            f"Routing check on {check['tokens']} counted tokens, per layer: experts and gates unchanged "
+            f"{unchanged}; a removed expert chosen {chosen} (testbed/hf/prune.py).",
+            "",
+        ]
     if result.get("parameters"):
         p = result["parameters"]
         lines += [f"Parameters: {p['before']} -> {p['after']} ({p['removed']} removed).", ""]
