@@ -13,9 +13,20 @@ from matplotlib.text import Text
 
 from testbed.layout import block_layout
 from testbed.plots import (
+    COLUMN_WIDTH,
+    DPI,
     MIN_FONT,
+    SCOPE_MARKERS,
+    STYLE,
+    TEXT_WIDTH,
+    TICK_SPACING,
+    abbreviation_key,
     domain_expert_heatmaps,
     frontier_scatter,
+    looks,
+    method_colour,
+    method_colours,
+    method_words,
     per_layer_curves,
     readable_label,
     save_figure,
@@ -64,15 +75,17 @@ def test_reference_order_recovers_block_layout(order):
     shown_oracle = np.asarray(fig.axes[1].images[0].get_array())
     expected_oracle = oracle / oracle.sum(axis=1, keepdims=True)
     np.testing.assert_allclose(shown_oracle, expected_oracle)
-    ticks = [int(t.get_text()) for t in fig.axes[0].get_xticklabels()]
+    columns = fig.axes[0].expert_order  # the expert id of each column
+    labelled = {int(t.get_position()[0]): int(t.get_text()) for t in fig.axes[0].get_xticklabels()}
+    assert labelled and all(columns[i] == e for i, e in labelled.items())  # tick labels name those ids
     if order == "reference":
         np.testing.assert_allclose(shown_permuted, expected_oracle)
         oracle_domain = np.repeat(np.arange(D), E // D)
-        assert ticks == list(np.argsort(oracle_domain[perm], kind="stable"))
-        assert sorted(ticks) == list(range(E)) and ticks != list(range(E))
+        assert columns == list(np.argsort(oracle_domain[perm], kind="stable"))
+        assert sorted(columns) == list(range(E)) and columns != list(range(E))
     else:
         np.testing.assert_allclose(shown_permuted, expected_oracle[:, perm])
-        assert ticks == list(range(E))
+        assert columns == list(range(E))
 
 
 @pytest.mark.parametrize(
@@ -98,7 +111,11 @@ def test_heatmap_rejects_bad_order():
         domain_expert_heatmaps(oracle_table()[None], DOMAINS, ["l0"], order="random")
 
 
-def test_frontier_marker_per_method_colour_per_scope(tmp_path):
+def rgba(colour) -> tuple:
+    return tuple(np.round(matplotlib.colors.to_rgba(colour), 3))
+
+
+def test_frontier_colour_per_method_marker_per_scope(tmp_path):
     points = [
         {"method": "oracle", "scope": "", "utilization": 1.0, "purity": 1.0},
         {"method": "hash", "scope": "", "utilization": 0.93, "purity": 0.16},
@@ -113,20 +130,24 @@ def test_frontier_marker_per_method_colour_per_scope(tmp_path):
     scatters = [c for c in ax.collections if isinstance(c, PathCollection)]
     assert len(scatters) == len(points)  # one marker per point
     edge = [tuple(np.round(c.get_edgecolor()[0], 3)) for c in scatters]
-    assert edge[2] != edge[3] and edge[3] == edge[4]  # colour = scope: sequence vs global; global twice
+    assert edge[2] == edge[3] != edge[4]  # colour = method: LBL twice, SH differs
+    assert edge[2] == rgba(method_colour("LBL")) and edge[4] == rgba(method_colour("SH"))
     shapes = [c.get_paths()[0].vertices.shape for c in scatters]
-    assert shapes[2] == shapes[3] and shapes[3] != shapes[4]  # marker = method: LBL twice, SH differs
+    assert shapes[2] != shapes[3] and shapes[3] == shapes[4]  # marker = scope: sequence vs global twice
     assert len(scatters[4].get_facecolor()) == 0 or scatters[4].get_facecolor()[0][3] == 0  # hollow: mixed
     legends = [a for a in ax.artists if a.__class__.__name__ == "Legend"] + [ax.get_legend()]
     titles = {leg.get_title().get_text() for leg in legends if leg is not None}
-    assert titles == {"method", "scope"}
+    assert titles == {"method (colour)", "balancing scope (marker)"}
+    texts = [t.get_text() for leg in legends for t in leg.get_texts()]
+    assert "LBL (load-balancing loss)" in texts and "SH (Sinkhorn routing)" in texts  # spelled out
+    assert {"sequence", "global", "mixed batches (hollow)", "oracle", "hash"} <= set(texts)
     assert ax.get_xlabel() == "utilization (1 = perfect balance)"
     assert not fig.legends  # every point has its own (method, scope, composition): no variant legend
 
 
 def test_frontier_distinguishes_configurations_of_one_method_and_scope(tmp_path):
-    """X3's top-k with and without renormalization (both LBL at micro-batch scope) and a third LBL run: a
-    colour of its own each (not a scope's colour), and a legend naming what differs (renormalize=...)."""
+    """X3's top-k with and without renormalization (both LBL at micro-batch scope) and a third LBL run:
+    shades of LBL's colour each, the micro-batch marker, a legend naming what differs (renormalize=...)."""
     points = [
         {"label": "topk_softmax load_balance", "method": "LBL", "scope": "micro_batch", "utilization": 0.89,
          "purity": 0.37},
@@ -142,21 +163,13 @@ def test_frontier_distinguishes_configurations_of_one_method_and_scope(tmp_path)
     assert_png(tmp_path / "f.png")
     scatters = [c for c in fig.axes[0].collections if isinstance(c, PathCollection)]
     edge = [tuple(np.round(c.get_edgecolor()[0], 3)) for c in scatters]
-    assert len(set(edge[:3])) == 3  # three LBL micro-batch configurations, three hues
-    assert edge[3] == tuple(np.round(matplotlib.colors.to_rgba("tab:orange"), 3))  # alone: the scope colour
-    assert not {matplotlib.colors.to_rgba(c) for c in ("tab:blue", "tab:orange", "tab:green")} & {
-        tuple(c.get_edgecolor()[0]) for c in scatters[:3]
-    }  # no variant takes a scope's colour
+    assert len(set(edge[:3])) == 3  # three LBL micro-batch configurations, three shades
+    assert edge[0] == rgba(method_colour("LBL")) and edge[3] == rgba(method_colour("EB"))
+    assert len({c.get_paths()[0].vertices.shape for c in scatters[:4]}) == 1  # one scope: one marker
     (legend,) = fig.legends
-    assert legend.get_title().get_text() == "LBL, micro_batch scope"
-    scope_legend = fig.axes[0].get_legend()
-    assert [t.get_text() for t in scope_legend.get_texts()] == ["micro_batch"]  # drawn by EB in its colour
-    fig = frontier_scatter(points[:3] + points[4:])  # no point left in a scope colour: no scope legend
-    method_legend = fig.axes[0].get_legend()
-    assert method_legend.get_title().get_text() == "method"
-    assert method_legend.get_clip_box() is None  # not clipped away by the axes (it sits outside them)
+    assert legend.get_title().get_text() == "LBL, micro-batch scope"
     assert [t.get_text() for t in legend.get_texts()] == [  # what differs, written without '='
-        "topk_softmax load_balance",
+        "topk softmax load balance",
         "renormalized",
         "w 10",
     ]
@@ -164,6 +177,33 @@ def test_frontier_distinguishes_configurations_of_one_method_and_scope(tmp_path)
         tuple(np.round(matplotlib.colors.to_rgba(h.get_color()), 3)) for h in legend.legend_handles
     ]
     assert legend_colours == edge[:3]
+
+
+def test_one_look_per_configuration_from_the_registries():
+    """Colours come from the router and balancing registries (references black and grey, every learned
+    method a hue of its own), markers from the scopes (a method without one: its class's marker), and every
+    abbreviation has its words."""
+    from testbed.losses import BALANCE
+    from testbed.registry import label_of
+    from testbed.routing import ROUTERS
+
+    colours = method_colours()
+    classes = [cls for registry in (ROUTERS, BALANCE) for _, (cls, _) in registry.items() if label_of(cls)]
+    assert {label_of(cls) for cls in classes} | {"dense"} == set(colours)
+    learned = [colours[label_of(cls)] for cls in classes if not getattr(cls, "reference", None)]
+    assert len(set(learned)) == len(learned)  # a hue each
+    assert colours["oracle"] == "#000000" and colours["hash"] == "#7F7F7F"
+    assert method_colour("not registered") == method_colour("not registered")  # fixed by the name
+    kinds = [("LBL", "sequence"), ("EB", "micro_batch"), ("SH", "global"), ("oracle", ""), ("hash", "")]
+    markers = [m["marker"] for m in looks([{"method": m, "scope": s} for m, s in kinds])]
+    scoped = [SCOPE_MARKERS[s] for s in ("sequence", "micro_batch", "global")]
+    assert markers == [*scoped, "*", ROUTERS.get("hash")[0].marker]
+    words = method_words()
+    assert {label_of(cls) for cls in classes if label_of(cls) != cls.registry_name} == set(words)
+    assert abbreviation_key(["LBL, global", "EB, sequence", "hash"]) == (
+        "EB = expert-bias balancing, LBL = load-balancing loss"
+    )
+    assert abbreviation_key(["oracle", "LBLX"]) == ""
 
 
 def test_per_layer_curves_and_save_figure(tmp_path):
@@ -268,21 +308,79 @@ def test_frontier_oracle_does_not_set_the_axis(tmp_path):
     assert not ax.texts and ax.get_ylim()[0] < 0.3 < ax.get_ylim()[1]
 
 
-def test_heatmaps_fit_a_page_at_seven_points(tmp_path):
-    """15 configurations: at most 4 panels a row, every text at least 7 pt at the saved size, a figure no
-    wider than a landscape page."""
-    counts = np.stack([oracle_table() for _ in range(15)])
-    names = [f"LBL, micro_batch, mixed batches {i}" for i in range(15)]
-    fig = domain_expert_heatmaps(
-        counts, DOMAINS, names, out_path=tmp_path / "h.png", title="p(expert | domain)"
-    )
-    assert_png(tmp_path / "h.png")
-    panels = fig.axes[:15]
-    assert len({round(ax.get_position().x0, 3) for ax in panels}) == 4
-    assert len({round(ax.get_position().y0, 3) for ax in panels}) == 4
-    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_text().strip() and t.get_visible()]
-    assert sizes and min(sizes) >= MIN_FONT >= 7
-    assert fig.get_size_inches()[0] <= 11.0
+def text_sizes(fig) -> list[float]:
+    return [t.get_fontsize() for t in fig.findobj(Text) if t.get_text().strip() and t.get_visible()]
+
+
+@pytest.mark.parametrize(("panels", "experts", "width"), [(3, 64, COLUMN_WIDTH), (4, 16, COLUMN_WIDTH),
+                                                        (15, 16, TEXT_WIDTH)])  # fmt: skip
+def test_heatmaps_are_readable_at_a_paper_column(tmp_path, panels, experts, width):
+    """X5's three 64-expert panels (once 18 inches wide with 64 tick labels) fit one column of a paper;
+    X1's 15 configurations the text width, four a row. Every text at least 7 pt at that size, expert
+    labels at least TICK_SPACING apart, the saved PNG no wider than the width at DPI."""
+    counts = np.stack([oracle_table(D, experts) for _ in range(panels)])
+    names = [f"LBL, micro_batch, mixed batches {i}" for i in range(panels)]
+    out = tmp_path / "h.png"
+    fig = domain_expert_heatmaps(counts, DOMAINS, names, out_path=out, title="p(expert | domain)")
+    assert_png(out)
+    assert fig.get_size_inches()[0] <= width + 1e-9
+    assert mpimg.imread(out).shape[1] <= (width + 0.1) * DPI
+    panel_axes = fig.axes[:panels]
+    assert len({round(ax.get_position().x0, 3) for ax in panel_axes}) == min(panels, 2 if panels <= 8 else 4)
+    assert min(text_sizes(fig)) >= MIN_FONT >= 7
+    ax = panel_axes[0]
+    shown = [t for t in ax.get_xticks()]
+    spacing = ax.get_position().width * fig.get_size_inches()[0] / experts * (shown[1] - shown[0])
+    assert spacing >= TICK_SPACING
+    assert "micro-batch" in ax.get_title() and "_" not in ax.get_title()  # names in words
+
+
+def test_every_figure_saves_a_print_png_and_a_vector_pdf_in_one_style(tmp_path):
+    """PNG at DPI >= 200 and a PDF beside it (vector: text stays text), the same bytes when rebuilt; fonts
+    from STYLE (the figure functions run under it)."""
+    assert DPI >= 200
+    fig = per_layer_curves({"LBL": [0.2, 0.3]}, "purity", out_path=tmp_path / "a.png")
+    png, pdf = tmp_path / "a.png", tmp_path / "a.pdf"
+    assert_png(png) and pdf.read_bytes().startswith(b"%PDF")
+    width_px = mpimg.imread(png).shape[1]
+    assert width_px >= 0.9 * fig.get_size_inches()[0] * DPI  # saved at DPI (tight bbox trims a little)
+    first = pdf.read_bytes()
+    save_figure(fig, png)
+    assert pdf.read_bytes() == first  # no creation date: an unchanged figure rebuilds to the same file
+    assert fig.axes[0].xaxis.label.get_fontsize() == STYLE["axes.labelsize"]
+    assert min(text_sizes(fig)) >= MIN_FONT
+
+
+def test_layers_are_points_not_joined_lines():
+    """Discrete layers: a marker per layer and configuration with its interval as an error bar, side by
+    side, and no line from one layer to the next."""
+    series = {"LBL, global": [0.2, 0.3, 0.4], "EB, global": [0.3, 0.3, 0.5]}
+    kinds = {
+        "LBL, global": {"method": "LBL", "scope": "global"},
+        "EB, global": {"method": "EB", "scope": "global"},
+    }
+    fig = per_layer_curves(series, "purity", bands={"LBL, global": [0.05, 0.05, 0.05]}, kinds=kinds)
+    ax = fig.axes[0]
+    data_lines = [container.lines[0] for container in ax.containers]  # each error bar's points, not its caps
+    assert len(data_lines) == 2 and all(line.get_linestyle() == "None" for line in data_lines)
+    assert [line.get_marker() for line in data_lines] == [SCOPE_MARKERS["global"]] * 2
+    xs = [tuple(line.get_xdata()) for line in data_lines]
+    assert xs[0] != xs[1]  # side by side at each layer
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
+    legend = fig.legends[0]  # abbreviations: the legend's title spells them out
+    assert "EB = expert-bias balancing" in legend.get_title().get_text()
+
+
+def test_large_numbers_have_no_offset_or_exponent():
+    """A loss axis near 4.4 and an axis of millions: no '+4.4' offset, no '1e6' factor in a corner."""
+    tokens = [1.0e6, 2.0e6, 3.0e6]
+    fig = training_curves({"a": (tokens, [4.4001, 4.4002, 4.4003], [0, 0, 0])}, "val/loss", x_label="step")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.xaxis.get_offset_text().get_text() == "" and ax.yaxis.get_offset_text().get_text() == ""
+    labels = [t.get_text() for t in ax.get_xticklabels() + ax.get_yticklabels() if t.get_text()]
+    assert labels and not [t for t in labels if "e" in t.lower().replace("\u2212", "")]
+    assert any(t.endswith(" M") for t in labels)  # engineering units on the axis of millions
 
 
 def test_readable_labels_have_no_raw_overrides():

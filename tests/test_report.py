@@ -412,6 +412,7 @@ def legend_texts(figure) -> list[str]:
 def test_report_plots_show_95_percent_intervals_and_short_labels(tmp_path, monkeypatch):
     """Three seeds per configuration: frontier error bars, training-curve bands and per-layer bands are the
     95% t interval over the seeds (hand-computed here), titles say so, and no legend shows an override."""
+    import matplotlib
     import numpy as np
     import pytest
     from matplotlib.collections import PolyCollection
@@ -473,12 +474,12 @@ def test_report_plots_show_95_percent_intervals_and_short_labels(tmp_path, monke
 
     (curves,) = [f for f in figures if f[0] == "training_curves"]
     ax = curves[3].axes[0]
-    assert sorted(line.get_label() for line in ax.lines) == ["LBL, global", "LBL, micro_batch"]  # no oracle
+    assert sorted(line.get_label() for line in ax.lines) == ["LBL, global", "LBL, micro-batch"]  # no oracle
     assert "1 line omitted, 1.0 by construction: oracle" in [x.get_text() for x in ax.texts]
     assert "mean ± 95% CI over n = 3 seeds" in curves[2]["title"]
     bands = [c for c in ax.collections if isinstance(c, PolyCollection)]  # one per line, in line order
     for line, band, values in zip(ax.lines, bands, ([0.3, 0.35, 0.4], [0.2, 0.3, 0.5]), strict=True):
-        assert line.get_label() == ("LBL, global" if values[0] == 0.3 else "LBL, micro_batch")
+        assert line.get_label() == ("LBL, global" if values[0] == 0.3 else "LBL, micro-batch")
         at_step_20 = [y for x, y in band.get_paths()[0].vertices if x == 20]
         assert (max(at_step_20) - min(at_step_20)) / 2 == pytest.approx(half(values), rel=1e-9)
 
@@ -491,7 +492,16 @@ def test_report_plots_show_95_percent_intervals_and_short_labels(tmp_path, monke
     assert "mean ± 95% CI over n = 3 seeds" in layers[2]["title"]
 
     texts = [text for figure in figures for text in legend_texts(figure[3])]
-    assert "LBL, global" in texts and not [text for text in texts if "=" in text]
+    assert "LBL, global" in texts and not [text for text in texts if "=" in text or "_" in text]
+    # one look per configuration in every figure: LBL's colour, the scope's marker (global a square)
+    (global_line,) = [line for line in ax.lines if line.get_label() == "LBL, global"]
+    point = [c for c in frontier[3].axes[0].collections if c.get_offsets()[0][1] == pytest.approx(0.35)]
+    assert global_line.get_marker() == "s" and point[0].get_paths()
+    assert np.allclose(matplotlib.colors.to_rgba(global_line.get_color()), point[0].get_edgecolor()[0])
+    titles = [f[2]["title"] for f in figures]
+    assert "purity of the training batches over training (mean ± 95% CI over n = 3 seeds)" in titles
+    assert "purity per MoE layer, final validation (mean ± 95% CI over n = 3 seeds)" in titles
+    assert not [t for t in titles if "/" in t.split(" (")[0]]  # in words, no raw metric key
 
 
 def test_result_neutral_settings_are_no_grouping_key(tmp_path, capsys):
@@ -528,7 +538,9 @@ def test_plots_need_a_place_and_say_what_they_skip(tmp_path, capsys, monkeypatch
         write_metrics_csv(run, [{"step": 99, "val/loss": 5.0}, {"step": 49, "train/lm_loss": 5.5}])
     assert main([str(tmp_path / "a"), "--plots", "--curves", "val/loss", "--no-committed-baselines"]) == 0
     captured = capsys.readouterr()
-    assert (tmp_path / "a" / "frontier_purity.png").is_file()
+    assert (tmp_path / "a" / "frontier_purity.png").is_file() and (
+        tmp_path / "a" / "frontier_purity.pdf"
+    ).is_file()
     assert not list(tmp_path.glob("*.png"))  # nothing in the current folder
     assert "note: --curves val/loss: no curve drawn, every run logged it once" in captured.err
     assert not (tmp_path / "a" / "curve_val_loss.png").exists()

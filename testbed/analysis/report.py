@@ -37,8 +37,10 @@ from testbed.errors import CheckpointError
 from testbed.losses import BALANCE
 from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check, repeated_domains
 from testbed.plots import (
+    DENSE,
     domain_expert_heatmaps,
     frontier_scatter,
+    metric_title,
     per_layer_curves,
     readable_label,
     readable_setting,
@@ -580,11 +582,26 @@ def plot_labels(groups: list[dict]) -> list[str]:
     return labels
 
 
+def group_kind(group: dict) -> dict:
+    """What a configuration's look in every figure follows (testbed.plots.looks): its method (`dense` for
+    the dense baselines), its scope, and hollow for mixed batches (never for the references)."""
+    summary = group["runs"][0]["summary"]
+    if summary.get("resolved", {}).get("model") and not is_moe(summary):
+        return {"method": DENSE, "scope": "", "hollow": False}
+    method, scope = method_and_scope(summary)
+    composition = summary.get("resolved", {}).get("data", {}).get("batch_composition")
+    return {
+        "method": method,
+        "scope": scope,
+        "hollow": composition == "mixed" and method not in reference_routers(),
+    }
+
+
 def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
     """Utilization vs specialization across groups (purity, nmi, reference precision), the Testbed paper's
-    picture: one marker per balancing method, one colour per scope, oracle and hash as references, hollow
-    for mixed batches; error bars are 95% t confidence intervals over seeds (none for one seed; n in the
-    title); an oracle far above the learned routers is marked at the top edge (frontier_scatter)."""
+    picture: a colour per method, a marker per scope, oracle and hash as references, hollow for mixed
+    batches; error bars are 95% t confidence intervals over seeds (none for one seed; n in the title); an
+    oracle far above the learned routers is marked at the top edge (frontier_scatter)."""
     _, groups = group_runs(runs)
     labels = plot_labels(groups)
     paths = []
@@ -594,15 +611,10 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
             util = ci95([r["summary"].get("spec/utilization/mean") for r in group["runs"]])
             value = ci95([r["summary"].get(f"spec/{metric}/mean") for r in group["runs"]])
             if util[2] and value[2]:
-                summary = group["runs"][0]["summary"]
-                method, scope = method_and_scope(summary)
-                composition = summary.get("resolved", {}).get("data", {}).get("batch_composition")
                 points.append(
                     {
                         "label": label,
-                        "method": method,
-                        "scope": scope,
-                        "hollow": composition == "mixed" and method not in reference_routers(),
+                        **group_kind(group),
                         "utilization": util[0],
                         metric: value[0],
                         "xerr": util[1] if util[2] > 1 else 0.0,
@@ -617,7 +629,7 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
                 out_path=path,
                 x="utilization",
                 y=metric,
-                title=f"specialization vs balance ({spread_label([p['n'] for p in points])})",
+                title=f"{metric_title(metric)} vs utilization ({spread_label([p['n'] for p in points])})",
             )
             paths.append(path)
     return paths
@@ -663,18 +675,19 @@ def layer_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...]) -> li
     labels = plot_labels(groups)
     paths = []
     for metric in metrics:
-        series, bands, seeds = {}, {}, []
+        series, bands, kinds, seeds = {}, {}, {}, []
         for group, label in zip(groups, labels, strict=True):
             per_run = [last_layer_values(run["dir"], metric) for run in group["runs"]]
             per_run = [v for v in per_run if v]
             if per_run and len({len(v) for v in per_run}) == 1:
                 mean, half = t_interval(per_run)
                 series[label], bands[label] = mean.tolist(), half.tolist()
+                kinds[label] = group_kind(group)
                 seeds.append(len(per_run))
         if series:
             path = out_dir / f"layers_{metric.replace('/', '_')}.png"
-            title = f"{metric} per layer ({spread_label(seeds)})"
-            per_layer_curves(series, metric, out_path=path, title=title, bands=bands)
+            title = f"{metric_title(metric)} per MoE layer, final validation ({spread_label(seeds)})"
+            per_layer_curves(series, metric, out_path=path, title=title, bands=bands, kinds=kinds)
             paths.append(path)
     return paths
 
@@ -810,6 +823,7 @@ def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: st
     _, groups = group_runs(runs)
     names = dict(zip((settings_label(g) for g in groups), plot_labels(groups), strict=True))
     paths = []
+    kinds = {settings_label(g): group_kind(g) for g in groups}
     for metric in metrics:
         series, seeds = {}, []
         for group in groups:
@@ -841,9 +855,10 @@ def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: st
                 series,
                 metric,
                 out_path=path,
-                title=f"{metric} ({spread})",
+                title=f"{metric_title(metric)} over training ({spread})",
                 x_label="training tokens" if x == "tokens" else "step",
                 labels={key: names.get(key, key) for key in series},
+                kinds={key: kinds[key] for key in series},
             )
             paths.append(path)
     return paths
