@@ -77,6 +77,11 @@ class Trainable(StrEnum):
     routers_and_experts = "routers_and_experts"
 
 
+class Direction(StrEnum):
+    minimize = "minimize"
+    maximize = "maximize"
+
+
 MAX_STEPS = 100_000_000
 """The largest trainer.max_steps accepted (the step counters, schedules and token counts stay exact far
 beyond; what is refused is a run nobody means to start)."""
@@ -142,6 +147,11 @@ class TrainerConfig:
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
     fused_optimizer: bool = False  # fused AdamW kernel (CUDA)
     chunked_cross_entropy: bool = True  # LM head + loss in row chunks, no [N, V] logits (same values)
+    # Lightning's debugging runs. fast_dev_run: N (true = 1) training and N validation batches, no
+    # checkpoint, logger, run record or summary.json. overfit_batches: the first N training batches, repeated
+    # until max_steps (validation as configured)
+    fast_dev_run: Any = 0
+    overfit_batches: int = 0
 
     def validate(self, model: ModelConfig) -> None:
         """Lightning Trainer arguments, checked here so that a bad one fails before data loading; `model`:
@@ -194,6 +204,23 @@ class TrainerConfig:
         in_range("trainer.gradient_clip_val", self.gradient_clip_val, 0.0, None)
         positive("trainer.log_every_n_steps", self.log_every_n_steps)
         integer("trainer.num_threads", self.num_threads, 0)
+        self._validate_debug_runs()
+
+    def _validate_debug_runs(self) -> None:
+        """fast_dev_run as Lightning reads it (true = 1 batch, false = off, or a batch count), stored as the
+        count; overfit_batches a batch count (Lightning's fraction form is not offered)."""
+        dev = self.fast_dev_run
+        if isinstance(dev, bool):
+            self.fast_dev_run = int(dev)
+        elif not isinstance(dev, int) or dev < 0:
+            raise ConfigError(
+                "trainer.fast_dev_run", dev, "true (1 batch), false (off) or a number of batches >= 0"
+            )
+        integer("trainer.overfit_batches", self.overfit_batches, 0)
+        if self.fast_dev_run and self.overfit_batches:
+            raise ConfigError(
+                "trainer.overfit_batches", self.overfit_batches, "0 with trainer.fast_dev_run (one at a time)"
+            )
 
     def _validate_strategy(self) -> None:
         strategies = strategy_names()
@@ -295,6 +322,20 @@ class FinetuneConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """What `testbed-train` returns to a Hydra sweeper (Optuna's objective): a number of the run's
+    summary.json (`val/loss`, `val/loss/<domain>`, `spec/<metric>/mean`, ...) and whether the search minimizes
+    or maximizes it. The Optuna sweeper's direction follows `direction`."""
+
+    key: str = "val/loss"
+    direction: Direction = Direction.minimize
+
+    def validate(self) -> None:
+        if not self.key.strip():
+            raise ConfigError("objective.key", self.key, "a key of the run's summary.json, e.g. val/loss")
+
+
+@dataclass
 class RunConfig:
     """The configuration of one run: the schema Hydra composes onto (`run_schema`), and after
     `parse_config` the validated run, with router/balance/aux_loss as their components' dataclasses (in the
@@ -318,6 +359,9 @@ class RunConfig:
     # as exactly true or false: OmegaConf would read "yes" or "on" as true, and this flag deletes files.
     overwrite: Any = False
     experiment: Any = None  # the grid of conf/experiment/<id>.yaml (testbed-experiment); training ignores it
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    # Lightning callbacks by name, each {_target_: <class>, ...its arguments} (conf/callbacks/), or null
+    callbacks: dict[str, Any] = field(default_factory=dict)
 
 
 SECTIONS = {
@@ -404,11 +448,37 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
         init_from=raw.get("init_from"),
         resume=None if raw.get("resume") is None else str(raw.get("resume")),
         overwrite=strict_bool("overwrite", raw.get("overwrite", False)),
+        callbacks=parse_callbacks(raw.get("callbacks")),
         **sections,
     )
     validate(run)
     run.trainer.strategy = resolve_strategy(run)
     return run
+
+
+def parse_callbacks(node: Any) -> dict[str, dict]:
+    """The `callbacks` section: name -> {_target_: <dotted class path>, ...arguments}; a null entry is
+    dropped (`callbacks.early_stopping=null` turns one off). The classes are imported and built by the
+    training command (testbed.train.run_options.build_callbacks), which checks them further."""
+    if node is None:
+        return {}
+    if not isinstance(node, dict):
+        raise ConfigError(
+            "callbacks", node, "a mapping of name to {_target_: <class>, ...} (conf/callbacks/)"
+        )
+    out = {}
+    for name, entry in node.items():
+        if entry is None:
+            continue
+        target = entry.get("_target_") if isinstance(entry, dict) else None
+        if not isinstance(target, str) or not target.strip():
+            raise ConfigError(
+                f"callbacks.{name}",
+                entry,
+                "a mapping with _target_: <dotted path of a Lightning callback class> and its arguments",
+            )
+        out[str(name)] = dict(entry)
+    return out
 
 
 def _devices_ok(devices: Any) -> bool:
@@ -472,6 +542,7 @@ def validate(run: RunConfig) -> None:
     run.finetune.validate(run.model, run.trainer.strategy)
     run.metrics.validate()
     run.optim.validate(run.trainer.max_steps)
+    run.objective.validate()
     if run.init_from is not None and Path(str(run.init_from)).is_dir():
         raise ConfigError(
             "init_from",

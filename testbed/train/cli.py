@@ -267,6 +267,10 @@ def _train(
         module.check_finite()
         if module.last_val_step != trainer.global_step:
             trainer.validate(module, datamodule=datamodule, verbose=False)
+    except (TrainingDiverged, RunInterrupted, AuctionUnfinished) as err:  # before RuntimeError: the
+        # auction's error is one too
+        _record_stop(trainer, module, checkpointer, metrics_callback, run_dir, summary_args, err)
+        raise
     except RuntimeError as err:
         if not peer_lost(err, trainer.world_size):
             raise
@@ -281,9 +285,6 @@ def _train(
         )
         _record_stop(trainer, module, checkpointer, metrics_callback, run_dir, summary_args, lost)
         raise lost from err
-    except (TrainingDiverged, RunInterrupted, AuctionUnfinished) as err:
-        _record_stop(trainer, module, checkpointer, metrics_callback, run_dir, summary_args, err)
-        raise
     finish_loggers(trainer, module)
 
     summary = write_summary(
