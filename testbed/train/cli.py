@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -18,8 +21,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException
 from lightning.pytorch import loggers
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
@@ -53,8 +58,19 @@ from testbed.train.checkpoint import (
 from testbed.train.finetune import trainable_parameter_count
 from testbed.train.module import MoELanguageModel
 from testbed.train.progress import RunProgressBar, quiet_lightning_logs
+from testbed.train.run_options import build_callbacks, repeat_first_batches
 from testbed.train.sharding import FSDP2Strategy
 from testbed.train.summary import print_summary, unigram_entropies, write_summary
+from testbed.train.sweeps import (
+    check_sweep_values,
+    direction_overrides,
+    experiment_overrides,
+    is_multirun,
+    is_sampling_sweeper,
+    objective_value,
+    search_space,
+    sweeper_params_as_overrides,
+)
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +126,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, call
     warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before")
     run = parse_config(cfg)
     run_dir = Path(run_dir)
+    if run.trainer.fast_dev_run and run.resume is not None:
+        raise ConfigError(
+            "resume", run.resume, "null with trainer.fast_dev_run (it continues and writes nothing)"
+        )
+    callbacks = (*callbacks, *build_callbacks(run, run_dir))  # the callbacks group, checked before any file
     run_dir.mkdir(parents=True, exist_ok=True)
     set_cpu_threads(run)
     if not is_launch_rank_zero():  # a DDP rank started by Lightning: rank 0 holds the folder
@@ -170,7 +191,10 @@ def ended_run(run: RunConfig, run_dir: Path) -> dict | None:
 def _train(
     run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, owner: bool, cfg: DictConfig = None
 ) -> dict:
-    if owner:
+    fast_dev_run = run.trainer.fast_dev_run  # N batches of each, nothing written (no folder policy either)
+    if owner and fast_dev_run:
+        resume_from = None
+    elif owner:
         ended = ended_run(run, run_dir)
         if ended is not None:
             return ended
@@ -181,12 +205,14 @@ def _train(
     payload = read_checkpoint(Path(resume_from)) if resume_from else None
     if payload is not None:
         check_same_run(plain(run), payload, Path(resume_from))
-    if owner:  # accepted: only now the folder gets this run's record (.hydra/, cli.log)
+    if owner and not fast_dev_run:  # accepted: only now the folder gets this run's record (.hydra/, cli.log)
         write_run_record(run_dir, cfg)
     L.seed_everything(run.seed, workers=True, verbose=False)
 
     datamodule = DomainMixDataModule(run.data, seed=run.seed)
     datamodule.setup("fit")  # loads and checks every data file before training starts
+    if run.trainer.overfit_batches:
+        repeat_first_batches(datamodule, run.trainer.overfit_batches)
     vocab = datamodule.vocab_size()
     if vocab > run.model.vocab_size:
         raise ConfigError(
@@ -207,14 +233,15 @@ def _train(
         total = sum(p.numel() for p in module.parameters())
         trainable = trainable_parameter_count(module.model, run.finetune)
         print(f"model: {total:,} parameters ({trainable:,} trainable)")
-    metrics_callback = SpecializationMetrics(run_dir)
+    scratch = Path(tempfile.mkdtemp(prefix="testbed-fast-dev-run-")) if fast_dev_run else None
+    metrics_callback = SpecializationMetrics(scratch or run_dir)  # a fast_dev_run's tables and plots: dropped
     # a dense model (model=<name>_dense) has no routing to measure: no routing metrics, counts or plots
     callbacks = [*extra_callbacks, metrics_callback] if module.model.moe_layers else [*extra_callbacks]
     if run.trainer.progress_bar and not quiet:
         callbacks.append(RunProgressBar())
     start = time.perf_counter()
     checkpointer = RunCheckpoint(run_dir, start, previous_wall_time=run_state.get("wall_time_s", 0.0))
-    if run.trainer.enable_checkpointing:
+    if run.trainer.enable_checkpointing and not fast_dev_run:
         callbacks.append(checkpointer)
         module.checkpoint_path = str(run_dir / LAST)
     t = run.trainer
@@ -233,10 +260,12 @@ def _train(
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
-        logger=build_logger(run, run_dir),
+        logger=False if fast_dev_run else build_logger(run, run_dir),
         callbacks=callbacks,
-        # our RunCheckpoint writes last.ckpt (every validation, SIGTERM/SIGUSR1): no ModelCheckpoint
-        enable_checkpointing=False,
+        # our RunCheckpoint writes last.ckpt (every validation, SIGTERM/SIGUSR1); Lightning's checkpointing
+        # only for a ModelCheckpoint of the callbacks group (best k on a metric)
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        fast_dev_run=fast_dev_run or False,
         enable_progress_bar=t.progress_bar and not quiet,
         enable_model_summary=False,  # its FLOPs column reads 0; the parameter counts are printed below
         num_sanity_val_steps=0,
@@ -286,6 +315,9 @@ def _train(
         _record_stop(trainer, module, checkpointer, metrics_callback, run_dir, summary_args, lost)
         raise lost from err
     finish_loggers(trainer, module)
+    if fast_dev_run:
+        shutil.rmtree(scratch, ignore_errors=True)
+        return fast_dev_run_result(trainer, module, quiet)
 
     summary = write_summary(
         run_dir,
@@ -297,6 +329,19 @@ def _train(
         print_summary(summary)
         print(f"run folder: {run_dir}")
     return summary
+
+
+def fast_dev_run_result(trainer, module, quiet: bool) -> dict:
+    """What a fast_dev_run reports (printed, returned, never written): its steps and validation losses."""
+    result = {"status": "fast_dev_run", "steps": trainer.global_step, **module.last_val_metrics}
+    if not quiet and trainer.is_global_zero:
+        loss = module.last_val_metrics.get("val/loss", math.nan)
+        print(
+            f"fast_dev_run: {trainer.global_step} training step(s) and "
+            f"{trainer.num_val_batches[0] if trainer.num_val_batches else 0} validation batch(es) ran; "
+            f"val/loss {loss:.4f} on those batches; nothing written (no checkpoint, log or summary.json)"
+        )
+    return result
 
 
 def _record_stop(
@@ -347,15 +392,15 @@ def signal_name(signum: int) -> str:
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_train(cfg: DictConfig) -> float | None:
+    """One run; returns the number at objective.key of its summary (what a sweeper such as Optuna reads)."""
     try:
-        check_hardware(
-            parse_config(cfg)
-        )  # a GPU config on a machine without one fails here, not in Lightning
+        run = parse_config(cfg)
+        check_hardware(run)  # a GPU config on a machine without one fails here, not in Lightning
         summary = run_training(cfg, HydraConfig.get().runtime.output_dir)
+        return objective_value(summary, run.objective.key)
     except TestbedError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    return summary.get("val/loss")
 
 
 def check_group_choices(argv: list[str], conf_dir: str = CONF_DIR) -> None:
@@ -385,23 +430,40 @@ HYDRA_CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-
 
 def quote_values_with_equals(argv: list[str]) -> list[str]:
     """`init_from=/runs/lr=1e-3/last.ckpt` -> `init_from='/runs/lr=1e-3/last.ckpt'`: Hydra's override
-    grammar rejects a bare `=` in a value, which paths of sweep folders often hold."""
+    grammar rejects a bare `=` in a value, which paths of sweep folders often hold. A value the grammar
+    reads as it is (`range(10,100,step=10)`, `tag(log,interval(1e-4,1e-2))`) is left alone."""
+    parser = OverridesParser.create()
     out = []
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and not arg.startswith("-") and "=" in value and value[:1] not in ("'", '"'):
-            arg = f"{key}='{value.replace(chr(39), chr(92) + chr(39))}'"
+            try:
+                parser.parse_override(arg)
+            except HydraException:
+                arg = f"{key}='{value.replace(chr(39), chr(92) + chr(39))}'"
         out.append(arg)
     return out
 
 
-def check_overrides(argv: list[str], conf_dir: str = CONF_DIR) -> None:
+def first_sweep_value(override) -> str | None:
+    """The value of a sweep the pre-check composes first: a choice's first, a range's start, an interval's
+    lower bound; None for glob(...) (Hydra expands it to options that exist)."""
+    if override.is_interval_sweep():
+        return str(override.value().start)
+    if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+        return None
+    return next(iter(override.sweep_string_iterator()), "")
+
+
+def check_overrides(argv: list[str], conf_dir: str = CONF_DIR) -> list[str]:
     """Compose the config with the command line's overrides (the first value of each sweep) so that a key
-    that does not exist (`foo=1`) or a malformed override is a ConfigError (exit 2), not Hydra's exit 1."""
+    that does not exist (`foo=1`) or a malformed override is a ConfigError (exit 2), not Hydra's exit 1.
+    With -m, every value each sweep can give is checked too (testbed.train.sweeps); returns the overrides
+    the sweep needs added (the Optuna sweeper's direction from objective.direction)."""
     if any(arg.startswith(HYDRA_CONFIG_FLAGS) for arg in argv):
-        return  # another config tree: Hydra checks it
+        return []  # another config tree: Hydra checks it
     parser = OverridesParser.create()
-    concrete = []
+    concrete, sweeps = [], []
     for arg in argv:
         if "=" not in arg or arg.startswith(("-", "hydra.", "hydra/", "+hydra", "~hydra")):
             continue
@@ -416,12 +478,63 @@ def check_overrides(argv: list[str], conf_dir: str = CONF_DIR) -> None:
                 "quote values with special characters: key='...'",
             ) from None
         if override.is_sweep_override():
-            first = next(iter(override.sweep_string_iterator()), "")
-            concrete.append(f"{override.get_key_element()}={first}")
+            sweeps.append(override)
+            first = first_sweep_value(override)
+            if first is not None:
+                concrete.append(f"{override.get_key_element()}={first}")
         else:
             concrete.append(arg)
-    if not concrete:
-        return
+    try:
+        if concrete:
+            compose_overrides(concrete, conf_dir)
+    except ConfigError as err:  # a sweep's first value: say which sweep it came from
+        swept = next((o for o in sweeps if o.get_key_element().lstrip("+~") == err.key), None)
+        if swept is None:
+            raise
+        raise ConfigError(err.key, err.value, f"{err.allowed} (the sweep {swept.input_line})") from None
+    if not is_multirun(argv):
+        return []
+    return check_multirun(argv, concrete, sweeps, conf_dir)
+
+
+def check_multirun(argv: list[str], concrete: list[str], sweeps: list, conf_dir: str) -> list[str]:
+    """A sweep's pre-check: compose with the command line's hydra/... and hydra.* overrides to find the
+    sweeper and its search space, check every value each sweep can give (testbed.train.sweeps), and
+    return the Optuna sweeper's direction override when it must follow objective.direction."""
+    hydra_args = [a for a in argv if "=" in a and a.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    groups = {p.name for p in Path(conf_dir).iterdir() if p.is_dir()}
+
+    def compose_run(overrides: list[str]) -> dict:
+        try:
+            return OmegaConf.to_container(compose("config", overrides=overrides), resolve=False)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError("command line", " ".join(overrides), str(err).splitlines()[0]) from None
+
+    with initialize_config_dir(conf_dir, version_base="1.3"):
+        try:
+            full = compose("config", overrides=[*concrete, *hydra_args], return_hydra_config=True)
+        except (HydraException, OmegaConfBaseException) as err:
+            raise ConfigError(
+                "command line",
+                " ".join(hydra_args),
+                f"hydra settings that compose ({str(err).splitlines()[0]}); the sweepers and launchers of "
+                "conf/hydra/ need `pip install -e .[sweep]`",
+            ) from None
+        sweeper = OmegaConf.to_container(full.hydra.sweeper, resolve=False)
+        direction = OmegaConf.select(full, "hydra.sweeper.direction", default=None)
+        if OmegaConf.is_config(direction):  # a list of directions (several objectives)
+            direction = OmegaConf.to_container(direction)
+        sweeper["direction"] = direction
+        base = OmegaConf.to_container(full, resolve=False)
+        base.pop("hydra", None)
+        sampling = is_sampling_sweeper(sweeper)
+        check_sweep_values(search_space(sweeps, sweeper), concrete, base, groups, compose_run, sampling)
+    return direction_overrides(argv, sweeper, parse_config(base).objective.direction.value)
+
+
+def compose_overrides(concrete: list[str], conf_dir: str) -> None:
+    """Compose the config with `concrete` (no sweeps); an override Hydra refuses is a ConfigError naming
+    its key and what is allowed there."""
     with initialize_config_dir(conf_dir, version_base="1.3"):
         try:
             compose("config", overrides=concrete)
@@ -495,10 +608,11 @@ def refuse_used_run_dir(argv: list[str]) -> None:
 
 def train_main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
-    sys.argv[1:] = quote_values_with_equals(sys.argv[1:])
     try:
+        argv = sweeper_params_as_overrides(sys.argv[1:])
+        sys.argv[1:] = experiment_overrides(quote_values_with_equals(argv), CONF_DIR)
         check_group_choices(sys.argv[1:])
-        check_overrides(sys.argv[1:])
+        sys.argv[1:] = [*sys.argv[1:], *check_overrides(sys.argv[1:])]
         check_output_dirs(sys.argv[1:])
         refuse_used_run_dir(sys.argv[1:])
     except TestbedError as err:
