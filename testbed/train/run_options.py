@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import warnings
 from pathlib import Path
 
 from torch.utils.data import DataLoader
@@ -94,6 +95,11 @@ def repeat_first_batches(datamodule, count: int) -> None:
     same ones in the same order every epoch (Lightning's overfit_batches limits each epoch to N batches,
     but this module's sampler continues its random stream from epoch to epoch)."""
     make = datamodule.train_dataloader
+    # Lightning logs every log_every_n_steps optimizer steps across epochs; its notice that an epoch is
+    # shorter than that interval does not apply
+    warnings.filterwarnings(
+        "ignore", message=r"The number of training batches \(\d+\) is smaller than the logging"
+    )
 
     def train_dataloader() -> DataLoader:
         loader = make()
