@@ -28,7 +28,7 @@ def main() -> None:
     from step_time import build, emit  # benchmarks/ is the script's directory
 
     from testbed.metrics.per_layer import spec_metrics
-    from testbed.train.callbacks import new_stats
+    from testbed.train.callbacks import count_batch, new_stats
 
     module, optimizer, batches = build(args.overrides)
 
@@ -37,14 +37,14 @@ def main() -> None:
         if module.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        module.train_routing_stats = new_stats(module) if collect else None
-        loss = module.training_step(batch, index)
-        loss.backward()
+        out = module.training_step(batch, index)
+        out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if collect:  # what the callback does at log time: one host transfer and the metric functions
-            spec_metrics(module.train_routing_stats, module.moe_layer_names, prefix="train/spec")
-            module.train_routing_stats = None
+        if collect:  # what the callback does with a measured step's records: count, then the metrics
+            stats = new_stats(module)
+            count_batch(stats, out["routing"], batch)  # no Trainer: step 0, a measured step
+            spec_metrics(stats, module.moe_layer_names, prefix="train/spec")
         if module.device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start

@@ -155,7 +155,7 @@ def model_rows(names: list[str], tokens: int, repeats: int, device: str, use_com
         x = torch.randn(1, tokens, d, device=device, requires_grad=True)
         grad = torch.randn_like(x)
         layer = MoELayer(
-            d, MoEConfig(num_experts=num_experts, expert_hidden=hidden), TopKSoftmaxConfig(top_k=top_k), [], 0
+            d, MoEConfig(num_experts=num_experts, expert_hidden=hidden), TopKSoftmaxConfig(top_k=top_k), 0
         )
         dense = DenseSwiGLU(d, top_k * hidden)
         layer, dense = layer.to(device), dense.to(device)
@@ -281,7 +281,6 @@ def main() -> None:
                 d,
                 MoEConfig(num_experts=num_experts, expert_hidden=hidden, backend=backend),
                 TopKSoftmaxConfig(top_k=top_k),
-                [],
                 0,
             ).to(device, dtype)
             variants[backend] = layer
@@ -290,7 +289,6 @@ def main() -> None:
                 d,
                 MoEConfig(num_experts=num_experts, expert_hidden=hidden),
                 TopKSoftmaxConfig(top_k=top_k),
-                [],
                 0,
             ).to(device, dtype)
             compiled.compile()

@@ -69,7 +69,7 @@ def timed_step(module, optimizer, batches, index: int) -> float:
         torch.cuda.synchronize()
     start = time.perf_counter()
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):  # GPU: bf16 mixed precision
-        loss = module.training_step(batch, index)
+        loss = module.training_step(batch, index)["loss"]
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)

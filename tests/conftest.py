@@ -87,3 +87,22 @@ def compose(overrides: list[str] | None = None):
 
     with initialize_config_dir(CONF_DIR, version_base="1.3"):
         return hydra_compose("config", overrides=overrides or [])
+
+
+def layer_step(layer, x, context, losses=(), stats=None, observe=False):
+    """One MoE layer and what training does around it (the layer itself is pure): every loss on its
+    record with the layer's own context, stateful losses observing it when `observe`, and the routing
+    counters when `stats` is given. Returns (y, record, {loss name: unweighted value})."""
+    from testbed.losses import layer_loss_terms
+
+    y, record = layer(x, context)
+    layer_context = layer.layer_context(context)
+    if observe:
+        for loss in losses:
+            if loss.stateful:
+                loss.observe(layer.moe_index, record.routing, layer_context)
+    terms = layer_loss_terms(list(losses), record.routing, layer_context, record.expert_outputs)
+    if stats is not None:
+        shape = (context.batch_size, context.seq_len)
+        stats.update(layer.moe_index, record.routing, context.domain_ids, record.expert_outputs, shape)
+    return y, record, terms

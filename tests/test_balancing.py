@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from testbed.config import parse_config
-from testbed.losses.expert_bias import ExpertBiasTracker
+from testbed.losses.expert_bias import ExpertBiasBalance, ExpertBiasConfig
 from testbed.losses.load_balance import LoadBalanceConfig, LoadBalanceLoss
 from testbed.metrics import specialization as S
 from testbed.routing import RoutingContext, routing_from_choices
@@ -20,7 +20,7 @@ from testbed.routing.capacity import apply_capacity, expert_capacity, mask_capac
 from testbed.routing.sinkhorn import SinkhornConfig, SinkhornRouter, sinkhorn_log
 from testbed.routing.topk_softmax import TopKSoftmaxConfig, TopKSoftmaxRouter
 from testbed.scope import GlobalScopeState, Scope
-from tests.conftest import compose
+from tests.conftest import compose, layer_step
 
 
 def top1(probs):
@@ -58,7 +58,7 @@ def test_training_module_resets_scope_state_per_optimizer_step(synth_mix):
     module = MoELanguageModel(run, ["alpha", "beta", "gamma"])
     seen = []
     for batch_idx in range(7):
-        module.training_state(batch_idx)
+        module.advance_scope(batch_idx)
         seen.append(module.scope_state.micro_batch)
     assert seen == [0, 1, 2, 0, 1, 2, 0]
 
@@ -93,10 +93,10 @@ def two_rank_worker(rank, port, out_dir):
     chosen = router(x, RoutingContext(1, half)).expert_index
     chosen_pairs = router.balanced_choice(router.gate(x).detach(), RoutingContext(1, half))
     # expert bias at global scope
-    tracker = ExpertBiasTracker("global", 1e-3)
+    tracker = ExpertBiasBalance(ExpertBiasConfig(scope="global", gamma=1e-3))
     tracker.observe(0, top1(local), RoutingContext(1, half))
     bias_router = TopKSoftmaxRouter(4, 6, TopKSoftmaxConfig(top_k=1))
-    tracker.apply({0: bias_router})
+    tracker.after_optimizer_step([bias_router])
     torch.save(
         {
             "value": value,
@@ -155,11 +155,11 @@ def test_expert_bias_reduces_max_violation_on_a_skewed_router(scope):
     x_eval = torch.randn(2048, 16, generator=g).abs()
     before = measured_max_violation(router, x_eval)
     gates_before = router(x_eval, RoutingContext(1, 2048)).probs
-    tracker = ExpertBiasTracker(scope, gamma=1e-3)
+    tracker = ExpertBiasBalance(ExpertBiasConfig(scope=scope, gamma=1e-3))
     for _ in range(300):  # one optimizer step each: 4 sequences of 64 tokens
         x = torch.randn(256, 16, generator=g).abs()
         tracker.observe(0, router(x, RoutingContext(4, 64)), RoutingContext(4, 64))
-        tracker.apply({0: router})
+        tracker.after_optimizer_step([router])
     after = measured_max_violation(router, x_eval)
     assert before > 1.0 and after < 0.3, (before, after)
     assert router.expert_bias[0] < 0 and router.expert_bias[1] < 0
@@ -168,12 +168,12 @@ def test_expert_bias_reduces_max_violation_on_a_skewed_router(scope):
 
 
 def test_expert_bias_update_by_hand():
-    tracker = ExpertBiasTracker("micro_batch", gamma=0.5)
+    tracker = ExpertBiasBalance(ExpertBiasConfig(scope="micro_batch", gamma=0.5))
     router = TopKSoftmaxRouter(2, 3, TopKSoftmaxConfig(top_k=1))
     p = torch.tensor([[0.8, 0.1, 0.1], [0.7, 0.2, 0.1], [0.1, 0.8, 0.1]])
     tracker.observe(0, top1(p), RoutingContext(1, 3))  # counts [2,1,0], mean 1: signs [-1, 0, +1]
     tracker.observe(0, top1(p[:1]), RoutingContext(1, 1))  # counts [1,0,0], mean 1/3: signs [-1, +1, +1]
-    tracker.apply({0: router})
+    tracker.after_optimizer_step([router])
     torch.testing.assert_close(router.expert_bias, 0.5 * torch.tensor([-1.0, 0.5, 1.0]))
     assert tracker.sums == {}
 
@@ -262,11 +262,10 @@ def test_capacity_in_the_moe_layer_and_counters():
         16,
         MoEConfig(num_experts=4, expert_hidden=8, capacity_factor=0.5),
         TopKSoftmaxConfig(top_k=2),
-        [],
         layer_index=0,
     ).eval()
     stats = RoutingStats(1, 1, 4)
-    _, out = layer(torch.randn(1, 40, 16), RoutingContext(1, 40, routing_stats=stats))
+    _, out, _ = layer_step(layer, torch.randn(1, 40, 16), RoutingContext(1, 40), stats=stats)
     capacity = math.ceil(0.5 * 2 * 40 / 4)
     kept = out.routing.kept
     assert count_per_expert(out.routing.expert_index, 4, kept).max().item() <= capacity
@@ -310,7 +309,7 @@ def test_masked_capacity_in_the_layer_equals_removing_the_dropped_assignments(
     ]
     torch.manual_seed(0)
     moe = MoEConfig(num_experts=8, expert_hidden=16, capacity_factor=capacity_factor, num_shared_experts=1)
-    layer = MoELayer(32, moe, config_cls(top_k=2), losses, 0, num_domains=4).train()
+    layer = MoELayer(32, moe, config_cls(top_k=2), 0, num_domains=4).train()
     batch, seq = 2, 24
     tokens = batch * seq
     generator = torch.Generator().manual_seed(1)
@@ -323,24 +322,25 @@ def test_masked_capacity_in_the_layer_equals_removing_the_dropped_assignments(
         monkeypatch.setattr(moe_module, "mask_capacity", capacity)
         layer.zero_grad(set_to_none=True)
         state, stats = GlobalScopeState(), RoutingStats(1, 4, 8)
-        tracker = ExpertBiasTracker(scope, 1e-3)
+        bias = losses[1]
+        bias.sums.clear(), bias.groups.clear()
         state.start_step()
         inputs = [x.clone().requires_grad_(True) for x in xs]
         ys, routings, loss_values, total = [], [], [], 0.0
         for i, x in enumerate(inputs):
             if i > 0:
                 state.next_micro_batch()
-            extras = {"scope_state": state, "routing_stats": stats, "expert_bias_tracker": tracker}
-            y, out = layer(x, RoutingContext(batch, seq, domain_ids=domain_ids, **extras))
+            context = RoutingContext(batch, seq, domain_ids=domain_ids, scope_state=state)
+            y, out, terms = layer_step(layer, x, context, losses, stats, observe=True)
             ys.append(y)
             routings.append(out.routing)
-            loss_values.append(out.losses)
-            total = total + (y * torch.linspace(-1, 1, 32)).square().mean() + sum(out.losses.values())
+            loss_values.append(terms)
+            total = total + (y * torch.linspace(-1, 1, 32)).square().mean() + sum(terms.values())
         total.backward()
         stats.update_accuracy(0, routings[0], correct)
         stats.update_stiffness(0, routings[0], routings[1], token_mask)
         grads = [x.grad for x in inputs] + [p.grad for p in layer.parameters()]
-        loads = (tracker.sums[0], tracker.groups[0])
+        loads = (bias.sums[0], bias.groups[0])
         return ys, grads, loss_values, loads, routings, per_layer(stats), spec_metrics(stats, ["layer0"])
 
     masked = run(mask_capacity)

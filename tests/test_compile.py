@@ -19,6 +19,7 @@ from testbed.metrics.stats import RoutingStats
 from testbed.model.moe import MoELayer
 from testbed.routing import ROUTERS, RoutingContext
 from testbed.scope import GlobalScopeState
+from tests.conftest import layer_step
 
 
 def explain(router: str, losses, router_options=None, with_stats=False):
@@ -29,7 +30,6 @@ def explain(router: str, losses, router_options=None, with_stats=False):
             32,
             MoEConfig(num_experts=8, expert_hidden=16),
             config_cls(**(router_options or {})),
-            losses,
             layer_index=0,
             num_domains=4,
         )
@@ -38,13 +38,13 @@ def explain(router: str, losses, router_options=None, with_stats=False):
     )
     x = torch.randn(2, 16, 32, dtype=torch.bfloat16)
     token_ids, domain_ids = torch.randint(0, 100, (32,)), torch.randint(0, 4, (32,))
-    extras = {"scope_state": GlobalScopeState()}
-    if with_stats:
-        extras["routing_stats"] = RoutingStats(1, 4, 8)
+    state = GlobalScopeState()
+    stats = RoutingStats(1, 4, 8) if with_stats else None
 
-    def step(x, token_ids, domain_ids):
-        y, out = layer(x, RoutingContext(2, 16, token_ids=token_ids, domain_ids=domain_ids, **extras))
-        return y, out.losses
+    def step(x, token_ids, domain_ids):  # the layer, its losses and counters, as a training step runs them
+        context = RoutingContext(2, 16, token_ids=token_ids, domain_ids=domain_ids, scope_state=state)
+        y, _, terms = layer_step(layer, x, context, losses, stats)
+        return y, terms
 
     dynamo.reset()
     return dynamo.explain(step)(x, token_ids, domain_ids)

@@ -32,7 +32,7 @@ def build(synth_mix, *extra):
 def forward(module, batch, index):
     for router in module.routers:
         router.step = index  # what the training module sets before every batch
-    return module.training_step(batch, index)
+    return module.training_step(batch, index)["loss"]
 
 
 def finish(module, optimizer):

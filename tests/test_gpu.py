@@ -14,6 +14,7 @@ from testbed.metrics.stats import RoutingStats
 from testbed.model.moe import MoELayer
 from testbed.routing import ROUTERS, RoutingContext
 from testbed.scope import GlobalScopeState
+from tests.conftest import layer_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -39,7 +40,6 @@ def test_moe_layer_step_makes_no_host_sync(router, capacity_factor):
         256,
         MoEConfig(num_experts=16, expert_hidden=256, capacity_factor=capacity_factor),
         config_cls(),
-        losses,
         0,
         num_domains=8,
     )
@@ -55,14 +55,13 @@ def test_moe_layer_step_makes_no_host_sync(router, capacity_factor):
         token_ids=token_ids,
         domain_ids=domain_ids,
         scope_state=GlobalScopeState(),
-        routing_stats=stats,
     )
     layer(x, context)  # warm-up: lazy initialization may synchronize once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        y, out = layer(x, context)
-        (y.float().square().mean() + sum(out.losses.values())).backward()
+        y, out, terms = layer_step(layer, x, context, losses, stats, observe=True)
+        (y.float().square().mean() + sum(terms.values())).backward()
         stats.update_accuracy(0, out.routing, correct)
         stats.update_stiffness(0, out.routing, out.routing, correct)
     finally:

@@ -13,7 +13,7 @@ from testbed.model.moe import MoELayer
 from testbed.routing import RoutingContext, routing_from_choices
 from testbed.routing.expert_choice import ExpertChoiceConfig
 from testbed.routing.topk_softmax import TopKSoftmaxConfig
-from tests.conftest import compose, synth_overrides
+from tests.conftest import compose, layer_step, synth_overrides
 
 
 def orthogonality(routing, outputs, **options):
@@ -89,7 +89,7 @@ def test_variable_experts_per_token_match_a_per_token_loop(capacity_factor):
             expert_hidden=8,
             capacity_factor=capacity_factor if router.name == "topk_softmax" else None,
         )
-        layer = MoELayer(8, moe, router, [], layer_index=0).train()
+        layer = MoELayer(8, moe, router, layer_index=0).train()
         routing = layer.router(x.view(24, 8), RoutingContext(1, 24))
         if capacity_factor is not None and router.name == "topk_softmax":
             from testbed.routing.capacity import apply_capacity
@@ -134,33 +134,34 @@ def test_calibration_picks_the_power_of_ten(first, target, expected):
     assert loss.calibrate(first) == pytest.approx(expected)
 
 
-def layer_pair(router_config, losses):
+def layer_pair(router_config):
     torch.manual_seed(0)
     moe = MoEConfig(num_experts=6, expert_hidden=8)
-    return [MoELayer(8, moe, router_config, losses, layer_index=i).train() for i in range(2)]
+    return [MoELayer(8, moe, router_config, layer_index=i).train() for i in range(2)]
 
 
 def test_orthogonality_gradients_reach_experts_and_routers():
     loss = OrthogonalityLoss(OrthogonalityConfig(coefficient=1.0))
-    first, second = layer_pair(TopKSoftmaxConfig(top_k=2), [loss])
+    first, second = layer_pair(TopKSoftmaxConfig(top_k=2))
     x = torch.randn(2, 10, 8)
     hidden, _ = first(x, RoutingContext(2, 10))
-    _, out = second(x + hidden, RoutingContext(2, 10))
-    out.losses["orthogonality"].backward()
+    _, _, terms = layer_step(second, x + hidden, RoutingContext(2, 10), [loss])
+    terms["orthogonality"].backward()
     assert second.experts.w_in.grad.abs().sum() > 0 and second.experts.w_out.grad.abs().sum() > 0
     assert first.router.gate.weight.grad.abs().sum() > 0  # through the hidden states
     assert second.router.gate.weight.grad is None  # pre-gate outputs do not depend on this router
     gated = OrthogonalityLoss(OrthogonalityConfig(coefficient=1.0, gated=True))
-    layer = layer_pair(TopKSoftmaxConfig(top_k=2), [gated])[0]
-    _, out = layer(x, RoutingContext(2, 10))
-    out.losses["orthogonality"].backward()
+    layer = layer_pair(TopKSoftmaxConfig(top_k=2))[0]
+    _, _, terms = layer_step(layer, x, RoutingContext(2, 10), [gated])
+    terms["orthogonality"].backward()
     assert layer.router.gate.weight.grad.abs().sum() > 0  # gated form: this router too
 
 
 def test_variance_gradient_reaches_the_router():
-    layer = layer_pair(TopKSoftmaxConfig(top_k=2), [VarianceLoss(VarianceConfig(coefficient=1.0))])[0]
-    _, out = layer(torch.randn(2, 10, 8), RoutingContext(2, 10))
-    out.losses["variance"].backward()
+    layer = layer_pair(TopKSoftmaxConfig(top_k=2))[0]
+    loss = VarianceLoss(VarianceConfig(coefficient=1.0))
+    _, _, terms = layer_step(layer, torch.randn(2, 10, 8), RoutingContext(2, 10), [loss])
+    terms["variance"].backward()
     assert layer.router.gate.weight.grad.abs().sum() > 0
 
 

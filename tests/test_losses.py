@@ -16,7 +16,7 @@ from testbed.model.moe import MoELayer
 from testbed.routing import RoutingContext, routing_from_choices
 from testbed.routing.topk_softmax import TopKSoftmaxConfig
 from testbed.scope import GlobalScopeState
-from tests.conftest import compose
+from tests.conftest import compose, layer_step
 from tests.loss_cases import loss_configs
 
 CASES = [pytest.param(key, loss_cls, config, id=case_id) for key, loss_cls, config, case_id in loss_configs()]
@@ -228,17 +228,18 @@ def test_variance_is_zero_for_uniform_routing_and_load_balance_grows_with_imbala
 @pytest.mark.parametrize(("key", "loss_cls", "config"), CASES)
 @pytest.mark.parametrize("backend", ["loop", "grouped"])
 def test_every_loss_in_the_moe_layer_sends_gradient_to_the_router(key, loss_cls, config, backend):
-    """Through a real MoE layer (both expert backends): the layer returns the loss by its name, and a loss
-    that adds a term trains the router's gate, or, reading the experts' outputs, the experts."""
+    """Through a real MoE layer (both expert backends): the loss computed on the layer's record, as training
+    computes it, comes back by its name, and a loss that adds a term trains the router's gate, or, reading
+    the experts' outputs, the experts."""
     loss = loss_cls(config)
     torch.manual_seed(0)
     layer = MoELayer(
-        16, MoEConfig(num_experts=8, expert_hidden=16, backend=backend), TopKSoftmaxConfig(top_k=2), [loss], 0
+        16, MoEConfig(num_experts=8, expert_hidden=16, backend=backend), TopKSoftmaxConfig(top_k=2), 0
     ).train()
     context = RoutingContext(batch_size=2, seq_len=12, scope_state=GlobalScopeState())
-    _, out = layer(torch.randn(2, 12, 16), context)
-    assert set(out.losses) == {loss.name}
-    value = out.losses[loss.name]
+    _, _, terms = layer_step(layer, torch.randn(2, 12, 16), context, [loss], observe=True)
+    assert set(terms) == {loss.name}
+    value = terms[loss.name]
     assert torch.isfinite(value)
     if not loss_cls.adds_term:
         return

@@ -4,10 +4,11 @@ import torch
 
 from testbed.config import ModelConfig, MoEConfig
 from testbed.losses.load_balance import LoadBalanceConfig, LoadBalanceLoss
+from testbed.losses.z_loss import ZLoss, ZLossConfig
 from testbed.model import MoELayer, MoETransformer
 from testbed.routing import RoutingContext
 from testbed.routing.topk_softmax import TopKSoftmaxConfig
-from testbed.train.module import aux_loss_terms
+from testbed.train.module import model_loss_terms
 
 
 def small_model(backend="grouped", **overrides):
@@ -19,16 +20,20 @@ def small_model(backend="grouped", **overrides):
         num_shared_experts=overrides.pop("num_shared_experts", 0),
     )
     config = ModelConfig(vocab_size=50, d_model=32, n_layers=3, n_heads=2, moe=moe, **overrides)
-    return MoETransformer(config, TopKSoftmaxConfig(top_k=2), [LoadBalanceLoss(LoadBalanceConfig())])
+    return MoETransformer(config, TopKSoftmaxConfig(top_k=2))
+
+
+LOSSES = [LoadBalanceLoss(LoadBalanceConfig())]
 
 
 def test_dense_first_blocks():
     model = small_model(dense_layers=1)
     assert [layer.layer_index for layer in model.moe_layers] == [1, 2]
     assert [layer.moe_index for layer in model.moe_layers] == [0, 1]
-    logits, outputs = model(torch.randint(0, 50, (2, 7)))
-    assert logits.shape == (2, 7, 50) and len(outputs) == 2
-    assert set(aux_loss_terms(outputs)) == {"load_balance"}
+    ids = torch.randint(0, 50, (2, 7))
+    logits, records = model(ids)
+    assert logits.shape == (2, 7, 50) and len(records) == 2
+    assert set(model_loss_terms(model, LOSSES, records, ids)) == {"load_balance"}
 
 
 def test_shared_experts_add_a_dense_path():
@@ -37,7 +42,6 @@ def test_shared_experts_add_a_dense_path():
         16,
         MoEConfig(num_experts=4, expert_hidden=8, num_shared_experts=2),
         TopKSoftmaxConfig(top_k=1),
-        [],
         layer_index=0,
     )
     assert layer.shared.w_out.in_features == 2 * 8
@@ -64,8 +68,8 @@ def test_loop_and_grouped_models_agree_with_gradients():
     ids = torch.randint(0, 50, (2, 9))
     grads = []
     for model in (loop, grouped):
-        logits, outputs = model(ids)
-        loss = logits.logsumexp(-1).mean() + aux_loss_terms(outputs)["load_balance"]
+        logits, records = model(ids)
+        loss = logits.logsumexp(-1).mean() + model_loss_terms(model, LOSSES, records, ids)["load_balance"]
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters()})
         torch.testing.assert_close(logits, loop(ids)[0], rtol=1e-5, atol=1e-5)
@@ -85,3 +89,24 @@ def test_unknown_model_arguments_are_refused_and_the_context_is_not_mutated():
     layer(torch.randn(2, 8, 32), context)
     assert layer.layer_index > 0
     assert context.layer_index == 0 and context.max_experts_per_token is None  # frozen, per-layer copies
+
+
+def test_the_model_is_pure_and_training_computes_each_loss_from_the_records():
+    """The forward pass returns one record per MoE layer and computes no loss; the training module's
+    `model_loss_terms` is each loss on each layer's record (with that layer's context), averaged over
+    layers; a second forward of the same batch gives the same records (no state kept inside)."""
+    model = small_model(dense_layers=1).train()
+    ids = torch.randint(0, 50, (2, 7))
+    _, records = model(ids)
+    _, again = model(ids)
+    for a, b in zip(records, again, strict=True):
+        torch.testing.assert_close(a.routing.probs, b.routing.probs)
+        assert torch.equal(a.routing.expert_index, b.routing.expert_index)
+    losses = [LoadBalanceLoss(LoadBalanceConfig()), ZLoss(ZLossConfig())]
+    terms = model_loss_terms(model, losses, records, ids)
+    context = model.routing_context(ids)
+    for loss in losses:
+        layers = zip(model.moe_layers, records, strict=True)
+        by_hand = [loss(r.routing, layer.layer_context(context)) for layer, r in layers]
+        torch.testing.assert_close(terms[loss.name], torch.stack(by_hand).mean())
+    assert [record.expert_outputs.shape[0] for record in records] == [2 * 7 * 2] * 2  # top-2

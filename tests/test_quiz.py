@@ -187,7 +187,7 @@ def test_model_with_a_causal_mask_and_default_positions_is_the_plain_model():
     config = ModelConfig(
         vocab_size=50, d_model=32, n_layers=2, n_heads=2, moe=MoEConfig(num_experts=4, expert_hidden=16)
     )
-    model = MoETransformer(config, TopKSoftmaxConfig(), []).eval()
+    model = MoETransformer(config, TopKSoftmaxConfig()).eval()
     ids = torch.randint(0, 50, (3, 10))
     causal = torch.ones(10, 10, dtype=torch.bool).tril().expand(3, 10, 10)
     positions = torch.arange(10).expand(3, 10)

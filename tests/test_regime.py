@@ -17,7 +17,6 @@ from testbed.metrics.regime import (
     repeated_domains,
 )
 from testbed.model import MoETransformer
-from testbed.train.module import build_losses
 from tests.conftest import compose
 
 
@@ -165,7 +164,7 @@ def test_summaries_without_resolved_sections_read_them_from_hydra_config(tmp_pat
 def ffn_parameters(overrides):
     run = parse_config(compose(overrides))
     with torch.device("meta"):  # shapes only: model=base has 1.6B parameters
-        model = MoETransformer(run.model, run.router, build_losses(run), num_domains=8)
+        model = MoETransformer(run.model, run.router, num_domains=8)
     experts = sum(p.numel() for n, p in model.named_parameters() if ".ffn." in n and ".router." not in n)
     router = sum(p.numel() for n, p in model.named_parameters() if ".router." in n)
     return run, experts, router

@@ -226,7 +226,7 @@ def test_moe_layer_runs_with_router(name):
     """The MoE layer accepts each router (forward + backward)."""
     _, config_cls = ROUTERS.get(name)
     torch.manual_seed(0)
-    layer = MoELayer(D_MODEL, MoEConfig(num_experts=4, expert_hidden=8, backend="loop"), config_cls(), [], 0,
+    layer = MoELayer(D_MODEL, MoEConfig(num_experts=4, expert_hidden=8, backend="loop"), config_cls(), 0,
                      num_domains=2)  # fmt: skip
     x = torch.randn(2, 5, D_MODEL, requires_grad=True)
     context = RoutingContext(2, 5, token_ids=torch.randint(0, VOCAB, (10,)), domain_ids=torch.arange(10) % 2)

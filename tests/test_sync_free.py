@@ -13,13 +13,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from testbed.config import MoEConfig
-from testbed.losses.expert_bias import ExpertBiasTracker
 from testbed.metrics.stats import RoutingStats
 from testbed.model.experts import combine
 from testbed.model.moe import MoELayer
 from testbed.routing import ROUTERS, RoutingContext, routing_from_choices
 from testbed.routing.capacity import apply_capacity, mask_capacity
 from testbed.scope import GlobalScopeState
+from tests.conftest import layer_step
 from tests.loss_cases import every_loss
 
 aten = torch.ops.aten
@@ -87,10 +87,11 @@ def make_layer(router: str, losses, capacity_factor=None, **router_options):
     _, config_cls = ROUTERS.get(router)
     torch.manual_seed(0)
     moe = MoEConfig(num_experts=8, expert_hidden=16, capacity_factor=capacity_factor, backend="grouped")
-    return MoELayer(32, moe, config_cls(**router_options), losses, 0, num_domains=4).train()
+    return MoELayer(32, moe, config_cls(**router_options), 0, num_domains=4).train(), losses
 
 
-def step(layer, batch=2, seq=24):
+def step(made, batch=2, seq=24):
+    layer, losses = made
     torch.manual_seed(1)
     x = torch.randn(batch, seq, 32, requires_grad=True)
     tokens = batch * seq
@@ -101,18 +102,17 @@ def step(layer, batch=2, seq=24):
         token_ids=torch.randint(0, 100, (tokens,)),
         domain_ids=torch.arange(tokens) % 4,
         scope_state=GlobalScopeState(),
-        routing_stats=stats,
-        expert_bias_tracker=ExpertBiasTracker("sequence", 1e-3),  # expert bias's per-sequence loads
     )
     layer(x, context)  # warm-up outside the mode (lazy initialization)
     correct = torch.arange(tokens) % 3 == 0
-    with NoSync() as mode:
-        y, out = layer(x, context)
-        (y.square().mean() + sum(out.losses.values())).backward()
-        stats.update_accuracy(0, out.routing, correct)  # the counters fed outside the layer
+    with NoSync() as mode:  # the layer, then what training does with its record: losses, stateful
+        # losses' step statistics (expert bias's per-sequence loads) and the routing counters
+        y, out, terms = layer_step(layer, x, context, losses, stats, observe=True)
+        (y.square().mean() + sum(terms.values())).backward()
+        stats.update_accuracy(0, out.routing, correct)
         stats.update_stiffness(0, out.routing, out.routing, correct)
     assert "aten.mm.default" in mode.seen or "aten._grouped_mm.default" in mode.seen
-    assert set(out.losses) == {loss.name for loss in layer.losses}
+    assert set(terms) == {loss.name for loss in losses}
     return y, out
 
 

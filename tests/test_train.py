@@ -201,3 +201,20 @@ def test_balancing_methods_train_end_to_end(synth_mix, tmp_path, overrides):
         assert bias.abs().max() > 0 and bias.abs().max() <= 6 * 1e-3 + 1e-9
     else:
         assert torch.all(bias == 0)
+
+
+def test_analyze_routes_as_the_trained_step_for_step_dependent_routers(synth_mix, tmp_path):
+    """router.hash_steps routes by token hash for the first steps, then by the learned gate: testbed-analyze
+    routes as the checkpoint's step did (the learned gate here), so it recomputes the run's own metrics."""
+    from testbed.hf.cli import analyze_main as analyze
+
+    run_dir = tmp_path / "run"
+    args = ["router.hash_steps=2", "trainer.max_steps=4", "trainer.val_check_interval=4", "metrics.plots=false"]
+    result = cli(*synth_overrides(synth_mix), *args, f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    out = tmp_path / "analysis"
+    assert analyze([str(run_dir), "--out", str(out), "--stiffness-batches", "0"]) == 0
+    metrics = json.loads((out / "analysis.json").read_text())["metrics"]
+    for key in ("spec/purity/mean", "spec/gate_entropy/mean", "spec/utilization/mean"):
+        assert metrics[key] == pytest.approx(summary[key], rel=1e-6, abs=1e-9), key

@@ -28,7 +28,7 @@ from testbed.errors import CheckpointError, ConfigError, TestbedError
 from testbed.metrics.per_layer import per_layer, spec_metrics
 from testbed.plots import domain_expert_heatmaps, per_layer_curves
 from testbed.safe_load import load_file
-from testbed.train.callbacks import new_stats, stiffness_pass
+from testbed.train.callbacks import count_batch, new_stats, stiffness_pass
 from testbed.train.checkpoint import load_weights
 from testbed.train.module import MoELanguageModel
 
@@ -78,18 +78,24 @@ def load_run(checkpoint: Path, overrides: list[str]):
 
 @torch.no_grad()
 def evaluate(module, datamodule, stiffness_batches: int):
-    """Validation pass with routing counters (+ the stiffness pass); returns (per-domain loss, stats)."""
+    """The validation pass of training, with its routing counters (+ the stiffness pass), without a
+    Trainer: the module's `validation_outputs` and the callback's `count_batch`, as in training. Returns
+    (per-domain loss, stats)."""
     module.eval()
     stats = new_stats(module)
-    module.routing_stats = stats
-    module.on_validation_epoch_start()
+    sums = torch.zeros(len(module.domains), dtype=torch.float64, device=module.device)
+    counts = torch.zeros_like(sums)
     loader = datamodule.val_dataloader()
-    for index, batch in enumerate(loader):
-        module.validation_step({k: v.to(module.device) for k, v in batch.items()}, index)
-    module.routing_stats = None
+    for batch in loader:
+        batch = {k: v.to(module.device) for k, v in batch.items()}
+        token_loss, records, correct = module.validation_outputs(batch)
+        count_batch(stats, records, batch, correct)
+        domains = batch["domain_ids"].reshape(-1)
+        sums.index_add_(0, domains, token_loss.double())
+        counts.index_add_(0, domains, torch.ones_like(token_loss, dtype=torch.float64))
     if stiffness_batches > 0:
         stiffness_pass(module, [b for _, b in zip(range(stiffness_batches), loader, strict=False)], stats)
-    losses = (module.val_loss_sums / module.val_token_counts.clamp_min(1)).cpu().tolist()
+    losses = (sums / counts.clamp_min(1)).cpu().tolist()
     return dict(zip(module.domains, losses, strict=True)), stats
 
 
@@ -219,7 +225,9 @@ def analyze_checkpoint(args: argparse.Namespace) -> int:
         datamodule = DomainMixDataModule(run.data, seed=run.seed)
         datamodule.setup("validate")
         module = MoELanguageModel(run, datamodule.domains)
-        load_weights(module, checkpoint, what="testbed-analyze")
+        payload = load_weights(module, checkpoint, what="testbed-analyze")
+        for router in module.routers:  # a router that changes with the step (hash_steps) as trained
+            router.step = int(payload.get("global_step", 0)) if isinstance(payload, dict) else 0
         if not module.moe_layer_names:
             raise TestbedError(
                 f"{checkpoint}: the model ({run.model.name}) has no MoE layers, so there is no routing to "

@@ -127,8 +127,7 @@ def analyze_mix(
     batch_routing: dict[int, object] = {}
     current: dict[str, object] = {}
 
-    def count(layer, routing):
-        stats.update(layer, routing, current["domain_ids"], batch_shape=current["shape"])
+    def count(layer, routing):  # kept until the batch's predictions are known, then counted at once
         batch_routing[layer] = routing
 
     hooks.on_routing = count
@@ -151,8 +150,14 @@ def analyze_mix(
             current["shape"] = tuple(inputs.shape)
             hidden = decoder(hf)(input_ids=inputs).last_hidden_state
             loss, correct = head_outputs(hf, hidden, targets)
-            for layer, routing in batch_routing.items():
-                stats.update_accuracy(layer, routing, correct)
+            # the same counting as the training callback and testbed-analyze (RoutingStats.add_batch)
+            stats.add_batch(
+                [batch_routing[layer] for layer in range(len(hooks.routers))],
+                current["domain_ids"],
+                current["shape"],
+                correct=correct,
+            )
+            batch_routing.clear()
             loss_sums.index_add_(0, current["domain_ids"], loss.double())
             token_counts.index_add_(0, current["domain_ids"], torch.ones_like(current["domain_ids"]))
             tokens_seen += inputs.numel()

@@ -1,7 +1,8 @@
 """Auxiliary-loss interface: a loss maps one layer's `Routing` (and context) to an unweighted scalar.
 
-Layers return the raw values per loss name; the training module multiplies by each loss's
-`coefficient` and averages over layers.
+The model stays pure: each MoE layer returns a record of its routing, and the training module computes
+every loss on every layer's record (`layer_loss_terms`), averages over layers and multiplies by each
+loss's `coefficient`.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ class AuxLoss:
     """Base class: `config` is a dataclass with at least `coefficient`; subclasses implement `__call__`."""
 
     registry_name = "base"
-    needs_expert_outputs = False  # True: the expert backend hands back per-assignment outputs o_{t,k}
+    needs_expert_outputs = False  # True: reads each layer record's per-assignment outputs o_{t,k}
     # As a balancing method (BALANCE): its name in reports' words and legends ("LBL"; None: its registry
     # name) and its plot marker on the specialization-vs-balance frontier.
     label: str | None = None
     marker: str | None = None
-    # Keeps state across optimizer steps (expert bias: the step's loads, applied to the router's expert_bias
-    # buffer after each step), so it needs a router with `supports_expert_bias`.
+    # Keeps statistics over an optimizer step (`observe`, `after_optimizer_step`; expert bias: the step's
+    # loads, applied to the router's expert_bias buffer after each step), so it needs a router with
+    # `supports_expert_bias`.
     stateful = False
     adds_term = True  # False: it adds no term to the loss (balance=none); the model leaves it out
 
@@ -54,6 +56,13 @@ class AuxLoss:
     ) -> Tensor:
         raise NotImplementedError
 
+    def observe(self, layer: int, routing: Routing, context: RoutingContext) -> None:
+        """Stateful losses: add one MoE layer's routing of one micro-batch to the step's statistics."""
+
+    def after_optimizer_step(self, routers: list) -> None:
+        """Stateful losses: act on the step's statistics (e.g. move each MoE layer's router buffers) after
+        the optimizer step, then clear them."""
+
     @classmethod
     def check(cls, config, key: str) -> None:
         """Raise ConfigError for options that cannot work; called before training."""
@@ -80,3 +89,13 @@ def check_coefficient(config, key: str) -> None:
 
 BALANCE: Registry[AuxLoss] = Registry("balancing method", "balance")
 AUX_LOSSES: Registry[AuxLoss] = Registry("auxiliary loss", "aux_loss")
+
+
+def layer_loss_terms(
+    losses: list[AuxLoss], routing: Routing, context: RoutingContext, expert_outputs: Tensor | None
+) -> dict[str, Tensor]:
+    """Unweighted value of each loss on one MoE layer's routing (`context`: the layer's own)."""
+    return {
+        loss.name: loss(routing, context, expert_outputs if loss.needs_expert_outputs else None)
+        for loss in losses
+    }

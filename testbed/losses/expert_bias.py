@@ -31,13 +31,37 @@ class ExpertBiasConfig:
     sequence_coefficient: float = 0.0  # weight of the complementary sequence-scope load-balance loss
 
 
-class ExpertBiasTracker:
-    """Per-layer load statistics of the current optimizer step, turned into a bias update by `apply`."""
+@BALANCE.register("expert_bias", ExpertBiasConfig)
+class ExpertBiasBalance(AuxLoss):
+    """The bias update's statistics and its step: `observe` adds one layer's load of one micro-batch
+    (called by the training module on each layer's routing record), `after_optimizer_step` moves each
+    router's `expert_bias` buffer and clears them (an optimizer step hook). As a loss term it returns
+    the complementary sequence-scope load-balance value (weight `sequence_coefficient`)."""
 
-    def __init__(self, scope: str, gamma: float):
-        self.scope, self.gamma = scope, gamma
-        self.sums: dict[int, Tensor] = {}  # global: counts; micro_batch/sequence: summed sign vectors
+    label = "EB"
+    marker = "s"
+    stateful = True
+
+    def __init__(self, config: ExpertBiasConfig):
+        super().__init__(config)
+        self.scope, self.gamma = str(config.scope), float(config.gamma)
+        # the current optimizer step's statistics per MoE layer (empty between steps: a checkpoint, written
+        # at a step boundary, never needs them): global: counts; micro_batch/sequence: summed sign vectors
+        self.sums: dict[int, Tensor] = {}
         self.groups: dict[int, Tensor] = {}  # number of sign vectors summed
+
+    @property
+    def name(self) -> str:
+        return "sequence_load_balance"
+
+    @property
+    def coefficient(self) -> float:
+        return float(self.config.sequence_coefficient)
+
+    def __call__(
+        self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
+    ) -> Tensor:
+        return sequence_load_balance(routing, context)
 
     @torch.no_grad()
     def observe(self, layer: int, routing: Routing, context: RoutingContext) -> None:
@@ -65,9 +89,9 @@ class ExpertBiasTracker:
         self.groups[layer] = self.groups.get(layer, 0) + groups
 
     @torch.no_grad()
-    def apply(self, routers: dict[int, torch.nn.Module]) -> None:
-        """b += gamma * direction, then clear the step's statistics."""
-        for layer, router in routers.items():
+    def after_optimizer_step(self, routers: list[torch.nn.Module]) -> None:
+        """b += gamma * direction for the router of each observed layer (`routers[layer]`), then clear."""
+        for layer, router in enumerate(routers):
             if layer not in self.sums:
                 continue
             if self.scope == "global":
@@ -78,39 +102,6 @@ class ExpertBiasTracker:
             router.expert_bias += self.gamma * direction.to(router.expert_bias.dtype)
         self.sums.clear()
         self.groups.clear()
-
-    def state_dict(self) -> dict:
-        """The current step's statistics (empty between optimizer steps), for checkpoints; the bias itself is
-        a router buffer and travels in the model's state dict."""
-        return {
-            "sums": {layer: value.detach().cpu() for layer, value in self.sums.items()},
-            "groups": {layer: value.detach().cpu() for layer, value in self.groups.items()},
-        }
-
-    def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
-        self.sums = {int(layer): value.to(device) for layer, value in state.get("sums", {}).items()}
-        self.groups = {int(layer): value.to(device) for layer, value in state.get("groups", {}).items()}
-
-
-@BALANCE.register("expert_bias", ExpertBiasConfig)
-class ExpertBiasBalance(AuxLoss):
-    """Records each layer's load for the bias update; returns the sequence-scope load-balance value."""
-
-    @property
-    def name(self) -> str:
-        return "sequence_load_balance"
-
-    @property
-    def coefficient(self) -> float:
-        return float(self.config.sequence_coefficient)
-
-    def __call__(
-        self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
-    ) -> Tensor:
-        tracker = context.expert_bias_tracker
-        if tracker is not None:
-            tracker.observe(context.layer_index, routing, context)
-        return sequence_load_balance(routing, context)
 
     @classmethod
     def check(cls, config: ExpertBiasConfig, key: str) -> None:

@@ -107,6 +107,24 @@ class RoutingStats:
         if expert_outputs is not None:
             self._overlap(layer, routing, expert_outputs.detach(), num_tokens)
 
+    @torch.no_grad()
+    def add_batch(
+        self,
+        routings: list,
+        domain_ids: Tensor | None,
+        batch_shape: tuple[int, int],
+        expert_outputs: list[Tensor | None] | None = None,
+        correct: Tensor | None = None,
+    ) -> None:
+        """One batch's routing of every MoE layer, in model order (`routings[i]`: MoE layer i); with
+        `correct` [T] (next-token prediction right), the per-expert accuracy too. The one entry point of the
+        training callback, testbed-analyze and the Hugging Face analysis."""
+        outputs = expert_outputs if expert_outputs is not None else [None] * len(routings)
+        for layer, (routing, output) in enumerate(zip(routings, outputs, strict=True)):
+            self.update(layer, routing, domain_ids, output, batch_shape)
+            if correct is not None:
+                self.update_accuracy(layer, routing, correct)
+
     def _ngrams(self, layer: int, top1: Tensor) -> None:
         """DBES N-gram Expertise counters: windows inside a sequence whose tokens share the top-1 expert."""
         for i, n in enumerate(self.ngram_sizes):

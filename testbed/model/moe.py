@@ -1,12 +1,13 @@
-"""The MoE layer: router -> Routing -> experts -> combine (+ shared experts) -> per-layer aux losses."""
+"""The MoE layer: router -> Routing -> experts -> combine (+ shared experts). Pure: it returns its output and
+a record of its routing; losses, counters and balancing state live outside the model (the training module
+and the metrics callback consume the records)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from testbed.losses.base import AuxLoss
 from testbed.model.experts import DenseSwiGLU, ExpertBank
 from testbed.model.schema import MoEConfig
 from testbed.routing.base import ROUTERS, Routing, RoutingContext
@@ -14,11 +15,11 @@ from testbed.routing.capacity import mask_capacity
 
 
 @dataclass
-class LayerOutput:
-    """What one MoE layer reports besides its hidden states: unweighted aux losses and its routing."""
+class LayerRecord:
+    """What one MoE layer reports besides its hidden states, for the losses and the routing counters."""
 
-    losses: dict[str, Tensor] = field(default_factory=dict)
-    routing: Routing | None = None
+    routing: Routing  # the layer's decision (after capacity: dropped assignments have `kept` False)
+    expert_outputs: Tensor  # [A, d] each assignment's expert output o_{t,k}, before the gate
 
 
 class MoELayer(nn.Module):
@@ -27,7 +28,6 @@ class MoELayer(nn.Module):
         d_model: int,
         moe: MoEConfig,
         router_config,
-        losses: list[AuxLoss],
         layer_index: int,
         out_init_scale: float = 1.0,
         num_domains: int = 1,
@@ -44,14 +44,16 @@ class MoELayer(nn.Module):
             else None
         )
         self.capacity_factor = moe.capacity_factor
-        self.losses = losses
 
-    def forward(self, x: Tensor, context: RoutingContext) -> tuple[Tensor, LayerOutput]:
+    def layer_context(self, context: RoutingContext) -> RoutingContext:
+        """The model's routing context as this layer sees it: its index and, for per-token losses, the static
+        bound on experts per token (None: data-dependent, e.g. expert choice)."""
+        return context.for_layer(self.layer_index, self.router.top_k if self.router.token_choice else None)
+
+    def forward(self, x: Tensor, context: RoutingContext) -> tuple[Tensor, LayerRecord]:
         batch, seq, d_model = x.shape
         flat = x.reshape(batch * seq, d_model)
-        # static bound on experts per token for per-token losses (None: data-dependent, e.g. expert choice)
-        context = context.for_layer(self.layer_index, self.router.top_k if self.router.token_choice else None)
-        routing = self.router(flat, context)
+        routing = self.router(flat, self.layer_context(context))
         if self.capacity_factor is not None and self.router.token_choice:
             # static shapes, no host sync: dropped assignments stay with gate 0 and `routing.kept` False;
             # losses and counters count only the kept ones
@@ -59,13 +61,4 @@ class MoELayer(nn.Module):
         y, expert_outputs = self.experts(flat, routing, return_expert_outputs=True)
         if self.shared is not None:
             y = y + self.shared(flat)
-        losses = {}
-        if self.training:
-            for loss in self.losses:
-                losses[loss.name] = loss(
-                    routing, context, expert_outputs if loss.needs_expert_outputs else None
-                )
-        stats = context.routing_stats
-        if stats is not None:
-            stats.update(self.moe_index, routing, context.domain_ids, expert_outputs, (batch, seq))
-        return y.view(batch, seq, d_model), LayerOutput(losses=losses, routing=routing)
+        return y.view(batch, seq, d_model), LayerRecord(routing=routing, expert_outputs=expert_outputs)

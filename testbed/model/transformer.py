@@ -8,11 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from testbed.losses.base import AuxLoss
-from testbed.losses.expert_bias import ExpertBiasTracker
-from testbed.metrics.stats import RoutingStats
 from testbed.model.experts import DenseSwiGLU
-from testbed.model.moe import LayerOutput, MoELayer
+from testbed.model.moe import LayerRecord, MoELayer
 from testbed.model.schema import ModelConfig
 from testbed.routing.base import RoutingContext
 from testbed.scope import GlobalScopeState
@@ -67,15 +64,16 @@ class Block(nn.Module):
     ):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask)
         if isinstance(self.ffn, MoELayer):
-            y, out = self.ffn(self.ffn_norm(x), context)
-            return x + y, out
+            y, record = self.ffn(self.ffn_norm(x), context)
+            return x + y, record
         return x + self.ffn(self.ffn_norm(x)), None
 
 
 class MoETransformer(nn.Module):
-    """Token ids [B, S] -> logits [B, S, V] plus one `LayerOutput` per MoE layer."""
+    """Token ids [B, S] -> logits [B, S, V] plus one `LayerRecord` per MoE layer. Pure: no losses, counters
+    or training state inside; the routing context carries only what routers read."""
 
-    def __init__(self, config: ModelConfig, router_config, losses: list[AuxLoss], num_domains: int = 1):
+    def __init__(self, config: ModelConfig, router_config, num_domains: int = 1):
         super().__init__()
         self.config = config
         out_init_scale = 1.0 / math.sqrt(2 * config.n_layers)  # GPT-2 style residual scaling
@@ -86,9 +84,7 @@ class MoETransformer(nn.Module):
             if i < config.dense_layers:
                 ffn = DenseSwiGLU(config.d_model, config.dense_hidden, out_init_scale)
             else:
-                ffn = MoELayer(
-                    config.d_model, config.moe, router_config, losses, i, out_init_scale, num_domains
-                )
+                ffn = MoELayer(config.d_model, config.moe, router_config, i, out_init_scale, num_domains)
             blocks.append(Block(config, ffn, out_init_scale))
         self.blocks = nn.ModuleList(blocks)
         for moe_index, layer in enumerate(self.moe_layers):
@@ -107,43 +103,45 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoELayer)]
 
+    @staticmethod
+    def routing_context(
+        input_ids: Tensor, domain_ids: Tensor | None = None, scope_state: GlobalScopeState | None = None
+    ) -> RoutingContext:
+        """The context the routers see for a batch [B, S]; the training module builds the same one to
+        compute each layer's losses from the records."""
+        batch, seq = input_ids.shape
+        return RoutingContext(
+            batch_size=batch,
+            seq_len=seq,
+            token_ids=input_ids.reshape(-1),
+            domain_ids=None if domain_ids is None else domain_ids.reshape(-1),
+            scope_state=scope_state,
+        )
+
     def forward(
         self,
         input_ids: Tensor,
         domain_ids: Tensor | None = None,
         *,
         scope_state: GlobalScopeState | None = None,
-        expert_bias_tracker: ExpertBiasTracker | None = None,
-        routing_stats: RoutingStats | None = None,
         attention_mask: Tensor | None = None,
         position_ids: Tensor | None = None,
         embedding_offset: Tensor | None = None,
         return_hidden: bool = False,
-    ) -> tuple[Tensor, list[LayerOutput]]:
+    ) -> tuple[Tensor, list[LayerRecord]]:
         """Logits [B, S, V], or with `return_hidden` the final normed hidden states [B, S, d] (the LM head's
-        input, for a chunked LM loss that never builds the logits), and one `LayerOutput` per MoE layer.
+        input, for a chunked LM loss that never builds the logits), and one `LayerRecord` per MoE layer.
 
-        input_ids: [B, S] token ids. domain_ids: [B, S] domain label of each token (oracle router, metrics).
+        input_ids: [B, S] token ids. domain_ids: [B, S] domain label of each token (oracle router).
         Keyword-only, all optional (a misspelled one is Python's TypeError, never silently ignored):
-        scope_state: the optimizer step's running expert counts (global-scope load balance, Sinkhorn) and
-        expert_bias_tracker: the step's per-layer loads for the expert-bias update (balance=expert_bias);
-        both set by training steps only.
-        routing_stats: the routing counters this pass updates (validation, training metrics).
+        scope_state: the optimizer step's running expert counts, read by routers that balance over the
+        global scope (Sinkhorn); set by training steps only.
         attention_mask: [B, S, S] bool, True where a query may attend; replaces the causal mask.
         position_ids: [B, S] rotary position of each token (default 0..S-1).
         (These two score several continuations of one shared prefix in one row: testbed-quiz's packing.)
         embedding_offset: [B, S, d] added to the token embeddings (the routing-stiffness perturbation).
         """
-        batch, seq = input_ids.shape
-        context = RoutingContext(
-            batch_size=batch,
-            seq_len=seq,
-            token_ids=input_ids.reshape(-1),
-            domain_ids=None if domain_ids is None else domain_ids.reshape(-1),
-            scope_state=scope_state,
-            expert_bias_tracker=expert_bias_tracker,
-            routing_stats=routing_stats,
-        )
+        context = self.routing_context(input_ids, domain_ids, scope_state)
         x = self.embed(input_ids)
         if embedding_offset is not None:
             x = x + embedding_offset
@@ -151,10 +149,10 @@ class MoETransformer(nn.Module):
         if position_ids is not None:
             cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
         mask = None if attention_mask is None else attention_mask.unsqueeze(1)
-        outputs = []
+        records = []
         for block in self.blocks:
-            x, out = block(x, cos, sin, context, mask)
-            if out is not None:
-                outputs.append(out)
+            x, record = block(x, cos, sin, context, mask)
+            if record is not None:
+                records.append(record)
         hidden = self.norm(x)
-        return (hidden if return_hidden else self.lm_head(hidden)), outputs
+        return (hidden if return_hidden else self.lm_head(hidden)), records

@@ -9,7 +9,6 @@ every consumer that counts assignments counts only the kept ones (`kept_as`).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from testbed.errors import ConfigError
 from testbed.registry import Registry
+from testbed.scope import GlobalScopeState
 
 
 @dataclass
@@ -66,11 +66,8 @@ class RoutingContext:
     layer_index: int = 0
     # static bound on experts per token, for per-token losses (None: data-dependent, e.g. expert choice)
     max_experts_per_token: int | None = None
-    # training state: the optimizer step's running counts (global scope: load balance, Sinkhorn) and the
-    # expert-bias tracker (balance=expert_bias); None outside training steps
-    scope_state: Any = None  # testbed.scope.GlobalScopeState
-    expert_bias_tracker: Any = None  # testbed.losses.expert_bias.ExpertBiasTracker
-    routing_stats: Any = None  # testbed.metrics.stats.RoutingStats: the counters this pass updates
+    # the optimizer step's running counts (global scope: load balance, Sinkhorn); None outside training steps
+    scope_state: GlobalScopeState | None = None
 
     def for_layer(self, layer_index: int, max_experts_per_token: int | None) -> RoutingContext:
         return replace(self, layer_index=layer_index, max_experts_per_token=max_experts_per_token)

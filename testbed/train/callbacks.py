@@ -26,6 +26,24 @@ from testbed.plots import domain_expert_heatmaps, per_layer_curves
 from testbed.train.sharding import full_tensor
 
 
+def count_batch(stats: RoutingStats, records: list, batch: dict, correct: torch.Tensor | None = None) -> None:
+    """Add one batch's routing of every MoE layer (the model's `LayerRecord`s) to `stats`: the training and
+    validation counters and testbed-analyze all count through here."""
+    ids = batch["input_ids"]
+    stats.add_batch(
+        [record.routing for record in records],
+        batch["domain_ids"].reshape(-1),
+        tuple(ids.shape),
+        expert_outputs=[record.expert_outputs for record in records],
+        correct=correct,
+    )
+
+
+def top1_experts(records: list) -> torch.Tensor:
+    """[layers, tokens] int16 top-1 expert of every token (routing_change compares it across validations)."""
+    return torch.stack([record.routing.probs.argmax(-1) for record in records]).to(torch.int16)
+
+
 def new_stats(module) -> RoutingStats:
     return RoutingStats(
         len(module.model.moe_layers),
@@ -102,6 +120,8 @@ class SpecializationMetrics(L.Callback):
         self.previous_top1: torch.Tensor | None = (
             None  # [layers, tokens] top-1 experts at the last validation
         )
+        self.stats: RoutingStats | None = None  # the current validation's counters
+        self.top1_record: list[torch.Tensor] = []  # the current validation's top-1 experts, per batch
 
     # ------------------------------------------------------------------ resume
     def state_dict(self) -> dict:
@@ -121,18 +141,14 @@ class SpecializationMetrics(L.Callback):
         self.train_counts = deque(state_dict.get("train_counts", []))
 
     # ------------------------------------------------------------------ training-time routing stats
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        every = pl_module.run_config.metrics.train_every_n_steps
-        first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
-        if every > 0 and first_micro_batch and trainer.global_step % every == 0:
-            pl_module.train_routing_stats = new_stats(pl_module)
-            self.train_stats_step = trainer.global_step  # the step measured (Lightning's step index)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stats = pl_module.train_routing_stats
-        if stats is None:
+        """The module hands over the layer records of measured micro-batches (`measures_routing`)."""
+        records = outputs.get("routing") if isinstance(outputs, dict) else None
+        if records is None:
             return
-        pl_module.train_routing_stats = None
+        self.train_stats_step = outputs["routing_step"]  # the step measured (Lightning's step index)
+        stats = new_stats(pl_module)
+        count_batch(stats, records, batch)
         metrics = spec_metrics(stats, pl_module.moe_layer_names, prefix="train/spec")
         window = pl_module.run_config.metrics.train_counts_window
         if window > 0:
@@ -150,12 +166,17 @@ class SpecializationMetrics(L.Callback):
 
     # ------------------------------------------------------------------ validation
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
-        pl_module.routing_stats = new_stats(pl_module)
-        pl_module.top1_record = []
+        self.stats = new_stats(pl_module)
+        self.top1_record = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.stats is None or not isinstance(outputs, dict) or outputs.get("routing") is None:
+            return
+        count_batch(self.stats, outputs["routing"], batch, outputs.get("correct"))
+        self.top1_record.append(top1_experts(outputs["routing"]))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module) -> None:
-        stats: RoutingStats = pl_module.routing_stats
-        pl_module.routing_stats = None
+        stats, self.stats = self.stats, None
         if stats is None or trainer.sanity_checking:
             return
         count = pl_module.run_config.metrics.stiffness_batches
@@ -167,25 +188,25 @@ class SpecializationMetrics(L.Callback):
         for name in RoutingStats.NAMES:
             setattr(stats, name, trainer.strategy.reduce(getattr(stats, name), reduce_op="sum"))
         metrics = spec_metrics(stats, pl_module.moe_layer_names)
-        metrics.update(self._routing_change(pl_module))
+        metrics.update(self._routing_change(pl_module.moe_layer_names))
         pl_module.log_dict(metrics)
         self.last_metrics = metrics
         self.history.append({"step": trainer.global_step, **metrics})
         if self.run_dir is not None and trainer.is_global_zero:
             self._save(trainer, pl_module, stats)
 
-    def _routing_change(self, pl_module) -> dict[str, float]:
+    def _routing_change(self, layer_names: list[str]) -> dict[str, float]:
         """`spec/routing_change`: fraction of validation tokens whose top-1 expert differs from the previous
         validation's (StableMoE's routing fluctuation, Dai et al. 2022). The validation set and its order are
         fixed, so token i is the same token at every validation."""
-        if not pl_module.top1_record:
+        if not self.top1_record:
             return {}
-        top1 = torch.cat(pl_module.top1_record, dim=1).cpu()  # [layers, tokens]
-        pl_module.top1_record = []
+        top1 = torch.cat(self.top1_record, dim=1).cpu()  # [layers, tokens]
+        self.top1_record = []
         previous, self.previous_top1 = self.previous_top1, top1
         if previous is None or previous.shape != top1.shape:
             return {}
-        return routing_change_metrics(previous, top1, pl_module.moe_layer_names)
+        return routing_change_metrics(previous, top1, layer_names)
 
     def on_train_end(self, trainer, pl_module) -> None:
         """Per-layer curves of the last validation (gate entropy, dead experts, purity, ...)."""

@@ -103,8 +103,9 @@ def peer_lost(err: BaseException, world_size: int) -> bool:
     return isinstance(err, dist_error) or any(word in message for word in PEER_FAILURE_WORDS)
 
 
-def load_weights(module: torch.nn.Module, path: str | Path, what: str = "init_from") -> None:
-    """Copy every parameter of a Lightning checkpoint (or a plain state dict) into `module`.
+def load_weights(module: torch.nn.Module, path: str | Path, what: str = "init_from") -> dict:
+    """Copy every parameter of a Lightning checkpoint (or a plain state dict) into `module`; returns the
+    loaded payload (its `global_step` and records).
 
     Missing, unexpected or mis-shaped tensors are reported by name; nothing is silently skipped.
     """
@@ -132,6 +133,7 @@ def load_weights(module: torch.nn.Module, path: str | Path, what: str = "init_fr
             "use the same model.* settings as the run that wrote it"
         )
     module.load_state_dict(state)
+    return payload
 
 
 # ---------------------------------------------------------------------------------------------- run folders

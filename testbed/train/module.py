@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import random
 from pathlib import Path
-from typing import TypedDict
 
 import lightning as L
 import numpy as np
@@ -14,10 +13,8 @@ import torch.nn.functional as F
 
 from testbed.config import RunConfig, plain
 from testbed.errors import CheckpointError
-from testbed.losses import AUX_LOSSES, BALANCE, AuxLoss
-from testbed.losses.expert_bias import ExpertBiasTracker
-from testbed.metrics.stats import RoutingStats
-from testbed.model import LayerOutput, MoETransformer
+from testbed.losses import AUX_LOSSES, BALANCE, AuxLoss, layer_loss_terms
+from testbed.model import LayerRecord, MoETransformer
 from testbed.model.lm_loss import linear_cross_entropy
 from testbed.routing.base import Router
 from testbed.scope import GlobalScopeState
@@ -42,13 +39,37 @@ def build_losses(run: RunConfig) -> list[AuxLoss]:
     return losses
 
 
-def aux_loss_terms(outputs: list[LayerOutput]) -> dict[str, torch.Tensor]:
-    """Unweighted value of each loss, averaged over MoE layers."""
-    names = {name for out in outputs for name in out.losses}
+def aux_loss_terms(per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Unweighted value of each loss, averaged over MoE layers (`per_layer`: one dict per layer)."""
+    names = {name for terms in per_layer for name in terms}
     return {
-        name: torch.stack([out.losses[name] for out in outputs if name in out.losses]).mean()
+        name: torch.stack([terms[name] for terms in per_layer if name in terms]).mean()
         for name in sorted(names)
     }
+
+
+def model_loss_terms(
+    model: MoETransformer,
+    losses: list[AuxLoss],
+    records: list[LayerRecord],
+    input_ids: torch.Tensor,
+    domain_ids: torch.Tensor | None = None,
+    scope_state: GlobalScopeState | None = None,
+    observe: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Every loss on every MoE layer's record of one forward pass, averaged over layers: the model computes
+    none of them itself. `scope_state` must be the one the forward pass saw. With `observe`, stateful losses
+    (expert bias) also add each layer's load to their step statistics."""
+    context = model.routing_context(input_ids, domain_ids, scope_state)
+    per_layer = []
+    for layer, record in zip(model.moe_layers, records, strict=True):
+        layer_context = layer.layer_context(context)
+        if observe:
+            for loss in losses:
+                if loss.stateful:
+                    loss.observe(layer.moe_index, record.routing, layer_context)
+        per_layer.append(layer_loss_terms(losses, record.routing, layer_context, record.expert_outputs))
+    return aux_loss_terms(per_layer)
 
 
 def numpy_rng_state() -> dict:
@@ -111,14 +132,6 @@ class NonFiniteGuard:
         )
 
 
-class TrainingState(TypedDict):
-    """`MoETransformer.forward`'s keyword arguments in a training step: the routing context's state."""
-
-    scope_state: GlobalScopeState
-    routing_stats: RoutingStats | None
-    expert_bias_tracker: ExpertBiasTracker | None
-
-
 def compile_blocks(model, backend: str) -> None:
     """torch.compile each transformer block, in place. Blocks share their code, so
     identical blocks reuse one compiled graph (compile time does not grow with depth), and each block is
@@ -137,7 +150,7 @@ class MoELanguageModel(L.LightningModule):
         self.save_hyperparameters({"run": plain(run), "domains": self.domains})
         self.losses = build_losses(run)
         self.loss_coefficients = {loss.name: loss.coefficient for loss in self.losses}
-        self.model = MoETransformer(run.model, run.router, self.losses, num_domains=len(domains))
+        self.model = MoETransformer(run.model, run.router, num_domains=len(domains))
         if run.optim.router_init_scale != 1.0:  # the same draws, scaled: every other weight is unchanged
             with torch.no_grad():
                 for name, parameter in self.model.named_parameters():
@@ -147,15 +160,8 @@ class MoELanguageModel(L.LightningModule):
         self.routers = [m for m in self.model.modules() if isinstance(m, Router)]
         if run.trainer.compile:  # in place: parameter names (and checkpoints) stay the same
             compile_blocks(self.model, run.trainer.compile_backend)
-        self.routing_stats = None  # set by the metrics callback during validation
-        self.train_routing_stats = None  # set by the metrics callback every N training steps
         # Global balancing scope: running counts over the micro-batches of one optimizer step.
         self.scope_state = GlobalScopeState()
-        self.expert_bias_tracker = (
-            ExpertBiasTracker(run.balance.scope, run.balance.gamma)
-            if run.balance.name == "expert_bias"
-            else None
-        )
         self.tokens_seen = 0
         self.initial_metrics: dict[str, float] = {}  # init_from: the starting point's validation (init/...)
         self.batches_seen = 0  # micro-batches of this rank trained on: the data position when resuming
@@ -163,7 +169,6 @@ class MoELanguageModel(L.LightningModule):
         self.checkpoint_path = "none saved yet"  # named by the divergence error
         self._resume_rng: dict | None = None  # RNG states from a checkpoint, restored when training starts
         self._checked_step = -1
-        self.top1_record: list[torch.Tensor] = []  # filled during validation while routing_stats is set
         self.last_val_metrics: dict[str, float] = {}
         self.doc_losses: DocumentLosses | None = None  # per validation document (bootstrap interval)
         self.last_val_step = -1
@@ -195,29 +200,32 @@ class MoELanguageModel(L.LightningModule):
         return self.model(input_ids, domain_ids, **model_kwargs)
 
     def lm_loss(
-        self, input_ids, domain_ids, targets, state: TrainingState
-    ) -> tuple[torch.Tensor, list[LayerOutput]]:
-        """Mean next-token cross-entropy and the MoE layers' outputs; chunked (no [N, V] logits) unless
+        self, input_ids, domain_ids, targets, scope_state: GlobalScopeState | None = None
+    ) -> tuple[torch.Tensor, list[LayerRecord]]:
+        """Mean next-token cross-entropy and the MoE layers' records; chunked (no [N, V] logits) unless
         `trainer.chunked_cross_entropy=false`."""
         targets = targets.reshape(-1)
         if self.run_config.trainer.chunked_cross_entropy:
-            hidden, outputs = self.model(input_ids, domain_ids, **state, return_hidden=True)
-            return linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, targets), outputs
-        logits, outputs = self.model(input_ids, domain_ids, **state)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets), outputs
+            hidden, records = self.model(input_ids, domain_ids, scope_state=scope_state, return_hidden=True)
+            return linear_cross_entropy(hidden.flatten(0, 1), self.model.lm_head.weight, targets), records
+        logits, records = self.model(input_ids, domain_ids, scope_state=scope_state)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets), records
 
-    def training_state(self, batch_idx: int) -> TrainingState:
-        """What the layers need during a training forward: the scope state (advanced to this micro-batch),
-        the training counters (None unless the metrics callback set them) and the expert-bias tracker."""
+    def advance_scope(self, batch_idx: int) -> GlobalScopeState:
+        """The global scope's running counts, started afresh at the first micro-batch of each optimizer step
+        and advanced to this micro-batch otherwise."""
         if batch_idx % self.run_config.trainer.accumulate_grad_batches == 0:
             self.scope_state.start_step()
         else:
             self.scope_state.next_micro_batch()
-        return TrainingState(
-            scope_state=self.scope_state,
-            routing_stats=self.train_routing_stats,
-            expert_bias_tracker=self.expert_bias_tracker,
-        )
+        return self.scope_state
+
+    def measures_routing(self, batch_idx: int) -> bool:
+        """Whether this micro-batch's routing goes to the training-time specialization metrics: the first
+        micro-batch of every `metrics.train_every_n_steps`-th optimizer step."""
+        every = self.run_config.metrics.train_every_n_steps
+        first = batch_idx % self.run_config.trainer.accumulate_grad_batches == 0
+        return every > 0 and first and self.global_step % every == 0
 
     def calibrate_coefficients(self, terms: dict[str, torch.Tensor]) -> None:
         """`coefficient: auto` losses get w = 10^round(log10(target / |L|)) from the first batch (Guo et al.);
@@ -229,12 +237,13 @@ class MoELanguageModel(L.LightningModule):
                 first = float(terms[loss.name].detach())
                 logger.info("calibrated %s: first value %.4g -> coefficient %g", loss.name, first, value)
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Expert-bias update: once per optimizer step, outside autograd, from the step's loads."""
-        if self.expert_bias_tracker is not None:
-            self.expert_bias_tracker.apply(
-                {layer.layer_index: layer.router for layer in self.model.moe_layers}
-            )
+    def after_optimizer_step(self) -> None:
+        """Stateful losses act once per optimizer step, outside autograd, on the step's statistics (expert
+        bias: each MoE layer's router moves its `expert_bias` buffer); an optimizer step hook."""
+        routers = [layer.router for layer in self.model.moe_layers]
+        for loss in self.losses:
+            if loss.stateful:
+                loss.after_optimizer_step(routers)
 
     def set_router_step(self) -> None:
         """Routers that change with the step (router.hash_steps) read it here: a host integer, no sync."""
@@ -245,10 +254,10 @@ class MoELanguageModel(L.LightningModule):
         self.set_router_step()
 
     def training_step(self, batch, batch_idx):
-        lm_loss, outputs = self.lm_loss(
-            batch["input_ids"], batch["domain_ids"], batch["targets"], self.training_state(batch_idx)
-        )
-        terms = aux_loss_terms(outputs)
+        ids, domains = batch["input_ids"], batch["domain_ids"]
+        scope_state = self.advance_scope(batch_idx)
+        lm_loss, records = self.lm_loss(ids, domains, batch["targets"], scope_state)
+        terms = model_loss_terms(self.model, self.losses, records, ids, domains, scope_state, observe=True)
         self.calibrate_coefficients(terms)
         weighted = [
             self.loss_coefficients[name] * value
@@ -267,7 +276,9 @@ class MoELanguageModel(L.LightningModule):
         self.log("train/lm_loss", lm_loss)
         for name, value in terms.items():
             self.log(f"train/aux/{name}", value)
-        return loss
+        # the records go to the metrics callback (on_train_batch_end) on measured micro-batches only
+        measured = self.measures_routing(batch_idx)
+        return {"loss": loss, "routing": records if measured else None, "routing_step": self.global_step}
 
     def check_finite(self) -> None:
         """Host read of the non-finite guard; raises TrainingDiverged naming the step and the term."""
@@ -295,9 +306,6 @@ class MoELanguageModel(L.LightningModule):
             "last_val_step": self.last_val_step,
             "initial_metrics": dict(self.initial_metrics),
             "loss_coefficients": dict(self.loss_coefficients),  # `auto` coefficients after calibration
-            "expert_bias_tracker": self.expert_bias_tracker.state_dict()
-            if self.expert_bias_tracker
-            else None,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -331,8 +339,6 @@ class MoELanguageModel(L.LightningModule):
         self.last_val_metrics = dict(state.get("last_val_metrics", {}))
         self.last_val_step = state.get("last_val_step", -1)
         self.loss_coefficients.update(state.get("loss_coefficients", {}))
-        if self.expert_bias_tracker is not None and state.get("expert_bias_tracker"):
-            self.expert_bias_tracker.load_state_dict(state["expert_bias_tracker"], self.device)
         self._resume_rng = state.get("rng")
 
     def on_train_start(self) -> None:
@@ -351,20 +357,22 @@ class MoELanguageModel(L.LightningModule):
         self.val_token_counts.zero_()
         self.doc_losses = DocumentLosses.for_validation(self)
 
-    def validation_step(self, batch, batch_idx):
-        logits, outputs = self.model(
-            batch["input_ids"], batch["domain_ids"], routing_stats=self.routing_stats
-        )
+    def validation_outputs(self, batch) -> tuple[torch.Tensor, list[LayerRecord], torch.Tensor]:
+        """One validation batch: per-token loss [T], the MoE layers' records and whether each token's
+        next-token prediction was right [T] (the validation loop and testbed-analyze share it)."""
+        logits, records = self.model(batch["input_ids"], batch["domain_ids"])
         targets = batch["targets"].reshape(-1)
-        token_loss = F.cross_entropy(logits.flatten(0, 1).float(), targets, reduction="none")
-        if self.routing_stats is not None:  # per-expert next-token accuracy
-            correct = logits.flatten(0, 1).argmax(-1) == targets
-            for moe_index, out in enumerate(outputs):
-                self.routing_stats.update_accuracy(moe_index, out.routing, correct)
-            # top-1 expert of every validation token, per layer: compared across validations (routing_change)
-            self.top1_record.append(
-                torch.stack([out.routing.probs.argmax(-1) for out in outputs]).to(torch.int16)
-            )
+        flat = logits.flatten(0, 1)
+        token_loss = F.cross_entropy(flat.float(), targets, reduction="none")
+        return token_loss, records, flat.argmax(-1) == targets
+
+    def validation_step(self, batch, batch_idx):
+        token_loss, records, correct = self.validation_outputs(batch)
+        self.add_validation_loss(batch, token_loss)
+        # to the metrics callback (on_validation_batch_end), which counts the routing
+        return {"routing": records, "correct": correct}
+
+    def add_validation_loss(self, batch, token_loss: torch.Tensor) -> None:
         domains = batch["domain_ids"].reshape(-1)
         self.val_loss_sums.index_add_(0, domains, token_loss.double())
         self.val_token_counts.index_add_(0, domains, torch.ones_like(token_loss, dtype=torch.float64))
@@ -439,6 +447,8 @@ class MoELanguageModel(L.LightningModule):
             frozen = cfg.router_freeze_step is not None and step >= cfg.router_freeze_step
             return 0.0 if frozen else schedule(step)
 
+        if any(loss.stateful for loss in self.losses):  # expert bias: after every optimizer step
+            optimizer.register_step_post_hook(lambda *_: self.after_optimizer_step())
         lambdas = [schedule] * (len(groups) - 1) + [router_schedule if router else schedule]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
