@@ -209,7 +209,8 @@ def test_analyze_routes_as_the_trained_step_for_step_dependent_routers(synth_mix
     from testbed.hf.cli import analyze_main as analyze
 
     run_dir = tmp_path / "run"
-    args = ["router.hash_steps=2", "trainer.max_steps=4", "trainer.val_check_interval=4", "metrics.plots=false"]
+    args = ["router.hash_steps=2", "trainer.max_steps=4", "trainer.val_check_interval=4"]
+    args.append("metrics.plots=false")
     result = cli(*synth_overrides(synth_mix), *args, f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((run_dir / "summary.json").read_text())
