@@ -88,8 +88,9 @@ class CountOps(TorchDispatchMode):
 # aten ops per phase of one eager step of the synthetic 2-layer model (6 experts, top-2, load balance,
 # z-loss), as measured when the budget was set (fused AdamW: one op for the update, two for clipping):
 # the launches a GPU step pays before compilation fuses them. A change that needs more must raise the
-# budget here, on purpose, with the reason in its commit.
-OP_BUDGET = {"forward": 307, "backward": 328, "optimizer": 14}
+# budget here, on purpose, with the reason in its commit. Forward 307 -> 310: the losses run outside the
+# (pure) model and rebuild the batch's routing context there (views of the token and domain ids).
+OP_BUDGET = {"forward": 310, "backward": 328, "optimizer": 14}
 
 
 def test_sync_free_whole_step_and_operator_budgets(synth_mix, monkeypatch):
