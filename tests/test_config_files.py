@@ -182,7 +182,7 @@ def test_parameter_counts_match_the_model(model):
     """num_total_params equals the built model's parameter count (tied embeddings once); the active count
     keeps top_k of the routed experts per MoE layer."""
     with torch.device("meta"):  # shapes only
-        built = MoETransformer(model, parse_config(compose()).router, [], num_domains=2)
+        built = MoETransformer(model, parse_config(compose()).router, num_domains=2)
     assert num_total_params(model) == sum(p.numel() for p in built.parameters())
     moe_layers = model.n_layers - model.dense_layers
     expert = 3 * model.d_model * model.moe.expert_hidden
