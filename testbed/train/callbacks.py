@@ -2,7 +2,7 @@
 
 - every `metrics.train_every_n_steps` steps: the routing of one training step, logged as
   `train/spec/<metric>/mean` (layer means only, to keep the number of keys bounded);
-- at each validation: every specialization metric (README, "Specialization metrics") as
+- at each validation: every specialization metric (docs/metrics.md, "Metric keys") as
   `spec/<metric>/layer<i>` and `spec/<metric>/mean`, including routing stiffness from a second, perturbed
   pass over a fixed subset of validation batches; the layer x domain x expert count table is saved to
   `<run_dir>/routing/counts_step<N>.pt` and drawn as heatmaps in `<run_dir>/plots/` (also sent to
