@@ -20,7 +20,7 @@ from testbed.errors import ConfigError
 from testbed.losses.base import BALANCE, AuxLoss
 from testbed.losses.load_balance import sequence_load_balance
 from testbed.routing.base import Routing, RoutingContext
-from testbed.scope import Scope, all_reduce_sum
+from testbed.scope import Scope, all_reduce_sum, token_groups
 
 
 @dataclass
@@ -67,12 +67,9 @@ class ExpertBiasBalance(AuxLoss):
     def observe(self, layer: int, routing: Routing, context: RoutingContext) -> None:
         num_experts = routing.num_experts
         device = routing.expert_index.device
-        if self.scope == "sequence":
-            group = context.sequence_ids.to(device)[routing.token_index]
-            num_groups = context.batch_size
-        else:
-            group = torch.zeros_like(routing.expert_index)
-            num_groups = 1
+        groups = token_groups(self.scope, routing.num_tokens, context.batch_size, context.seq_len)
+        group = groups.index(device)[routing.token_index]  # each assignment's sequence (or 0)
+        num_groups = groups.count
         counts = torch.zeros(num_groups * num_experts, device=device)
         counts = counts.index_add_(
             0,

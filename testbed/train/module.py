@@ -28,10 +28,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_losses(run: RunConfig) -> list[AuxLoss]:
-    """The balancing method (unless `none`) followed by the auxiliary losses, in config order."""
+    """The balancing method (unless it adds no term and keeps no state: `none`) followed by the auxiliary
+    losses, in config order."""
     losses = []
-    if run.balance.name != "none":
-        balance_cls, _ = BALANCE.get(run.balance.name)
+    balance_cls, _ = BALANCE.get(run.balance.name)
+    if balance_cls.adds_term or balance_cls.stateful:
         losses.append(balance_cls(run.balance))
     for name, options in run.aux_loss.items():
         loss_cls, _ = AUX_LOSSES.get(name)
@@ -402,7 +403,7 @@ class MoELanguageModel(L.LightningModule):
         gradient scaler the fused step unscales the gradients itself. bf16-mixed has no scaler: the
         gradients are already true values, so they are clipped here directly (norm over all parameters,
         no host sync).
-        fp16-mixed + fused + clipping is refused by the config check (testbed.config.validate_trainer)."""
+        fp16-mixed + fused + clipping is refused by the config check (TrainerConfig.validate)."""
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if gradient_clip_val and getattr(optimizer, "defaults", {}).get("fused") and scaler is None:
             params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
