@@ -286,6 +286,14 @@ def _column_order(n: np.ndarray, order: str) -> np.ndarray:
     return np.argsort(reference_assignment(n), kind="stable")  # stable: id order within a block
 
 
+def expert_probabilities(counts, order: str = "reference") -> tuple[np.ndarray, np.ndarray]:
+    """(p(expert | domain) with its columns in display order, the expert id of each column) for one count
+    table [D, E]: the order the heatmaps use (`order`: reference or id)."""
+    n = np.asarray(counts, dtype=np.float64)
+    columns = _column_order(n, order)
+    return _row_normalize(n)[:, columns], columns
+
+
 TICK_SPACING = 0.12  # inches between two expert tick labels (a rotated MIN_FONT label is about 0.1 in)
 
 

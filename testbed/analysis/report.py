@@ -31,6 +31,7 @@ import yaml
 from scipy import stats
 from scipy.optimize import brentq
 
+from testbed.analysis.html_report import Heatmaps, Page, write_page
 from testbed.analysis.inference import ci95, holm, one_sample_p
 from testbed.analysis.ladder import ladder_figure, ladder_report, rank_report
 from testbed.errors import CheckpointError
@@ -38,7 +39,9 @@ from testbed.losses import BALANCE
 from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check, repeated_domains
 from testbed.plots import (
     DENSE,
+    by_construction,
     domain_expert_heatmaps,
+    expert_probabilities,
     frontier_scatter,
     metric_title,
     per_layer_curves,
@@ -597,15 +600,16 @@ def group_kind(group: dict) -> dict:
     }
 
 
-def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
-    """Utilization vs specialization across groups (purity, nmi, reference precision), the Testbed paper's
-    picture: a colour per method, a marker per scope, oracle and hash as references, hollow for mixed
-    batches; error bars are 95% t confidence intervals over seeds (none for one seed; n in the title); an
-    oracle far above the learned routers is marked at the top edge (frontier_scatter)."""
+FRONTIER_METRICS = ("purity", "nmi", "reference_precision")
+
+
+def frontier_points(runs: list[dict]) -> dict[str, list[dict]]:
+    """Per specialization metric, one point per configuration: utilization and the metric (means over
+    seeds, 95% CI half-widths as xerr/yerr, none for one seed), its label, method, scope and composition."""
     _, groups = group_runs(runs)
     labels = plot_labels(groups)
-    paths = []
-    for metric in ("purity", "nmi", "reference_precision"):
+    out: dict[str, list[dict]] = {}
+    for metric in FRONTIER_METRICS:
         points = []
         for group, label in zip(groups, labels, strict=True):
             util = ci95([r["summary"].get("spec/utilization/mean") for r in group["runs"]])
@@ -622,6 +626,17 @@ def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
                         "n": min(util[2], value[2]),
                     }
                 )
+        out[metric] = points
+    return out
+
+
+def frontier_plots(runs: list[dict], out_dir: Path) -> list[Path]:
+    """Utilization vs specialization across groups (purity, nmi, reference precision), the Testbed paper's
+    picture: a colour per method, a marker per scope, oracle and hash as references, hollow for mixed
+    batches; error bars are 95% t confidence intervals over seeds (none for one seed; n in the title); an
+    oracle far above the learned routers is marked at the top edge (frontier_scatter)."""
+    paths = []
+    for metric, points in frontier_points(runs).items():
         if points:
             path = out_dir / f"frontier_{metric}.png"
             frontier_scatter(
@@ -729,12 +744,12 @@ def _counts_table(path: Path, mtime_ns: int) -> dict:
     }
 
 
-def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Path]:
-    """p(expert | domain) of one MoE layer, one panel per configuration (its lowest seed's run that has
-    routing count tables: `saved_counts`, testbed-analyze's or the ones training saved), oracle blocks
-    outlined: heatmaps.png, and heatmaps_<E>_experts.png for configurations with another number of experts.
-    Panels are named by `plot_labels` (and the analysis's own overrides: "balanced eval"); the seed goes in
-    the figure's title when every panel shows the same one, else in each panel's name."""
+def heatmap_tables(runs: list[dict], layer: int = -1) -> list[dict]:
+    """The count tables of one MoE layer, one per configuration (its lowest seed's run that has routing
+    count tables: `saved_counts`, testbed-analyze's or the ones training saved), grouped by number of
+    experts (X5 mixes 16- and 64-expert models): [{experts, layer, domains, names, counts, seeds}], first
+    the first configuration's width. Names come from `plot_labels` (and the analysis's own overrides:
+    "balanced eval"), with the seed where the configurations show different ones."""
     _, groups = group_runs(runs)
     counts, labels, seeds, domains, layer_name = [], [], [], None, None
     for group, label in zip(groups, plot_labels(groups), strict=True):
@@ -755,23 +770,42 @@ def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Pat
         scored = [readable_setting(*o.partition("=")[::2]) for o in analysis.get("overrides", [])]
         labels.append(", ".join([label, *scored]))
         seeds.append(seed)
-    # one figure per number of experts (X5 mixes 16- and 64-expert models): heatmaps.png for the first
-    # configuration's, heatmaps_<E>_experts.png for each other
     by_width: dict[int, list[int]] = {}
     for i, table in enumerate(counts):
         by_width.setdefault(len(table[0]), []).append(i)
-    paths = []
-    for n, (experts, members) in enumerate(by_width.items()):
-        path = out_dir / ("heatmaps.png" if n == 0 else f"heatmaps_{experts}_experts.png")
+    tables = []
+    for experts, members in by_width.items():
         shown = {seeds[i] for i in members}
-        names = [labels[i] if len(shown) == 1 else f"{labels[i]} (seed {seeds[i]})" for i in members]
+        tables.append(
+            {
+                "experts": experts,
+                "layer": layer_name,
+                "domains": domains,
+                "names": [
+                    labels[i] if len(shown) == 1 else f"{labels[i]} (seed {seeds[i]})" for i in members
+                ],
+                "counts": [counts[i] for i in members],
+                "seeds": sorted(shown),
+            }
+        )
+    return tables
+
+
+def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Path]:
+    """p(expert | domain) of one MoE layer, one panel per configuration (`heatmap_tables`), oracle blocks
+    outlined: heatmaps.png, and heatmaps_<E>_experts.png for configurations with another number of experts.
+    The seed goes in the figure's title when every panel shows the same one, else in each panel's name."""
+    paths = []
+    for n, table in enumerate(heatmap_tables(runs, layer)):
+        path = out_dir / ("heatmaps.png" if n == 0 else f"heatmaps_{table['experts']}_experts.png")
+        seeds = table["seeds"]
         domain_expert_heatmaps(
-            np.array([counts[i] for i in members]),
-            domains,
-            names,
+            np.array(table["counts"]),
+            table["domains"],
+            table["names"],
             out_path=path,
-            title=f"p(expert | domain), MoE {layer_name}"
-            + (f", seed {shown.pop()}" if len(shown) == 1 else ""),
+            title=f"p(expert | domain), MoE {table['layer']}"
+            + (f", seed {seeds[0]}" if len(seeds) == 1 else ""),
         )
         paths.append(path)
     return paths
@@ -814,32 +848,40 @@ def unknown_curves(runs: list[dict], metrics: tuple[str, ...]) -> list[str]:
     return unknown
 
 
+def curve_series(runs: list[dict], metric: str, x: str = "step") -> tuple[dict, list[int]]:
+    """`metric` from metrics.csv per group, keyed by `settings_label`: (x, mean over seeds at the steps all
+    its runs share, 95% t half-width; zero for one seed), and the seed counts; x = "tokens": training tokens
+    (step x the run's tokens per step) instead of steps."""
+    _, groups = group_runs(runs)
+    series, seeds = {}, []
+    for group in groups:
+        curves = [c for c in (curve_of(run["dir"], metric) for run in group["runs"]) if c]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        values = np.array([[c[s] for s in steps] for c in curves])
+        xs = steps
+        if x == "tokens":
+            summary = group["runs"][0]["summary"]
+            per_step = summary["tokens_seen"] / max(1, summary["steps"])
+            xs = [(s + 1) * per_step for s in steps]  # a row logged at step s follows s + 1 steps
+        mean, half = t_interval(values)
+        series[settings_label(group)] = (xs, mean, half)
+        seeds.append(len(curves))
+    return series, seeds
+
+
 def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: str = "step") -> list[Path]:
-    """Training curves of `metrics` from metrics.csv: per group, mean over seeds at the steps all share,
-    shaded 95% t confidence interval (none for one seed); x = "tokens" puts training tokens (step x the
-    run's tokens per step) on the x axis (drawn in millions). Series are keyed by `settings_label` and named
-    in the legend by `plot_labels`; training-batch purity lines that are 1.0 by construction are left out
-    with a footnote (training_curves)."""
+    """Training curves of `metrics` from metrics.csv (`curve_series`): per group, mean over seeds, shaded
+    95% t confidence interval (none for one seed); x = "tokens" draws training tokens (in millions). Series
+    are named in the legend by `plot_labels`; training-batch purity lines that are 1.0 by construction are
+    left out with a footnote (training_curves). A metric every run logged once draws nothing, with a note."""
     _, groups = group_runs(runs)
     names = dict(zip((settings_label(g) for g in groups), plot_labels(groups), strict=True))
-    paths = []
     kinds = {settings_label(g): group_kind(g) for g in groups}
+    paths = []
     for metric in metrics:
-        series, seeds = {}, []
-        for group in groups:
-            curves = [c for c in (curve_of(run["dir"], metric) for run in group["runs"]) if c]
-            if not curves:
-                continue
-            steps = sorted(set.intersection(*(set(c) for c in curves)))
-            values = np.array([[c[s] for s in steps] for c in curves])
-            xs = steps
-            if x == "tokens":
-                summary = group["runs"][0]["summary"]
-                per_step = summary["tokens_seen"] / max(1, summary["steps"])
-                xs = [(s + 1) * per_step for s in steps]  # a row logged at step s follows s + 1 steps
-            mean, half = t_interval(values)
-            series[settings_label(group)] = (xs, mean, half)
-            seeds.append(len(curves))
+        series, seeds = curve_series(runs, metric, x)
         if series and all(len(xs) < 2 for xs, _, _ in series.values()):
             # one measurement per run is not a curve (it is in the table): said, not skipped silently
             print(
@@ -862,6 +904,39 @@ def curve_plots(runs: list[dict], out_dir: Path, metrics: tuple[str, ...], x: st
             )
             paths.append(path)
     return paths
+
+
+def html_page(runs: list[dict], text: str, args) -> Page:
+    """What `--html` shows (testbed.analysis.html_report): the report's text, the frontiers, the heatmaps
+    of `--heatmap-layer` and the `--curves` metrics, configurations named as in the figures."""
+    _, groups = group_runs(runs)
+    names = dict(zip((settings_label(g) for g in groups), plot_labels(groups), strict=True))
+    page = Page(
+        title="testbed-report: " + ", ".join("/".join(Path(d).resolve().parts[-2:]) for d in args.dirs),
+        markdown=text,
+        frontiers={m: points for m, points in frontier_points(runs).items() if points},
+        curve_x=args.curve_x,
+        sources=[str(Path(d).resolve()) for d in args.dirs],
+    )
+    for table in heatmap_tables(runs, args.heatmap_layer):
+        maps = Heatmaps(layer=f"MoE {table['layer']}", domains=list(table["domains"]))
+        for name, counts in zip(table["names"], table["counts"], strict=True):
+            probs, order = expert_probabilities(np.asarray(counts, dtype=np.float64))
+            maps.panels.append((name, probs.tolist()))
+            maps.orders.append([int(e) for e in order])
+        page.heatmaps.append(maps)
+    for metric in split_list(args.curves):
+        series, seeds = curve_series(runs, metric, args.curve_x)
+        kept = {
+            names.get(k, k): v
+            for k, v in series.items()
+            if len(v[0]) > 1 and not by_construction(metric, v[1], v[2])  # as in the PNG: no 1.0 by design
+        }
+        if kept:
+            page.curves[metric] = kept
+            page.curve_seeds[metric] = seeds
+    page.curve_kinds = {names[settings_label(g)]: group_kind(g) for g in groups}
+    return page
 
 
 def curve_table(runs: list[dict], metric: str) -> str:
@@ -1036,7 +1111,7 @@ def figure_folder(args) -> Path:
 def figures_without_out(args) -> str:
     """The error for figures asked without --out from several folders (there is no one place beside the
     runs): empty when there is a place."""
-    flags = {"--plots": args.plots, "--html": getattr(args, "html", False)}
+    flags = {"--plots": args.plots, "--html": args.html}
     if args.out or len(args.dirs) == 1 or not any(flags.values()):
         return ""
     wanted = " and ".join(flag for flag, on in flags.items() if on)
@@ -1068,6 +1143,12 @@ def main(argv: list[str] | None = None) -> int:
         "--plots",
         action="store_true",
         help="also write figures (PNG and PDF) beside --out; without --out, into the one folder given",
+    )
+    parser.add_argument(
+        "--html",
+        action="store_true",
+        help="also write one self-contained HTML page (tables, regime check, interactive frontiers, heatmaps "
+        "and --curves; works offline) beside --out (its name, .html) or into the one folder given",
     )
     parser.add_argument(
         "--layer-metrics", default=",".join(DEFAULT_LAYER_METRICS), help="spec metrics for per-layer plots"
@@ -1192,6 +1273,9 @@ def main(argv: list[str] | None = None) -> int:
         paths += heatmap_panels(runs, out_dir, args.heatmap_layer)
         for path in paths:
             print(f"wrote {path}")
+    if args.html and runs:
+        out = args.out.with_suffix(".html") if args.out else figure_folder(args) / "report.html"
+        print(f"wrote {write_page(html_page(runs, text, args), out)}")
     return 0
 
 
