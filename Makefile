@@ -19,7 +19,7 @@ ARGS ?=
 help:
 	@echo "make train   train the default tiny MoE on the shipped domain mix (ARGS='router.top_k=1 ...')"
 	@echo "make test    run the test suite"
-	@echo "make lint    ruff and the import contracts (lint-imports; README, Architecture)"
+	@echo "make lint    ruff and the import contracts (lint-imports; docs/architecture.md)"
 	@echo "make experiment NAME=x1   a paper-reproduction grid and its report (experiments/README.md)"
 	@echo "make bench   benchmarks (speed ratios; see benchmarks/README.md)"
 	@echo "make docs    build the documentation site strictly (mkdocs, docs/ -> .cache/site/)"

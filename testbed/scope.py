@@ -1,4 +1,4 @@
-"""Balancing scope: the set of tokens over which load statistics are counted (README, "Balancing").
+"""Balancing scope: the set of tokens over which load statistics are counted (docs/balancing.md, "Scopes").
 
 - `sequence`: per sequence, then averaged over sequences;
 - `micro_batch`: the tokens of one forward pass on one device;

@@ -1,5 +1,6 @@
-"""The package's layering (README, "Architecture"): the import-linter contracts of pyproject.toml hold, and
-no function imports a testbed module (every dependency between modules is visible at the top of a file)."""
+"""The package's layering (docs/architecture.md, "Layers"): the import-linter contracts of pyproject.toml
+hold, and no function imports a testbed module (every dependency between modules is visible at the top of
+a file)."""
 
 from __future__ import annotations
 

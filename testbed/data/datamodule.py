@@ -2,7 +2,8 @@
 
 Every sequence comes from one domain, so each token carries its domain id. A micro-batch mixes domains
 (`mixed`) or holds one (`homogeneous`); with `homogeneous`, consecutive micro-batches (those accumulated
-into one optimizer step) come from different domains (README, "Balancing").
+into one optimizer step) come from different domains (docs/data.md, "Validation holdout and batch
+composition").
 """
 
 from __future__ import annotations

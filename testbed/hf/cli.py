@@ -1,7 +1,8 @@
 """Entry points of `testbed-analyze` and `testbed-quiz`: each runs the path for a testbed checkpoint
 (testbed.analysis) or, with --hf, the one for a pretrained Hugging Face MoE (testbed.hf). They live here,
-above testbed.analysis in the layering, so that testbed.analysis never imports testbed.hf (README,
-"Architecture"). The options and messages are defined with the checkpoint paths (`build_parser`)."""
+above testbed.analysis in the layering, so that testbed.analysis never imports testbed.hf
+(docs/architecture.md, "Layers"). The options and messages are defined with the checkpoint paths
+(`build_parser`)."""
 
 from __future__ import annotations
 

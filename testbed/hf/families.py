@@ -47,7 +47,7 @@ class Family:
     rule: str
     experts_key: tuple[str, ...]  # config attributes holding E, first present wins
     renormalize: str | bool  # config attribute name of norm_topk_prob, or a constant
-    shared: str  # how shared experts look, for the README and analysis.json
+    shared: str  # how shared experts look, for docs/hf.md and analysis.json
     router: str  # the router module (as named in the decoder layer)
 
 

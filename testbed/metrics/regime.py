@@ -1,4 +1,4 @@
-"""Regime check (README, "Regime check"): does a MoE run beat the models it must beat, at equal tokens?
+"""Regime check (docs/regime.md): does a MoE run beat the models it must beat, at equal tokens?
 
 Pure functions over `summary.json` dicts (no torch). A baseline is another run's summary trained on the same
 data, validation set, optimizer, schedule and number of tokens, with the same attention trunk; its role

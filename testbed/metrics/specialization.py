@@ -1,4 +1,4 @@
-"""Specialization and balance metrics as pure functions of count tables (README, "Specialization metrics").
+"""Specialization and balance metrics as pure functions of count tables (docs/metrics.md, "Formulas").
 
 Inputs are numpy arrays (or anything np.asarray accepts) for ONE layer:
 `domain_expert_counts` n[D, E] = #{t : d_t = d, e in S_t}; expert loads C_e = sum_d n[d, e].

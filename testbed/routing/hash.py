@@ -1,5 +1,6 @@
-"""Hash router, a non-semantic floor [defined here; README, "Routers"]: S_t = the K experts with the largest
-keys ((id_t + 1) * A_e + B_e) mod p, a fixed hash of the token id (A, B random from `seed`); gates 1/K.
+"""Hash router, a non-semantic floor [defined here; docs/routers.md, "Hash"]: S_t = the K experts with the
+largest keys ((id_t + 1) * A_e + B_e) mod p, a fixed hash of the token id (A, B random from `seed`); gates
+1/K.
 
 Nothing is learned: the choice ignores the hidden state, the context and training; `logits` are zeros and
 `probs` is 1/K on the chosen experts. Needs the input token ids."""

@@ -1,6 +1,7 @@
-"""Oracle router, the reference [defined here; README, "Routers"]: the block layout gives domain d a fixed
-block B_d of experts; S_t = the top-K of the learned logits restricted to B_{d_t} (`learned`), or K experts
-of the block by token position with gates 1/K (`uniform`). Needs per-token domain labels; K <= floor(E/D)."""
+"""Oracle router, the reference [defined here; docs/routers.md, "Oracle domain router"]: the block layout
+gives domain d a fixed block B_d of experts; S_t = the top-K of the learned logits restricted to B_{d_t}
+(`learned`), or K experts of the block by token position with gates 1/K (`uniform`). Needs per-token
+domain labels; K <= floor(E/D)."""
 
 from __future__ import annotations
 
