@@ -60,12 +60,6 @@ class Accelerator(StrEnum):
     mps = "mps"
 
 
-class LoggerName(StrEnum):
-    csv = "csv"
-    tensorboard = "tensorboard"
-    wandb = "wandb"
-
-
 class Perturbation(StrEnum):
     context = "context"  # prefix from another same-domain sequence
     noise = "noise"  # Gaussian noise on the prefix embeddings
@@ -138,10 +132,14 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     gradient_clip_val: float = 1.0
     log_every_n_steps: int = 10
-    num_threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    # torch CPU threads; 0 = chosen at the start of a CPU run from the machine's load (testbed.train.threads)
+    num_threads: int = 0
     deterministic: bool = True
     enable_checkpointing: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True  # the progress bar on a terminal
+    # where stdout is no terminal (a pipe, a sweep's or cluster's log): one progress line every N seconds
+    # and one at each validation; 0: the validation lines only
+    progress_every_s: float = 30.0
     strategy: str = "auto"  # Lightning strategy (ddp, ddp_find_unused_parameters_true, ...) or fsdp2 (ours)
     compile: bool = False  # torch.compile the model (the grouped expert kernel then runs in bf16)
     compile_backend: str = "inductor"  # torch.compile backend (aot_eager: no code generation, for checks)
@@ -204,6 +202,7 @@ class TrainerConfig:
         in_range("trainer.gradient_clip_val", self.gradient_clip_val, 0.0, None)
         positive("trainer.log_every_n_steps", self.log_every_n_steps)
         integer("trainer.num_threads", self.num_threads, 0)
+        in_range("trainer.progress_every_s", self.progress_every_s, 0.0, None)
         self._validate_debug_runs()
 
     def _validate_debug_runs(self) -> None:
@@ -223,7 +222,9 @@ class TrainerConfig:
             )
 
     def _validate_strategy(self) -> None:
-        strategies = strategy_names()
+        # the usual names are checked without importing Lightning (seconds), so that a bad value elsewhere in
+        # the config is reported at once; any other name is looked up in Lightning's registry
+        strategies = COMMON_STRATEGIES if self.strategy in COMMON_STRATEGIES else strategy_names()
         if self.strategy not in strategies:
             raise ConfigError("trainer.strategy", self.strategy, f"one of {strategies}")
         if self.strategy.startswith("fsdp") and self.strategy != FSDP2:
@@ -251,10 +252,67 @@ class TrainerConfig:
 
 
 @dataclass
-class LoggerConfig:
-    name: LoggerName = LoggerName.csv  # csv | tensorboard | wandb
+class CSVLoggerConfig:
+    """metrics.csv in the run folder: written by every run, listed in `logger` or not (testbed-report and
+    resume read it)."""
+
+
+@dataclass
+class TensorBoardLoggerConfig:
+    """TensorBoard event files in <run dir>/tensorboard (and the heatmaps as images)."""
+
+
+@dataclass
+class WandbLoggerConfig:
+    """Weights & Biases: offline by default (no account; <run dir>/wandb, `wandb sync` uploads later)."""
+
     project: str = "moe-testbed"
-    offline: bool = True  # wandb only
+    name: str | None = None  # null: the run folder, as the run prints it at the end
+    group: str | None = None  # null: the sweep folder for the jobs of a -m sweep, no group for a single run
+    tags: list[str] | None = None  # null: the run's command-line overrides (W&B keeps 64 characters each)
+    offline: bool = True
+    quiet: bool = True  # W&B's own console lines off (WANDB_SILENT), its warnings and errors kept
+
+
+@dataclass
+class LoggerConfig:
+    """The loggers of `logger=[csv,tensorboard,wandb]` (conf/logger/): each one chosen is a key here with its
+    options; the others are null. CSV is written whatever the list says."""
+
+    csv: CSVLoggerConfig | None = None
+    tensorboard: TensorBoardLoggerConfig | None = None
+    wandb: WandbLoggerConfig | None = None
+
+    def names(self) -> list[str]:
+        """The loggers a run writes to: csv first (always), then the others chosen."""
+        chosen = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
+        return ["csv", *(name for name in chosen if name != "csv")]
+
+
+LOGGER_SCHEMAS = {"csv": CSVLoggerConfig, "tensorboard": TensorBoardLoggerConfig, "wandb": WandbLoggerConfig}
+"""Each logger's options (the fields of LoggerConfig, by name)."""
+
+
+def parse_logger(node: Any) -> LoggerConfig:
+    """The logger section, each chosen logger typed by its own dataclass. The single-logger form of earlier
+    runs' configs (checkpoints: {name: wandb, project: ..., offline: ...}) reads as that logger alone."""
+    node = dict(node or {"csv": {}})
+    schemas = LOGGER_SCHEMAS
+    if not isinstance(node.get("name", {}), dict):  # the single-logger form
+        name = node.pop("name")
+        if name not in schemas:
+            raise ConfigError("logger.name", name, f"one of {list(schemas)}")
+        options = {k: v for k, v in node.items() if k in ("project", "offline")} if name == "wandb" else {}
+        node = {name: options}
+    typed = {}
+    for name, options in node.items():
+        if name not in schemas:
+            raise ConfigError(f"logger.{name}", options, f"loggers among {list(schemas)} (conf/logger/)")
+        if options is not None and not isinstance(options, dict):
+            raise ConfigError(f"logger.{name}", options, "a mapping of its options ({}: defaults), or null")
+        if options is not None:
+            typed[name] = structured(f"logger.{name}", schemas[name], options, fields_of=f"options of {name}")
+    return LoggerConfig(**typed)
 
 
 @dataclass
@@ -415,7 +473,11 @@ def parse_config(cfg: DictConfig | dict) -> RunConfig:
     if unknown:
         raise ConfigError(unknown[0], raw[unknown[0]], f"top-level keys {sorted(TOP_LEVEL_KEYS)}")
     sections = {
-        name: parse_data(raw.get(name)) if schema is DataConfig else structured(name, schema, raw.get(name))
+        name: parse_data(raw.get(name))
+        if schema is DataConfig
+        else parse_logger(raw.get(name))
+        if schema is LoggerConfig
+        else structured(name, schema, raw.get(name))
         for name, schema in SECTIONS.items()
     }
 
@@ -497,6 +559,10 @@ def _devices_ok(devices: Any) -> bool:
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in devices
         )
     return False
+
+
+COMMON_STRATEGIES = ("auto", FSDP2, "ddp", "ddp_spawn", "ddp_find_unused_parameters_true")
+"""Strategy names accepted without importing Lightning (each is in its registry: tests/test_fast_start.py)."""
 
 
 def strategy_names() -> list[str]:

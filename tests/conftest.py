@@ -16,6 +16,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 # token stores of the runs under test go to a fresh folder per test process, never the user's cache
 os.environ["TESTBED_CACHE"] = tempfile.mkdtemp(prefix="testbed-cache-")
 
+# the run schema Hydra composes onto (registered on import; testbed.train.cli imports it only when needed)
+import testbed.config  # noqa: E402, F401
+
 SYNTH_DOMAINS = ["alpha", "beta", "gamma"]
 
 

@@ -27,7 +27,7 @@ def test_default_config_is_valid():
         ("model.moe.backend=magic", "model.moe.backend", "expected one of [loop, grouped]"),
         ("data.batch_composition=both", "data.batch_composition", "expected one of [mixed, homogeneous]"),
         ("model.n_layers=two", "model.n_layers", "could not be converted to Integer"),
-        ("logger.name=mlflow", "logger.name", "expected one of [csv, tensorboard, wandb]"),
+        ("trainer.progress_every_s=often", "trainer.progress_every_s", "could not be converted to Float"),
         ("trainer.accelerator=tpu", "trainer.accelerator", "expected one of [auto, cpu, cuda, gpu, mps]"),
         ("metrics.stiffness_perturbation=blur", "metrics.stiffness_perturbation", "[context, noise]"),
         ("finetune.trainable=gates", "finetune.trainable", "[all, routers, routers_and_experts]"),

@@ -352,6 +352,7 @@ RESUME_TRAINER = {
     # allowed silently: they cannot change the numbers (the process layout is checked separately)
     "num_threads": "silent",
     "progress_bar": "silent",
+    "progress_every_s": "silent",
     "log_every_n_steps": "silent",
     "compile_backend": "silent",
     "devices": "silent",

@@ -11,94 +11,28 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException
-from lightning.pytorch import loggers
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from testbed import CONF_DIR
-from testbed.config import FSDP2, RunConfig, allowed_for, check_hardware, parse_config, plain
-from testbed.data.datamodule import DomainMixDataModule
 from testbed.errors import ConfigError, TestbedError
-from testbed.routing.balanced_assignment import AuctionUnfinished
-from testbed.safe_load import trusted
-from testbed.train.callbacks import SpecializationMetrics
-from testbed.train.checkpoint import (
-    LAST,
-    DirectCheckpointIO,
-    PeerLost,
-    RunCheckpoint,
-    RunCSVLogger,
-    RunInterrupted,
-    RunLock,
-    TrainingDiverged,
-    check_same_run,
-    is_launch_rank_zero,
-    load_weights,
-    peer_lost,
-    prepare_run_dir,
-    read_checkpoint,
-    read_status,
-    truncate_csv,
-    write_run_record,
-)
-from testbed.train.finetune import trainable_parameter_count
-from testbed.train.module import MoELanguageModel
-from testbed.train.progress import RunProgressBar, quiet_lightning_logs
-from testbed.train.run_options import build_callbacks, repeat_first_batches
-from testbed.train.sharding import FSDP2Strategy
-from testbed.train.summary import print_summary, unigram_entropies, write_summary
-from testbed.train.sweeps import (
-    check_sweep_values,
-    direction_overrides,
-    experiment_overrides,
-    is_multirun,
-    is_sampling_sweeper,
-    objective_value,
-    search_space,
-    sweeper_params_as_overrides,
-)
+
+if TYPE_CHECKING:
+    from testbed.config import RunConfig
 
 log = logging.getLogger(__name__)
-
-
-def build_logger(run: RunConfig, run_dir: Path):
-    if run.logger.name == "tensorboard":
-        # hp_metric: the final val/loss (finish_loggers), not Lightning's placeholder -1
-        return loggers.TensorBoardLogger(
-            str(run_dir), name="tensorboard", version="", default_hp_metric=False
-        )
-    if run.logger.name == "wandb":
-        os.environ.setdefault("WANDB_MODE", "offline" if run.logger.offline else "online")
-        return loggers.WandbLogger(
-            project=run.logger.project, name=run.run_name, save_dir=str(run_dir), offline=run.logger.offline
-        )
-
-    return RunCSVLogger(str(run_dir), name="", version="")  # appends to metrics.csv when resuming
-
-
-def finish_loggers(trainer, module) -> None:
-    """TensorBoard's hp_metric becomes the final val/loss; W&B runs are closed so that offline runs are
-    complete on disk (summary, media) when training returns."""
-    val_loss = module.last_val_metrics.get("val/loss")
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger) and val_loss is not None:
-            logger.log_hyperparams(dict(module.hparams), metrics={"hp_metric": val_loss})
-        if isinstance(logger, WandbLogger):
-            logger.experiment.finish()
 
 
 def hydra_choices() -> dict[str, str]:
@@ -115,6 +49,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, call
     The run folder policy comes first: a folder holding a run is refused unless `resume` or `overwrite=true`
     is given, and a lock file keeps other processes out for the run's lifetime. `callbacks`: extra Lightning
     callbacks (tests use them to interrupt a run at a chosen step)."""
+    from testbed.config import parse_config
+    from testbed.train.checkpoint import RunLock, is_launch_rank_zero
+    from testbed.train.run_options import build_callbacks
+    from testbed.train.threads import set_cpu_threads
+
     warnings.filterwarnings(
         "ignore", message=r".*isinstance\(treespec, LeafSpec\)"
     )  # Lightning/torch version skew
@@ -139,48 +78,11 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, call
         return _train(run, run_dir, quiet, callbacks, owner=True, cfg=cfg)
 
 
-def runnable_elsewhere(samples: int = 5, interval: float = 0.05) -> int | None:
-    """How many other processes want a CPU right now: the median over a few samples of the kernel's count of
-    runnable tasks (/proc/loadavg, 4th field) minus this process. None where that file does not exist."""
-    counts = []
-    for _ in range(samples):
-        try:
-            running = Path("/proc/loadavg").read_text().split()[3].split("/")[0]
-        except OSError:
-            return None
-        counts.append(int(running) - 1)
-        time.sleep(interval)
-    return sorted(counts)[len(counts) // 2]
-
-
-def set_cpu_threads(run: RunConfig) -> None:
-    """`trainer.num_threads` > 0 sets torch's CPU threads. 0 keeps torch's default, one per core: on an idle
-    2-core machine the default step took 0.64x the time of one thread, while next to one other busy process
-    it took 2.5x (benchmarks/README.md, "CPU threads"). So a CPU run on the default warns when other processes
-    keep the cores busy as it starts (unless torch is on one thread already, e.g. OMP_NUM_THREADS=1)."""
-    if run.trainer.num_threads > 0:
-        torch.set_num_threads(run.trainer.num_threads)
-        return
-    cores = os.cpu_count() or 1
-    if run.trainer.accelerator not in ("cpu", "auto") or torch.cuda.is_available() or cores < 2:
-        return
-    if torch.get_num_threads() == 1:  # OMP_NUM_THREADS=1 or the like: nothing to oversubscribe
-        return
-    busy = runnable_elsewhere()
-    if busy:
-        log.warning(
-            "%d other process(es) are using the CPU and this run uses torch's default of %d threads: on a "
-            "busy 2-core machine that made each step 2.5x slower than trainer.num_threads=1 "
-            "(benchmarks/README.md). Pass trainer.num_threads=1 (or cores / runs at once) when runs share "
-            "the machine",
-            busy,
-            torch.get_num_threads(),
-        )
-
-
 def ended_run(run: RunConfig, run_dir: Path) -> dict | None:
     """resume=auto on a run that already ended (finished, or failed: rerunning a deterministic failure fails
     again) returns its summary without training, so that a rerun of a sweep continues only the others."""
+    from testbed.train.checkpoint import read_status
+
     status = read_status(run_dir)
     if run.resume != "auto" or status not in ("finished", "failed"):
         return None
@@ -191,6 +93,38 @@ def ended_run(run: RunConfig, run_dir: Path) -> dict | None:
 def _train(
     run: RunConfig, run_dir: Path, quiet: bool, extra_callbacks: tuple, owner: bool, cfg: DictConfig = None
 ) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from testbed.config import FSDP2, plain
+    from testbed.data.datamodule import DomainMixDataModule
+    from testbed.routing.balanced_assignment import AuctionUnfinished
+    from testbed.safe_load import trusted
+    from testbed.train.callbacks import SpecializationMetrics
+    from testbed.train.checkpoint import (
+        LAST,
+        DirectCheckpointIO,
+        PeerLost,
+        RunCheckpoint,
+        RunInterrupted,
+        TrainingDiverged,
+        check_same_run,
+        is_launch_rank_zero,
+        load_weights,
+        peer_lost,
+        prepare_run_dir,
+        read_checkpoint,
+        truncate_csv,
+        write_run_record,
+    )
+    from testbed.train.finetune import trainable_parameter_count
+    from testbed.train.module import MoELanguageModel
+    from testbed.train.progress import progress_callback, quiet_lightning_logs
+    from testbed.train.run_loggers import build_loggers, finish_loggers
+    from testbed.train.run_options import repeat_first_batches
+    from testbed.train.sharding import FSDP2Strategy
+    from testbed.train.summary import print_summary, unigram_entropies, write_summary
+
     fast_dev_run = run.trainer.fast_dev_run  # N batches of each, nothing written (no folder policy either)
     if owner and fast_dev_run:
         resume_from = None
@@ -237,8 +171,10 @@ def _train(
     metrics_callback = SpecializationMetrics(scratch or run_dir)  # a fast_dev_run's tables and plots: dropped
     # a dense model (model=<name>_dense) has no routing to measure: no routing metrics, counts or plots
     callbacks = [*extra_callbacks, metrics_callback] if module.model.moe_layers else [*extra_callbacks]
-    if run.trainer.progress_bar and not quiet:
-        callbacks.append(RunProgressBar())
+    # the bar on a terminal; plain lines every trainer.progress_every_s and at validations elsewhere
+    progress = None if quiet else progress_callback(run.trainer.progress_bar, run.trainer.progress_every_s)
+    if progress is not None:
+        callbacks.append(progress)
     start = time.perf_counter()
     checkpointer = RunCheckpoint(run_dir, start, previous_wall_time=run_state.get("wall_time_s", 0.0))
     if run.trainer.enable_checkpointing and not fast_dev_run:
@@ -260,13 +196,13 @@ def _train(
         gradient_clip_val=t.gradient_clip_val,
         log_every_n_steps=t.log_every_n_steps,
         deterministic=t.deterministic,
-        logger=False if fast_dev_run else build_logger(run, run_dir),
+        logger=False if fast_dev_run else build_loggers(run, run_dir),
         callbacks=callbacks,
         # our RunCheckpoint writes last.ckpt (every validation, SIGTERM/SIGUSR1); Lightning's checkpointing
         # only for a ModelCheckpoint of the callbacks group (best k on a metric)
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         fast_dev_run=fast_dev_run or False,
-        enable_progress_bar=t.progress_bar and not quiet,
+        enable_progress_bar=False,  # ours (testbed.train.progress), counting optimizer steps of the run
         enable_model_summary=False,  # its FLOPs column reads 0; the parameter counts are printed below
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
@@ -349,6 +285,10 @@ def _record_stop(
 ) -> None:
     """summary.json of a run that stopped before its end: "failed" (diverged, auction unfinished) or
     "interrupted" (a signal, a lost peer process: resumable with resume=auto)."""
+    from testbed.routing.balanced_assignment import AuctionUnfinished
+    from testbed.train.checkpoint import LAST, PeerLost, RunInterrupted, TrainingDiverged
+    from testbed.train.summary import write_summary
+
     failed = isinstance(err, (TrainingDiverged, AuctionUnfinished))
     for logger in trainer.loggers:
         logger.save()
@@ -393,6 +333,9 @@ def signal_name(signum: int) -> str:
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_train(cfg: DictConfig) -> float | None:
     """One run; returns the number at objective.key of its summary (what a sweeper such as Optuna reads)."""
+    from testbed.config import check_hardware, parse_config
+    from testbed.train.sweeps import objective_value
+
     try:
         run = parse_config(cfg)
         check_hardware(run)  # a GPU config on a machine without one fails here, not in Lightning
@@ -460,6 +403,8 @@ def check_overrides(argv: list[str], conf_dir: str = CONF_DIR) -> list[str]:
     that does not exist (`foo=1`) or a malformed override is a ConfigError (exit 2), not Hydra's exit 1.
     With -m, every value each sweep can give is checked too (testbed.train.sweeps); returns the overrides
     the sweep needs added (the Optuna sweeper's direction from objective.direction)."""
+    from testbed.train.sweeps import is_multirun
+
     if any(arg.startswith(HYDRA_CONFIG_FLAGS) for arg in argv):
         return []  # another config tree: Hydra checks it
     parser = OverridesParser.create()
@@ -501,6 +446,14 @@ def check_multirun(argv: list[str], concrete: list[str], sweeps: list, conf_dir:
     """A sweep's pre-check: compose with the command line's hydra/... and hydra.* overrides to find the
     sweeper and its search space, check every value each sweep can give (testbed.train.sweeps), and
     return the Optuna sweeper's direction override when it must follow objective.direction."""
+    from testbed.config import parse_config
+    from testbed.train.sweeps import (
+        check_sweep_values,
+        direction_overrides,
+        is_sampling_sweeper,
+        search_space,
+    )
+
     hydra_args = [a for a in argv if "=" in a and a.lstrip("+~").startswith(("hydra.", "hydra/"))]
     groups = {p.name for p in Path(conf_dir).iterdir() if p.is_dir()}
 
@@ -535,6 +488,8 @@ def check_multirun(argv: list[str], concrete: list[str], sweeps: list, conf_dir:
 def compose_overrides(concrete: list[str], conf_dir: str) -> None:
     """Compose the config with `concrete` (no sweeps); an override Hydra refuses is a ConfigError naming
     its key and what is allowed there."""
+    from testbed.config import allowed_for
+
     with initialize_config_dir(conf_dir, version_base="1.3"):
         try:
             compose("config", overrides=concrete)
@@ -591,6 +546,8 @@ def refuse_used_run_dir(argv: list[str]) -> None:
     """A single run into an explicit `hydra.run.dir` that already holds a run is refused here, before Hydra
     starts: Hydra would otherwise write the new run's `.hydra/` over the old run's first. (Multirun job
     folders are fresh; the same check runs again in `run_training` for every run.)"""
+    from testbed.train.checkpoint import prepare_run_dir
+
     if any(arg in ("-m", "--multirun") for arg in argv):
         return
     values = {}
@@ -606,13 +563,101 @@ def refuse_used_run_dir(argv: list[str]) -> None:
     prepare_run_dir(Path(run_dir), None, False)  # raises RunDirError for a used folder, changes nothing
 
 
+HELP_FLAGS = ("--help", "-h")
+
+
+def help_text(conf_dir: str = CONF_DIR) -> str:
+    """`testbed-train --help`: how to pass options, the config groups and their options (the default first),
+    and where the rest is. Read from conf/ alone: no torch, no Lightning, no composition."""
+    conf = Path(conf_dir)
+    defaults = {}
+    for entry in OmegaConf.to_container(OmegaConf.load(conf / "config.yaml")).get("defaults", []):
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                defaults[key] = value
+    lines = [
+        "testbed-train: train one MoE run, or a sweep of runs (Hydra)",
+        "",
+        "  testbed-train [key=value ...]             one run, in outputs/<date>/<time>/",
+        "  testbed-train -m key=a,b [key=value ...]  a sweep, one run per value: multirun/<date>/<time>/<n>/",
+        "  make train ARGS='key=value ...'           the same through make (quote ARGS)",
+        "",
+        "config groups (group=option, the default first; aux_loss and logger take lists: logger=[csv,wandb])",
+    ]
+    for group in sorted(p for p in conf.iterdir() if p.is_dir() and p.name != "hydra"):
+        options = sorted(f.stem for f in group.glob("*.yaml") if not f.stem.startswith("_"))
+        default = defaults.get(group.name)
+        chosen = [str(d) for d in default] if isinstance(default, list) else [str(default)] if default else []
+        first = [o for o in chosen if o in options]
+        shown = ", ".join([*(f"{o} (default)" for o in first), *(o for o in options if o not in first)])
+        lines += textwrap.wrap(shown, 100, initial_indent=f"  {group.name}: ", subsequent_indent="      ")
+    for group in sorted(p for p in (conf / "hydra").iterdir() if p.is_dir()):
+        lines.append(f"  hydra/{group.name}: {', '.join(sorted(f.stem for f in group.glob('*.yaml')))}")
+    lines += [
+        "",
+        "options by key, e.g.: trainer.max_steps=300 optim.lr=1e-3 router.top_k=1 seed=1 resume=auto",
+        "  trainer.num_threads=N (0: chosen from the machine's load)  trainer.progress_every_s=S",
+        "  hydra.run.dir=<folder>  overwrite=true",
+        "",
+        "every option with its value: testbed-train --cfg job [key=value ...]   Hydra's flags: --hydra-help",
+        "docs: docs/configuration.md (groups, options, sweeps), docs/running.md (output, resume, faults)",
+    ]
+    return "\n".join(lines)
+
+
+def check_logger_options(argv: list[str]) -> None:
+    """`logger.<name>.<option>=...` needs <name> among the loggers (`logger=[csv,<name>]`): the options of
+    a logger that is not chosen are null, and Hydra would fail on them with an assertion."""
+    chosen = {"csv"}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+~") == "logger":
+            chosen |= {v.strip() for v in re.split(r"[\[\],]", value) if v.strip()}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        parts = key.lstrip("+~").split(".")
+        if sep and len(parts) > 2 and parts[0] == "logger" and parts[1] not in chosen:
+            raise ConfigError(
+                key.lstrip("+~"),
+                value,
+                f"options of a chosen logger: add {parts[1]} to the list, "
+                f"logger=[{','.join(sorted(chosen))},{parts[1]}]",
+            )
+
+
+def check_values(argv: list[str], conf_dir: str = CONF_DIR) -> None:
+    """A single run's values (optim.lr=-1, a GPU trainer on a machine without one) refused before Hydra and
+    Lightning start, as the run itself would refuse them; a sweep's are checked by check_overrides."""
+    from testbed.config import check_hardware, parse_config
+    from testbed.train.sweeps import is_multirun
+
+    if is_multirun(argv) or any(arg.startswith(HYDRA_CONFIG_FLAGS) for arg in argv):
+        return
+    overrides = [
+        a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")
+    ]
+    with initialize_config_dir(conf_dir, version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    check_hardware(parse_config(cfg))
+
+
 def train_main() -> None:
+    if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+        print(help_text())  # before anything heavy is imported: at once
+        return
+    import testbed.config  # noqa: F401 - registers the schema (run_schema) that Hydra composes onto
+    from testbed.train.quiet import quiet_plugin_logs
+    from testbed.train.sweeps import experiment_overrides, sweeper_params_as_overrides
+
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    quiet_plugin_logs()  # the Optuna sweeper's setup lines
     try:
         argv = sweeper_params_as_overrides(sys.argv[1:])
         sys.argv[1:] = experiment_overrides(quote_values_with_equals(argv), CONF_DIR)
         check_group_choices(sys.argv[1:])
+        check_logger_options(sys.argv[1:])
         sys.argv[1:] = [*sys.argv[1:], *check_overrides(sys.argv[1:])]
+        check_values(sys.argv[1:])
         check_output_dirs(sys.argv[1:])
         refuse_used_run_dir(sys.argv[1:])
     except TestbedError as err:

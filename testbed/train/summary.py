@@ -128,12 +128,20 @@ def strict_json(value):
     return strict_json(number)
 
 
+def print_titled(console, title: str, table) -> None:
+    """`table` under `title` as one line of its own: a Rich table title wraps at the table's width (three
+    lines over a narrow table), and a notice is one line."""
+    console.print(title, soft_wrap=True, highlight=False)
+    console.print(table)
+
+
 def print_summary(summary: dict) -> None:
     console = Console()
-    table = Table(
-        title=f"validation loss per domain (nats/token) after {summary['steps']} steps, "
+    title = (
+        f"validation loss per domain (nats/token) after {summary['steps']} steps, "
         f"{summary['tokens_seen']:,} tokens, {summary['wall_time_s']:.0f} s"
     )
+    table = Table()
     table.add_column("domain")
     table.add_column("val loss", justify="right")
     table.add_column("unigram entropy", justify="right")
@@ -144,8 +152,8 @@ def print_summary(summary: dict) -> None:
         read = f"{epochs[domain]:.2f}" if domain in epochs else ""
         table.add_row(domain, f"{loss:.3f}", f"{unigram:.3f}", read)
     table.add_row("mean", f"{summary.get('val/loss', math.nan):.3f}", "", "")
-    console.print(table)
-    spec = Table(title="specialization (mean over MoE layers)")
+    print_titled(console, title, table)
+    spec = Table()
     spec.add_column("metric")
     spec.add_column("value", justify="right")
     for metric in HEADLINE:
@@ -153,14 +161,14 @@ def print_summary(summary: dict) -> None:
         if value is not None:
             spec.add_row(metric, f"{value:.4f}")
     if spec.row_count:
-        console.print(spec)
+        print_titled(console, "specialization (mean over MoE layers)", spec)
     print_regime(console, summary)
 
 
 def print_regime(console, summary: dict) -> None:
     """The regime check next to the losses: unigram gap and gains over the baselines found (or how to get
     them)."""
-    table = Table(title="regime check (validation loss, nats/token; gain > 0: this run is better)")
+    table = Table()
     table.add_column("against")
     table.add_column("their val loss", justify="right")
     table.add_column("gain", justify="right")
@@ -178,17 +186,22 @@ def print_regime(console, summary: dict) -> None:
                 f"{found['val/loss']:.3f}",
                 f"{summary[f'regime/gain_over_{role}']:+.3f}",
             )
-    console.print(table)
+    print_titled(console, "regime check (validation loss, nats/token; gain > 0: this run is better)", table)
     repeated = repeated_domains(summary)
     if repeated:
         console.print(
             "[bold]repeated data[/bold]: this run read the training tokens of "
             + ", ".join(f"{d} {e:.2f} times" for d, e in repeated.items())
-            + "; its losses mix generalisation with memorisation (a larger mix: data=large)"
+            + "; its losses mix generalisation with memorisation (a larger mix: data=large)",
+            soft_wrap=True,
         )
     elif epochs_trained(summary):
         most = max(epochs_trained(summary).values())
-        console.print(f"no data repeated: every domain's training tokens read at most once (max {most:.2f})")
+        console.print(
+            f"no data repeated: every domain's training tokens read at most once (max {most:.2f})",
+            soft_wrap=True,
+            highlight=False,
+        )
     model = summary.get("resolved", {}).get("model", {})
     missing = [r for r in ROLES if r not in baselines]
     if model.get("dense_layers", 0) < model.get("n_layers", 0) and missing:
@@ -199,7 +212,9 @@ def print_regime(console, summary: dict) -> None:
             "hash": "router=hash balance=none",
         }
         console.print(
-            "no baseline run with these data, optimizer and token settings for: "
+            "no baseline runs yet for: "
             + ", ".join(f"{r} ({hints[r]})" for r in missing)
-            + "; train them with the same overrides (README: regime check)"
+            + "; train them with the same other overrides (README: regime check)",
+            soft_wrap=True,
+            highlight=False,
         )
