@@ -13,6 +13,7 @@ import torch
 from testbed.analysis.quiz_items import QuizError, QuizItem
 from testbed.analysis.quiz_metrics import QuizRouting, layer_report
 from testbed.analysis.quiz_score import choose, encode_items, score_items
+from testbed.routing import ROUTERS
 
 
 def evaluate_quiz(
@@ -48,10 +49,11 @@ def evaluate_quiz(
             positions=positions,
         )
     except ValueError as err:
-        if module.run_config.router.name == "oracle":
+        router = module.run_config.router.name
+        if ROUTERS.get(router)[0].needs_reference:
             raise QuizError(
-                f"router 'oracle' routes by domain label and the quiz subjects {subjects} are not all model "
-                f"domains {module.domains} ({err})"
+                f"router '{router}' routes by domain label and the quiz subjects {subjects} are not all "
+                f"model domains {module.domains} ({err})"
             ) from err
         raise
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start

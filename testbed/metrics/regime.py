@@ -18,6 +18,8 @@ import json
 import math
 from pathlib import Path
 
+from testbed.routing import ROUTERS
+
 REGIME_KEYS = (
     "regime/gap_to_unigram",
     "regime/gain_over_dense_active",
@@ -25,6 +27,12 @@ REGIME_KEYS = (
     "regime/gain_over_hash",
 )
 ROLES = ("dense_active", "dense_total", "hash")
+
+
+def is_floor_router(name: str | None) -> bool:
+    """A router registered as the non-semantic floor (`reference = "floor"`: token-id hashing), the
+    regime check's `hash` baseline."""
+    return name in ROUTERS.names() and ROUTERS.get(name)[0].reference == "floor"
 # Settings that must be equal for two runs to be compared (resolved config sections of summary.json).
 TRUNK_MODEL_KEYS = (
     "vocab_size",
@@ -90,8 +98,8 @@ def baseline_role(candidate: dict, run: dict) -> str | None:
         return None
     cand_router = candidate["resolved"].get("router", {})
     if (
-        cand_router.get("name") == "hash"
-        and run["resolved"].get("router", {}).get("name") != "hash"
+        is_floor_router(cand_router.get("name"))
+        and not is_floor_router(run["resolved"].get("router", {}).get("name"))
         and cand_router.get("top_k") == top_k
         and {k: v for k, v in cand_model.items() if k != "name"}
         == {k: v for k, v in run_model.items() if k != "name"}
