@@ -202,6 +202,15 @@ def abbreviation_key(texts: Sequence[str]) -> str:
     return ", ".join(f"{k} = {v}" for k, v in used)
 
 
+def legend_key(names: Sequence[str], kinds: Mapping[str, Mapping] | None = None, keys=None) -> str:
+    """The key a line plot's legend carries: the abbreviations its names use, and what a hollow marker
+    means where some series (`kinds` of `keys`) trained on mixed batches."""
+    parts = [abbreviation_key(names)]
+    if any((kinds or {}).get(k, {}).get("hollow") for k in (keys or [])):
+        parts.append("hollow markers: mixed batches")
+    return "; ".join(p for p in parts if p)
+
+
 def off_scale_methods() -> set[str]:
     """References drawn off the axes' scale (marked at its edge) so that they do not set the axis: the
     routers that are an upper reference (Router.reference "upper": the oracle)."""
@@ -769,7 +778,7 @@ def per_layer_curves(
     so points side by side with error bars, never joined lines; `bands` (label -> half-width per layer, e.g.
     the 95% CI over seeds) as error bars where there is one. `kinds` (label -> method, scope, hollow) gives
     each label its look (`looks`): the same colour and marker as in every other figure."""
-    key = abbreviation_key(list(series))
+    key = legend_key(list(series), kinds, list(series))
     fig = Figure(figsize=(4.6, 3.0 + _legend_height(len(series), key)), layout="constrained")
     ax = fig.add_subplot()
     styles = _series_looks(list(series), kinds)
@@ -825,7 +834,7 @@ def training_curves(
     kept = {k: v for k, v in series.items() if not by_construction(metric, v[1], v[2])}
     names = {k: words((labels or {}).get(k) or readable_label(k)) for k in series}
     omitted = [names[k] for k in series if k not in kept]
-    key = abbreviation_key([names[k] for k in kept])
+    key = legend_key([names[k] for k in kept], kinds, list(kept))
     fig = Figure(figsize=(4.8, 3.0 + _legend_height(len(kept), key)), layout="constrained")
     ax = fig.add_subplot()
     styles = _series_looks(list(series), kinds)

@@ -369,6 +369,10 @@ def test_layers_are_points_not_joined_lines():
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
     legend = fig.legends[0]  # abbreviations: the legend's title spells them out
     assert "EB = expert-bias balancing" in legend.get_title().get_text()
+    kinds["EB, global"]["hollow"] = True  # mixed batches: hollow, and the key says so
+    fig = per_layer_curves(series, "purity", kinds=kinds)
+    assert fig.axes[0].containers[1].lines[0].get_markerfacecolor() == "none"
+    assert "hollow markers: mixed batches" in fig.legends[0].get_title().get_text()
 
 
 def test_large_numbers_have_no_offset_or_exponent():
