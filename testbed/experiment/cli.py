@@ -35,6 +35,7 @@ from testbed.experiment.grid import (
     stages,
 )
 from testbed.experiment.schema import Experiment, ExperimentError, available, load_experiment
+from testbed.train.cli import TRAINING_MODULES
 
 GPU_THREADS_CAP = 4
 """CPU threads per packed GPU process at most: torch's CPU ops only feed the device there, and more
@@ -136,7 +137,8 @@ class Launcher:
         self.context = None
         if preload:
             self.context = multiprocessing.get_context("forkserver")
-            self.context.set_forkserver_preload(["testbed.train.cli"])
+            # the training modules too: testbed.train.cli imports them only once a run is accepted
+            self.context.set_forkserver_preload(["testbed.train.cli", *TRAINING_MODULES])
 
     def run(self, job: Job, threads: int, log) -> int:
         args = train_command(job, threads)

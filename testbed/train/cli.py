@@ -34,6 +34,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+TRAINING_MODULES = (
+    "lightning",
+    "testbed.data.datamodule",
+    "testbed.train.callbacks",
+    "testbed.train.module",
+    "testbed.train.progress",
+    "testbed.train.run_loggers",
+    "testbed.train.summary",
+)
+"""What a run imports once its config is accepted (this module imports them only then, so that --help and a
+config error answer at once): a process that starts many runs (testbed-experiment's forkserver) preloads
+them."""
+
 
 def hydra_choices() -> dict[str, str]:
     try:
