@@ -293,3 +293,69 @@ def test_runnable_elsewhere_reads_this_machine():
 
     busy = runnable_elsewhere(samples=1, interval=0)
     assert busy is None or busy >= 0
+
+
+def sweep(tmp_path, *overrides: str, synth_mix) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [
+            TRAIN,
+            "-m",
+            *synth_overrides(synth_mix, "trainer.max_steps=3", "trainer.val_check_interval=3"),
+            "trainer.num_threads=1",
+            "metrics.plots=false",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_slurm_jobs_leave_no_folder_named_after_a_job_id_pattern():
+    """submitit makes its folder before the job id exists: a `%j` level left an empty folder named `%j`."""
+    from hydra import compose, initialize_config_dir
+
+    from testbed import CONF_DIR
+
+    with initialize_config_dir(CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    folder = cfg.hydra.launcher.submitit_folder
+    assert folder.endswith("/.submitit") and "%" not in folder
+
+
+@pytest.mark.heavy
+def test_a_submitit_job_logs_its_end_once(synth_mix, tmp_path):
+    """A submitit job (the local executor, with conf/hydra/launcher/slurm.yaml's folder): submitit's own
+    INFO lines, which it printed twice ("Job completed successfully"), are off; no empty `%j` folder."""
+    sweep_dir = tmp_path / "sweep"
+    sweep(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.submitit_folder=${hydra.sweep.dir}/.submitit",
+        f"hydra.sweep.dir={sweep_dir}",
+        synth_mix=synth_mix,
+    )
+    logs = list((sweep_dir / ".submitit").glob("*_log.out"))
+    assert logs, sorted((sweep_dir / ".submitit").iterdir())
+    text = "\n".join(path.read_text() for path in logs)
+    assert "INFO    step 3/3" in text and "run folder:" in text  # the job's own lines are there
+    assert "Job completed successfully" not in text and "Exiting after successful completion" not in text
+    assert not [p for p in sweep_dir.rglob("*") if "%" in p.name]
+
+
+@pytest.mark.heavy
+def test_an_optuna_sweep_prints_no_setup_lines(synth_mix, tmp_path):
+    result = sweep(
+        tmp_path,
+        "hydra/sweeper=optuna_lr_balance",
+        "hydra.sweeper.n_trials=1",
+        f"hydra.sweep.dir={tmp_path / 'optuna'}",
+        synth_mix=synth_mix,
+    )
+    text = result.stdout + result.stderr
+    for line in ("Study name:", "Storage:", "Sampler:", "Directions:", "A new study created"):
+        assert line not in text
+    assert "Best value:" in text  # the search's result stays
