@@ -466,7 +466,11 @@ FRACTIONS = {
 }
 
 
-TITLE_WORDS = {"val/loss": "validation loss", "train/loss": "training loss"}
+TITLE_WORDS = {
+    "val/loss": "validation loss",
+    "train/loss": "training loss",
+    "train/aux/load_balance": "load-balance loss of the training batches",
+}
 
 
 def metric_label(key: str) -> str:
