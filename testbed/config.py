@@ -271,7 +271,7 @@ class WandbLoggerConfig:
     group: str | None = None  # null: the sweep folder for the jobs of a -m sweep, no group for a single run
     tags: list[str] | None = None  # null: the run's command-line overrides (W&B keeps 64 characters each)
     offline: bool = True
-    quiet: bool = True  # W&B's own console lines off (WANDB_SILENT), its warnings and errors kept
+    quiet: bool = True  # W&B's own console lines off (its silent setting), its warnings and errors kept
 
 
 @dataclass

@@ -84,7 +84,7 @@ def run_training(cfg: DictConfig, run_dir: str | Path, quiet: bool = False, call
         )
     callbacks = (*callbacks, *build_callbacks(run, run_dir))  # the callbacks group, checked before any file
     run_dir.mkdir(parents=True, exist_ok=True)
-    set_cpu_threads(run)
+    set_cpu_threads(run, verbose=is_launch_rank_zero())  # one line, from the process that speaks
     if not is_launch_rank_zero():  # a DDP rank started by Lightning: rank 0 holds the folder
         return _train(run, run_dir, quiet, callbacks, owner=False)
     with RunLock(run_dir):

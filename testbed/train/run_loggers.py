@@ -11,7 +11,6 @@ offline run is and how to upload it.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -85,10 +84,9 @@ def wandb_logger(options, run_dir: Path) -> WandbLogger:
     import wandb
 
     settings = wandb_settings(options, run_dir)
-    if options.quiet:
-        os.environ.setdefault("WANDB_SILENT", "true")
-    # offline through wandb.init's mode: Lightning's own offline flag would set WANDB_MODE for the rest of
-    # the process (later jobs of a sweep too)
+    # quiet through wandb's settings and offline through wandb.init's mode, not through WANDB_SILENT or
+    # Lightning's offline flag (which sets WANDB_MODE): the environment would stay set for the later jobs of
+    # a sweep in this process
     logger = WandbLogger(
         save_dir=str(run_dir),
         settings=wandb.Settings(silent=options.quiet),
