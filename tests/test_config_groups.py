@@ -250,3 +250,20 @@ def test_overfit_batches_repeats_the_first_batches(synth_mix, tmp_path):
     assert not torch.equal(first, second)
     for i, batch in enumerate(recorder.batches):
         assert torch.equal(batch, (first, second)[i % 2])
+
+
+def test_debug_default_through_the_command_line(synth_mix, tmp_path):
+    """debug=default: one batch of each, DEBUG records (the composed config, the callbacks built), and the
+    run folder left empty."""
+    out = tmp_path / "run"
+    result = train(
+        *synth_overrides(synth_mix, "trainer.num_threads=1"),
+        "debug=default",
+        "callbacks=default",
+        f"hydra.run.dir={out}",
+    )
+    assert result.code == 0, result.stderr[-3000:]
+    assert "fast_dev_run: 1 training step(s) and 1 validation batch(es) ran" in result.stdout
+    printed = result.stdout + result.stderr
+    assert "the run's composed config:" in printed and "callback early_stopping: " in printed
+    assert not list(out.rglob("*"))

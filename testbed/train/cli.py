@@ -351,6 +351,7 @@ def _hydra_train(cfg: DictConfig) -> float | None:
 
     try:
         run = parse_config(cfg)
+        log.debug("the run's composed config:\n%s", OmegaConf.to_yaml(cfg))  # debug=default shows it
         check_hardware(run)  # a GPU config on a machine without one fails here, not in Lightning
         summary = run_training(cfg, HydraConfig.get().runtime.output_dir)
         return objective_value(summary, run.objective.key)

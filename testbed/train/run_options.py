@@ -4,6 +4,7 @@ entries, conf/callbacks/) and `trainer.overfit_batches` (the first N training ba
 from __future__ import annotations
 
 import itertools
+import logging
 import re
 import warnings
 from pathlib import Path
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader
 from testbed.config import RunConfig
 from testbed.errors import ConfigError
 
+log = logging.getLogger(__name__)
 SPEC_KEY = re.compile(r"spec/[a-z_]+/(mean|layer\d+)")
 
 
@@ -87,6 +89,8 @@ def build_callbacks(run: RunConfig, run_dir: Path) -> list:
             cause = err.__cause__ or err
             reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
             raise ConfigError(key, entry, f"arguments {cls.__name__} accepts ({reason})") from None
+        arguments = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        log.debug("callback %s: %s(%s)", name, target, arguments)
     return built
 
 
@@ -112,3 +116,4 @@ def repeat_first_batches(datamodule, count: int) -> None:
         )
 
     datamodule.train_dataloader = train_dataloader
+    log.info("overfit_batches: the first %d training batches, the same ones every epoch", count)
