@@ -223,7 +223,8 @@ def test_a_sweep_job_on_wandb_is_quiet_and_named_from_its_sweep(synth_mix, tmp_p
     assert result.returncode == 0, result.stderr[-2000:]
     output = result.stdout + result.stderr
     assert [line for line in output.splitlines() if line.lower().startswith("wandb")] == []
-    assert len([line for line in output.splitlines() if "W&B: offline run in " in line]) == 1
+    sync = "W&B offline run saved; to upload it: wandb sync "
+    assert len([line for line in output.splitlines() if sync in line]) == 1
     run, _ = wandb_run(sweep / "0")
     assert (run.display_name, run.run_group) == ("sweep/0", "sweep")
     assert "seed=3" in run.tags and not any(tag.startswith("hydra.") for tag in run.tags)

@@ -113,4 +113,4 @@ def finish_loggers(trainer, module) -> None:
             folder = getattr(experiment.settings, "sync_dir", None)
             experiment.finish()
             if offline and folder and trainer.is_global_zero:
-                log.info("W&B: offline run in %s; upload it with: wandb sync %s", folder, folder)
+                log.info("W&B offline run saved; to upload it: wandb sync %s", folder)
