@@ -74,3 +74,13 @@ def test_the_strategies_accepted_without_lightning_are_lightnings():
     from testbed.config import COMMON_STRATEGIES, strategy_names
 
     assert set(COMMON_STRATEGIES) <= set(strategy_names())
+
+
+def test_values_are_checked_for_a_run_not_for_a_config_shown():
+    from testbed.errors import ConfigError
+    from testbed.train.cli import check_values
+
+    with pytest.raises(ConfigError, match="optim.lr"):
+        check_values(["optim.lr=-1"])
+    check_values(["--cfg", "job", "optim.lr=-1"])  # printing the config refuses nothing
+    check_values(["-m", "optim.lr=-1,1e-3"])  # a sweep's values: check_overrides checks each

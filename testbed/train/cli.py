@@ -578,6 +578,8 @@ def refuse_used_run_dir(argv: list[str]) -> None:
 
 
 HELP_FLAGS = ("--help", "-h")
+SHOW_FLAGS = ("--cfg", "-c", "--info", "-i", "--hydra-help")
+"""Hydra's flags that print and train nothing."""
 
 
 def help_text(conf_dir: str = CONF_DIR) -> str:
@@ -645,8 +647,8 @@ def check_values(argv: list[str], conf_dir: str = CONF_DIR) -> None:
     from testbed.config import check_hardware, parse_config
     from testbed.train.sweeps import is_multirun
 
-    if is_multirun(argv) or any(arg.startswith(HYDRA_CONFIG_FLAGS) for arg in argv):
-        return
+    if is_multirun(argv) or any(arg.startswith((*HYDRA_CONFIG_FLAGS, *SHOW_FLAGS)) for arg in argv):
+        return  # a sweep, another config tree, or a config to be shown (--cfg job optim.lr=-1 shows it)
     overrides = [
         a for a in argv if "=" in a and not a.startswith("-") and not a.lstrip("+~").startswith("hydra")
     ]
