@@ -340,6 +340,8 @@ RESUME_TRAINER = {
     "gradient_clip_val": "refused",
     "limit_val_batches": "refused",
     "accumulate_grad_batches": "refused",
+    "overfit_batches": "refused",  # another stream of batches
+    "fast_dev_run": "refused",  # a smoke run: it neither saves nor resumes a checkpoint
     "chunked_cross_entropy": "silent",  # the same values and gradients either way (tested)
     # allowed with a notice in the log: the run goes on, differently from an uninterrupted run
     "max_steps": "notice",
@@ -360,7 +362,7 @@ RESUME_TRAINER = {
     "strategy": "silent",
 }
 """What may change when a run resumes, per trainer key (model, data, optim, router, balance, aux_loss,
-finetune and seed may not change at all). The README's resume table lists the same."""
+finetune and seed may not change at all). docs/running.md's resume table lists the same."""
 
 
 def _consequence(key: str, saved: dict, now: dict, payload: dict) -> str:
