@@ -17,6 +17,7 @@ from testbed.metrics.regime import (
     repeated_domains,
 )
 from testbed.model import MoETransformer
+from testbed.plots import metric_title
 from tests.conftest import compose
 
 
@@ -195,7 +196,7 @@ def test_curves_against_tokens(tmp_path, monkeypatch):
     xs, mean, _ = captured["model=m"]
     assert list(xs) == [2048.0, 4096.0] and list(mean) == [6.0, 5.0]
     assert captured["x_label"] == "training tokens"
-    assert captured["title"] == "val/loss (one seed)"
+    assert captured["title"] == f"{metric_title('val/loss')} over training (one seed)"  # in words
 
 
 def test_curve_table_means_over_seeds_at_shared_steps(tmp_path):

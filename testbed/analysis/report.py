@@ -747,11 +747,12 @@ def _counts_table(path: Path, mtime_ns: int) -> dict:
 def heatmap_tables(runs: list[dict], layer: int = -1) -> list[dict]:
     """The count tables of one MoE layer, one per configuration (its lowest seed's run that has routing
     count tables: `saved_counts`, testbed-analyze's or the ones training saved), grouped by number of
-    experts (X5 mixes 16- and 64-expert models): [{experts, layer, domains, names, counts, seeds}], first
-    the first configuration's width. Names come from `plot_labels` (and the analysis's own overrides:
-    "balanced eval"), with the seed where the configurations show different ones."""
+    experts and by domains (X5 mixes 16- and 64-expert models; X6 fine-tunes on one domain of the mix):
+    [{experts, layer, domains, names, counts, seeds}], first the first configuration's. Names come from
+    `plot_labels` (and the analysis's own overrides: "balanced eval"), with the seed where the
+    configurations show different ones."""
     _, groups = group_runs(runs)
-    counts, labels, seeds, domains, layer_name = [], [], [], None, None
+    counts, labels, seeds, domain_lists, layer_name = [], [], [], [], None
     for group, label in zip(groups, plot_labels(groups), strict=True):
         with_counts = []
         for run in group["runs"]:
@@ -762,25 +763,24 @@ def heatmap_tables(runs: list[dict], layer: int = -1) -> list[dict]:
             continue
         seed, _, analysis = min(with_counts, key=lambda item: (item[0], str(item[1])))
         names = list(analysis["counts"])
-        if domains is not None and analysis["domains"] != domains:
-            raise ValueError(f"{settings_label(group)}: domains {analysis['domains']} differ from {domains}")
-        domains, layer_name = analysis["domains"], names[layer]
+        layer_name = names[layer]
+        domain_lists.append(list(analysis["domains"]))
         counts.append(analysis["counts"][layer_name])
         # the analysis's own overrides (e.g. router.eval_balanced=true: scored with balanced routing)
         scored = [readable_setting(*o.partition("=")[::2]) for o in analysis.get("overrides", [])]
         labels.append(", ".join([label, *scored]))
         seeds.append(seed)
-    by_width: dict[int, list[int]] = {}
+    by_width: dict[tuple[int, tuple[str, ...]], list[int]] = {}
     for i, table in enumerate(counts):
-        by_width.setdefault(len(table[0]), []).append(i)
+        by_width.setdefault((len(table[0]), tuple(domain_lists[i])), []).append(i)
     tables = []
-    for experts, members in by_width.items():
+    for (experts, domains), members in by_width.items():
         shown = {seeds[i] for i in members}
         tables.append(
             {
                 "experts": experts,
                 "layer": layer_name,
-                "domains": domains,
+                "domains": list(domains),
                 "names": [
                     labels[i] if len(shown) == 1 else f"{labels[i]} (seed {seeds[i]})" for i in members
                 ],
@@ -796,8 +796,14 @@ def heatmap_panels(runs: list[dict], out_dir: Path, layer: int = -1) -> list[Pat
     outlined: heatmaps.png, and heatmaps_<E>_experts.png for configurations with another number of experts.
     The seed goes in the figure's title when every panel shows the same one, else in each panel's name."""
     paths = []
-    for n, table in enumerate(heatmap_tables(runs, layer)):
-        path = out_dir / ("heatmaps.png" if n == 0 else f"heatmaps_{table['experts']}_experts.png")
+    tables = heatmap_tables(runs, layer)
+    for n, table in enumerate(tables):
+        name = "heatmaps"
+        if n > 0 and table["experts"] != tables[0]["experts"]:
+            name += f"_{table['experts']}_experts"
+        if n > 0 and table["domains"] != tables[0]["domains"]:
+            name += f"_{len(table['domains'])}_domains"
+        path = out_dir / f"{name}.png"
         seeds = table["seeds"]
         domain_expert_heatmaps(
             np.array(table["counts"]),
