@@ -127,7 +127,7 @@ def summaries(out):
     [
         "x1",
         *(pytest.param(n, marks=pytest.mark.heavy) for n in ("x2", "x3", "x4")),
-        "x5",
+        pytest.param("x5", marks=pytest.mark.heavy),  # x1 and x6 cover the grid path and post-training
         "x6",
         *(pytest.param(n, marks=pytest.mark.heavy) for n in ("x7", "x8")),
     ],
@@ -207,6 +207,7 @@ def test_launcher_choice(monkeypatch):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_preloaded_and_fresh_launchers_train_the_same_run(tmp_path, synth_mix, monkeypatch):
     """One job through each launcher: the same summary (loss, steps), its output in sweep.log, the child
     seeing the launching process's environment and folder; a failing job returns its exit status."""
@@ -262,6 +263,7 @@ def test_rerun_with_other_settings_into_the_same_out_is_refused(tmp_path, synth_
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 def test_packed_grid_runs_two_processes_sharing_one_token_store(tmp_path, synth_mix):
     """`--jobs 2` on a 2-point grid (X2's smoke variant, seeds 0 and 1): two training processes at once,
     both finish with summary.json, and they share one token store, built once."""

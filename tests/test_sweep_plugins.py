@@ -98,6 +98,7 @@ def sweep_of_two(root, sweep: Path, *plugin_overrides: str) -> list[dict]:
     return [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
 
 
+@pytest.mark.heavy  # tests/test_sweeps.py runs an Optuna search in CI
 def test_optuna_search_of_two_trials(synth_mix, tmp_path):
     sweep = tmp_path / "optuna"
     trials = sweep_of_two(synth_mix, sweep, "hydra/sweeper=optuna_lr_balance", "hydra.sweeper.n_trials=2")
