@@ -33,6 +33,8 @@ def is_floor_router(name: str | None) -> bool:
     """A router registered as the non-semantic floor (`reference = "floor"`: token-id hashing), the
     regime check's `hash` baseline."""
     return name in ROUTERS.names() and ROUTERS.get(name)[0].reference == "floor"
+
+
 # Settings that must be equal for two runs to be compared (resolved config sections of summary.json).
 TRUNK_MODEL_KEYS = (
     "vocab_size",
