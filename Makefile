@@ -45,7 +45,8 @@ test: $(STAMP)
 	$(BIN)/lint-imports --no-logo
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist worksteal -m "not heavy" $(ARGS)
 
-# everything, the `heavy` checks included (more smoke variants, the second DDP scope, plugin sweeps)
+# everything, the `heavy` checks included (more grid smokes, the second DDP scope, plugin sweeps, the
+# gpu-check dry run, every README/docs command trained and run, benchmark smokes)
 test-all: $(STAMP)
 	$(BIN)/lint-imports --no-logo
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto $(ARGS)

@@ -55,6 +55,7 @@ def test_moe_layer_benchmark_runs_at_tiny_sizes(tmp_path):
         assert r["moe_over_dense"] == pytest.approx(r["dense_ms"] / r["grouped_ms"], rel=2e-2)
 
 
+@pytest.mark.heavy  # `make bench` runs it; the MoE-layer benchmark's smoke stays in CI
 def test_step_time_benchmark_reports_ratios_and_throughput(tmp_path):
     rows = run_benchmark(
         "step_time.py",

@@ -541,6 +541,7 @@ def runnable(kind: str) -> list[tuple[DocCommand, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # CI composes and validates every training command (test_training_commands_compose)
 @pytest.mark.parametrize("command", [c for c, _ in runnable("train")], ids=[i for _, i in runnable("train")])
 def test_training_commands_train(command, artifacts, tmp_path):
     """Each testbed-train command that can train here (make train too), through the real command line
@@ -568,6 +569,7 @@ def test_runs_of_one_folder_share_it(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # CI parses every tool command with the tool's own parser (test_other_commands_parse)
 @pytest.mark.parametrize("command", [c for c, _ in runnable("tool")], ids=[i for _, i in runnable("tool")])
 def test_tool_commands_run(command, artifacts, tmp_path):
     """Each report/analyze/quiz/intervene/data command that can run here, on the smoke artifacts."""

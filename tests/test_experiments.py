@@ -125,9 +125,9 @@ def summaries(out):
     # training paths train in other tests (capacity: three more x2 grids below; router types, the Guo
     # losses, trainer=cpu, LBL values)
     [
-        "x1",
+        pytest.param("x1", marks=pytest.mark.heavy),
         *(pytest.param(n, marks=pytest.mark.heavy) for n in ("x2", "x3", "x4")),
-        pytest.param("x5", marks=pytest.mark.heavy),  # x1 and x6 cover the grid path and post-training
+        pytest.param("x5", marks=pytest.mark.heavy),  # x6 covers the grid path, init_from and its report
         "x6",
         *(pytest.param(n, marks=pytest.mark.heavy) for n in ("x7", "x8")),
     ],

@@ -50,7 +50,7 @@ def test_help_imports_neither_torch_nor_lightning():
     code, loaded, output, seconds = probe("--help")
     assert code == 0 and loaded == []
     assert "config groups" in output and "logger: csv (default)" in output and "make train ARGS=" in output
-    assert seconds < 60  # about 1 s on the loaded 2-core machine (it was 29 s with the imports)
+    # speed lives in what is imported, not in a timed assertion: about 1 s here (29 s with the imports)
 
 
 @pytest.mark.parametrize(
@@ -59,9 +59,11 @@ def test_help_imports_neither_torch_nor_lightning():
         ("foo=1", "config key 'foo'"),  # a key that does not exist
         ("trainer.max_steps=abc", "config key 'trainer.max_steps': got 'abc'; allowed: an integer"),
         ("optim.lr=-1", "config key 'optim.lr': got -1.0; allowed: a float > 0"),  # refused by the checks
-        ("trainer.progress_every_s=-5", "config key 'trainer.progress_every_s'"),
-        ("logger=[csv,mlflow]", "config key 'logger': got 'mlflow'"),
-        ("logger.wandb.project=x", "add wandb to the list"),
+        pytest.param(
+            "trainer.progress_every_s=-5", "config key 'trainer.progress_every_s'", marks=pytest.mark.heavy
+        ),
+        pytest.param("logger=[csv,mlflow]", "config key 'logger': got 'mlflow'", marks=pytest.mark.heavy),
+        pytest.param("logger.wandb.project=x", "add wandb to the list", marks=pytest.mark.heavy),
     ],
 )
 def test_config_errors_answer_before_lightning(override, message):

@@ -17,6 +17,7 @@ import gpu_check  # noqa: E402
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # about 1-2 min: `make gpu-check-dry` and `make test-all` run it
 def test_dry_run_runs_every_stage_and_writes_the_figures(tmp_path):
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -114,6 +114,7 @@ def test_cli_run_with_readme_overrides(synth_mix, tmp_path):
     assert "validation loss per domain" in result.stdout
 
 
+@pytest.mark.heavy  # tests/test_sweeps.py runs multirun sweeps in CI
 def test_cli_multirun(synth_mix, tmp_path):
     result = cli(
         "-m",
