@@ -246,9 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """The command line of `testbed-quiz` parsed (`build` overrides may also come after the options)."""
-    parser = build_parser()
+def parse_args(
+    argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None
+) -> argparse.Namespace:
+    """The command line of `testbed-quiz` parsed (`build` overrides may also come after the options);
+    `parser`: another parser of the same command (testbed.hf.cli adds the --hf placement options)."""
+    parser = parser or build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].startswith("--hf"):  # `testbed-quiz --hf MODEL --quiz ...` means `eval --hf`
         argv.insert(0, "eval")

@@ -114,16 +114,7 @@ def quiz_parser() -> argparse.ArgumentParser:
 
 def parse_quiz_args(argv: list[str] | None = None) -> argparse.Namespace:
     """`quiz.parse_args` with the --hf placement options added to `eval` and the whole description."""
-    parser = quiz_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0].startswith("--hf"):  # `testbed-quiz --hf MODEL --quiz ...` means `eval --hf`
-        argv.insert(0, "eval")
-    args, extra = parser.parse_known_args(argv)  # overrides may also come after the options
-    if args.command == "build" and not any(x.startswith("-") for x in extra):
-        args.overrides += extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args
+    return quiz.parse_args(argv, parser=quiz_parser())
 
 
 def analyze_main(argv: list[str] | None = None) -> int:
