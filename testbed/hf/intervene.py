@@ -56,7 +56,7 @@ from testbed.hf.capture import RouterHooks
 from testbed.hf.count import UsageCount, count_usage, decoder_of, text_batches
 from testbed.hf.load import DEVICE_MAPS, HFModel, load_hf_model
 from testbed.hf.prune import check_out_dir, check_routing, plan_pruning, prune_model, save_pruned
-from testbed.hf.quiz import evaluate_hf_quiz, mmlu_prompt
+from testbed.hf.quiz import evaluate_hf_quiz, mmlu_prompt, right_padded
 from testbed.train.checkpoint import load_weights
 from testbed.train.module import MoELanguageModel
 
@@ -203,13 +203,7 @@ def quiz_batches(hf: HFModel, items, batch_items: int):
     pad = hf.tokenizer.pad_token_id
     pad = pad if pad is not None else (hf.tokenizer.eos_token_id or 0)
     for first in range(0, len(encoded), batch_items):
-        batch = encoded[first : first + batch_items]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(batch), width, dtype=torch.long)
-        for row, seq in enumerate(batch):
-            ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
-        yield ids, mask
+        yield right_padded(encoded[first : first + batch_items], pad)
 
 
 class Recorded:

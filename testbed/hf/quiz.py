@@ -42,6 +42,16 @@ def mmlu_prompt(item: QuizItem) -> str:
     return f"{header}{item.question}\n{options}\nAnswer:"
 
 
+def right_padded(batch: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists as one right-padded batch: (ids [B, W], attention mask [B, W])."""
+    width = max(map(len, batch))
+    ids = torch.full((len(batch), width), pad, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, seq in enumerate(batch):
+        ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+    return ids, mask
+
+
 def letter_token_ids(tokenizer) -> list[int]:
     """Ids of " A" .. " D", each a single token (true of byte-level BPE and SentencePiece vocabularies)."""
     ids = [tokenizer(f" {letter}", add_special_tokens=False)["input_ids"] for letter in LETTERS]
@@ -153,11 +163,7 @@ def evaluate_hf_quiz(
         task = bar.add_task("items", total=len(items))
         for first in range(0, len(items), batch_items):
             batch = encoded[first : first + batch_items]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, seq in enumerate(batch):
-                ids[row, : len(seq)], mask[row, : len(seq)] = torch.tensor(seq), 1
+            ids, mask = right_padded(batch, pad)
             lengths = mask.sum(1)
             answer = torch.zeros_like(mask, dtype=torch.bool)
             answer[torch.arange(len(batch)), lengths - 1] = True
