@@ -132,8 +132,16 @@ class BalancedAssignmentRouter(BalancingRouter):
     label = "BA"
     marker = "D"
 
-    @torch.compiler.disable  # a data-dependent loop: runs eagerly inside a compiled model
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the auction is a data-dependent loop: it runs eagerly inside a compiled model. Wrapped here, not by
+        # a decorator at import, so that importing the registry (a config check) does not load torch._dynamo
+        self._eager_choice = torch.compiler.disable(self._choice)
+
     def balanced_choice(self, logits: Tensor, context: RoutingContext) -> Tensor:
+        return self._eager_choice(logits, context)
+
+    def _choice(self, logits: Tensor, context: RoutingContext) -> Tensor:
         num_tokens, num_experts = logits.shape
         c = self.config
         groups = token_groups(c.scope, num_tokens, context.batch_size, context.seq_len)
