@@ -13,6 +13,13 @@ checks itself beside its component (DataConfig.validate, TrainerConfig.validate,
 the checks across sections run here. The model's own sections (`ModelConfig`, `MoEConfig`) are defined in
 testbed/model/schema.py and the data section in testbed/data/schema.py, so that neither the model nor the
 data code imports this module; they are importable from here as well.
+
+This module does not import torch: the components' options come from the registries' torch-free options
+modules (testbed/routing/options.py, testbed/losses/options.py), so composing a config, typing every
+section and the sections' own checks (model, data, trainer, optim, ...) answer a config error in about a
+second. The component checks run last (`validate_components`: Router.check, AuxLoss.check and what they
+need of each other): they need the components' classes, so a value one of them refuses (router.top_k=0)
+imports the implementations, and torch with them, before it is reported.
 """
 
 from __future__ import annotations
@@ -23,7 +30,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,11 +51,11 @@ from testbed.data.schema import DomainSourceConfig as DomainSourceConfig
 from testbed.data.schema import HubCorpusConfig as HubCorpusConfig
 from testbed.data.schema import validate_hub as validate_hub
 from testbed.errors import ConfigError
-from testbed.losses import AUX_LOSSES, BALANCE
+from testbed.losses.options import AUX_LOSSES, BALANCE
 from testbed.model.schema import ModelConfig
 from testbed.model.schema import MoEConfig as MoEConfig  # re-exported: a run's `model.moe`
 from testbed.registry import Registry
-from testbed.routing import ROUTERS
+from testbed.routing.options import ROUTERS
 
 
 class Accelerator(StrEnum):
@@ -441,8 +447,9 @@ def _store_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="run_schema", node=RunConfig)
     for registry in COMPONENT_REGISTRIES:
-        for name, (_, config_cls) in registry.items():
-            store.store(group=f"registry/{registry.config_key}", name=name, node=plain(config_cls()))
+        for name in registry.names():
+            node = plain(registry.config_class(name)())
+            store.store(group=f"registry/{registry.config_key}", name=name, node=node)
 
 
 _store_schemas()
@@ -458,7 +465,7 @@ def allowed_for(key: str) -> str | None:
 def _component(registry: Registry, name: str, options: dict, key: str) -> Any:
     """A router/balance/aux-loss config, typed through the dataclass of the component it names (so an
     unknown option, `renormalize=nope` or `jitter=abc` fail instead of passing)."""
-    _, config_cls = registry.get(name, key)
+    config_cls = registry.config_class(name, key)
     return structured(key, config_cls, options, fields_of=f"options of {registry.kind} '{name}'")
 
 
@@ -576,6 +583,8 @@ def strategy_names() -> list[str]:
 
 def check_hardware(run: RunConfig) -> None:
     """The accelerator exists on this machine (a training run, not `testbed-analyze`, asks for it)."""
+    import torch  # here, not at the top: a config is checked without torch (seconds of import)
+
     if run.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(
             "trainer.accelerator",
@@ -601,7 +610,8 @@ def resolve_strategy(run: RunConfig) -> str:
 
 def validate(run: RunConfig) -> None:
     """Checks of values that cannot work: each section checks itself beside its component (given what it
-    needs of the others), then the router, balancing method and auxiliary losses against each other."""
+    needs of the others), then the router, balancing method and auxiliary losses against each other. The
+    sections' checks come first: they need no torch, the components' checks import their classes."""
     validate_model(run.model)
     run.data.validate(run.model.max_seq_len)
     run.trainer.validate(run.model)

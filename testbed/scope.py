@@ -14,10 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-from torch import Tensor
+if TYPE_CHECKING:  # torch is imported where it is used: the scopes are config options, read without it
+    import torch
+    from torch import Tensor
 
 Scope = StrEnum("Scope", ["sequence", "micro_batch", "global"], module=__name__)
 """The balancing scopes, as the typed config field (`global` is a Python keyword: `Scope("global")`). A
@@ -38,6 +39,8 @@ class TokenGroups:
 
     def index(self, device: torch.device | str | None = None) -> Tensor:
         """[count * size] long: the group of each token."""
+        import torch
+
         return torch.arange(self.count, device=device).repeat_interleave(self.size)
 
 
@@ -57,6 +60,8 @@ def token_groups(scope: str, num_tokens: int, batch_size: int, seq_len: int) -> 
 
 def all_reduce_sum(tensor: Tensor) -> Tensor:
     """Sum over data-parallel ranks (identity when not distributed). Not differentiable: use on counts."""
+    import torch.distributed as dist
+
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         tensor = tensor.clone()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

@@ -101,3 +101,23 @@ def test_compiled_training_runs_and_keeps_checkpoint_names(synth_mix, tmp_path):
     assert summary["steps"] == 4 and math.isfinite(summary["val/loss"])
     names = torch.load(tmp_path / "checkpoints" / "last.ckpt")["state_dict"].keys()
     assert "model.blocks.0.ffn.router.gate.weight" in names and not any("_orig_mod" in n for n in names)
+
+
+def test_the_balanced_assignment_auction_runs_eagerly_inside_a_compiled_router():
+    """The auction (a data-dependent loop with host checks) is wrapped in torch.compiler.disable when the
+    router is built, not at import: a compiled router breaks the graph there, runs the auction eagerly and
+    routes exactly as the eager router."""
+    router_cls, config_cls = ROUTERS.get("balanced_assignment")
+    torch.manual_seed(0)
+    router = router_cls(32, 8, config_cls(top_k=2)).train()
+    x, context = torch.randn(64, 32), RoutingContext(4, 16)
+    eager = router(x, context)
+    dynamo.reset()
+    compiled = torch.compile(router, backend="aot_eager")(x, context)
+    assert torch.equal(compiled.expert_index, eager.expert_index)
+    assert torch.equal(compiled.token_index, eager.token_index)
+    torch.testing.assert_close(compiled.weight, eager.weight)
+    dynamo.reset()
+    result = dynamo.explain(router)(x, context)
+    reasons = [str(b.reason) for b in result.break_reasons]
+    assert result.graph_break_count == 1 and "torch.compiler.disable" in reasons[0], reasons

@@ -1,8 +1,8 @@
 """`testbed-train --help` and config errors answer before the heavy imports: --help imports neither torch nor
-Lightning, and an unknown key, a value of the wrong type or a value the checks refuse stops with exit 2
-before Lightning is imported (a run pays Lightning's import, seconds, only once its config is accepted).
-Asserted on the modules a fresh process has imported, which a loaded machine cannot make flaky; the one time
-bound is generous."""
+Lightning, and an unknown key, a value of the wrong type or a value the sections' checks refuse stops with
+exit 2 before torch or Lightning is imported (a run pays their imports, seconds, only once its config is
+accepted; testbed.config reads the routers' and losses' options without their torch classes). Asserted on
+the modules a fresh process has imported, which a loaded machine cannot make flaky; no time is asserted."""
 
 import os
 import subprocess
@@ -57,6 +57,8 @@ def test_help_imports_neither_torch_nor_lightning():
     ("override", "message"),
     [
         ("foo=1", "config key 'foo'"),  # a key that does not exist
+        ("model.d_model=abc", "config key 'model.d_model': got 'abc'; allowed: an integer"),
+        ("router.topk=3", "config key 'router.topk'"),  # an option the router does not have
         ("trainer.max_steps=abc", "config key 'trainer.max_steps': got 'abc'; allowed: an integer"),
         ("optim.lr=-1", "config key 'optim.lr': got -1.0; allowed: a float > 0"),  # refused by the checks
         pytest.param(
@@ -66,10 +68,29 @@ def test_help_imports_neither_torch_nor_lightning():
         pytest.param("logger.wandb.project=x", "add wandb to the list", marks=pytest.mark.heavy),
     ],
 )
-def test_config_errors_answer_before_lightning(override, message):
+def test_config_errors_answer_before_torch_and_lightning(override, message):
     code, loaded, output, _ = probe(override)
     assert code == 2 and message in output
-    assert "lightning" not in loaded, loaded
+    assert loaded == [], loaded
+
+
+def test_the_config_module_imports_no_torch():
+    """The run's schema, the registries' names and options and the sections' checks, without torch."""
+    script = (
+        "import sys, testbed.config\n"
+        "from testbed.routing import ROUTERS\n"
+        "assert ROUTERS.config_class('sinkhorn')().iterations == 20\n"
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "False"
+
+
+def test_a_component_check_imports_the_classes():
+    """A value a router's own check refuses is reported too (its class, and torch, are imported for it)."""
+    code, _, output, _ = probe("router.top_k=0")
+    assert code == 2 and "config key 'router.top_k': got 0" in output
 
 
 def test_the_strategies_accepted_without_lightning_are_lightnings():

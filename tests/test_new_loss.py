@@ -1,5 +1,5 @@
-"""Adding a loss is one .py in testbed/losses/ and one .yaml in conf/aux_loss/ (tests/test_new_router.py does
-the same for a router).
+"""Adding a loss is its options (a dataclass appended to testbed/losses/options.py), its class (one .py in
+testbed/losses/) and one .yaml in conf/aux_loss/ (tests/test_new_router.py does the same for a router).
 
 A throwaway auxiliary loss is written into a copy of the package and its configs. Nothing else is edited:
 the registry finds it, its YAML (only its non-default option) composes with every option overridable by
@@ -24,23 +24,24 @@ from tests.conftest import synth_overrides
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = Path(sys.executable).with_name("testbed-train")
 
+OPTIONS_PY = """
+
+@AUX_LOSSES.options("throwaway")
+@dataclass
+class ThrowawayConfig:
+    coefficient: float = 1e-3
+    scale: float = 1.0
+"""
+
 LOSS_PY = '''"""Throwaway auxiliary loss for tests/test_new_loss.py: scale * mean squared router logit."""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 from testbed.losses.base import AUX_LOSSES, AuxLoss, check_coefficient
 from testbed.errors import ConfigError
 
 
-@dataclass
-class ThrowawayConfig:
-    coefficient: float = 1e-3
-    scale: float = 1.0
-
-
-@AUX_LOSSES.register("throwaway", ThrowawayConfig)
+@AUX_LOSSES.register("throwaway")
 class ThrowawayLoss(AuxLoss):
     def __call__(self, routing, context, expert_outputs=None):
         return self.config.scale * routing.logits.float().square().mean()
@@ -80,12 +81,14 @@ print("registry and config: ok")
 
 
 @pytest.mark.slow  # trains (a few steps, through the command line)
-def test_a_new_loss_is_one_py_and_one_yaml(synth_mix, tmp_path):
+def test_a_new_loss_is_its_options_its_class_and_one_yaml(synth_mix, tmp_path):
     copy = tmp_path / "checkout"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for part in ("testbed", "conf", "tests"):
         shutil.copytree(ROOT / part, copy / part, ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    options = copy / "testbed" / "losses" / "options.py"
+    options.write_text(options.read_text() + OPTIONS_PY)  # (options.py imports dataclass)
     (copy / "testbed" / "losses" / "throwaway.py").write_text(LOSS_PY)
     (copy / "conf" / "aux_loss" / "throwaway.yaml").write_text(LOSS_YAML)
     env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}

@@ -1,4 +1,5 @@
-"""Adding a router is one .py in testbed/routing/ and one .yaml in conf/router/.
+"""Adding a router is its options (a dataclass appended to testbed/routing/options.py), its class (one .py
+in testbed/routing/) and one .yaml in conf/router/.
 
 A throwaway router is written into a copy of the package and its configs: the registry finds it,
 `router=<name>` composes and validates (its Enum option is checked, an unknown option refused), and the
@@ -15,31 +16,31 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-ROUTER_PY = '''"""Throwaway router for tests/test_new_router.py: top-k of softmax(z / temperature)."""
-
-from __future__ import annotations
-
-from dataclasses import dataclass
-from enum import StrEnum
-
-import torch
-
-from testbed.routing.base import ROUTERS, Router, routing_from_choices
-
+OPTIONS_PY = """
 
 class Temperature(StrEnum):
     cold = "cold"
     warm = "warm"
 
 
+@ROUTERS.options("throwaway")
 @dataclass
 class ThrowawayConfig:
     name: str = "throwaway"
     top_k: int = 2
     temperature: Temperature = Temperature.warm
+"""
+
+ROUTER_PY = '''"""Throwaway router for tests/test_new_router.py: top-k of softmax(z / temperature)."""
+
+from __future__ import annotations
+
+import torch
+
+from testbed.routing.base import ROUTERS, Router, routing_from_choices
 
 
-@ROUTERS.register("throwaway", ThrowawayConfig)
+@ROUTERS.register("throwaway")
 class ThrowawayRouter(Router):
     def forward(self, x, context):
         logits = self.router_logits(x) / (0.5 if self.config.temperature == "cold" else 2.0)
@@ -66,12 +67,14 @@ print("registry and config: ok")
 """
 
 
-def test_a_new_router_is_one_py_and_one_yaml(tmp_path):
+def test_a_new_router_is_its_options_its_class_and_one_yaml(tmp_path):
     copy = tmp_path / "checkout"
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for part in ("testbed", "conf", "tests"):
         shutil.copytree(ROOT / part, copy / part, ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    options = copy / "testbed" / "routing" / "options.py"
+    options.write_text(options.read_text() + OPTIONS_PY)  # (options.py imports dataclass and StrEnum)
     (copy / "testbed" / "routing" / "throwaway.py").write_text(ROUTER_PY)
     (copy / "conf" / "router" / "throwaway.yaml").write_text("name: throwaway\ntop_k: 2\ntemperature: warm\n")
     env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}

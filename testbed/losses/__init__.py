@@ -1,18 +1,38 @@
 """Balancing methods (BALANCE, one at a time) and auxiliary losses (AUX_LOSSES, any list).
 
-Every module of this package is imported here (found on disk, not listed), so a new loss is one file with
-`@BALANCE.register(...)` or `@AUX_LOSSES.register(...)` plus its YAML in conf/balance/ or conf/aux_loss/.
+A loss is its options, a config dataclass declared with `@BALANCE.options(name)` or
+`@AUX_LOSSES.options(name)` in testbed/losses/options.py (torch-free: a config is composed and checked from
+these alone), its class, `@BALANCE.register(name)` or `@AUX_LOSSES.register(name)` in a module of this
+package, and its YAML in conf/balance/ or conf/aux_loss/. The modules are found on disk, not listed: the
+registry imports every one the first time a loss class is asked for (testbed.registry).
 What the rest of the system needs to know of a loss is a class attribute of its class (AuxLoss: label,
 marker, stateful, adds_term, needs_expert_outputs).
+
+Importing this package does not import torch: `AuxLoss`, `layer_loss_terms` (testbed/losses/base.py) and
+`load_balance_value` (testbed/losses/load_balance.py) are imported from here on first use.
 """
 
+from __future__ import annotations
+
 import importlib
-import pkgutil
+from typing import TYPE_CHECKING
 
-from testbed.losses.base import AUX_LOSSES, BALANCE, AuxLoss, layer_loss_terms
-from testbed.losses.load_balance import load_balance_value
+from testbed.losses.options import AUX_LOSSES, BALANCE
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")  # registers its losses
+if TYPE_CHECKING:
+    from testbed.losses.base import AuxLoss, layer_loss_terms
+    from testbed.losses.load_balance import load_balance_value
+
+_LAZY = {"AuxLoss": "base", "layer_loss_terms": "base", "load_balance_value": "load_balance"}
+
+
+def __getattr__(name: str):
+    """The names of the implementation modules, imported (with torch) on first use."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["AUX_LOSSES", "BALANCE", "AuxLoss", "layer_loss_terms", "load_balance_value"]

@@ -12,7 +12,8 @@ import math
 from torch import Tensor
 
 from testbed.errors import ConfigError
-from testbed.registry import Registry
+from testbed.losses.options import AUX_LOSSES as AUX_LOSSES  # registries of the AuxLoss subclasses
+from testbed.losses.options import BALANCE as BALANCE
 from testbed.routing.base import Routing, RoutingContext
 
 
@@ -85,10 +86,6 @@ def check_coefficient(config, key: str) -> None:
         raise ConfigError(
             f"{key}.coefficient", value, 'a float >= 0, or "auto" (calibrated on the first batch)'
         )
-
-
-BALANCE: Registry[AuxLoss] = Registry("balancing method", "balance")
-AUX_LOSSES: Registry[AuxLoss] = Registry("auxiliary loss", "aux_loss")
 
 
 def layer_loss_terms(

@@ -11,27 +11,18 @@ load-balance loss runs beside it, as in DeepSeek-V3 (`sequence_coefficient`, e.g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.losses.base import BALANCE, AuxLoss
 from testbed.losses.load_balance import sequence_load_balance
+from testbed.losses.options import ExpertBiasConfig as ExpertBiasConfig
 from testbed.routing.base import Routing, RoutingContext
-from testbed.scope import Scope, all_reduce_sum, token_groups
+from testbed.scope import all_reduce_sum, token_groups
 
 
-@dataclass
-class ExpertBiasConfig:
-    name: str = "expert_bias"
-    gamma: float = 1e-3  # bias step size (DeepSeek-V3)
-    scope: Scope = Scope("global")  # sequence | micro_batch | global
-    sequence_coefficient: float = 0.0  # weight of the complementary sequence-scope load-balance loss
-
-
-@BALANCE.register("expert_bias", ExpertBiasConfig)
+@BALANCE.register("expert_bias")
 class ExpertBiasBalance(AuxLoss):
     """The bias update's statistics and its step: `observe` adds one layer's load of one micro-batch
     (called by the training module on each layer's routing record), `after_optimizer_step` moves each

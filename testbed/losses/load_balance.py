@@ -8,21 +8,14 @@ al. 2025, Falke et al. 2026).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from testbed.losses.base import BALANCE, AuxLoss, check_coefficient
+from testbed.losses.options import LoadBalanceConfig as LoadBalanceConfig
+from testbed.losses.options import NoBalanceConfig as NoBalanceConfig
 from testbed.routing.base import Routing, RoutingContext, count_per_expert
 from testbed.scope import LOCAL_SCOPES, Scope, TokenGroups, token_groups
-
-
-@dataclass
-class LoadBalanceConfig:
-    name: str = "load_balance"
-    coefficient: float = 1e-2
-    scope: Scope = Scope.micro_batch  # sequence | micro_batch | global
 
 
 def load_balance_value(
@@ -105,7 +98,7 @@ def global_load_balance(
     return num_experts * (fractions * probs.mean(0)).sum()
 
 
-@BALANCE.register("load_balance", LoadBalanceConfig)
+@BALANCE.register("load_balance")
 class LoadBalanceLoss(AuxLoss):
     label = "LBL"
     marker = "o"
@@ -126,12 +119,7 @@ class LoadBalanceLoss(AuxLoss):
         check_coefficient(config, key)
 
 
-@dataclass
-class NoBalanceConfig:
-    name: str = "none"
-
-
-@BALANCE.register("none", NoBalanceConfig)
+@BALANCE.register("none")
 class NoBalance(AuxLoss):
     """No balancing term (e.g. for routers that balance by construction): its value is a constant 0."""
 

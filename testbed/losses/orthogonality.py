@@ -15,23 +15,12 @@ which also sends gradient to this layer's router.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch import Tensor
 
 from testbed.losses.base import AUX_LOSSES, AuxLoss, check_coefficient
+from testbed.losses.options import OrthogonalityConfig as OrthogonalityConfig
 from testbed.routing.base import Routing, RoutingContext
-
-
-@dataclass
-class OrthogonalityConfig:
-    coefficient: Any = "auto"  # a float, or "auto": calibrated on the first batch toward `target`
-    target: float = 1e-4  # Guo et al.'s calibration target for w_o * L
-    normalize: bool = False
-    gated: bool = False
-    eps: float = 1e-6
 
 
 def per_token_slots(routing: Routing, max_per_token: int | None) -> tuple[Tensor, int]:
@@ -132,7 +121,7 @@ def projection_energy_by_inverse(outputs: Tensor, eps: float = 1e-6, normalize: 
     return energy.to(outputs.dtype)
 
 
-@AUX_LOSSES.register("orthogonality", OrthogonalityConfig)
+@AUX_LOSSES.register("orthogonality")
 class OrthogonalityLoss(AuxLoss):
     needs_expert_outputs = True
 

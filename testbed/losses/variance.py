@@ -3,22 +3,14 @@ experts of the full router distribution, subtracted (i.e. maximized): sharper, m
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 from torch import Tensor
 
 from testbed.losses.base import AUX_LOSSES, AuxLoss, check_coefficient
+from testbed.losses.options import VarianceConfig as VarianceConfig
 from testbed.routing.base import Routing, RoutingContext
 
 
-@dataclass
-class VarianceConfig:
-    coefficient: Any = "auto"  # a float, or "auto": calibrated on the first batch toward `target`
-    target: float = 1e-3  # Guo et al.'s calibration target for |w_v * L|
-
-
-@AUX_LOSSES.register("variance", VarianceConfig)
+@AUX_LOSSES.register("variance")
 class VarianceLoss(AuxLoss):
     def __call__(
         self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from testbed.losses.base import AUX_LOSSES, AuxLoss, check_coefficient
+from testbed.losses.options import ZLossConfig as ZLossConfig
 from testbed.routing.base import Routing, RoutingContext
 
 
-@dataclass
-class ZLossConfig:
-    coefficient: float = 1e-3
-
-
-@AUX_LOSSES.register("z_loss", ZLossConfig)
+@AUX_LOSSES.register("z_loss")
 class ZLoss(AuxLoss):
     def __call__(
         self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None

@@ -1,15 +1,35 @@
-"""Routers: one file each, registered by name in ROUTERS; all return the `Routing` contract.
+"""Routers: one class each, registered by name in ROUTERS; all return the `Routing` contract.
 
-Every module of this package is imported here (found on disk, not listed), so a new router is one file
-with `@ROUTERS.register(...)` plus its YAML in conf/router/; the tests parametrize over `ROUTERS.names()`.
+A router is its options, a config dataclass declared with `@ROUTERS.options(name)` in
+testbed/routing/options.py (torch-free: a config is composed and checked from these alone), its class,
+`@ROUTERS.register(name)` in a module of this package, and its YAML in conf/router/. The modules are found
+on disk, not listed: the registry imports every one the first time a router class is asked for
+(testbed.registry), and the tests parametrize over `ROUTERS.names()`.
+
+Importing this package does not import torch: `Router`, `Routing`, `RoutingContext` and
+`routing_from_choices` (testbed/routing/base.py) are imported from here on first use.
 """
 
+from __future__ import annotations
+
 import importlib
-import pkgutil
+from typing import TYPE_CHECKING
 
-from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
+from testbed.routing.options import ROUTERS
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")  # registers its routers
+if TYPE_CHECKING:
+    from testbed.routing.base import Router, Routing, RoutingContext, routing_from_choices
+
+_FROM_BASE = ("Router", "Routing", "RoutingContext", "routing_from_choices")
+
+
+def __getattr__(name: str):
+    """The names of testbed.routing.base, imported (with torch) on first use."""
+    if name not in _FROM_BASE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.base"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["ROUTERS", "Router", "Routing", "RoutingContext", "routing_from_choices"]

@@ -28,31 +28,17 @@ would need the later micro-batches' tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError, TestbedError
 from testbed.routing.base import ROUTERS, BalancingRouter, RoutingContext
-from testbed.scope import LOCAL_SCOPES, Scope, token_groups
+from testbed.routing.options import BalancedAssignmentConfig as BalancedAssignmentConfig
+from testbed.scope import LOCAL_SCOPES, token_groups
 
 
 class AuctionUnfinished(TestbedError, RuntimeError):
     """The balanced-assignment auction hit router.max_rounds: the run fails with this message (exit 2)."""
-
-
-@dataclass
-class BalancedAssignmentConfig:
-    name: str = "balanced_assignment"
-    top_k: int = 2
-    scope: Scope = Scope.micro_batch  # sequence | micro_batch: the group assigned with equal expert capacity
-    eps: float = 1.0e-4  # final auction epsilon, relative to the score range of the group
-    eps_factor: float = 8.0  # epsilon scaling: divided by this per phase
-    check_every: int = 8  # rounds between host-side "done?" checks
-    max_rounds: int = 20000  # per phase; beyond it the assignment is reported as not found
-    renormalize: bool = False  # gates of the chosen experts sum to 1
-    eval_balanced: bool = False  # true: evaluation routes as training does (balanced), not plain top-k
 
 
 def expert_capacities(num_tokens: int, top_k: int, num_experts: int, device=None) -> Tensor:
@@ -124,7 +110,7 @@ def balanced_assignment(
             return held, (price * span).squeeze(1)
 
 
-@ROUTERS.register("balanced_assignment", BalancedAssignmentConfig)
+@ROUTERS.register("balanced_assignment")
 class BalancedAssignmentRouter(BalancingRouter):
     scopes = LOCAL_SCOPES
     host_sync = True  # the auction's "done?" test every check_every rounds
@@ -135,7 +121,7 @@ class BalancedAssignmentRouter(BalancingRouter):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # the auction is a data-dependent loop: it runs eagerly inside a compiled model. Wrapped here, not by
-        # a decorator at import, so that importing the registry (a config check) does not load torch._dynamo
+        # a decorator at import, so that importing the router classes (a router check) loads no torch._dynamo
         self._eager_choice = torch.compiler.disable(self._choice)
 
     def balanced_choice(self, logits: Tensor, context: RoutingContext) -> Tensor:

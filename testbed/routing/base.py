@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from testbed.errors import ConfigError
-from testbed.registry import Registry
+from testbed.routing.options import ROUTERS as ROUTERS  # the registry of the Router subclasses below
 from testbed.scope import GlobalScopeState
 
 
@@ -195,9 +195,6 @@ class Router(nn.Module):
                 top_k,
                 f"an integer from 1 to the number of experts (model.moe.num_experts={num_experts})",
             )
-
-
-ROUTERS: Registry[Router] = Registry("router", "router")
 
 
 class BalancingRouter(Router):

@@ -10,26 +10,17 @@ count).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, count_per_expert
 from testbed.routing.capacity import expert_capacity
-from testbed.scope import LOCAL_SCOPES, Scope, token_groups
+from testbed.routing.options import ExpertChoiceConfig as ExpertChoiceConfig
+from testbed.scope import LOCAL_SCOPES, token_groups
 
 
-@dataclass
-class ExpertChoiceConfig:
-    name: str = "expert_choice"
-    top_k: int = 2  # K: average experts per token; only sets the capacity C
-    capacity_factor: float = 1.0  # C = ceil(capacity_factor * K * tokens / E), capped at the token count
-    scope: Scope = Scope.micro_batch  # micro_batch | sequence (choose within each sequence; C from seq_len)
-
-
-@ROUTERS.register("expert_choice", ExpertChoiceConfig)
+@ROUTERS.register("expert_choice")
 class ExpertChoiceRouter(Router):
     token_choice = False
     balances = True  # every expert takes C tokens

@@ -7,12 +7,11 @@ Nothing is learned: the choice ignores the hidden state, the context and trainin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
+from testbed.routing.options import HashConfig as HashConfig
 
 PRIME = 2**31 - 1  # Mersenne prime; (id + 1) * A + B stays far below 2**63 for any realistic vocabulary
 
@@ -32,14 +31,7 @@ def hash_choices(token_ids: Tensor, hash_a: Tensor, hash_b: Tensor, top_k: int) 
     return torch.topk(keys, top_k, dim=-1).indices
 
 
-@dataclass
-class HashConfig:
-    name: str = "hash"
-    top_k: int = 2  # experts per token
-    seed: int = 0  # seeds the hash constants A_e, B_e: same seed, same token -> expert map
-
-
-@ROUTERS.register("hash", HashConfig)
+@ROUTERS.register("hash")
 class HashRouter(Router):
     reference = "floor"  # the reports' reference, not a learned router
     marker = "X"

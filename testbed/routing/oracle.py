@@ -5,32 +5,17 @@ domain labels; K <= floor(E/D)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import StrEnum
-
 import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.layout import block_layout
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
+from testbed.routing.options import OracleConfig as OracleConfig
+from testbed.routing.options import WithinBlock as WithinBlock
 
 
-class WithinBlock(StrEnum):
-    """How the oracle picks top_k experts inside the domain's block."""
-
-    learned = "learned"  # top-k of the gate logits in the block
-    uniform = "uniform"  # by token position, no gate (a gate-less router)
-
-
-@dataclass
-class OracleConfig:
-    name: str = "oracle"
-    top_k: int = 2  # experts per token, all inside the token's domain block; needs top_k <= floor(E / D)
-    within_block: WithinBlock = WithinBlock.learned  # learned: gate top-k in the block | uniform: by position
-
-
-@ROUTERS.register("oracle", OracleConfig)
+@ROUTERS.register("oracle")
 class OracleRouter(Router):
     reference = "upper"  # the reports' reference, not a learned router
     marker = "*"

@@ -3,23 +3,15 @@ bias b (selection only), gates g = s_{S_t} / sum(s_{S_t}) * scale."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
+from testbed.routing.options import SigmoidConfig as SigmoidConfig
 
 
-@dataclass
-class SigmoidConfig:
-    name: str = "sigmoid"
-    top_k: int = 2
-    scale: float = 1.0  # routed scaling factor: the gates of a token sum to `scale`
-
-
-@ROUTERS.register("sigmoid", SigmoidConfig)
+@ROUTERS.register("sigmoid")
 class SigmoidRouter(Router):
     supports_expert_bias = True
 

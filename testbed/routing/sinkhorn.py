@@ -12,8 +12,6 @@ of expert e so far divided by K and M the tokens so far.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
@@ -24,17 +22,8 @@ from testbed.routing.base import (
     RoutingContext,
     count_per_expert,
 )
-from testbed.scope import LOCAL_SCOPES, SCOPES, Scope, all_reduce_sum, token_groups
-
-
-@dataclass
-class SinkhornConfig:
-    name: str = "sinkhorn"
-    top_k: int = 2
-    iterations: int = 20  # alternating row/column normalizations
-    scope: Scope = Scope.micro_batch  # sequence | micro_batch | global
-    renormalize: bool = False  # gates of the chosen experts sum to 1
-    eval_balanced: bool = False  # true: evaluation routes as training does (balanced), not plain top-k
+from testbed.routing.options import SinkhornConfig as SinkhornConfig
+from testbed.scope import LOCAL_SCOPES, SCOPES, all_reduce_sum, token_groups
 
 
 def sinkhorn_log(
@@ -63,7 +52,7 @@ def sinkhorn_log(
     return log_p
 
 
-@ROUTERS.register("sinkhorn", SinkhornConfig)
+@ROUTERS.register("sinkhorn")
 class SinkhornRouter(BalancingRouter):
     scopes = SCOPES
     balances = True

@@ -2,33 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
 from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
 from testbed.routing.hash import hash_choices, hash_constants
+from testbed.routing.options import TopKSoftmaxConfig as TopKSoftmaxConfig
 
 
-@dataclass
-class TopKSoftmaxConfig:
-    name: str = "topk_softmax"
-    top_k: int = 2
-    renormalize: bool = (
-        False  # True: gates of the chosen experts sum to 1 (Mixtral); False: OLMoE/DeepSeek-V2
-    )
-    jitter: float = (
-        0.0  # multiplicative input noise U(1-jitter, 1+jitter) during training (Switch Transformer)
-    )
-    # two-stage start: for the first hash_steps optimizer steps each token goes to the hash router's experts
-    # (router=hash, seed 0), gated by this router's probabilities, so the router learns to weight a stable
-    # assignment; from then on its own top-k (StableMoE's two stages, in the other order)
-    hash_steps: int = 0
-
-
-@ROUTERS.register("topk_softmax", TopKSoftmaxConfig)
+@ROUTERS.register("topk_softmax")
 class TopKSoftmaxRouter(Router):
     supports_expert_bias = True
     label = ""  # the default router: labels name its balancing method only
