@@ -102,6 +102,9 @@ def snapshot(folder):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # five CLI processes (100-180 s); the refusals themselves are checked in the suite by
+# test_used_folder_is_refused_and_overwrite_clears_it, test_a_second_process_in_the_same_folder_is_refused
+# and test_resume_auto_on_a_finished_run_does_not_train_again
 def test_refused_or_skipped_runs_leave_every_file_as_it_was(synth_mix, tmp_path):
     """The run's record (.hydra/, cli.log) is written only once a run is accepted: a new run into the used
     folder (refused before Hydra starts, exit 2), resume=auto with another lr on a finished run (skipped,
