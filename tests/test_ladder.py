@@ -1,5 +1,6 @@
 """Token ladder report (testbed-report --ladder) and the inference helpers: hand-computed values."""
 
+import json
 import math
 
 import pytest
@@ -181,3 +182,30 @@ def test_another_reference_is_a_baseline_column_too(tmp_path):
     row = next(r for r in rows[1:] if r[0] == 100 and r[2] == "hash" and r[3] == "moe")
     assert float(row[4]) == pytest.approx(0.10, abs=1e-9)
     assert "| steps | tokens | configuration | over top-2 softmax + LBL | over hash |" in text
+
+
+def test_ladder_on_the_loss_testbed_analyze_measured(tmp_path):
+    """--ladder-metric analysis/val/loss compares each run's <run>/analysis/analysis.json loss
+    (testbed-analyze, e.g. on the whole validation split) instead of summary.json's; a run without one is
+    left out; the interval over validation documents belongs to the summary's loss and is not shown."""
+    root = ladder_dirs(tmp_path)
+    for (role, steps), values in LOSSES.items():
+        for seed, value in enumerate(values):
+            if role == "moe" and seed == 2:
+                continue  # not analysed: not counted
+            analysis = root / str(steps) / role / f"s{seed}" / "analysis"
+            analysis.mkdir()
+            shifted = value + (0.5 if role == "moe" else 0.0)  # moe 0.5 worse than in its summary
+            (analysis / "analysis.json").write_text(json.dumps({"val_loss_mean": shifted}))
+    out = root / "r" / "report.md"
+    args = [str(root), "--ladder", "--no-committed-baselines", "--ladder-metric", "analysis/val/loss"]
+    assert main([*args, "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "Validation loss (`analysis/val/loss`, nats/token" in text and "[docs ±" not in text
+    row = next(
+        r.split(",")
+        for r in out.with_suffix(".csv").read_text().splitlines()
+        if r.startswith("100,") and ",moe,hash," in r
+    )
+    # seeds 0 and 1 only: the summary gains -0.10 and -0.11, each 0.5 worse
+    assert float(row[4]) == pytest.approx(-0.605, abs=1e-9) and row[6] == "2"

@@ -158,6 +158,10 @@ def test_analyze_recomputes_the_run_metrics(first_run, tmp_path, capsys):
         p.name for p in out.iterdir()
     }
     assert "| routing_stiffness |" in (out / "summary.md").read_text()
+    small = tmp_path / "small"  # --summary-only: the same analysis.json, no plots or counts file
+    assert analyze(["--summary-only", str(run_dir), "--out", str(small)]) == 0
+    assert {p.name for p in small.iterdir()} == {"analysis.json", "summary.md"}
+    assert json.loads((small / "analysis.json").read_text())["val_loss"] == analysis["val_loss"]
     assert analyze([str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 

@@ -100,10 +100,19 @@ def evaluate(module, datamodule, stiffness_batches: int):
 
 
 def write_report(
-    out: Path, checkpoint, router: str, domains, losses, stats, layer_names, extra: dict | None = None
+    out: Path,
+    checkpoint,
+    router: str,
+    domains,
+    losses,
+    stats,
+    layer_names,
+    extra: dict | None = None,
+    files: bool = True,
 ) -> dict:
-    """analysis.json, routing_counts.pt, the heatmap, per-layer plots and summary.md. `router` labels the
-    plots (a testbed run's router name, a pretrained model's family); `extra` adds keys to analysis.json."""
+    """analysis.json, routing_counts.pt, the heatmap, per-layer plots and summary.md (`files=False`:
+    analysis.json and summary.md only, small enough to commit beside a run). `router` labels the plots (a
+    testbed run's router name, a pretrained model's family); `extra` adds keys to analysis.json."""
     out.mkdir(parents=True, exist_ok=True)
     layers = per_layer(stats)
     state = stats.state_dict()
@@ -126,6 +135,9 @@ def write_report(
         **(extra or {}),
     }
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float).replace("NaN", "null"))
+    (out / "summary.md").write_text(markdown_summary(analysis))
+    if not files:
+        return analysis
     torch.save(
         {"domains": domains, "layers": layer_names, "ngram_sizes": stats.ngram_sizes, **state},
         out / "routing_counts.pt",
@@ -144,7 +156,6 @@ def write_report(
             out_path=out / f"{metric}.png",
             title=f"{metric} per layer",
         )
-    (out / "summary.md").write_text(markdown_summary(analysis))
     return analysis
 
 
@@ -200,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--stiffness-batches", type=int, default=None, help="default: metrics.stiffness_batches"
     )
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="write analysis.json and summary.md only (no plots, no routing_counts.pt): small, for a commit",
+    )
     hf = parser.add_argument_group("pretrained Hugging Face MoEs (pip install -e .[hf])")
     hf.add_argument("--hf", help="a hub model id or a local model directory, instead of a checkpoint")
     hf.add_argument("--tokenizer", help="tokenizer directory or id (default: the model's own)")
@@ -249,9 +265,11 @@ def analyze_checkpoint(args: argparse.Namespace) -> int:
         stats,
         module.moe_layer_names,
         {"overrides": list(args.overrides)},
+        files=not args.summary_only,
     )
     print((out / "summary.md").read_text())
-    print(f"wrote {out}/analysis.json, summary.md, heatmap.png and per-layer plots")
+    plots = "" if args.summary_only else ", heatmap.png and per-layer plots"
+    print(f"wrote {out}/analysis.json, summary.md{plots}")
     if args.peers is not None:  # the analyses of other MoE studies (testbed/analysis/peer_runs.py)
         return run_checkpoint_peers(args, module, datamodule, out, resolve_checkpoint, load_run)
     return 0

@@ -41,19 +41,22 @@ def label(role: str) -> str:
     return ROLE_LABELS.get(role, role)
 
 
-def collect(runs: list[dict], metric: str = "val/loss") -> dict[str, dict[int, dict]]:
+def collect(runs: list[dict], metric: str = "val/loss", value_of=None) -> dict[str, dict[int, dict]]:
     """{role: {steps: {seed: (value, tokens, max_epochs, doc_ci95)}}} over the finished runs that record
-    `metric`."""
+    `metric`: a summary.json key, or whatever `value_of(run, metric)` reads (testbed-report's run_value:
+    `analysis/val/loss`, the loss testbed-analyze measured). doc_ci95, the interval over validation
+    documents, is the summary's and belongs to val/loss only."""
     table: dict[str, dict[int, dict]] = {}
     for run in runs:
         summary = run["summary"]
-        value = summary.get(metric)
+        value = value_of(run, metric) if value_of is not None else summary.get(metric)
         if not isinstance(value, int | float) or not math.isfinite(value) or summary.get("init_from"):
             continue
         role = str(summary.get("run_name") or Path(run["dir"]).parent.name)
         steps = int(summary.get("steps") or 0)
         epochs = summary.get("regime/max_epochs")
-        entry = (float(value), int(summary.get("tokens_seen") or 0), epochs, summary.get("val/doc_ci95"))
+        doc_ci95 = summary.get("val/doc_ci95") if metric == "val/loss" else None
+        entry = (float(value), int(summary.get("tokens_seen") or 0), epochs, doc_ci95)
         table.setdefault(role, {}).setdefault(steps, {})[summary.get("seed")] = entry
     return table
 
@@ -81,18 +84,26 @@ def _cell(mean: float, half: float, n: int, digits: int = 3, signed: bool = True
     return text + (f" ± {half:.{digits}f}" if n > 1 else "") + f" ({n})"
 
 
-def ladder_report(runs: list[dict], reference: str = "hash") -> tuple[str, list[list], dict]:
-    """(Markdown, CSV rows, figure data) of the ladder in `runs`."""
-    table = collect(runs)
+def ladder_report(
+    runs: list[dict], reference: str = "hash", metric: str = "val/loss", value_of=None
+) -> tuple[str, list[list], dict]:
+    """(Markdown, CSV rows, figure data) of the ladder in `runs`, on `metric` (see `collect`)."""
+    table = collect(runs, metric, value_of)
     if not table:
-        return "no finished runs with val/loss", [], {}
+        return f"no finished runs with {metric}", [], {}
     roles = ordered_roles(table)
     rungs = sorted({steps for role in table.values() for steps in role})
     tokens = {s: rung_tokens(table, s) for s in rungs}
+    docs = (
+        "[docs ±x]: the runs' mean half-width of the 95% bootstrap interval over validation documents, where "
+        "recorded; "
+        if metric == "val/loss"
+        else ""
+    )
+    scored = "" if metric == "val/loss" else f"`{metric}`, "
     lines = [
-        "Validation loss (nats/token; mean ± 95% CI over seeds (n); [docs ±x]: the runs' mean half-width of "
-        "the 95% bootstrap interval over validation documents, where recorded; max epochs: the most any run "
-        "of the rung read a domain's training tokens):",
+        f"Validation loss ({scored}nats/token; mean ± 95% CI over seeds (n); {docs}max epochs: "
+        "the most any run of the rung read a domain's training tokens):",
         "",
         "| configuration | " + " | ".join(f"{s:,} steps ({tokens[s] / 1e6:.1f}M tok)" for s in rungs) + " |",
         "|---|" + "---|" * len(rungs),

@@ -1094,7 +1094,7 @@ RANK_METRICS = ("val/loss", "spec/purity/mean")
 
 
 def ladder_main(runs: list[dict], failed: list[Path], args) -> int:
-    text, csv_rows, figure = ladder_report(runs, args.reference)
+    text, csv_rows, figure = ladder_report(runs, args.reference, args.ladder_metric, run_value)
     if failed:
         text += "\n\nNot finished (no result, not counted): " + ", ".join(str(p) for p in failed)
     print(text)
@@ -1193,6 +1193,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--reference", default="hash", help="with --ladder: the run_name every gain family uses"
+    )
+    parser.add_argument(
+        "--ladder-metric",
+        default="val/loss",
+        help="with --ladder: the loss compared (a --columns key; analysis/val/loss: testbed-analyze's loss "
+        "of each run's final checkpoint, e.g. on the whole validation split: data.val_tokens_per_domain=0)",
     )
     parser.add_argument(
         "--holm",

@@ -50,9 +50,11 @@ def analyze_hf(args) -> int:
         result.stats,
         result.layer_names,
         extra,
+        files=not args.summary_only,
     )
     print((out / "summary.md").read_text())
-    print(f"wrote {out}/analysis.json, summary.md, heatmap.png and per-layer plots")
+    plots = "" if args.summary_only else ", heatmap.png and per-layer plots"
+    print(f"wrote {out}/analysis.json, summary.md{plots}")
     if args.peers is not None:  # the analyses of other MoE studies (testbed/hf/peers.py)
         files = run_hf_peers(args, hf, data, seq_len, budget, out)
         print(f"wrote {out}/{', '.join(files)}")
