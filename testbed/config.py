@@ -9,17 +9,16 @@ stored here as registry/<group>/<name> for the defaults list of conf/<group>/<na
 
 `parse_config` then turns the composed config into dataclasses (the same checks, for configs that do not
 come through Hydra: checkpoints, tests) and `validate` checks the values that cannot work: each section
-checks itself beside its component (DataConfig.validate, TrainerConfig.validate, Router.check, ...), then
-the checks across sections run here. The model's own sections (`ModelConfig`, `MoEConfig`) are defined in
-testbed/model/schema.py and the data section in testbed/data/schema.py, so that neither the model nor the
-data code imports this module; they are importable from here as well.
+checks itself beside its component (DataConfig.validate, TrainerConfig.validate, the router's options'
+`check`, ...), then the checks across sections run here. The model's own sections (`ModelConfig`,
+`MoEConfig`) are defined in testbed/model/schema.py and the data section in testbed/data/schema.py, so that
+neither the model nor the data code imports this module; they are importable from here as well.
 
 This module does not import torch: the components' options come from the registries' torch-free options
-modules (testbed/routing/options.py, testbed/losses/options.py), so composing a config, typing every
-section and the sections' own checks (model, data, trainer, optim, ...) answer a config error in about a
-second. The component checks run last (`validate_components`: Router.check, AuxLoss.check and what they
-need of each other): they need the components' classes, so a value one of them refuses (router.top_k=0)
-imports the implementations, and torch with them, before it is reported.
+modules (testbed/routing/options.py, testbed/losses/options.py), and with them the components' own checks
+(`check`) and the facts the checks across components read (`token_choice`, `stateful`, ...). So composing
+a config, typing every section, the sections' and the components' checks answer a config error in about a
+second, without the components' classes; only `check_hardware` imports torch, for a GPU trainer.
 """
 
 from __future__ import annotations
@@ -583,9 +582,11 @@ def strategy_names() -> list[str]:
 
 def check_hardware(run: RunConfig) -> None:
     """The accelerator exists on this machine (a training run, not `testbed-analyze`, asks for it)."""
-    import torch  # here, not at the top: a config is checked without torch (seconds of import)
+    if run.trainer.accelerator not in ("gpu", "cuda"):
+        return
+    import torch  # here, and for a GPU trainer only: a config is checked without torch (seconds of import)
 
-    if run.trainer.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         raise ConfigError(
             "trainer.accelerator",
             run.trainer.accelerator,
@@ -594,15 +595,14 @@ def check_hardware(run: RunConfig) -> None:
 
 
 def resolve_strategy(run: RunConfig) -> str:
-    """The Lightning strategy to use: DDP with a gate-less router (Router.gateless) needs
+    """The Lightning strategy to use: DDP with a gate-less router (its options' `is_gateless()`) needs
     `find_unused_parameters`, which is chosen here (the gate never gets a gradient, and plain DDP fails at
     the first backward)."""
     t = run.trainer
     distributed = t.strategy in ("ddp", "ddp_spawn") or (
         t.strategy == "auto" and (t.num_nodes > 1 or t.devices not in (1, "1", "auto"))
     )
-    router_cls, _ = ROUTERS.get(run.router.name, "router.name")
-    if distributed and router_cls.is_gateless(run.router):
+    if distributed and run.router.is_gateless():
         base = "ddp" if t.strategy == "auto" else t.strategy
         return f"{base}_find_unused_parameters_true"
     return t.strategy
@@ -610,8 +610,8 @@ def resolve_strategy(run: RunConfig) -> str:
 
 def validate(run: RunConfig) -> None:
     """Checks of values that cannot work: each section checks itself beside its component (given what it
-    needs of the others), then the router, balancing method and auxiliary losses against each other. The
-    sections' checks come first: they need no torch, the components' checks import their classes."""
+    needs of the others), then the router, balancing method and auxiliary losses, each on its own and against
+    each other. None of them needs torch."""
     validate_model(run.model)
     run.data.validate(run.model.max_seq_len)
     run.trainer.validate(run.model)
@@ -656,30 +656,29 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def validate_components(run: RunConfig) -> None:
-    """The router, the balancing method and each auxiliary loss check their own options (Router.check,
-    AuxLoss.check); then what they need of each other and of the model."""
-    router_cls, _ = ROUTERS.get(run.router.name, "router.name")
-    router_cls.check(run.router, run, "router")
+    """The router, the balancing method and each auxiliary loss check their own options (their options'
+    `check`: run.router etc. are instances of the config dataclasses, testbed/routing/options.py and
+    testbed/losses/options.py); then what they need of each other and of the model, from the facts their
+    options state. The components' classes (and torch) are not imported."""
+    run.router.check(run, "router")
     capacity = run.model.moe.capacity_factor
-    if capacity is not None and not router_cls.token_choice:
+    if capacity is not None and not run.router.token_choice:
         raise ConfigError(
             "model.moe.capacity_factor",
             capacity,
             f"null with router '{run.router.name}', which sets its own capacity (router.capacity_factor)",
         )
-    balance_cls, _ = BALANCE.get(run.balance.name, "balance.name")
-    if balance_cls.stateful and not router_cls.supports_expert_bias:
-        supported = [name for name, (cls, _) in ROUTERS.items() if cls.supports_expert_bias]
+    if run.balance.stateful and not run.router.supports_expert_bias:
+        supported = [name for name in ROUTERS.names() if ROUTERS.config_class(name).supports_expert_bias]
         raise ConfigError(
             "balance",
             run.balance.name,
             f"a router with expert-bias support {supported} (router is '{run.router.name}'); "
             "use balance=load_balance or balance=none",
         )
-    balance_cls.check(run.balance, "balance")
+    run.balance.check("balance")
     for name, options in run.aux_loss.items():
-        loss_cls, _ = AUX_LOSSES.get(name, "aux_loss")
-        loss_cls.check(options, f"aux_loss.{name}")
+        options.check(f"aux_loss.{name}")
 
 
 def _swiglu_params(d_model: int, hidden: int) -> int:

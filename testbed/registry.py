@@ -6,10 +6,17 @@ testbed/losses/options.py), so a config is composed and checked without importin
 classes (`@ROUTERS.register("name")`) are found the first time a class is asked for (`get`, `find`,
 `items`): every module of the implementation package is imported then (found on disk, not listed). A name
 with options but no class, or a class whose name has no options, is an error at that point.
+
+The options also state what the config checks need to know of a component besides its values, its facts
+(a router's `token_choice`, a loss's `stateful`, ...: the registry's `facts`), as class attributes of the
+options class, and check the values themselves (their `check` method). `register` copies the facts onto
+the implementation class, where the model, training and reports read them; a class that states a fact
+itself is refused, so each fact is stated once, on the options.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 from collections.abc import Callable
@@ -30,12 +37,18 @@ class Registry(Generic[T]):
     """A registry of named components, each with a config dataclass that validates its options.
 
     `package`: the dotted name of the package whose modules define the implementation classes, imported on
-    the first request for a class."""
+    the first request for a class. `base`: the class every config dataclass derives from (it states the
+    facts' defaults and the default `check`); `facts`: the class attributes of the options that `register`
+    copies onto the implementation class."""
 
-    def __init__(self, kind: str, config_key: str, package: str):
+    def __init__(
+        self, kind: str, config_key: str, package: str, base: type | None = None, facts: tuple[str, ...] = ()
+    ):
         self.kind = kind
         self.config_key = config_key
         self.package = package
+        self.base = base
+        self.facts = facts
         self._configs: dict[str, type] = {}
         self._classes: dict[str, type[T]] = {}
         self._loaded = False
@@ -49,13 +62,31 @@ class Registry(Generic[T]):
             default = getattr(config_cls, "name", None)
             if isinstance(default, str) and default != name:
                 raise RuntimeError(f"{self.kind} '{name}': its options' `name` defaults to '{default}'")
+            if self.base is not None and not issubclass(config_cls, self.base):
+                raise RuntimeError(
+                    f"{self.kind} '{name}': its options ({config_cls.__name__}) must derive from "
+                    f"{self.base.__name__} (the facts' defaults and the default check)"
+                )
+            fields = (
+                {f.name for f in dataclasses.fields(config_cls)}
+                if dataclasses.is_dataclass(config_cls)
+                else set()
+            )
+            for fact in self.facts:
+                if fact in fields:
+                    raise RuntimeError(
+                        f"{self.kind} '{name}': `{fact}` is a fact of the {self.kind}, not an option: "
+                        "state it as a class attribute without a type annotation"
+                    )
             self._configs[name] = config_cls
             return config_cls
 
         return decorate
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
-        """Decorator of the implementation class of `name`, whose options are declared already."""
+        """Decorator of the implementation class of `name`, whose options are declared already: the facts
+        of its options are copied onto it (a class, or an unregistered base of it, that states one itself
+        is refused)."""
 
         def decorate(cls: type[T]) -> type[T]:
             if name not in self._configs:
@@ -66,6 +97,18 @@ class Registry(Generic[T]):
             previous = self._classes.get(name)
             if previous is not None and _qualified(previous) != _qualified(cls):  # (a re-import is not)
                 raise RuntimeError(f"{self.kind} '{name}' registered twice")
+            config_cls = self._configs[name]
+            registered = set(self._classes.values())
+            for fact in self.facts:
+                stated = [k for k in cls.__mro__ if fact in vars(k) and k not in registered]
+                if stated:
+                    raise RuntimeError(
+                        f"{self.kind} '{name}' ({_qualified(cls)}): `{fact}` is stated by "
+                        f"{_qualified(stated[0])}; state it once, on its options ({config_cls.__name__}), "
+                        "which register copies onto the class"
+                    )
+            for fact in self.facts:
+                setattr(cls, fact, getattr(config_cls, fact))
             self._classes[name] = cls
             cls.registry_name = name  # type: ignore[attr-defined]
             return cls

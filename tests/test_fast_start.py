@@ -1,8 +1,9 @@
 """`testbed-train --help` and config errors answer before the heavy imports: --help imports neither torch nor
-Lightning, and an unknown key, a value of the wrong type or a value the sections' checks refuse stops with
-exit 2 before torch or Lightning is imported (a run pays their imports, seconds, only once its config is
-accepted; testbed.config reads the routers' and losses' options without their torch classes). Asserted on
-the modules a fresh process has imported, which a loaded machine cannot make flaky; no time is asserted."""
+Lightning, and an unknown key, a value of the wrong type, a value the sections' or a component's own checks
+refuse, or components that do not fit together stop with exit 2 before torch or Lightning is imported (a run
+pays their imports, seconds, only once its config is accepted; testbed.config reads the routers' and losses'
+options, their checks and facts, without their torch classes). Asserted on the modules a fresh process has
+imported, which a loaded machine cannot make flaky; no time is asserted."""
 
 import os
 import subprocess
@@ -61,6 +62,13 @@ def test_help_imports_neither_torch_nor_lightning():
         ("router.topk=3", "config key 'router.topk'"),  # an option the router does not have
         ("trainer.max_steps=abc", "config key 'trainer.max_steps': got 'abc'; allowed: an integer"),
         ("optim.lr=-1", "config key 'optim.lr': got -1.0; allowed: a float > 0"),  # refused by the checks
+        # refused by a router's, a balancing method's own check; by the checks across components
+        ("router.top_k=0", "config key 'router.top_k': got 0; allowed: an integer from 1"),
+        ("balance.coefficient=-1", "config key 'balance.coefficient': got -1.0; allowed: a float >= 0"),
+        (
+            "balance=expert_bias router=expert_choice",
+            "config key 'balance': got 'expert_bias'; allowed: a router with expert-bias support",
+        ),
         pytest.param(
             "trainer.progress_every_s=-5", "config key 'trainer.progress_every_s'", marks=pytest.mark.heavy
         ),
@@ -69,7 +77,7 @@ def test_help_imports_neither_torch_nor_lightning():
     ],
 )
 def test_config_errors_answer_before_torch_and_lightning(override, message):
-    code, loaded, output, _ = probe(override)
+    code, loaded, output, _ = probe(*override.split())
     assert code == 2 and message in output
     assert loaded == [], loaded
 
@@ -85,12 +93,6 @@ def test_the_config_module_imports_no_torch():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"
-
-
-def test_a_component_check_imports_the_classes():
-    """A value a router's own check refuses is reported too (its class, and torch, are imported for it)."""
-    code, _, output, _ = probe("router.top_k=0")
-    assert code == 2 and "config key 'router.top_k': got 0" in output
 
 
 def test_the_strategies_accepted_without_lightning_are_lightnings():

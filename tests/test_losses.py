@@ -150,7 +150,7 @@ def test_every_loss_config_validates(key, loss_cls, config):
     run whose section is the loss's config dataclass, every option present (at the case's scope)."""
     name = loss_cls.registry_name
     section = key if key == "balance" else f"aux_loss.{name}"
-    loss_cls.check(config, section)
+    config.check(section)
     choice = f"balance={name}" if key == "balance" else f"aux_loss=[{name}]"
     scope = [f"{section}.scope={config.scope.value}"] if hasattr(config, "scope") else []
     run = parse_config(compose([choice, *scope]))

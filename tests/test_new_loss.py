@@ -1,5 +1,6 @@
-"""Adding a loss is its options (a dataclass appended to testbed/losses/options.py), its class (one .py in
-testbed/losses/) and one .yaml in conf/aux_loss/ (tests/test_new_router.py does the same for a router).
+"""Adding a loss is its options (a dataclass appended to testbed/losses/options.py, deriving from LossOptions,
+with the check of its values), its class (one .py in testbed/losses/) and one .yaml in conf/aux_loss/
+(tests/test_new_router.py does the same for a router).
 
 A throwaway auxiliary loss is written into a copy of the package and its configs. Nothing else is edited:
 the registry finds it, its YAML (only its non-default option) composes with every option overridable by
@@ -28,29 +29,27 @@ OPTIONS_PY = """
 
 @AUX_LOSSES.options("throwaway")
 @dataclass
-class ThrowawayConfig:
+class ThrowawayConfig(LossOptions):
     coefficient: float = 1e-3
     scale: float = 1.0
+
+    def check(self, key: str) -> None:
+        check_coefficient(self, key)
+        if not self.scale > 0:
+            raise ConfigError(f"{key}.scale", self.scale, "a float > 0")
 """
 
 LOSS_PY = '''"""Throwaway auxiliary loss for tests/test_new_loss.py: scale * mean squared router logit."""
 
 from __future__ import annotations
 
-from testbed.losses.base import AUX_LOSSES, AuxLoss, check_coefficient
-from testbed.errors import ConfigError
+from testbed.losses.base import AUX_LOSSES, AuxLoss
 
 
 @AUX_LOSSES.register("throwaway")
 class ThrowawayLoss(AuxLoss):
     def __call__(self, routing, context, expert_outputs=None):
         return self.config.scale * routing.logits.float().square().mean()
-
-    @classmethod
-    def check(cls, config, key):
-        check_coefficient(config, key)
-        if not config.scale > 0:
-            raise ConfigError(f"{key}.scale", config.scale, "a float > 0")
 '''
 
 LOSS_YAML = """# Throwaway loss: scale * mean_t,e z_te^2 (tests/test_new_loss.py).
@@ -63,6 +62,7 @@ throwaway:
 """
 
 CHECK_PY = """
+import sys
 import pytest
 from testbed.config import parse_config
 from testbed.errors import ConfigError
@@ -76,6 +76,9 @@ run = parse_config(compose(["aux_loss=[throwaway]", "aux_loss.throwaway.coeffici
 assert run.aux_loss["throwaway"].coefficient == 0.5
 with pytest.raises(ConfigError, match="aux_loss.throwaway.scale"):
     parse_config(compose(["aux_loss=[throwaway]", "aux_loss.throwaway.scale=0"]))
+with pytest.raises(ConfigError, match="aux_loss.throwaway.coefficient"):
+    parse_config(compose(["aux_loss=[throwaway]", "aux_loss.throwaway.coefficient=-1"]))
+assert "torch" not in sys.modules  # the options checked themselves: the loss class was not needed
 print("registry and config: ok")
 """
 
@@ -88,7 +91,7 @@ def test_a_new_loss_is_its_options_its_class_and_one_yaml(synth_mix, tmp_path):
         shutil.copytree(ROOT / part, copy / part, ignore=ignore)
     shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
     options = copy / "testbed" / "losses" / "options.py"
-    options.write_text(options.read_text() + OPTIONS_PY)  # (options.py imports dataclass)
+    options.write_text(options.read_text() + OPTIONS_PY)  # (options.py imports what OPTIONS_PY uses)
     (copy / "testbed" / "losses" / "throwaway.py").write_text(LOSS_PY)
     (copy / "conf" / "aux_loss" / "throwaway.yaml").write_text(LOSS_YAML)
     env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1"}

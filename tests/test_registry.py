@@ -1,8 +1,10 @@
 """The registries (testbed/registry.py): names and options without the implementations, the classes found on
-the first request for one, and a name with options but no class (or a class without options) an error."""
+the first request for one, and a name with options but no class (or a class without options) an error; the
+facts stated once, on the options, and copied onto the class (a class that states one itself refused)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 
 from testbed.errors import ConfigError
 from testbed.losses import AUX_LOSSES, BALANCE
+from testbed.registry import Registry
 from testbed.routing import ROUTERS
 
 OPTIONS_PY = """
@@ -95,3 +98,53 @@ def test_every_shipped_name_has_its_class_and_options(registry):
         assert cls.registry_name == name and registry.config_class(name) is config_cls
         assert registry.get(name) == (cls, config_cls) and registry.find(name) is cls
     assert registry.find("no_such_name") is None
+
+
+class Options:
+    """A registry's options base: the facts' defaults."""
+
+    shared: bool = False
+
+
+def facts_registry() -> Registry:
+    """A registry with one fact (`shared`) and the options of `plain` and `special` (shared = True)."""
+    things = Registry("thing", "thing", "no_such_package", base=Options, facts=("shared",))
+    things.options("plain")(dataclasses.make_dataclass("PlainConfig", [("size", int, 1)], bases=(Options,)))
+    special = dataclasses.make_dataclass("SpecialConfig", [("size", int, 1)], bases=(Options,))
+    special.shared = True
+    things.options("special")(special)
+    return things
+
+
+def test_register_copies_the_facts_of_the_options_onto_the_class():
+    things = facts_registry()
+    plain, special = (
+        things.register("plain")(type("Plain", (), {})),
+        things.register("special")(type("Special", (), {})),
+    )
+    assert (plain.shared, special.shared) == (False, True)
+    # a subclass of a registered class is not refused for the facts its base got copied
+    assert things.register("plain")(type("Plain", (plain,), {})).shared is False
+
+
+def test_a_class_that_states_a_fact_itself_is_refused():
+    """Each fact is stated once, on the options: the class (or a base of it) stating one is an error."""
+    things = facts_registry()
+    with pytest.raises(
+        RuntimeError, match=r"thing 'special' .*`shared` is stated by .*Special; state it once"
+    ):
+        things.register("special")(type("Special", (), {"shared": True}))
+    base = type("Base", (), {"shared": False})
+    with pytest.raises(RuntimeError, match="`shared` is stated by .*Base"):
+        things.register("plain")(type("Plain", (base,), {}))
+
+
+def test_options_that_miss_the_base_or_hold_a_fact_as_an_option_are_refused():
+    things = facts_registry()
+    with pytest.raises(
+        RuntimeError, match=r"thing 'other': its options \(OtherConfig\) must derive from Options"
+    ):
+        things.options("other")(dataclasses.make_dataclass("OtherConfig", [("size", int, 1)]))
+    as_field = dataclasses.make_dataclass("FieldConfig", [("shared", bool, True)], bases=(Options,))
+    with pytest.raises(RuntimeError, match="thing 'field': `shared` is a fact of the thing, not an option"):
+        things.options("field")(as_field)

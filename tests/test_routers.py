@@ -185,7 +185,8 @@ def test_registry_lists_routers():
 
 
 def test_shipped_routers_declare_their_facts():
-    """What reports, plots and the config read of a router, as its class attributes."""
+    """What reports, plots and the config read of a router, as its class attributes (those the config reads
+    stated on its options, the same on the class)."""
     facts = {
         name: (cls.balances, cls.label, cls.marker, cls.gateless, cls.needs_reference)
         for name, (cls, _) in ROUTERS.items()
@@ -200,15 +201,19 @@ def test_shipped_routers_declare_their_facts():
         "oracle": (False, None, "*", False, True),
         "hash": (False, None, "X", True, False),
     }
-    oracle, config_cls = ROUTERS.get("oracle")
-    assert oracle.is_gateless(config_cls(within_block="uniform")) and not oracle.is_gateless(config_cls())
+    config_cls = ROUTERS.config_class("oracle")
+    assert config_cls(within_block="uniform").is_gateless() and not config_cls().is_gateless()
+    assert ROUTERS.config_class("hash")().is_gateless()
+    for name, (cls, config_cls) in ROUTERS.items():
+        for fact in ("token_choice", "supports_expert_bias", "scopes", "gateless"):
+            assert getattr(cls, fact) == getattr(config_cls, fact), (name, fact)
 
 
 @pytest.mark.parametrize("name", ALL)
 @settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_gateless_is_what_the_gate_gets(name, data):
-    """`is_gateless(config)` holds exactly when nothing the router returns (logits, probabilities, gates)
+    """`config.is_gateless()` holds exactly when nothing the router returns (logits, probabilities, gates)
     depends on its gate: the fact DDP's strategy is chosen by (testbed.config.resolve_strategy)."""
     router, x, context = draw_case(data, name)
     routing = router(x, context)
@@ -218,7 +223,7 @@ def test_gateless_is_what_the_gate_gets(name, data):
         total.backward()
     grad = router.gate.weight.grad
     unused = grad is None or not grad.any()
-    assert router.is_gateless(router.config) == unused
+    assert router.config.is_gateless() == unused
 
 
 @pytest.mark.parametrize("name", ALL)

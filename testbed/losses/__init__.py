@@ -1,12 +1,13 @@
 """Balancing methods (BALANCE, one at a time) and auxiliary losses (AUX_LOSSES, any list).
 
 A loss is its options, a config dataclass declared with `@BALANCE.options(name)` or
-`@AUX_LOSSES.options(name)` in testbed/losses/options.py (torch-free: a config is composed and checked from
-these alone), its class, `@BALANCE.register(name)` or `@AUX_LOSSES.register(name)` in a module of this
+`@AUX_LOSSES.options(name)` in testbed/losses/options.py and derived from LossOptions (torch-free: it checks
+its own values and states `stateful`, the fact the config checks read, so a config is composed and checked
+from these alone), its class, `@BALANCE.register(name)` or `@AUX_LOSSES.register(name)` in a module of this
 package, and its YAML in conf/balance/ or conf/aux_loss/. The modules are found on disk, not listed: the
 registry imports every one the first time a loss class is asked for (testbed.registry).
 What the rest of the system needs to know of a loss is a class attribute of its class (AuxLoss: label,
-marker, stateful, adds_term, needs_expert_outputs).
+marker, stateful (copied from its options by the registry), adds_term, needs_expert_outputs).
 
 Importing this package does not import torch: `AuxLoss`, `layer_loss_terms` (testbed/losses/base.py) and
 `load_balance_value` (testbed/losses/load_balance.py) are imported from here on first use.

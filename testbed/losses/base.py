@@ -11,7 +11,6 @@ import math
 
 from torch import Tensor
 
-from testbed.errors import ConfigError
 from testbed.losses.options import AUX_LOSSES as AUX_LOSSES  # registries of the AuxLoss subclasses
 from testbed.losses.options import BALANCE as BALANCE
 from testbed.routing.base import Routing, RoutingContext
@@ -26,10 +25,10 @@ class AuxLoss:
     # name) and its plot marker on the specialization-vs-balance frontier.
     label: str | None = None
     marker: str | None = None
-    # Keeps statistics over an optimizer step (`observe`, `after_optimizer_step`; expert bias: the step's
-    # loads, applied to the router's expert_bias buffer after each step), so it needs a router with
-    # `supports_expert_bias`.
-    stateful = False
+    # `stateful`: it keeps statistics over an optimizer step (`observe`, `after_optimizer_step`). Stated on
+    # the loss's options (testbed.losses.options.LossOptions), where the config checks read it, and copied
+    # onto the class by its registry's `register`.
+    stateful: bool
     adds_term = True  # False: it adds no term to the loss (balance=none); the model leaves it out
 
     def __init__(self, config):
@@ -63,29 +62,6 @@ class AuxLoss:
     def after_optimizer_step(self, routers: list) -> None:
         """Stateful losses: act on the step's statistics (e.g. move each MoE layer's router buffers) after
         the optimizer step, then clear them."""
-
-    @classmethod
-    def check(cls, config, key: str) -> None:
-        """Raise ConfigError for options that cannot work; called before training."""
-
-
-def check_coefficient(config, key: str) -> None:
-    """A coefficient is a float >= 0 or "auto" (then `target` must be > 0)."""
-    value = config.coefficient
-    if value == "auto":
-        if not hasattr(config, "target"):
-            raise ConfigError(
-                f"{key}.coefficient", value, "a float >= 0 (no calibration target for this loss)"
-            )
-        if not isinstance(config.target, int | float) or not config.target > 0:
-            raise ConfigError(
-                f"{key}.target", getattr(config, "target", None), "a float > 0 (coefficient: auto)"
-            )
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ConfigError(
-            f"{key}.coefficient", value, 'a float >= 0, or "auto" (calibrated on the first batch)'
-        )
 
 
 def layer_loss_terms(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.errors import ConfigError
 from testbed.losses.base import BALANCE, AuxLoss
 from testbed.losses.load_balance import sequence_load_balance
 from testbed.losses.options import ExpertBiasConfig as ExpertBiasConfig
@@ -31,7 +30,6 @@ class ExpertBiasBalance(AuxLoss):
 
     label = "EB"
     marker = "s"
-    stateful = True
 
     def __init__(self, config: ExpertBiasConfig):
         super().__init__(config)
@@ -90,10 +88,3 @@ class ExpertBiasBalance(AuxLoss):
             router.expert_bias += self.gamma * direction.to(router.expert_bias.dtype)
         self.sums.clear()
         self.groups.clear()
-
-    @classmethod
-    def check(cls, config: ExpertBiasConfig, key: str) -> None:
-        if config.gamma <= 0:
-            raise ConfigError(f"{key}.gamma", config.gamma, "a float > 0")
-        if config.sequence_coefficient < 0:
-            raise ConfigError(f"{key}.sequence_coefficient", config.sequence_coefficient, "a float >= 0")

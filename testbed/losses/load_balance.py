@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.losses.base import BALANCE, AuxLoss, check_coefficient
+from testbed.losses.base import BALANCE, AuxLoss
 from testbed.losses.options import LoadBalanceConfig as LoadBalanceConfig
 from testbed.losses.options import NoBalanceConfig as NoBalanceConfig
 from testbed.routing.base import Routing, RoutingContext, count_per_expert
@@ -113,10 +113,6 @@ class LoadBalanceLoss(AuxLoss):
         if groups.count == 1:  # the routing's own per-expert counts, no scatter
             return micro_batch_load_balance(routing)
         return grouped_load_balance(routing, groups)
-
-    @classmethod
-    def check(cls, config: LoadBalanceConfig, key: str) -> None:
-        check_coefficient(config, key)
 
 
 @BALANCE.register("none")

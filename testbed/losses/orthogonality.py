@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.losses.base import AUX_LOSSES, AuxLoss, check_coefficient
+from testbed.losses.base import AUX_LOSSES, AuxLoss
 from testbed.losses.options import OrthogonalityConfig as OrthogonalityConfig
 from testbed.routing.base import Routing, RoutingContext
 
@@ -143,7 +143,3 @@ class OrthogonalityLoss(AuxLoss):
         if routing.kept is None:
             return energy.sum() / max(routing.num_assignments, 1)
         return energy.sum() / routing.kept.sum().clamp_min(1)  # on device: no host sync
-
-    @classmethod
-    def check(cls, config: OrthogonalityConfig, key: str) -> None:
-        check_coefficient(config, key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from testbed.losses.base import AUX_LOSSES, AuxLoss, check_coefficient
+from testbed.losses.base import AUX_LOSSES, AuxLoss
 from testbed.losses.options import VarianceConfig as VarianceConfig
 from testbed.routing.base import Routing, RoutingContext
 
@@ -16,7 +16,3 @@ class VarianceLoss(AuxLoss):
         self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
     ) -> Tensor:
         return -routing.probs.float().var(dim=-1, unbiased=True).mean()
-
-    @classmethod
-    def check(cls, config: VarianceConfig, key: str) -> None:
-        check_coefficient(config, key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.losses.base import AUX_LOSSES, AuxLoss, check_coefficient
+from testbed.losses.base import AUX_LOSSES, AuxLoss
 from testbed.losses.options import ZLossConfig as ZLossConfig
 from testbed.routing.base import Routing, RoutingContext
 
@@ -16,7 +16,3 @@ class ZLoss(AuxLoss):
         self, routing: Routing, context: RoutingContext, expert_outputs: Tensor | None = None
     ) -> Tensor:
         return torch.logsumexp(routing.logits.float(), dim=-1).square().mean()
-
-    @classmethod
-    def check(cls, config: ZLossConfig, key: str) -> None:
-        check_coefficient(config, key)

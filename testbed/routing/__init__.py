@@ -1,8 +1,10 @@
 """Routers: one class each, registered by name in ROUTERS; all return the `Routing` contract.
 
 A router is its options, a config dataclass declared with `@ROUTERS.options(name)` in
-testbed/routing/options.py (torch-free: a config is composed and checked from these alone), its class,
-`@ROUTERS.register(name)` in a module of this package, and its YAML in conf/router/. The modules are found
+testbed/routing/options.py and derived from RouterOptions (torch-free: it checks its own values and states
+the router's facts the config checks read, so a config is composed and checked from these alone), its
+class, `@ROUTERS.register(name)` in a module of this package (which copies those facts onto it), and its
+YAML in conf/router/. The modules are found
 on disk, not listed: the registry imports every one the first time a router class is asked for
 (testbed.registry), and the tests parametrize over `ROUTERS.names()`.
 

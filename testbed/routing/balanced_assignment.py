@@ -31,10 +31,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.errors import ConfigError, TestbedError
+from testbed.errors import TestbedError
 from testbed.routing.base import ROUTERS, BalancingRouter, RoutingContext
 from testbed.routing.options import BalancedAssignmentConfig as BalancedAssignmentConfig
-from testbed.scope import LOCAL_SCOPES, token_groups
+from testbed.scope import token_groups
 
 
 class AuctionUnfinished(TestbedError, RuntimeError):
@@ -112,7 +112,6 @@ def balanced_assignment(
 
 @ROUTERS.register("balanced_assignment")
 class BalancedAssignmentRouter(BalancingRouter):
-    scopes = LOCAL_SCOPES
     host_sync = True  # the auction's "done?" test every check_every rounds
     balances = True
     label = "BA"
@@ -143,21 +142,3 @@ class BalancedAssignmentRouter(BalancingRouter):
         # the K held experts of each token, best logit first
         ranked = torch.where(held, logits, torch.finfo(logits.dtype).min)
         return torch.topk(ranked, c.top_k, dim=-1).indices
-
-    @classmethod
-    def check(cls, config: BalancedAssignmentConfig, run, key: str) -> None:
-        super().check(config, run, key)
-        if config.scope not in LOCAL_SCOPES:
-            raise ConfigError(
-                f"{key}.scope",
-                config.scope,
-                f"one of {list(LOCAL_SCOPES)} (an exact assignment cannot span accumulated micro-batches)",
-            )
-        for name, low in (("eps", 0.0), ("eps_factor", 1.0)):
-            value = getattr(config, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > low:
-                raise ConfigError(f"{key}.{name}", value, f"a number > {low:g}")
-        for name in ("check_every", "max_rounds"):
-            value = getattr(config, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{key}.{name}", value, "an integer >= 1")

@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from testbed.errors import ConfigError
 from testbed.routing.options import ROUTERS as ROUTERS  # the registry of the Router subclasses below
 from testbed.scope import GlobalScopeState
 
@@ -113,10 +112,10 @@ def routing_from_choices(logits: Tensor, probs: Tensor, chosen_experts: Tensor, 
 class Router(nn.Module):
     """Base router: a linear gate producing logits; subclasses turn logits into a `Routing`.
 
-    Class flags tell the rest of the system what a router can do:
-    - `token_choice`: each token picks its experts (capacity_factor may then drop assignments);
-    - `supports_expert_bias`: selection adds the `expert_bias` buffer (auxiliary-loss-free balancing);
-    - `scopes`: balancing scopes the router itself uses (e.g. Sinkhorn); empty = none;
+    Class flags tell the rest of the system what a router can do. Those the config checks read
+    (`token_choice`, `supports_expert_bias`, `scopes`, `gateless`) are stated on the router's options
+    (testbed.routing.options.RouterOptions) and copied onto its class by `ROUTERS.register`, which refuses a
+    router class that states one itself; the others are stated here:
     - `host_sync`: its training-time routing reads device values on the host (the balanced-assignment
       auction's stopping test); every other router is sync-free (tests/test_sync_free.py);
     - `reference`: "upper" (specialization by construction: the oracle) or "floor" (no semantic routing:
@@ -126,28 +125,21 @@ class Router(nn.Module):
     - `label`: its name in reports' words and legends ("SH"); None: its registry name; "": left out (the
       default router, top-k softmax, goes unnamed);
     - `marker`: its plot marker where reports draw it as a method of its own (balancing routers, references);
-    - `gateless`: nothing is learned, the gate gets no gradient (hash): DDP then needs
-      `find_unused_parameters` (testbed.config.resolve_strategy). `is_gateless` also reads options that make
-      a router gate-less (the oracle's `within_block: uniform`);
     - `needs_reference`: it routes by the tokens' domain labels (`RoutingContext.domain_ids`: the oracle).
     """
 
     registry_name = "base"
-    token_choice = True
-    supports_expert_bias = False
-    scopes: tuple[str, ...] = ()
+    # copied from the router's options by ROUTERS.register (testbed.routing.options.RouterOptions)
+    token_choice: bool
+    supports_expert_bias: bool
+    scopes: tuple[str, ...]
+    gateless: bool
     host_sync = False
     reference: str | None = None
     balances = False
     label: str | None = None
     marker: str | None = None
-    gateless = False
     needs_reference = False
-
-    @classmethod
-    def is_gateless(cls, config) -> bool:
-        """Whether the gate goes unused with these options (`gateless`, unless an option decides it)."""
-        return cls.gateless
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__()
@@ -183,18 +175,6 @@ class Router(nn.Module):
 
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
-
-    @classmethod
-    def check(cls, config, run, key: str) -> None:
-        """Raise ConfigError if `config` cannot work in `run` (a RunConfig); called before training."""
-        num_experts = run.model.moe.num_experts
-        top_k = getattr(config, "top_k", 1)
-        if not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
-            raise ConfigError(
-                f"{key}.top_k",
-                top_k,
-                f"an integer from 1 to the number of experts (model.moe.num_experts={num_experts})",
-            )
 
 
 class BalancingRouter(Router):

@@ -13,16 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, count_per_expert
 from testbed.routing.capacity import expert_capacity
 from testbed.routing.options import ExpertChoiceConfig as ExpertChoiceConfig
-from testbed.scope import LOCAL_SCOPES, token_groups
+from testbed.scope import token_groups
 
 
 @ROUTERS.register("expert_choice")
 class ExpertChoiceRouter(Router):
-    token_choice = False
     balances = True  # every expert takes C tokens
     label = "EC"
     marker = "v"
@@ -50,12 +48,3 @@ class ExpertChoiceRouter(Router):
             weight=weight.to(x.dtype),
             tokens_per_expert=count_per_expert(expert_index, num_experts),
         )
-
-    @classmethod
-    def check(cls, config: ExpertChoiceConfig, run, key: str) -> None:
-        super().check(config, run, key)
-        cf = config.capacity_factor
-        if not isinstance(cf, (int, float)) or isinstance(cf, bool) or not cf > 0:
-            raise ConfigError(f"{key}.capacity_factor", cf, "a float > 0")
-        if config.scope not in LOCAL_SCOPES:
-            raise ConfigError(f"{key}.scope", config.scope, f"one of {list(LOCAL_SCOPES)}")

@@ -35,7 +35,6 @@ def hash_choices(token_ids: Tensor, hash_a: Tensor, hash_b: Tensor, top_k: int) 
 class HashRouter(Router):
     reference = "floor"  # the reports' reference, not a learned router
     marker = "X"
-    gateless = True  # a fixed hash of the token id
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__(d_model, num_experts, config, num_domains)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.errors import ConfigError
 from testbed.layout import block_layout
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
 from testbed.routing.options import OracleConfig as OracleConfig
@@ -20,10 +19,6 @@ class OracleRouter(Router):
     reference = "upper"  # the reports' reference, not a learned router
     marker = "*"
     needs_reference = True  # routes by each token's domain label
-
-    @classmethod
-    def is_gateless(cls, config: OracleConfig) -> bool:
-        return config.within_block == "uniform"  # experts by position: the gate is never used
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
         super().__init__(d_model, num_experts, config, num_domains)
@@ -65,17 +60,3 @@ class OracleRouter(Router):
         gates = probs.gather(-1, chosen)
         gates = gates / gates.sum(dim=-1, keepdim=True)  # renormalized over the chosen experts
         return routing_from_choices(logits, probs, chosen, gates.to(x.dtype))
-
-    @classmethod
-    def check(cls, config: OracleConfig, run, key: str) -> None:
-        super().check(config, run, key)
-        num_experts, num_domains = run.model.moe.num_experts, len(run.data.domains)
-        largest = num_experts // num_domains
-        if config.top_k > largest:
-            raise ConfigError(
-                f"{key}.top_k",
-                config.top_k,
-                f"at most floor(E / D) = {largest} with E={num_experts} experts and D={num_domains} domains "
-                "(every domain block must hold top_k experts); "
-                "raise model.moe.num_experts or lower router.top_k",
-            )

@@ -6,15 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
 from testbed.routing.options import SigmoidConfig as SigmoidConfig
 
 
 @ROUTERS.register("sigmoid")
 class SigmoidRouter(Router):
-    supports_expert_bias = True
-
     def forward(self, x: Tensor, context: RoutingContext) -> Routing:
         logits = self.router_logits(x)
         scores = torch.sigmoid(logits.float())  # s_{t,e} = sigma(z_{t,e})
@@ -24,9 +21,3 @@ class SigmoidRouter(Router):
         gates = gates / gates.sum(dim=-1, keepdim=True) * self.config.scale  # g = s_S / sum(s_S) * scale
         probs = scores / scores.sum(dim=-1, keepdim=True)  # a full distribution for losses and metrics
         return routing_from_choices(logits, probs, chosen, gates.to(x.dtype))
-
-    @classmethod
-    def check(cls, config: SigmoidConfig, run, key: str) -> None:
-        super().check(config, run, key)
-        if not isinstance(config.scale, (int, float)) or isinstance(config.scale, bool) or config.scale <= 0:
-            raise ConfigError(f"{key}.scale", config.scale, "a float > 0")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.errors import ConfigError
 from testbed.routing.base import (
     ROUTERS,
     BalancingRouter,
@@ -23,7 +22,7 @@ from testbed.routing.base import (
     count_per_expert,
 )
 from testbed.routing.options import SinkhornConfig as SinkhornConfig
-from testbed.scope import LOCAL_SCOPES, SCOPES, all_reduce_sum, token_groups
+from testbed.scope import LOCAL_SCOPES, all_reduce_sum, token_groups
 
 
 def sinkhorn_log(
@@ -54,7 +53,6 @@ def sinkhorn_log(
 
 @ROUTERS.register("sinkhorn")
 class SinkhornRouter(BalancingRouter):
-    scopes = SCOPES
     balances = True
     label = "SH"
     marker = "^"
@@ -88,9 +86,3 @@ class SinkhornRouter(BalancingRouter):
         if state is not None:
             state.accumulate(key, count_per_expert(chosen.reshape(-1), num_experts).double())
         return chosen
-
-    @classmethod
-    def check(cls, config: SinkhornConfig, run, key: str) -> None:
-        super().check(config, run, key)
-        if config.iterations < 1:
-            raise ConfigError(f"{key}.iterations", config.iterations, "an integer >= 1")

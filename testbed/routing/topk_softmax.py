@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from testbed.errors import ConfigError
 from testbed.routing.base import ROUTERS, Router, Routing, RoutingContext, routing_from_choices
 from testbed.routing.hash import hash_choices, hash_constants
 from testbed.routing.options import TopKSoftmaxConfig as TopKSoftmaxConfig
@@ -13,7 +12,6 @@ from testbed.routing.options import TopKSoftmaxConfig as TopKSoftmaxConfig
 
 @ROUTERS.register("topk_softmax")
 class TopKSoftmaxRouter(Router):
-    supports_expert_bias = True
     label = ""  # the default router: labels name its balancing method only
 
     def __init__(self, d_model: int, num_experts: int, config, num_domains: int = 1):
@@ -41,11 +39,3 @@ class TopKSoftmaxRouter(Router):
         if self.config.renormalize:
             gates = gates / gates.sum(dim=-1, keepdim=True)
         return routing_from_choices(logits, probs, chosen, gates.to(x.dtype))
-
-    @classmethod
-    def check(cls, config: TopKSoftmaxConfig, run, key: str) -> None:
-        super().check(config, run, key)
-        if not 0 <= config.jitter < 1:
-            raise ConfigError(f"{key}.jitter", config.jitter, "a float in [0, 1)")
-        if not isinstance(config.hash_steps, int) or config.hash_steps < 0:
-            raise ConfigError(f"{key}.hash_steps", config.hash_steps, "an integer >= 0 (0 = off)")
