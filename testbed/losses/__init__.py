@@ -15,25 +15,19 @@ Importing this package does not import torch: `AuxLoss`, `layer_loss_terms` (tes
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from testbed.lazy import lazy_attributes
 from testbed.losses.options import AUX_LOSSES, BALANCE
 
 if TYPE_CHECKING:
     from testbed.losses.base import AuxLoss, layer_loss_terms
     from testbed.losses.load_balance import load_balance_value
 
-_LAZY = {"AuxLoss": "base", "layer_loss_terms": "base", "load_balance_value": "load_balance"}
-
-
-def __getattr__(name: str):
-    """The names of the implementation modules, imported (with torch) on first use."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+# the names of the implementation modules, imported (with torch) on first use
+__getattr__ = lazy_attributes(
+    __name__, {"AuxLoss": "base", "layer_loss_terms": "base", "load_balance_value": "load_balance"}
+)
 
 
 __all__ = ["AUX_LOSSES", "BALANCE", "AuxLoss", "layer_loss_terms", "load_balance_value"]

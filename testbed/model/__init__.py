@@ -6,8 +6,9 @@ testbed/model/schema.py, without it): the names below are imported from their mo
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from testbed.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from testbed.model.experts import BACKENDS, DenseSwiGLU, ExpertBank, combine
@@ -24,14 +25,7 @@ _LAZY = {
     "MoETransformer": "transformer",
 }
 
-
-def __getattr__(name: str):
-    """The names of the model's modules, imported (with torch) on first use."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)  # the names of the model's modules, with torch, on first use
 
 
 __all__ = ["BACKENDS", "DenseSwiGLU", "ExpertBank", "LayerRecord", "MoELayer", "MoETransformer", "combine"]

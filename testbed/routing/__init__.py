@@ -14,24 +14,18 @@ Importing this package does not import torch: `Router`, `Routing`, `RoutingConte
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
 
+from testbed.lazy import lazy_attributes
 from testbed.routing.options import ROUTERS
 
 if TYPE_CHECKING:
     from testbed.routing.base import Router, Routing, RoutingContext, routing_from_choices
 
-_FROM_BASE = ("Router", "Routing", "RoutingContext", "routing_from_choices")
-
-
-def __getattr__(name: str):
-    """The names of testbed.routing.base, imported (with torch) on first use."""
-    if name not in _FROM_BASE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.base"), name)
-    globals()[name] = value
-    return value
+# the names of testbed.routing.base, imported (with torch) on first use
+__getattr__ = lazy_attributes(
+    __name__, dict.fromkeys(("Router", "Routing", "RoutingContext", "routing_from_choices"), "base")
+)
 
 
 __all__ = ["ROUTERS", "Router", "Routing", "RoutingContext", "routing_from_choices"]
