@@ -42,13 +42,23 @@ def finish(module, optimizer):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("router", ["topk_softmax", pytest.param("sinkhorn", marks=pytest.mark.heavy)])
-def test_compiled_training_steps_do_not_break_or_recompile(synth_mix, router):
+@pytest.mark.parametrize(
+    ("router", "backend"),  # graph breaks and recompiles are Dynamo's, whatever the backend: the suite checks
+    # them without Inductor's CPU code generation (30 s); `make test-all` with it, and for Sinkhorn
+    [
+        ("topk_softmax", "aot_eager"),
+        pytest.param("topk_softmax", "inductor", marks=pytest.mark.heavy),
+        pytest.param("sinkhorn", "inductor", marks=pytest.mark.heavy),
+    ],
+)
+def test_compiled_training_steps_do_not_break_or_recompile(synth_mix, router, backend):
     """Blocks compile with fullgraph=True (a break would raise); after two steps (one recompile for the
     training batch's shapes at most) three more steps compile nothing new while the routers' step moves."""
     torch._dynamo.reset()
     counters.clear()
-    module, optimizer, batches = build(synth_mix, "trainer.compile=true", f"router={router}")
+    module, optimizer, batches = build(
+        synth_mix, "trainer.compile=true", f"trainer.compile_backend={backend}", f"router={router}"
+    )
     for index in range(2):
         forward(module, next(batches), index).backward()
         finish(module, optimizer)

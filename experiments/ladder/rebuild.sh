@@ -7,7 +7,11 @@ cd "$(dirname "$0")"
 R="$(pwd)/../../.venv/bin/testbed-report"
 # the token ladder: validation loss per rung, gains paired by seed, Holm over the comparisons with hash,
 # the trend per doubling of tokens, ladder.png
-$R ../regime_large runs --ladder --out report.md --plots
+# (the renormalised-gates router's 1,500-step runs are the mechanism runs of the same configuration)
+$R ../regime_large runs mechanism/renorm --ladder --out report.md --plots
+# the same comparisons on the whole validation split: the final checkpoints rescored by rescore.sh
+# (analysis/analysis.json beside each MoE run of the 3,000- and 6,000-step rungs)
+$R runs --ladder --ladder-metric analysis/val/loss --out rescored.md
 if [ -d mechanism ]; then
     # each mechanism against the default run (moe) and hash at 1,500 steps, same seeds; the lr sweep's
     # models each at its own rates (val loss table)

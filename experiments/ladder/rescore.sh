@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 for rung in ${RUNGS:-6000 3000}; do
-  for role in ${ROLES:-moe hash eb sinkhorn}; do
+  for role in ${ROLES:-moe hash eb sinkhorn renorm}; do
     for dir in experiments/ladder/runs/$rung/$role/s*; do
       [ -f "$dir/checkpoints/last.ckpt" ] || continue
       grep -q '"status": "finished"' "$dir/summary.json" 2>/dev/null || continue

@@ -4,7 +4,9 @@
 # model), for six configurations: the learned top-2 router with load balance 0.01 (`moe`, the default run),
 # top-2 with auxiliary-loss-free expert bias (`eb`), Sinkhorn (`sinkhorn`), token-id hashing (`hash`) and
 # the dense models of equal active and equal total parameters. Seeds 0-4 at 750 and 1,500 steps, 0-2 at
-# 3,000 and 6,000 (RUNGS="12000" adds a longer rung). The 1,500-step runs of moe/hash/dense_* are experiments/regime_large's (same
+# 3,000 and 6,000 (RUNGS="12000" adds a longer rung). `renorm` (ROLES=renorm, not in the default list): the
+# learned router with renormalised gates, the mechanism runs' winner, rerun up the ladder; its 1,500-step
+# runs are mechanism/renorm's. The 1,500-step runs of moe/hash/dense_* are experiments/regime_large's (same
 # configuration); this script adds their seeds 3 and 4 there.
 #
 # Resumable: a run whose summary.json says finished (or failed) is skipped, an interrupted one resumes from
@@ -26,9 +28,13 @@ commands() {
           hash) args="router=hash balance=none" ;;
           dense_active) args="model=micro_dense" ;;
           dense_total) args="model=micro_dense_total" ;;
-          *) echo "unknown role $role (moe hash eb sinkhorn dense_active dense_total)" >&2; exit 2 ;;
+          renorm) args="router.renormalize=true" ;;
+          *) echo "unknown role $role (moe hash eb sinkhorn dense_active dense_total renorm)" >&2; exit 2 ;;
         esac
-        if [ "$rung" = 1500 ] && [ "$role" != eb ] && [ "$role" != sinkhorn ]; then
+        if [ "$rung" = 1500 ] && [ "$role" = renorm ]; then
+          dir=experiments/ladder/mechanism/renorm/s$seed  # the mechanism run of the same configuration
+          steps=""
+        elif [ "$rung" = 1500 ] && [ "$role" != eb ] && [ "$role" != sinkhorn ]; then
           dir=experiments/regime_large/$role/s$seed
           steps=""  # the default run: 1,500 steps, validation every 250
         else

@@ -31,8 +31,16 @@ ROLE_LABELS = {
     "hash": "hash",
     "dense_active": "dense (active params)",
     "dense_total": "dense (total params)",
+    "renorm": "top-2 + LBL, renormalised gates",
+    "freeze": "top-2 + LBL, router frozen at step 300",
+    "hash_start": "top-2 + LBL, hash for 300 steps first",
+    "lbl_1e-3": "top-2 + LBL 1e-3",
+    "init_0.1": "top-2 + LBL, router init x0.1",
+    "fine64": "top-8 of 64 fine-grained experts",
+    "hash64": "hash, 64 fine-grained experts",
 }
-"""Legend names of the ladder's roles (run_name); other run names are shown as they are."""
+"""Legend names of the ladder's roles and mechanism runs (run_name); other run names (the learning-rate
+sweep's `<model>_lr<rate>`) are shown as they are."""
 DENSE = ("dense_active", "dense_total")
 BASELINES = ("hash", "dense_active", "dense_total")
 
