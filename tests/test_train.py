@@ -167,7 +167,9 @@ def test_analyze_recomputes_the_run_metrics(first_run, tmp_path, capsys):
 
 
 def test_analyze_refuses_a_dense_model_by_name(synth_mix, tmp_path, capsys):
-    """A dense run has no routing: testbed-analyze says so (exit 2) instead of failing inside evaluation."""
+    """A dense run has no routing: testbed-analyze says so (exit 2) instead of failing inside evaluation,
+    and names --summary-only, which scores its validation loss: the final validation's loss of the run
+    itself when it reads the same validation tokens (the regime check on a rescored split)."""
     from testbed.hf.cli import analyze_main as analyze
 
     out = tmp_path / "dense"
@@ -182,8 +184,17 @@ def test_analyze_refuses_a_dense_model_by_name(synth_mix, tmp_path, capsys):
     assert result.returncode == 0, result.stderr[-2000:]
     assert analyze([str(out)]) == 2
     err = capsys.readouterr().err
-    assert "micro_dense" in err and "has no MoE layers" in err
+    assert "micro_dense" in err and "has no MoE layers" in err and "--summary-only" in err
     assert not (out / "analysis").exists()
+    assert analyze([str(out), "--summary-only", "--peers", "all"]) == 2
+    assert "--peers" in capsys.readouterr().err and not (out / "analysis").exists()
+    assert analyze([str(out), "--summary-only"]) == 0
+    analysis = json.loads((out / "analysis" / "analysis.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert analysis["router"] is None and analysis["model"] == "micro_dense"
+    assert analysis["val_loss_mean"] == pytest.approx(summary["val/loss"], abs=1e-5)
+    assert sum(analysis["val_tokens"].values()) > 0
+    assert sorted(p.name for p in (out / "analysis").iterdir()) == ["analysis.json", "summary.md"]
 
 
 @pytest.mark.parametrize(

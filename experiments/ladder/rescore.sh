@@ -4,12 +4,12 @@
 # during training (2-8 documents per domain on the large mix). testbed-analyze --summary-only writes
 # <run>/analysis/analysis.json and summary.md (committed; the checkpoints are not), and
 #   testbed-report ... --ladder --ladder-metric analysis/val/loss
-# compares those losses (rebuild.sh writes rescored.md). MoE runs only: testbed-analyze needs routing.
+# compares those losses (rebuild.sh writes rescored.md). Dense runs get their loss only (no routing).
 # Resumable (a run with analysis/analysis.json is skipped). RUNGS / ROLES narrow it; DRY=1 prints.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 for rung in ${RUNGS:-6000 3000}; do
-  for role in ${ROLES:-moe hash eb sinkhorn renorm}; do
+  for role in ${ROLES:-moe hash eb sinkhorn renorm dense_active dense_total}; do
     for dir in experiments/ladder/runs/$rung/$role/s*; do
       [ -f "$dir/checkpoints/last.ckpt" ] || continue
       grep -q '"status": "finished"' "$dir/summary.json" 2>/dev/null || continue

@@ -77,26 +77,62 @@ def load_run(checkpoint: Path, overrides: list[str]):
 
 
 @torch.no_grad()
-def evaluate(module, datamodule, stiffness_batches: int):
+def evaluate(module, datamodule, stiffness_batches: int, routing: bool = True):
     """The validation pass of training, with its routing counters (+ the stiffness pass), without a
     Trainer: the module's `validation_outputs` and the callback's `count_batch`, as in training. Returns
-    (per-domain loss, stats)."""
+    (per-domain loss, stats, per-domain token count); `routing=False` (a dense model): the loss only,
+    stats None."""
     module.eval()
-    stats = new_stats(module)
+    stats = new_stats(module) if routing else None
     sums = torch.zeros(len(module.domains), dtype=torch.float64, device=module.device)
     counts = torch.zeros_like(sums)
     loader = datamodule.val_dataloader()
     for batch in loader:
         batch = {k: v.to(module.device) for k, v in batch.items()}
         token_loss, records, correct = module.validation_outputs(batch)
-        count_batch(stats, records, batch, correct)
+        if routing:
+            count_batch(stats, records, batch, correct)
         domains = batch["domain_ids"].reshape(-1)
         sums.index_add_(0, domains, token_loss.double())
         counts.index_add_(0, domains, torch.ones_like(token_loss, dtype=torch.float64))
-    if stiffness_batches > 0:
+    if routing and stiffness_batches > 0:
         stiffness_pass(module, [b for _, b in zip(range(stiffness_batches), loader, strict=False)], stats)
     losses = (sums / counts.clamp_min(1)).cpu().tolist()
-    return dict(zip(module.domains, losses, strict=True)), stats
+    tokens = [int(c) for c in counts.cpu().tolist()]
+    return (
+        dict(zip(module.domains, losses, strict=True)),
+        stats,
+        dict(zip(module.domains, tokens, strict=True)),
+    )
+
+
+def write_loss_only(out: Path, checkpoint, model_name: str, losses: dict, tokens: dict, extra: dict) -> dict:
+    """analysis.json and summary.md of a model without routing (a dense run): its validation loss per
+    domain, the tokens scored, no routing metrics."""
+    out.mkdir(parents=True, exist_ok=True)
+    analysis = {
+        "checkpoint": str(checkpoint),
+        "router": None,
+        "model": model_name,
+        "domains": list(losses),
+        "val_loss": losses,
+        "val_loss_mean": sum(losses.values()) / len(losses),
+        "val_tokens": tokens,
+        **extra,
+    }
+    (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float))
+    lines = [
+        f"# Analysis of {checkpoint}",
+        "",
+        f"Model `{model_name}` (dense: no routing to count); mean validation loss "
+        f"{analysis['val_loss_mean']:.3f} nats/token over {sum(tokens.values()):,} tokens.",
+        "",
+        "| domain | val loss | tokens |",
+        "|---|---|---|",
+        *[f"| {d} | {v:.3f} | {tokens[d]:,} |" for d, v in losses.items()],
+    ]
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return analysis
 
 
 def write_report(
@@ -244,18 +280,26 @@ def analyze_checkpoint(args: argparse.Namespace) -> int:
         payload = load_weights(module, checkpoint, what="testbed-analyze")
         for router in module.routers:  # a router that changes with the step (hash_steps) as trained
             router.step = int(payload.get("global_step", 0)) if isinstance(payload, dict) else 0
-        if not module.moe_layer_names:
+        if not module.moe_layer_names and not args.summary_only:
             raise TestbedError(
                 f"{checkpoint}: the model ({run.model.name}) has no MoE layers, so there is no routing to "
-                "analyze; give a run of an MoE model"
+                "analyze; give a run of an MoE model (--summary-only scores a dense run's validation loss)"
             )
+        if not module.moe_layer_names and args.peers is not None:
+            raise TestbedError(f"{checkpoint}: the model ({run.model.name}) has no MoE layers for --peers")
     except TestbedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     module.to(args.device)
     stiffness = run.metrics.stiffness_batches if args.stiffness_batches is None else args.stiffness_batches
-    losses, stats = evaluate(module, datamodule, stiffness)
     out = args.out or checkpoint.parent.parent / "analysis"
+    if not module.moe_layer_names:  # --summary-only on a dense run: its loss, for the regime check
+        losses, _, tokens = evaluate(module, datamodule, 0, routing=False)
+        write_loss_only(out, checkpoint, run.model.name, losses, tokens, {"overrides": list(args.overrides)})
+        print((out / "summary.md").read_text())
+        print(f"wrote {out}/analysis.json, summary.md")
+        return 0
+    losses, stats, tokens = evaluate(module, datamodule, stiffness)
     write_report(
         out,
         checkpoint,
@@ -264,7 +308,7 @@ def analyze_checkpoint(args: argparse.Namespace) -> int:
         losses,
         stats,
         module.moe_layer_names,
-        {"overrides": list(args.overrides)},
+        {"overrides": list(args.overrides), "val_tokens": tokens},
         files=not args.summary_only,
     )
     print((out / "summary.md").read_text())
