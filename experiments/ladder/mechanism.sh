@@ -8,6 +8,7 @@
 #   hash_start   router.hash_steps=300              two-stage start: hash experts gated by the router, then top-k
 #   lbl_1e-3     balance.coefficient=0.001          a tenth of the default load balance
 #   init_0.1     optim.router_init_scale=0.1        router gates start 10x smaller
+#   init_10      optim.router_init_scale=10         router gates start 10x larger: decisive (hash-like) choices from step 0
 #   fine64       64 experts of hidden 16, top-8     fine-grained, equal active and total parameters
 #   hash64       the same, routed by hash           fine64's hash baseline
 #   lr sweep     optim.lr 1e-3 and 1e-2             for moe, hash and dense_active: each model at its best rate
@@ -16,13 +17,14 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 FINE="model.moe.num_experts=64 model.moe.expert_hidden=16 router.top_k=8"
 commands() {
-  for name in ${NAMES:-renorm freeze hash_start lbl_1e-3 init_0.1 fine64 hash64 moe_lr1e-3 moe_lr1e-2 hash_lr1e-3 hash_lr1e-2 dense_active_lr1e-3 dense_active_lr1e-2}; do
+  for name in ${NAMES:-renorm freeze hash_start lbl_1e-3 init_0.1 init_10 fine64 hash64 moe_lr1e-3 moe_lr1e-2 hash_lr1e-3 hash_lr1e-2 dense_active_lr1e-3 dense_active_lr1e-2}; do
     case $name in
       renorm) args="router.renormalize=true" ;;
       freeze) args="optim.router_freeze_step=300" ;;
       hash_start) args="router.hash_steps=300" ;;
       lbl_1e-3) args="balance.coefficient=0.001" ;;
       init_0.1) args="optim.router_init_scale=0.1" ;;
+      init_10) args="optim.router_init_scale=10" ;;
       fine64) args="$FINE" ;;
       hash64) args="router=hash balance=none $FINE" ;;
       moe_lr*) args="optim.lr=${name#moe_lr}" ;;
