@@ -209,3 +209,22 @@ def test_ladder_on_the_loss_testbed_analyze_measured(tmp_path):
     )
     # seeds 0 and 1 only: the summary gains -0.10 and -0.11, each 0.5 worse
     assert float(row[4]) == pytest.approx(-0.605, abs=1e-9) and row[6] == "2"
+
+
+def test_ladder_roles_are_drawn_in_their_methods_style():
+    """The ladder figure draws a role in its method's colour and marker (testbed/plots.py's one style): the
+    default run as LBL, hash grey with its X, the dense models brown; a mechanism variant of the default run
+    in a shade of LBL's colour with a dashed line; a role is drawn the same in both panels."""
+    from matplotlib.colors import to_rgb
+
+    from testbed.analysis.ladder import role_style
+    from testbed.plots import DENSE_COLOUR, method_colour, method_markers
+
+    moe, renorm, hash_, dense = (role_style(r) for r in ("moe", "renorm", "hash", "dense_active"))
+    assert to_rgb(moe["color"]) == to_rgb(method_colour("LBL")) and moe["marker"] == method_markers()["LBL"]
+    assert to_rgb(hash_["color"]) == to_rgb(method_colour("hash")) and hash_["marker"] == "X"
+    assert to_rgb(dense["color"]) == to_rgb(DENSE_COLOUR)
+    assert renorm["marker"] == moe["marker"] and renorm["linestyle"] != "-"
+    assert to_rgb(renorm["color"]) != to_rgb(moe["color"])
+    assert role_style("eb") == role_style("eb") and role_style("eb")["color"] != moe["color"]
+    assert role_style("moe_lr1e-2")["color"]  # a run name no table knows still gets a fixed colour

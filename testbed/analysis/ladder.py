@@ -41,12 +41,48 @@ ROLE_LABELS = {
 }
 """Legend names of the ladder's roles and mechanism runs (run_name); other run names (the learning-rate
 sweep's `<model>_lr<rate>`) are shown as they are."""
+ROLE_METHODS = {  # the method whose colour and marker a role is drawn in (testbed/plots.py's one style)
+    "moe": ("LBL", 0),
+    "eb": ("EB", 0),
+    "sinkhorn": ("SH", 0),
+    "hash": ("hash", 0),
+    "dense_active": ("dense", 0),
+    "dense_total": ("dense", 1),
+    "renorm": ("LBL", 1),  # a variant of the default run: its method's colour, shaded, another dash
+    "freeze": ("LBL", 2),
+    "hash_start": ("LBL", 3),
+}
+"""role: (method, variant): variant 0 is the method's own look, higher ones a shade of its colour and a
+dashed line, so that a mechanism run reads as a change to the default run."""
 DENSE = ("dense_active", "dense_total")
 BASELINES = ("hash", "dense_active", "dense_total")
 
 
 def label(role: str) -> str:
     return ROLE_LABELS.get(role, role)
+
+
+def role_style(role: str) -> dict:
+    """Matplotlib keywords (colour, marker, line style) of a role, the same in every panel and figure."""
+    from testbed.plots import (
+        DEFAULT_MARKER,
+        DENSE_MARKER,
+        VARIANT_DASHES,
+        _shade,
+        method_colour,
+        method_markers,
+    )
+
+    method, variant = ROLE_METHODS.get(role, (role, 0))
+    colour = method_colour(method)
+    marker = DENSE_MARKER if method == "dense" else method_markers().get(method, DEFAULT_MARKER)
+    if variant:
+        return {
+            "color": _shade(colour, variant),
+            "marker": marker,
+            "linestyle": VARIANT_DASHES[(variant - 1) % len(VARIANT_DASHES)],
+        }
+    return {"color": colour, "marker": marker, "linestyle": "-"}
 
 
 def collect(runs: list[dict], metric: str = "val/loss", value_of=None) -> dict[str, dict[int, dict]]:
@@ -295,7 +331,7 @@ def ladder_figure(figure: dict, out_path: Path, reference: str = "hash") -> Path
             x = np.array([p[0] for p in points])
             mean = np.array([p[1] for p in points])
             half = np.nan_to_num(np.array([p[2] for p in points]))
-            (line,) = ax.plot(x, mean, marker="o", markersize=4, label=label(role))
+            (line,) = ax.plot(x, mean, markersize=4, label=label(role), **role_style(role))
             ax.fill_between(x, mean - half, mean + half, color=line.get_color(), alpha=0.18, lw=0)
             if len(x) == 1:
                 ax.errorbar(x, mean, yerr=half, color=line.get_color(), capsize=3)
