@@ -5,16 +5,32 @@
 # <run>/analysis/analysis.json and summary.md (committed; the checkpoints are not), and
 #   testbed-report ... --ladder --ladder-metric analysis/val/loss
 # compares those losses (rebuild.sh writes rescored.md). Dense runs get their loss only (no routing).
-# Resumable (a run with analysis/analysis.json is skipped). RUNGS / ROLES narrow it; DRY=1 prints.
+# Resumable (a run with analysis/analysis.json is skipped). RUNGS / ROLES / SEEDS narrow it; DRY=1 prints.
+# RETRAIN=1: a finished run whose checkpoint is gone (checkpoints are not committed) is trained again from
+# its recorded overrides (.hydra/overrides.yaml) into $SCRATCH (default /tmp/ladder_retrain), and scored
+# only if the retrained run's final validation loss equals the committed summary's (to 1e-6: the same
+# seed, one thread, the same numbers); otherwise it says so and scores nothing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 for rung in ${RUNGS:-6000 3000}; do
   for role in ${ROLES:-moe hash eb sinkhorn renorm dense_active dense_total}; do
-    for dir in experiments/ladder/runs/$rung/$role/s*; do
-      [ -f "$dir/checkpoints/last.ckpt" ] || continue
+    for seed in ${SEEDS:-0 1 2 3 4}; do
+      dir=experiments/ladder/runs/$rung/$role/s$seed
       grep -q '"status": "finished"' "$dir/summary.json" 2>/dev/null || continue
       [ -f "$dir/analysis/analysis.json" ] && continue
-      cmd="OMP_NUM_THREADS=1 .venv/bin/testbed-analyze --summary-only --no-progress --out $dir/analysis $dir data.val_tokens_per_domain=0"
+      source=$dir
+      if [ ! -f "$dir/checkpoints/last.ckpt" ]; then
+        [ -n "${RETRAIN:-}" ] && [ -f "$dir/.hydra/overrides.yaml" ] || continue
+        source=${SCRATCH:-/tmp/ladder_retrain}/$rung/$role/s$seed
+        overrides=$(sed -n 's/^- //p' "$dir/.hydra/overrides.yaml" | grep -v '^resume=' | tr '\n' ' ')
+        train="OMP_NUM_THREADS=1 .venv/bin/testbed-train $overrides resume=auto hydra.run.dir=$source"
+        if [ -n "${DRY:-}" ]; then echo "$train"; else
+          eval "$train" > /dev/null 2>&1 || { echo "FAILED retraining $dir"; continue; }
+          same=$(.venv/bin/python -c "import json, sys; a, b = (json.load(open(f + '/summary.json'))['val/loss'] for f in sys.argv[1:]); print(int(abs(a - b) <= 1e-6))" "$dir" "$source")
+          [ "$same" = 1 ] || { echo "NOT SCORED $dir: the retrained run's val/loss differs from the committed one"; continue; }
+        fi
+      fi
+      cmd="OMP_NUM_THREADS=1 .venv/bin/testbed-analyze --summary-only --no-progress --out $dir/analysis $source data.val_tokens_per_domain=0"
       if [ -n "${DRY:-}" ]; then echo "$cmd"; continue; fi
       eval "$cmd" > /dev/null && echo "done $dir" || echo "FAILED $dir"
     done
