@@ -36,6 +36,7 @@ ROLE_LABELS = {
     "hash_start": "top-2 + LBL, hash for 300 steps first",
     "lbl_1e-3": "top-2 + LBL 1e-3",
     "init_0.1": "top-2 + LBL, router init x0.1",
+    "init_10": "top-2 + LBL, router init x10",
     "fine64": "top-8 of 64 fine-grained experts",
     "hash64": "hash, 64 fine-grained experts",
 }
