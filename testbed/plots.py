@@ -450,6 +450,7 @@ AXIS_LABELS = {
     "val/loss": "validation loss (nats/token)",
     "train/loss": "training loss (nats/token)",
     "gate_entropy": "gate entropy (1 = uniform router)",
+    "gate_mass": "gate mass (a token's summed gates)",
     "dead_experts": "dead experts (fraction)",
     "max_violation": "max violation (0 = perfect balance)",
     "routing_variance": "routing variance",

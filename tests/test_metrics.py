@@ -143,3 +143,23 @@ def test_lbl_value_by_hand():
     assert S.lbl_value(np.array([[5, 5, 5, 5]]), np.full(4, 2.5), 10) == pytest.approx(1.0)
     assert S.lbl_value(np.array([[10, 0, 0, 0]]), np.array([10.0, 0, 0, 0]), 10) == pytest.approx(4.0)
     assert math.isnan(S.lbl_value(np.zeros((1, 4)), np.zeros(4), 0))
+
+
+def test_gate_mass_by_hand():
+    """gate_mass: the mean over tokens of the summed gates of the token's kept experts. Three tokens, top-2
+    gates (0.5, 0.2), (0.3, 0.3), (0.6, 0.4) with the last token's second assignment dropped by capacity:
+    (0.7 + 0.6 + 0.6) / 3. Renormalised gates and hash's 1/K gates give 1."""
+    probs = torch.tensor([[0.5, 0.2, 0.3], [0.3, 0.3, 0.4], [0.6, 0.0, 0.4]])
+    chosen = torch.tensor([[0, 1], [0, 1], [0, 2]])
+    gates = torch.tensor([[0.5, 0.2], [0.3, 0.3], [0.6, 0.4]])
+    routing = routing_from_choices(probs.log(), probs, chosen, gates)
+    kept = torch.ones(routing.num_assignments, dtype=torch.bool)
+    kept[(routing.token_index == 2) & (routing.expert_index == 2)] = False
+    routing.kept = kept
+    stats = RoutingStats(2, 1, 3)
+    stats.update(0, routing, None)
+    full = routing_from_choices(probs.log(), probs, chosen, gates / gates.sum(-1, keepdim=True))
+    stats.update(1, full, None)
+    metrics = spec_metrics(stats, ["layer0", "layer1"])
+    assert metrics["spec/gate_mass/layer0"] == pytest.approx((0.7 + 0.6 + 0.6) / 3)
+    assert metrics["spec/gate_mass/layer1"] == pytest.approx(1.0)

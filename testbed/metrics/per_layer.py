@@ -48,6 +48,7 @@ def layer_metrics(state: dict[str, np.ndarray], ngram_sizes: tuple[int, ...] = (
     # dropped / routed: `counts` holds the kept assignments only, so routed = kept + dropped
     out["drop_rate"] = S.drop_rate(float(state["dropped"]), float(counts.sum()))
     out["gate_entropy"] = S.ratio(float(state["entropy_sums"]), tokens)
+    out["gate_mass"] = S.ratio(float(state["gate_sums"]), tokens)
     out["lbl_value"] = S.lbl_value(counts, state["prob_sums"], tokens)
     out["routing_variance"] = S.ratio(float(state["variance_sums"]), tokens)
     for i, n in enumerate(ngram_sizes):

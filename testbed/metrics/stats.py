@@ -19,6 +19,7 @@ class RoutingStats:
     counts [L, D, E]          n_{d,e}: (kept) assignments of domain-d tokens to expert e
     prob_sums [L, E]          sum_t p_{t,e}
     entropy_sums [L]          sum_t H(p_t) / log E
+    gate_sums [L]             sum_t sum_{e in S_t} g_{t,e}: the kept assignments' gates (combine weights)
     variance_sums [L]         sum_t Var_e(p_{t,e}) (unbiased)
     tokens [L, D]             tokens seen per domain
     dropped [L]               assignments dropped by capacity
@@ -36,6 +37,7 @@ class RoutingStats:
         "counts",
         "prob_sums",
         "entropy_sums",
+        "gate_sums",
         "variance_sums",
         "tokens",
         "dropped",
@@ -95,6 +97,7 @@ class RoutingStats:
         flat = domain_ids[routing.token_index] * num_experts + routing.expert_index
         self.counts[layer].view(-1).index_add_(0, flat, routing.kept_as(torch.long))
         self.prob_sums[layer] += probs.sum(0)
+        self.gate_sums[layer] += (routing.weight.detach().double() * routing.kept_as(torch.float64)).sum()
         if num_experts > 1:  # normalized entropy and unbiased variance of the full router distribution
             entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1) / math.log(num_experts)
             self.entropy_sums[layer] += entropy.sum()
