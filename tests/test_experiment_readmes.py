@@ -140,12 +140,14 @@ def test_regime_large_readme_rows_rebuild_from_committed_runs(capsys):
 
 @pytest.mark.parametrize(
     ("args", "least"),
-    [  # rebuild.sh's three reports: the token ladder, its whole-validation rescoring, the mechanism runs
+    [  # rebuild.sh's reports: the token ladder, its whole-validation rescoring (against hash and against
+        # the default run), the mechanism runs
         (["../regime_large", "runs", "mechanism/renorm", "--ladder"], 2 + 6 + 1 + 4),
         (["runs", "--ladder", "--ladder-metric", "analysis/val/loss"], 2 + 2 + 1 + 2),
+        (["runs", "--ladder", "--ladder-metric", "analysis/val/loss", "--reference", "moe"], 2 + 2 + 1 + 2),
         (["../regime_large", "mechanism", "--ladder", "--reference", "moe"], 2 + 4 + 1 + 4),
     ],
-    ids=["ladder", "rescored", "mechanism"],
+    ids=["ladder", "rescored", "rescored_vs_default", "mechanism"],
 )
 def test_ladder_readme_tables_rebuild_from_committed_runs(capsys, monkeypatch, args, least):
     """Every row of the ladder's tables (experiments/ladder/README.md) is testbed-report --ladder's row for

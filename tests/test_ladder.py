@@ -228,3 +228,23 @@ def test_ladder_roles_are_drawn_in_their_methods_style():
     assert to_rgb(renorm["color"]) != to_rgb(moe["color"])
     assert role_style("eb") == role_style("eb") and role_style("eb")["color"] != moe["color"]
     assert role_style("moe_lr1e-2")["color"]  # a run name no table knows still gets a fixed colour
+
+
+def test_learning_rate_runs_read_as_their_model_and_rate():
+    """The learning-rate sweep's run names (`<role>_lr<rate>`) read as the role's name and the rate, and
+    draw in a shade of the role's method, the same in every process."""
+    import subprocess
+    import sys
+
+    from testbed.analysis.ladder import label, role_style
+
+    assert label("moe_lr1e-2") == "top-2 softmax + LBL, lr 1e-2"
+    assert label("dense_active_lr3e-2") == "dense (active params), lr 3e-2"
+    assert label("hash_lr1e-3") == "hash, lr 1e-3" and label("other") == "other"
+    assert role_style("hash_lr1e-2")["marker"] == role_style("hash")["marker"]
+    assert role_style("hash_lr1e-2")["color"] != role_style("hash")["color"]
+    code = "from testbed.analysis.ladder import role_style; print(role_style('moe_lr1e-2'))"
+    runs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(2)
+    }
+    assert runs == {f"{role_style('moe_lr1e-2')}\n"}

@@ -12,6 +12,8 @@ $R ../regime_large runs mechanism/renorm --ladder --out report.md --plots
 # the same comparisons on the whole validation split: the final checkpoints rescored by rescore.sh
 # (analysis/analysis.json beside each MoE run of the 3,000- and 6,000-step rungs)
 $R runs --ladder --ladder-metric analysis/val/loss --out rescored.md
+# ... and each configuration against the default run (renormalised gates vs the default gates)
+$R runs --ladder --ladder-metric analysis/val/loss --reference moe --out rescored_vs_default.md
 if [ -d mechanism ]; then
     # each mechanism against the default run (moe) and hash at 1,500 steps, same seeds; the lr sweep's
     # models each at its own rates (val loss table)

@@ -14,6 +14,8 @@ is an extrapolation, reported as such and only from three rungs on, when the slo
 from __future__ import annotations
 
 import math
+import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +42,9 @@ ROLE_LABELS = {
     "fine64": "top-8 of 64 fine-grained experts",
     "hash64": "hash, 64 fine-grained experts",
 }
-"""Legend names of the ladder's roles and mechanism runs (run_name); other run names (the learning-rate
-sweep's `<model>_lr<rate>`) are shown as they are."""
+"""Legend names of the ladder's roles and mechanism runs (run_name); the learning-rate sweep's
+`<role>_lr<rate>` reads "<role's name>, lr <rate>"; other run names are shown as they are."""
+LR_SUFFIX = re.compile(r"^(?P<role>.+)_lr(?P<rate>[0-9.e+-]+)$")
 ROLE_METHODS = {  # the method whose colour and marker a role is drawn in (testbed/plots.py's one style)
     "moe": ("LBL", 0),
     "eb": ("EB", 0),
@@ -60,6 +63,9 @@ BASELINES = ("hash", "dense_active", "dense_total")
 
 
 def label(role: str) -> str:
+    match = LR_SUFFIX.match(role)
+    if role not in ROLE_LABELS and match:
+        return f"{label(match['role'])}, lr {match['rate']}"
     return ROLE_LABELS.get(role, role)
 
 
@@ -74,7 +80,11 @@ def role_style(role: str) -> dict:
         method_markers,
     )
 
-    method, variant = ROLE_METHODS.get(role, (role, 0))
+    match = LR_SUFFIX.match(role)
+    if role not in ROLE_METHODS and match and match["role"] in ROLE_METHODS:  # a rate of a known role
+        method, variant = ROLE_METHODS[match["role"]][0], 1 + zlib.crc32(match["rate"].encode()) % 3
+    else:
+        method, variant = ROLE_METHODS.get(role, (role, 0))
     colour = method_colour(method)
     marker = DENSE_MARKER if method == "dense" else method_markers().get(method, DEFAULT_MARKER)
     if variant:
