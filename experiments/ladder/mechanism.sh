@@ -11,13 +11,14 @@
 #   init_10      optim.router_init_scale=10         router gates start 10x larger: decisive (hash-like) choices from step 0
 #   fine64       64 experts of hidden 16, top-8     fine-grained, equal active and total parameters
 #   hash64       the same, routed by hash           fine64's hash baseline
-#   lr sweep     optim.lr 1e-3 and 1e-2             for moe, hash and dense_active: each model at its best rate
+#   lr sweep     optim.lr 1e-3, 1e-2 and 3e-2       for moe, hash and dense_active: each model at its best rate
+#                (<model>_lr<rate>; the default rate is 3e-3)
 # Seeds 0-4 (the lr sweep 0-2). Resumable like run.sh; JOBS / NAMES / SEEDS narrow it; DRY=1 prints.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FINE="model.moe.num_experts=64 model.moe.expert_hidden=16 router.top_k=8"
 commands() {
-  for name in ${NAMES:-renorm freeze hash_start lbl_1e-3 init_0.1 init_10 fine64 hash64 moe_lr1e-3 moe_lr1e-2 hash_lr1e-3 hash_lr1e-2 dense_active_lr1e-3 dense_active_lr1e-2}; do
+  for name in ${NAMES:-renorm freeze hash_start lbl_1e-3 init_0.1 init_10 fine64 hash64 moe_lr1e-3 moe_lr1e-2 moe_lr3e-2 hash_lr1e-3 hash_lr1e-2 hash_lr3e-2 dense_active_lr1e-3 dense_active_lr1e-2 dense_active_lr3e-2}; do
     case $name in
       renorm) args="router.renormalize=true" ;;
       freeze) args="optim.router_freeze_step=300" ;;
