@@ -24,7 +24,15 @@ from matplotlib.ticker import NullLocator
 from scipy import stats
 
 from testbed.analysis.inference import ci95, holm, one_sample_p, trend
-from testbed.plots import save_figure
+from testbed.plots import (
+    DEFAULT_MARKER,
+    DENSE_MARKER,
+    VARIANT_DASHES,
+    _shade,
+    method_colour,
+    method_markers,
+    save_figure,
+)
 
 ROLE_LABELS = {
     "moe": "top-2 softmax + LBL",
@@ -71,15 +79,6 @@ def label(role: str) -> str:
 
 def role_style(role: str) -> dict:
     """Matplotlib keywords (colour, marker, line style) of a role, the same in every panel and figure."""
-    from testbed.plots import (
-        DEFAULT_MARKER,
-        DENSE_MARKER,
-        VARIANT_DASHES,
-        _shade,
-        method_colour,
-        method_markers,
-    )
-
     match = LR_SUFFIX.match(role)
     if role not in ROLE_METHODS and match and match["role"] in ROLE_METHODS:  # a rate of a known role
         method, variant = ROLE_METHODS[match["role"]][0], 1 + zlib.crc32(match["rate"].encode()) % 3
