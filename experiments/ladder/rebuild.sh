@@ -18,4 +18,7 @@ if [ -d mechanism ]; then
     # each mechanism against the default run (moe) and hash at 1,500 steps, same seeds; the lr sweep's
     # models each at its own rates (val loss table)
     $R ../regime_large mechanism --ladder --reference moe --out mechanism/report.md
+    # the learning-rate sweep: every configuration against the learned router at its best rate (1e-2), so
+    # that hash and dense-active are compared at their own best rates too
+    $R ../regime_large mechanism --ladder --reference moe_lr1e-2 --out mechanism/best_rate.md
 fi
