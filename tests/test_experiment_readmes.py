@@ -146,8 +146,14 @@ def test_regime_large_readme_rows_rebuild_from_committed_runs(capsys):
         (["runs", "--ladder", "--ladder-metric", "analysis/val/loss"], 2 + 2 + 1 + 2),
         (["runs", "--ladder", "--ladder-metric", "analysis/val/loss", "--reference", "moe"], 2 + 2 + 1 + 2),
         (["../regime_large", "mechanism", "--ladder", "--reference", "moe"], 2 + 4 + 1 + 4),
+        (
+            ["../regime_large"]
+            + sorted(f"mechanism/{p.name}" for p in (ROOT / "experiments/ladder/mechanism").glob("*_lr*"))
+            + ["--ladder", "--reference", "moe_lr1e-2"],
+            2 + 4 + 1 + 4,
+        ),
     ],
-    ids=["ladder", "rescored", "rescored_vs_default", "mechanism"],
+    ids=["ladder", "rescored", "rescored_vs_default", "mechanism", "best_rate"],
 )
 def test_ladder_readme_tables_rebuild_from_committed_runs(capsys, monkeypatch, args, least):
     """Every row of the ladder's tables (experiments/ladder/README.md) is testbed-report --ladder's row for

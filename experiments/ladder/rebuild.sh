@@ -20,5 +20,5 @@ if [ -d mechanism ]; then
     $R ../regime_large mechanism --ladder --reference moe --out mechanism/report.md
     # the learning-rate sweep: every configuration against the learned router at its best rate (1e-2), so
     # that hash and dense-active are compared at their own best rates too
-    $R ../regime_large mechanism --ladder --reference moe_lr1e-2 --out mechanism/best_rate.md
+    $R ../regime_large mechanism/*_lr* --ladder --reference moe_lr1e-2 --out mechanism/best_rate.md
 fi
