@@ -167,3 +167,16 @@ def test_ladder_readme_tables_rebuild_from_committed_runs(capsys, monkeypatch, a
     readme = set((base / "README.md").read_text().splitlines())
     missing = [row for row in rows if row not in readme]
     assert not missing, missing
+
+
+def test_ladder_gate_mass_rows_rebuild_from_committed_runs(capsys, monkeypatch):
+    """The gate-mass table of experiments/ladder/README.md is testbed-report's, as rebuild.sh makes it."""
+    base = ROOT / "experiments" / "ladder"
+    monkeypatch.chdir(base)
+    runs = ["mechanism/lbl_1e-3", *sorted(f"mechanism/{p.name}" for p in (base / "mechanism").glob("moe_lr*"))]
+    columns = "analysis/spec/gate_mass/mean,spec/gate_mass/mean,val/loss"
+    assert report.main([*runs, "--columns", columns]) == 0
+    table = capsys.readouterr().out.split("\n\n")[0].splitlines()
+    assert len(table) >= 2 + 3 and table[0].startswith("| ")
+    readme = set((base / "README.md").read_text().splitlines())
+    assert not [row for row in table if row not in readme]

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 R="$(pwd)/../../.venv/bin/testbed-report"
+GATE_MASS="analysis/spec/gate_mass/mean,spec/gate_mass/mean,val/loss"
 # the token ladder: validation loss per rung, gains paired by seed, Holm over the comparisons with hash,
 # the trend per doubling of tokens, ladder.png
 # (the renormalised-gates router's 1,500-step runs are the mechanism runs of the same configuration)
@@ -21,4 +22,7 @@ if [ -d mechanism ]; then
     # the learning-rate sweep: every configuration against the learned router at its best rate (1e-2), so
     # that hash and dense-active are compared at their own best rates too
     $R ../regime_large mechanism/*_lr* --ladder --reference moe_lr1e-2 --out mechanism/best_rate.md
+    # the learned router's gate mass (summed gates per token): logged by the learning-rate runs, and
+    # scored by testbed-analyze --summary-only on the LBL 1e-3 runs' checkpoints (analysis/)
+    $R mechanism/lbl_1e-3 mechanism/moe_lr* --columns "$GATE_MASS" --out mechanism/gate_mass.md
 fi
