@@ -173,7 +173,8 @@ def test_ladder_gate_mass_rows_rebuild_from_committed_runs(capsys, monkeypatch):
     """The gate-mass table of experiments/ladder/README.md is testbed-report's, as rebuild.sh makes it."""
     base = ROOT / "experiments" / "ladder"
     monkeypatch.chdir(base)
-    runs = ["mechanism/lbl_1e-3", *sorted(f"mechanism/{p.name}" for p in (base / "mechanism").glob("moe_lr*"))]
+    rates = sorted(f"mechanism/{p.name}" for p in (base / "mechanism").glob("moe_lr*"))
+    runs = ["mechanism/lbl_1e-3", *rates]
     columns = "analysis/spec/gate_mass/mean,spec/gate_mass/mean,val/loss"
     assert report.main([*runs, "--columns", columns]) == 0
     table = capsys.readouterr().out.split("\n\n")[0].splitlines()
