@@ -257,3 +257,21 @@ def test_a_killed_rank_stops_its_partner_and_the_pair_resumes(synth_mix, tmp_pat
         run_dir, synth_mix, *DDP, "trainer.max_steps=60", "trainer.val_check_interval=5", "resume=auto"
     )
     assert resumed["status"] == "finished" and resumed["steps"] == 60
+
+
+def test_lightnings_process_observer_leaves_rank_zero_time_to_report_a_lost_peer():
+    """A multi-process run makes Lightning's launcher start an observer that looks at the other ranks every
+    PEER_REPORT_S (30 s), not every 5 s: rank 0's own collective error (PeerLost, exit 2, an 'interrupted'
+    summary) comes first, the observer's SIGKILL stays the backstop."""
+    from lightning.fabric.strategies.launchers import subprocess_script
+
+    from testbed.train.checkpoint import PEER_REPORT_S, _PatientObserver, let_peers_report_first
+
+    original = subprocess_script._ChildProcessObserver
+    try:
+        let_peers_report_first()
+        observer = subprocess_script._ChildProcessObserver(main_pid=os.getpid(), child_processes=[])
+        assert isinstance(observer, _PatientObserver) and isinstance(observer, original)
+        assert observer._sleep_period == PEER_REPORT_S == 30
+    finally:
+        subprocess_script._ChildProcessObserver = original

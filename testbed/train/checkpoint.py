@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.strategies.launchers import subprocess_script
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -78,6 +79,27 @@ class DirectCheckpointIO(TorchCheckpointIO):
             raise TypeError(f"{type(self).__name__} takes no storage_options (got {storage_options!r})")
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         torch.save(checkpoint, path)
+
+
+PEER_REPORT_S = 30
+"""Seconds Lightning's process observer waits between looks at the other ranks (its own default: 5)."""
+
+
+class _PatientObserver(subprocess_script._ChildProcessObserver):
+    """Lightning's launcher (rank 0) polls its child ranks and SIGKILLs every process once one has died. At
+    its default 5 s that can beat rank 0's own detection (its next collective fails: PeerLost, exit 2, an
+    "interrupted" summary naming the checkpoint) whenever rank 0 spends more than 5 s between collectives
+    (a validation, a checkpoint write, a loaded machine), and rank 0 then dies without a word. Polling every
+    PEER_REPORT_S leaves the observer as the backstop for a rank hung in a collective."""
+
+    def __init__(self, main_pid: int, child_processes: list, sleep_period: int = PEER_REPORT_S) -> None:
+        super().__init__(main_pid=main_pid, child_processes=child_processes, sleep_period=sleep_period)
+
+
+def let_peers_report_first() -> None:
+    """Make Lightning's subprocess launcher start `_PatientObserver` (it looks the class up when it launches
+    the other ranks)."""
+    subprocess_script._ChildProcessObserver = _PatientObserver
 
 
 class PeerLost(TestbedError):

@@ -123,6 +123,7 @@ def _train(
         TrainingDiverged,
         check_same_run,
         is_launch_rank_zero,
+        let_peers_report_first,
         load_weights,
         peer_lost,
         prepare_run_dir,
@@ -194,6 +195,8 @@ def _train(
         callbacks.append(checkpointer)
         module.checkpoint_path = str(run_dir / LAST)
     t = run.trainer
+    if t.devices != 1 or t.num_nodes != 1:  # a multi-process run: rank 0 reports a lost peer itself
+        let_peers_report_first()
     trainer = L.Trainer(
         accelerator=t.accelerator,
         strategy=FSDP2Strategy() if t.strategy == FSDP2 else t.strategy,
