@@ -243,6 +243,8 @@ def test_learning_rate_runs_read_as_their_model_and_rate():
     assert label("hash_lr1e-3") == "hash, lr 1e-3" and label("other") == "other"
     assert role_style("hash_lr1e-2")["marker"] == role_style("hash")["marker"]
     assert role_style("hash_lr1e-2")["color"] != role_style("hash")["color"]
+    rates = [role_style(f"moe_lr{rate}") for rate in ("1e-3", "3e-3", "1e-2", "3e-2")]
+    assert len({(str(s["color"]), str(s["linestyle"])) for s in rates}) == 4  # every rate its own look
     code = "from testbed.analysis.ladder import role_style; print(role_style('moe_lr1e-2'))"
     runs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(2)

@@ -77,12 +77,13 @@ def load_run(checkpoint: Path, overrides: list[str]):
 
 
 @torch.no_grad()
-def evaluate(module, datamodule, stiffness_batches: int, routing: bool = True):
+def evaluate(module, datamodule, stiffness_batches: int):
     """The validation pass of training, with its routing counters (+ the stiffness pass), without a
     Trainer: the module's `validation_outputs` and the callback's `count_batch`, as in training. Returns
-    (per-domain loss, stats, per-domain token count); `routing=False` (a dense model): the loss only,
-    stats None."""
+    (per-domain loss, stats, per-domain token count); a dense model (no MoE layers): the loss only, stats
+    None."""
     module.eval()
+    routing = bool(module.moe_layer_names)
     stats = new_stats(module) if routing else None
     sums = torch.zeros(len(module.domains), dtype=torch.float64, device=module.device)
     counts = torch.zeros_like(sums)
@@ -106,35 +107,6 @@ def evaluate(module, datamodule, stiffness_batches: int, routing: bool = True):
     )
 
 
-def write_loss_only(out: Path, checkpoint, model_name: str, losses: dict, tokens: dict, extra: dict) -> dict:
-    """analysis.json and summary.md of a model without routing (a dense run): its validation loss per
-    domain, the tokens scored, no routing metrics."""
-    out.mkdir(parents=True, exist_ok=True)
-    analysis = {
-        "checkpoint": str(checkpoint),
-        "router": None,
-        "model": model_name,
-        "domains": list(losses),
-        "val_loss": losses,
-        "val_loss_mean": sum(losses.values()) / len(losses),
-        "val_tokens": tokens,
-        **extra,
-    }
-    (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float))
-    lines = [
-        f"# Analysis of {checkpoint}",
-        "",
-        f"Model `{model_name}` (dense: no routing to count); mean validation loss "
-        f"{analysis['val_loss_mean']:.3f} nats/token over {sum(tokens.values()):,} tokens.",
-        "",
-        "| domain | val loss | tokens |",
-        "|---|---|---|",
-        *[f"| {d} | {v:.3f} | {tokens[d]:,} |" for d, v in losses.items()],
-    ]
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
-    return analysis
-
-
 def write_report(
     out: Path,
     checkpoint,
@@ -148,12 +120,9 @@ def write_report(
 ) -> dict:
     """analysis.json, routing_counts.pt, the heatmap, per-layer plots and summary.md (`files=False`:
     analysis.json and summary.md only, small enough to commit beside a run). `router` labels the plots (a
-    testbed run's router name, a pretrained model's family); `extra` adds keys to analysis.json."""
+    testbed run's router name, a pretrained model's family); `extra` adds keys to analysis.json. `stats`
+    None (a dense model: nothing routed): the losses only, analysis.json and summary.md."""
     out.mkdir(parents=True, exist_ok=True)
-    layers = per_layer(stats)
-    state = stats.state_dict()
-    routed = state["accuracy_routed"].double()
-    accuracy = torch.where(routed > 0, state["correct"].double() / routed.clamp_min(1), torch.nan)
     analysis = {
         "checkpoint": str(checkpoint),
         "router": router,
@@ -161,6 +130,17 @@ def write_report(
         "layers": layer_names,
         "val_loss": losses,
         "val_loss_mean": sum(losses.values()) / len(losses),
+    }
+    if stats is None:
+        analysis.update(extra or {})
+        (out / "analysis.json").write_text(json.dumps(analysis, indent=2, default=float))
+        (out / "summary.md").write_text(markdown_summary(analysis))
+        return analysis
+    layers = per_layer(stats)
+    state = stats.state_dict()
+    routed = state["accuracy_routed"].double()
+    accuracy = torch.where(routed > 0, state["correct"].double() / routed.clamp_min(1), torch.nan)
+    analysis |= {
         "metrics": spec_metrics(stats, layer_names),
         "per_layer": dict(zip(layer_names, layers, strict=True)),
         "expert_accuracy": {name: accuracy[i].tolist() for i, name in enumerate(layer_names)},
@@ -202,12 +182,20 @@ def markdown_summary(analysis: dict) -> str:
     lines = [
         f"# Analysis of {analysis['checkpoint']}",
         "",
-        f"Router: `{analysis['router']}`; mean validation loss {analysis['val_loss_mean']:.3f} nats/token.",
+        (
+            f"Router: `{analysis['router']}`"
+            if analysis["router"] is not None
+            else f"Model `{analysis.get('model')}` (dense: no routing to count)"
+        )
+        + f"; mean validation loss {analysis['val_loss_mean']:.3f} nats/token"
+        + (f" over {sum(analysis['val_tokens'].values()):,} tokens." if "val_tokens" in analysis else "."),
         "",
         "| domain | val loss |",
         "|---|---|",
     ]
     lines += [f"| {d} | {v:.3f} |" for d, v in analysis["val_loss"].items()]
+    if "per_layer" not in analysis:  # a dense model: no routing to count
+        return "\n".join(lines) + "\n"
     metrics = sorted({k for layer in analysis["per_layer"].values() for k in layer})
     lines += [
         "",
@@ -293,22 +281,17 @@ def analyze_checkpoint(args: argparse.Namespace) -> int:
     module.to(args.device)
     stiffness = run.metrics.stiffness_batches if args.stiffness_batches is None else args.stiffness_batches
     out = args.out or checkpoint.parent.parent / "analysis"
-    if not module.moe_layer_names:  # --summary-only on a dense run: its loss, for the regime check
-        losses, _, tokens = evaluate(module, datamodule, 0, routing=False)
-        write_loss_only(out, checkpoint, run.model.name, losses, tokens, {"overrides": list(args.overrides)})
-        print((out / "summary.md").read_text())
-        print(f"wrote {out}/analysis.json, summary.md")
-        return 0
     losses, stats, tokens = evaluate(module, datamodule, stiffness)
+    dense = stats is None  # --summary-only on a dense run: its loss, for the regime check
     write_report(
         out,
         checkpoint,
-        run.router.name,
+        None if dense else run.router.name,
         datamodule.domains,
         losses,
         stats,
         module.moe_layer_names,
-        {"overrides": list(args.overrides), "val_tokens": tokens},
+        {"overrides": list(args.overrides), "val_tokens": tokens, "model": run.model.name},
         files=not args.summary_only,
     )
     print((out / "summary.md").read_text())

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import re
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,7 +80,9 @@ def role_style(role: str) -> dict:
     """Matplotlib keywords (colour, marker, line style) of a role, the same in every panel and figure."""
     match = LR_SUFFIX.match(role)
     if role not in ROLE_METHODS and match and match["role"] in ROLE_METHODS:  # a rate of a known role
-        method, variant = ROLE_METHODS[match["role"]][0], 1 + zlib.crc32(match["rate"].encode()) % 3
+        # a shade per half-decade of the rate: four neighbouring rates (1e-3 ... 3e-2) all differ
+        half_decades = round(2 * math.log10(float(match["rate"])))
+        method, variant = ROLE_METHODS[match["role"]][0], 1 + half_decades % len(VARIANT_DASHES)
     else:
         method, variant = ROLE_METHODS.get(role, (role, 0))
     colour = method_colour(method)

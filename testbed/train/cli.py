@@ -195,8 +195,7 @@ def _train(
         callbacks.append(checkpointer)
         module.checkpoint_path = str(run_dir / LAST)
     t = run.trainer
-    if t.devices != 1 or t.num_nodes != 1:  # a multi-process run: rank 0 reports a lost peer itself
-        let_peers_report_first()
+    let_peers_report_first()  # a multi-process run: rank 0 reports a lost peer itself
     trainer = L.Trainer(
         accelerator=t.accelerator,
         strategy=FSDP2Strategy() if t.strategy == FSDP2 else t.strategy,
