@@ -108,7 +108,9 @@ def test_the_main_config_restates_no_default():
     base = leaves(plain(RunConfig()))
     found = {key: value for key, value in leaves(values).items() if key in base and base[key] == value}
     assert found == {}
-    assert values == {"run_name": "default"}  # all else: the schema's defaults and the groups' files
+    # all else: the schema's defaults and the groups' files; the default run's learning rate is its own (the
+    # micro models' best rate, experiments/ladder), the option's default stays that of the committed runs
+    assert values == {"run_name": "default", "optim": {"lr": 1e-2}}
 
 
 def test_the_check_finds_a_restated_default(tmp_path):

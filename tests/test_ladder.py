@@ -250,3 +250,60 @@ def test_learning_rate_runs_read_as_their_model_and_rate():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout for _ in range(2)
     }
     assert runs == {f"{role_style('moe_lr1e-2')}\n"}
+
+
+def test_a_ladder_at_another_rate_compares_with_its_own_baselines(tmp_path, capsys):
+    """--reference hash_lr1e-2 --ladder-baselines dense_active_lr1e-2: every run at lr 1e-2; the dense run is
+    a baseline column (not a compared configuration, not in the Holm family), the figure's second panel is
+    the gain over it, and a baseline nobody ran is refused with exit 2."""
+    rated = {(f"{role}_lr1e-2", steps): values for (role, steps), values in LOSSES.items()}
+    for (role, steps), values in rated.items():
+        for seed, value in enumerate(values):
+            fake_run(
+                tmp_path / str(steps) / role / f"s{seed}",
+                [f"trainer.max_steps={steps}", f"run_name={role}"],
+                {
+                    "run_name": role,
+                    "seed": seed,
+                    "steps": steps,
+                    "tokens_seen": steps * 2048,
+                    "val/loss": value,
+                },
+            )
+    out = tmp_path / "r" / "lr.md"
+    args = [str(tmp_path), "--ladder", "--no-committed-baselines", "--reference", "hash_lr1e-2"]
+    assert (
+        main(
+            [
+                *args,
+                "--ladder-baselines",
+                "dense_active_lr1e-2",
+                "--out",
+                str(out),
+                "--plots",
+                "--ladder-figure",
+                "lr.png",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "r" / "lr.png").stat().st_size > 0 and not (tmp_path / "r" / "ladder.png").exists()
+    rows = (tmp_path / "r" / "lr.csv").read_text().splitlines()[1:]
+    compared = {(r.split(",")[2], r.split(",")[3]) for r in rows}
+    assert compared == {
+        ("moe_lr1e-2", "hash_lr1e-2"),
+        ("moe_lr1e-2", "dense_active_lr1e-2"),
+        ("hash_lr1e-2", "dense_active_lr1e-2"),  # the reference against the dense model too
+    }
+    # moe over dense at 100 steps: 4.30-4.10, 4.40-4.21, 4.50-4.29 -> mean 0.2, by hand
+    row = next(
+        r
+        for r in (r.split(",") for r in rows)
+        if r[0] == "100" and r[2:4] == ["moe_lr1e-2", "dense_active_lr1e-2"]
+    )
+    assert float(row[4]) == pytest.approx(0.20, abs=1e-9)
+    text = out.read_text()
+    assert "over dense (active params), lr 1e-2" in text and "the 2 comparisons with hash, lr 1e-2" in text
+    assert main([*args, "--ladder-baselines", "dense_active_lr3e-2"]) == 2
+    assert "no finished run named dense_active_lr3e-2" in capsys.readouterr().err
+    assert main([*args, "--ladder-figure", "../x.png", "--out", str(out), "--plots"]) == 2

@@ -15,6 +15,15 @@ $R ../regime_large runs mechanism/renorm --ladder --out report.md --plots
 $R runs --ladder --ladder-metric analysis/val/loss --out rescored.md
 # ... and each configuration against the default run (renormalised gates vs the default gates)
 $R runs --ladder --ladder-metric analysis/val/loss --reference moe --out rescored_vs_default.md
+# the token ladder at lr 1e-2, every micro model's best rate at 1,500 steps (run.sh ROLES="moe_lr1e-2
+# hash_lr1e-2 dense_active_lr1e-2"; the 1,500-step runs are the mechanism runs' learning-rate sweep): against
+# hash and dense-active at the same rate, on the 36 validation documents and on the whole split
+if [ -d runs_lr ]; then
+    LR="--reference hash_lr1e-2 --ladder-baselines dense_active_lr1e-2"
+    $R mechanism/moe_lr1e-2 mechanism/hash_lr1e-2 mechanism/dense_active_lr1e-2 runs_lr --ladder $LR \
+        --out lr_ladder.md --plots --ladder-figure lr_ladder.png
+    $R runs_lr --ladder --ladder-metric analysis/val/loss $LR --out lr_rescored.md
+fi
 if [ -d mechanism ]; then
     # each mechanism against the default run (moe) and hash at 1,500 steps, same seeds; the lr sweep's
     # models each at its own rates (val loss table)

@@ -13,7 +13,8 @@ for seed in ${SEEDS:-0 1 2 3 4}; do
     esac
     dir=experiments/regime_large/$role/s$seed
     [ -f "$dir/summary.json" ] && continue
-    .venv/bin/testbed-train "${args[@]}" seed=$seed run_name=$role trainer.progress_bar=false hydra.run.dir=$dir
+    # optim.lr=3e-3: the rate these runs used (the default run's has been 1e-2 since experiments/ladder's sweep)
+    .venv/bin/testbed-train "${args[@]}" optim.lr=3e-3 seed=$seed run_name=$role trainer.progress_bar=false hydra.run.dir=$dir
   done
 done
 .venv/bin/testbed-report experiments/regime_large --out experiments/regime_large/report.md

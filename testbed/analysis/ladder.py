@@ -139,10 +139,23 @@ def _cell(mean: float, half: float, n: int, digits: int = 3, signed: bool = True
     return text + (f" ± {half:.{digits}f}" if n > 1 else "") + f" ({n})"
 
 
+def base_role(role: str) -> str:
+    """The role without a learning-rate suffix: `dense_active_lr1e-2` -> `dense_active`."""
+    match = LR_SUFFIX.match(role)
+    return match["role"] if match and role not in ROLE_LABELS else role
+
+
 def ladder_report(
-    runs: list[dict], reference: str = "hash", metric: str = "val/loss", value_of=None
+    runs: list[dict],
+    reference: str = "hash",
+    metric: str = "val/loss",
+    value_of=None,
+    baselines: tuple[str, ...] = BASELINES,
 ) -> tuple[str, list[list], dict]:
-    """(Markdown, CSV rows, figure data) of the ladder in `runs`, on `metric` (see `collect`)."""
+    """(Markdown, CSV rows, figure data) of the ladder in `runs`, on `metric` (see `collect`). `baselines`:
+    the run names every configuration is also compared with (a column each; the reference comes first),
+    e.g. ("dense_active_lr1e-2",) for a ladder at another learning rate. A dense role (a dense baseline, at
+    any rate, among them) is a baseline only, never a compared configuration."""
     table = collect(runs, metric, value_of)
     if not table:
         return f"no finished runs with {metric}", [], {}
@@ -193,11 +206,12 @@ def ladder_report(
         [],
         [["steps", "tokens", "configuration", "baseline", "gain_mean", "ci95_half", "n", "p", "p_holm"]],
     )
-    baselines = (reference, *(b for b in BASELINES if b != reference))
+    baselines = (reference, *(b for b in baselines if b != reference))
+    dense_baselines = {b for b in baselines if base_role(b) in DENSE}
     for s in rungs:
         for role in roles:
             for baseline in baselines:
-                if role == baseline or role in DENSE:
+                if role == baseline or role in DENSE or role in dense_baselines:
                     continue
                 diffs = gains(table, role, baseline, s)
                 if not diffs:
@@ -268,7 +282,8 @@ def ladder_report(
         "log2 tokens; slope = change per doubling, 95% CI):",
         "",
     ]
-    figure = {"tokens": tokens, "rungs": rungs, "series": {}}
+    dense_panel = next((b for b in baselines if base_role(b) == "dense_active"), "dense_active")
+    figure = {"tokens": tokens, "rungs": rungs, "series": {}, "panels": (reference, dense_panel)}
     for role in roles:
         mine = [r for r in family if r["role"] == role]
         if not mine:
@@ -277,7 +292,7 @@ def ladder_report(
         ys = [d for r in mine for d in r["diffs"]]
         fit = trend(xs, ys)
         lines.append(f"- {label(role)}: " + crossing_sentence(mine, tokens, fit))
-    for baseline in (reference, "dense_active"):
+    for baseline in figure["panels"]:
         figure["series"][baseline] = {
             role: [
                 (tokens[r["steps"]], r["mean"], r["half"], r["n"])
@@ -333,10 +348,11 @@ def crossing_sentence(rows: list[dict], tokens: dict, fit: dict) -> str:
 
 def ladder_figure(figure: dict, out_path: Path, reference: str = "hash") -> Path:
     """Two panels over tokens (log axis): the gain over the reference and over the dense model of equal
-    active parameters, mean per rung with its 95% CI as a band (as error bars where a rung has one point)."""
+    active parameters (the report's dense-active baseline, at its rate), mean per rung with its 95% CI as a
+    band (as error bars where a rung has one point)."""
     fig = Figure(figsize=(9.0, 3.6), layout="constrained")
     axes = fig.subplots(1, 2, sharex=True)
-    for ax, baseline in zip(axes, (reference, "dense_active"), strict=True):
+    for ax, baseline in zip(axes, figure.get("panels", (reference, "dense_active")), strict=True):
         for role, points in figure["series"].get(baseline, {}).items():
             points = sorted(points)
             x = np.array([p[0] for p in points])

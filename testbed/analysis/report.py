@@ -33,7 +33,7 @@ from scipy.optimize import brentq
 
 from testbed.analysis.html_report import Heatmaps, Page, write_page
 from testbed.analysis.inference import ci95, holm, one_sample_p
-from testbed.analysis.ladder import ladder_figure, ladder_report, rank_report
+from testbed.analysis.ladder import BASELINES, collect, ladder_figure, ladder_report, rank_report
 from testbed.errors import CheckpointError
 from testbed.losses import BALANCE
 from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check, repeated_domains
@@ -1094,7 +1094,26 @@ RANK_METRICS = ("val/loss", "spec/purity/mean")
 
 
 def ladder_main(runs: list[dict], failed: list[Path], args) -> int:
-    text, csv_rows, figure = ladder_report(runs, args.reference, args.ladder_metric, run_value)
+    if "/" in args.ladder_figure or not args.ladder_figure.endswith(".png"):
+        print(
+            f"error: --ladder-figure {args.ladder_figure}: a file name ending in .png (no folder: it goes "
+            "beside --out)",
+            file=sys.stderr,
+        )
+        return 2
+    baselines = BASELINES
+    if args.ladder_baselines:
+        baselines = tuple(b.strip() for b in args.ladder_baselines.split(","))
+        names = collect(runs, args.ladder_metric, run_value)
+        missing = [b for b in baselines if b not in names]
+        if missing:
+            print(
+                f"error: --ladder-baselines: no finished run named {', '.join(missing)}; the runs' names: "
+                f"{', '.join(sorted(names))}",
+                file=sys.stderr,
+            )
+            return 2
+    text, csv_rows, figure = ladder_report(runs, args.reference, args.ladder_metric, run_value, baselines)
     if failed:
         text += "\n\nNot finished (no result, not counted): " + ", ".join(str(p) for p in failed)
     print(text)
@@ -1104,7 +1123,7 @@ def ladder_main(runs: list[dict], failed: list[Path], args) -> int:
         with args.out.with_suffix(".csv").open("w", newline="") as fh:
             csv.writer(fh).writerows(csv_rows)
     if args.plots and figure:
-        print(f"wrote {ladder_figure(figure, figure_folder(args) / 'ladder.png', args.reference)}")
+        print(f"wrote {ladder_figure(figure, figure_folder(args) / args.ladder_figure, args.reference)}")
     return 0
 
 
@@ -1193,6 +1212,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--reference", default="hash", help="with --ladder: the run_name every gain family uses"
+    )
+    parser.add_argument(
+        "--ladder-baselines",
+        default=None,
+        help="with --ladder: the run_names compared with besides --reference, comma-separated (default: "
+        "hash,dense_active,dense_total); e.g. dense_active_lr1e-2 for a ladder whose runs share a rate",
+    )
+    parser.add_argument(
+        "--ladder-figure",
+        default="ladder.png",
+        help="with --ladder --plots: the figure's file name, beside --out (default ladder.png)",
     )
     parser.add_argument(
         "--ladder-metric",
