@@ -40,8 +40,10 @@ LOSSES = {
 }
 
 
-def ladder_dirs(tmp_path):
+def ladder_dirs(tmp_path, suffix=""):
+    """LOSSES as runs; `suffix` (e.g. _lr1e-2) is appended to every run_name."""
     for (role, steps), values in LOSSES.items():
+        role += suffix
         for seed, value in enumerate(values):
             fake_run(
                 tmp_path / str(steps) / role / f"s{seed}",
@@ -256,20 +258,7 @@ def test_a_ladder_at_another_rate_compares_with_its_own_baselines(tmp_path, caps
     """--reference hash_lr1e-2 --ladder-baselines dense_active_lr1e-2: every run at lr 1e-2; the dense run is
     a baseline column (not a compared configuration, not in the Holm family), the figure's second panel is
     the gain over it, and a baseline nobody ran is refused with exit 2."""
-    rated = {(f"{role}_lr1e-2", steps): values for (role, steps), values in LOSSES.items()}
-    for (role, steps), values in rated.items():
-        for seed, value in enumerate(values):
-            fake_run(
-                tmp_path / str(steps) / role / f"s{seed}",
-                [f"trainer.max_steps={steps}", f"run_name={role}"],
-                {
-                    "run_name": role,
-                    "seed": seed,
-                    "steps": steps,
-                    "tokens_seen": steps * 2048,
-                    "val/loss": value,
-                },
-            )
+    ladder_dirs(tmp_path, suffix="_lr1e-2")
     out = tmp_path / "r" / "lr.md"
     args = [str(tmp_path), "--ladder", "--no-committed-baselines", "--reference", "hash_lr1e-2"]
     assert (
