@@ -23,6 +23,8 @@ if [ -d runs_lr ]; then
     $R mechanism/moe_lr1e-2 mechanism/hash_lr1e-2 mechanism/dense_active_lr1e-2 runs_lr --ladder $LR \
         --out lr_ladder.md --plots --ladder-figure lr_ladder.png
     $R runs_lr --ladder --ladder-metric analysis/val/loss $LR --out lr_rescored.md
+    # the learned router's gate mass up the ladder (logged at the end of each run; analysis/: whole split)
+    $R mechanism/moe_lr1e-2 runs_lr/*/moe_lr1e-2 --columns "$GATE_MASS" --out lr_gate_mass.md
 fi
 if [ -d mechanism ]; then
     # each mechanism against the default run (moe) and hash at 1,500 steps, same seeds; the lr sweep's
