@@ -138,6 +138,9 @@ def test_regime_large_readme_rows_rebuild_from_committed_runs(capsys):
     assert_regime_rows_in_readme(capsys, base, [base], 4)
 
 
+LR_LADDER = ["--reference", "hash_lr1e-2", "--ladder-baselines", "dense_active_lr1e-2"]
+
+
 @pytest.mark.parametrize(
     ("args", "least"),
     [  # rebuild.sh's reports: the token ladder, its whole-validation rescoring (against hash and against
@@ -152,8 +155,14 @@ def test_regime_large_readme_rows_rebuild_from_committed_runs(capsys):
             + ["--ladder", "--reference", "moe_lr1e-2"],
             2 + 4 + 1 + 4,
         ),
+        (  # the ladder at lr 1e-2, against hash and dense-active at that rate
+            ["mechanism/moe_lr1e-2", "mechanism/hash_lr1e-2", "mechanism/dense_active_lr1e-2", "runs_lr"]
+            + ["--ladder", *LR_LADDER],
+            2 + 3 + 1 + 6,
+        ),
+        (["runs_lr", "--ladder", "--ladder-metric", "analysis/val/loss", *LR_LADDER], 2 + 3 + 1 + 4),
     ],
-    ids=["ladder", "rescored", "rescored_vs_default", "mechanism", "best_rate"],
+    ids=["ladder", "rescored", "rescored_vs_default", "mechanism", "best_rate", "lr_ladder", "lr_rescored"],
 )
 def test_ladder_readme_tables_rebuild_from_committed_runs(capsys, monkeypatch, args, least):
     """Every row of the ladder's tables (experiments/ladder/README.md) is testbed-report --ladder's row for
@@ -169,15 +178,28 @@ def test_ladder_readme_tables_rebuild_from_committed_runs(capsys, monkeypatch, a
     assert not missing, missing
 
 
-def test_ladder_gate_mass_rows_rebuild_from_committed_runs(capsys, monkeypatch):
-    """The gate-mass table of experiments/ladder/README.md is testbed-report's, as rebuild.sh makes it."""
-    base = ROOT / "experiments" / "ladder"
-    monkeypatch.chdir(base)
-    rates = sorted(f"mechanism/{p.name}" for p in (base / "mechanism").glob("moe_lr*"))
-    runs = ["mechanism/lbl_1e-3", *rates]
+def assert_gate_mass_rows_in_readme(capsys, runs: list[str]) -> None:
+    """testbed-report's gate-mass table of `runs` (relative to experiments/ladder, the working folder) stands
+    row for row in experiments/ladder/README.md, as rebuild.sh makes it."""
     columns = "analysis/spec/gate_mass/mean,spec/gate_mass/mean,val/loss"
     assert report.main([*runs, "--columns", columns]) == 0
     table = capsys.readouterr().out.split("\n\n")[0].splitlines()
     assert len(table) >= 2 + 3 and table[0].startswith("| ")
-    readme = set((base / "README.md").read_text().splitlines())
+    readme = set((ROOT / "experiments/ladder/README.md").read_text().splitlines())
     assert not [row for row in table if row not in readme]
+
+
+def test_ladder_gate_mass_rows_rebuild_from_committed_runs(capsys, monkeypatch):
+    """The learned router's gate mass at 1,500 steps: LBL 1e-3 (scored afterwards) and the rate sweep."""
+    base = ROOT / "experiments" / "ladder"
+    monkeypatch.chdir(base)
+    rates = sorted(f"mechanism/{p.name}" for p in (base / "mechanism").glob("moe_lr*"))
+    assert_gate_mass_rows_in_readme(capsys, ["mechanism/lbl_1e-3", *rates])
+
+
+def test_ladder_gate_mass_up_the_learning_rate_ladder(capsys, monkeypatch):
+    """The gate mass of the learned router at lr 1e-2, one row a rung (lr_gate_mass.md)."""
+    base = ROOT / "experiments" / "ladder"
+    monkeypatch.chdir(base)
+    rungs = sorted(f"runs_lr/{p.parent.name}/moe_lr1e-2" for p in base.glob("runs_lr/*/moe_lr1e-2"))
+    assert_gate_mass_rows_in_readme(capsys, ["mechanism/moe_lr1e-2", *rungs])

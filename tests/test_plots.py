@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
+from pathlib import Path
 
 import matplotlib
 import matplotlib.image as mpimg
 import numpy as np
 import pytest
+import yaml
 from matplotlib.collections import PathCollection, PolyCollection
+from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from testbed.layout import block_layout
@@ -33,6 +37,7 @@ from testbed.plots import (
     t_interval,
     training_curves,
 )
+from testbed.train.cli import CONF_DIR
 
 D, E = 8, 16
 DOMAINS = [f"domain{d}" for d in range(D)]
@@ -393,3 +398,28 @@ def test_readable_labels_have_no_raw_overrides():
     assert readable_label("model.moe.capacity_factor=null") == "dropless"
     assert readable_label("aux_loss=[z_loss,variance] target=0.01") == "z_loss+variance target 0.01"
     assert "=" not in readable_label("balance.coefficient=0.1 x=y=z")
+
+
+def test_run_logging_keeps_font_subsetting_off_the_console(tmp_path, caplog):
+    """Saving a figure's PDF copy subsets its fonts with fontTools, which logs every table at INFO (about
+    900 lines at the end of `make train`); the run's logging config (conf/hydra/job_logging/rich.yaml) sets
+    fontTools to WARNING."""
+    config = yaml.safe_load((Path(CONF_DIR) / "hydra/job_logging/rich.yaml").read_text())
+    font_logger = logging.getLogger("fontTools")
+    before = font_logger.level
+
+    def records_of_a_saved_figure(name: str) -> int:
+        caplog.clear()
+        fig = Figure()
+        fig.subplots().set_title("text to embed")
+        with caplog.at_level(logging.INFO):
+            save_figure(fig, tmp_path / f"{name}.png")
+        return len([r for r in caplog.records if r.name.startswith("fontTools")])
+
+    try:
+        font_logger.setLevel(logging.NOTSET)
+        assert records_of_a_saved_figure("unconfigured") > 10  # what the console showed
+        logging.getLogger("fontTools").setLevel(config["loggers"]["fontTools"]["level"])
+        assert records_of_a_saved_figure("configured") == 0
+    finally:
+        font_logger.setLevel(before)
