@@ -13,13 +13,14 @@
 #   hash64       the same, routed by hash           fine64's hash baseline
 #   lr sweep     optim.lr 1e-3, 1e-2 and 3e-2       for moe, hash and dense_active: each model at its best rate
 #                (<model>_lr<rate>; every other run uses 3e-3, the baselines' rate); renorm_lr1e-2: renormalised
-#                gates at the best rate
+#                gates at the best rate; dense_total_lr1e-2: the dense model of equal total parameters at the
+#                default run's rate (its regime check's dense-total baseline)
 # Seeds 0-4 (the lr sweep 0-2). Resumable like run.sh; JOBS / NAMES / SEEDS narrow it; DRY=1 prints.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 FINE="model.moe.num_experts=64 model.moe.expert_hidden=16 router.top_k=8"
 commands() {
-  for name in ${NAMES:-renorm freeze hash_start lbl_1e-3 init_0.1 init_10 fine64 hash64 moe_lr1e-3 moe_lr1e-2 moe_lr3e-2 hash_lr1e-3 hash_lr1e-2 hash_lr3e-2 dense_active_lr1e-3 dense_active_lr1e-2 dense_active_lr3e-2 renorm_lr1e-2}; do
+  for name in ${NAMES:-renorm freeze hash_start lbl_1e-3 init_0.1 init_10 fine64 hash64 moe_lr1e-3 moe_lr1e-2 moe_lr3e-2 hash_lr1e-3 hash_lr1e-2 hash_lr3e-2 dense_active_lr1e-3 dense_active_lr1e-2 dense_active_lr3e-2 renorm_lr1e-2 dense_total_lr1e-2}; do
     case $name in
       renorm) args="router.renormalize=true" ;;
       freeze) args="optim.router_freeze_step=300" ;;
@@ -33,6 +34,7 @@ commands() {
       renorm_lr*) args="router.renormalize=true optim.lr=${name#renorm_lr}" ;;
       hash_lr*) args="router=hash balance=none optim.lr=${name#hash_lr}" ;;
       dense_active_lr*) args="model=micro_dense optim.lr=${name#dense_active_lr}" ;;
+      dense_total_lr*) args="model=micro_dense_total optim.lr=${name#dense_total_lr}" ;;
       *) echo "unknown name $name" >&2; exit 2 ;;
     esac
     case $name in *_lr*) ;; *) args="$args optim.lr=3e-3" ;; esac  # the baselines' rate, pinned
