@@ -4,18 +4,19 @@
 # during training (2-8 documents per domain on the large mix). testbed-analyze --summary-only writes
 # <run>/analysis/analysis.json and summary.md (committed; the checkpoints are not), and
 #   testbed-report ... --ladder --ladder-metric analysis/val/loss
-# compares those losses (rebuild.sh writes rescored.md; the learning-rate variants' runs_lr/ the same way). Dense runs get their loss only (no routing).
+# compares those losses (rebuild.sh writes rescored.md; lr_rescored.md for the learning-rate variants of
+# runs_lr/). Dense runs get their loss only (no routing).
 # Resumable (a run with analysis/analysis.json is skipped). RUNGS / ROLES / SEEDS narrow it; DRY=1 prints.
 # RETRAIN=1: a finished run whose checkpoint is gone (checkpoints are not committed) is trained again from
-# its recorded rate and overrides (summary.json, .hydra/overrides.yaml) into $SCRATCH (default /tmp/ladder_retrain), and scored
-# only if the retrained run's final validation loss equals the committed summary's (to 1e-6: the same
-# seed, one thread, the same numbers); otherwise it says so and scores nothing.
+# its recorded rate and overrides (summary.json, .hydra/overrides.yaml) into $SCRATCH (default
+# /tmp/ladder_retrain), and scored only if the retrained run's final validation loss equals the committed
+# summary's (to 1e-6: the same seed, one thread, the same numbers); otherwise it says so and scores nothing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 for rung in ${RUNGS:-6000 3000}; do
   for role in ${ROLES:-moe hash eb sinkhorn renorm dense_active dense_total moe_lr1e-2 hash_lr1e-2 dense_active_lr1e-2}; do
     for seed in ${SEEDS:-0 1 2 3 4}; do
-      case $role in *_lr*) tree=runs_lr ;; *) tree=runs ;; esac  # run.sh puts learning-rate variants in runs_lr
+      case $role in *_lr*) tree=runs_lr ;; *) tree=runs ;; esac  # run.sh's folders
       dir=experiments/ladder/$tree/$rung/$role/s$seed
       grep -q '"status": "finished"' "$dir/summary.json" 2>/dev/null || continue
       [ -f "$dir/analysis/analysis.json" ] && continue

@@ -69,20 +69,30 @@ DENSE = ("dense_active", "dense_total")
 BASELINES = ("hash", "dense_active", "dense_total")
 
 
+def split_rate(role: str) -> tuple[str, str | None]:
+    """(the role, its learning rate) of a `<role>_lr<rate>` run name; (role, None) for a role without one
+    (a named role, such as `lbl_1e-3`, is never split)."""
+    match = None if role in ROLE_LABELS else LR_SUFFIX.match(role)
+    return (match["role"], match["rate"]) if match else (role, None)
+
+
+def base_role(role: str) -> str:
+    """The role without a learning-rate suffix: `dense_active_lr1e-2` -> `dense_active`."""
+    return split_rate(role)[0]
+
+
 def label(role: str) -> str:
-    match = LR_SUFFIX.match(role)
-    if role not in ROLE_LABELS and match:
-        return f"{label(match['role'])}, lr {match['rate']}"
-    return ROLE_LABELS.get(role, role)
+    base, rate = split_rate(role)
+    return f"{label(base)}, lr {rate}" if rate else ROLE_LABELS.get(role, role)
 
 
 def role_style(role: str) -> dict:
     """Matplotlib keywords (colour, marker, line style) of a role, the same in every panel and figure."""
-    match = LR_SUFFIX.match(role)
-    if role not in ROLE_METHODS and match and match["role"] in ROLE_METHODS:  # a rate of a known role
+    base, rate = split_rate(role)
+    if rate and base in ROLE_METHODS:  # a rate of a known role
         # a shade per half-decade of the rate: four neighbouring rates (1e-3 ... 3e-2) all differ
-        half_decades = round(2 * math.log10(float(match["rate"])))
-        method, variant = ROLE_METHODS[match["role"]][0], 1 + half_decades % len(VARIANT_DASHES)
+        half_decades = round(2 * math.log10(float(rate)))
+        method, variant = ROLE_METHODS[base][0], 1 + half_decades % len(VARIANT_DASHES)
     else:
         method, variant = ROLE_METHODS.get(role, (role, 0))
     colour = method_colour(method)
@@ -137,12 +147,6 @@ def _cell(mean: float, half: float, n: int, digits: int = 3, signed: bool = True
         return ""
     text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
     return text + (f" ± {half:.{digits}f}" if n > 1 else "") + f" ({n})"
-
-
-def base_role(role: str) -> str:
-    """The role without a learning-rate suffix: `dense_active_lr1e-2` -> `dense_active`."""
-    match = LR_SUFFIX.match(role)
-    return match["role"] if match and role not in ROLE_LABELS else role
 
 
 def ladder_report(
