@@ -3,11 +3,12 @@
 import json
 import math
 
+import numpy as np
 import pytest
 from scipy import stats
 
 from testbed.analysis.inference import ci95, holm, one_sample_p, trend
-from testbed.analysis.ladder import collect, ladder_report
+from testbed.analysis.ladder import collect, label, ladder_report
 from testbed.analysis.report import main
 from tests.test_report import fake_run
 
@@ -162,6 +163,55 @@ def test_rank_agreement_by_hand(tmp_path, capsys):
     assert (
         "Spearman rho over the 3 configurations: +1.000" in out and "in one scale only (left out): w" in out
     )
+
+
+def test_rank_differences_by_hand(tmp_path, capsys):
+    """--rank-reference: every configuration minus the reference, paired by seed, at both scales, a sign
+    comparison only where both intervals exclude 0; rho without the dense model (which ranks last at both
+    scales and so inflates rho: 0.8 with it, 0.5 without, by hand); the figure; bad options exit 2."""
+    micro = {
+        "x": [1.0, 1.1, 1.2],
+        "y": [1.5, 1.6, 1.7],  # x + 0.5 on every seed
+        "z": [0.9, 1.0, 1.1],  # x - 0.1
+        "dense_active": [4.0, 4.0, 4.0],
+    }
+    tiny = {
+        "x": [2.0, 2.1, 2.2],
+        "y": [2.3, 2.4, 2.5],  # x + 0.3: the same sign as at micro
+        "z": [2.2, 2.3, 2.4],  # x + 0.2: reversed
+        "dense_active": [5.0, 5.1, 5.3],
+    }
+    for scale, values in (("micro", micro), ("tiny", tiny)):
+        for name, seeds in values.items():
+            for seed, value in enumerate(seeds):
+                fake_run(
+                    tmp_path / scale / name / f"s{seed}" / "0",
+                    [f"seed={seed}"],
+                    {"seed": seed, "val/loss": value},
+                )
+    args = ["--rank", str(tmp_path / "micro"), str(tmp_path / "tiny"), "--columns", "val/loss"]
+    out_file = tmp_path / "report" / "rank.md"
+    assert main([*args, "--rank-reference", "x", "--out", str(out_file), "--plots"]) == 0
+    out = capsys.readouterr().out
+    assert "Spearman rho over the 4 configurations: +0.800" in out
+    assert "Over the 3 routed configurations (dense models left out" in out and "): +0.500 (" in out
+    assert "| y | +0.5000 ± 0.0000 (3) | +0.3000 ± 0.0000 (3) | yes |" in out
+    assert "| z | -0.1000 ± 0.0000 (3) | +0.2000 ± 0.0000 (3) | no: reversed |" in out
+    # dense - x: micro 3.0, 2.9, 2.8; tiny 3.0, 3.0, 3.1; half-width t(0.975, 2) * sd / sqrt(3)
+    half = [
+        stats.t.ppf(0.975, 2) * np.std(d, ddof=1) / np.sqrt(3) for d in ([3.0, 2.9, 2.8], [3.0, 3.0, 3.1])
+    ]
+    dense = f"| {label('dense_active')} | +2.9000 ± {half[0]:.4f} (3) | +3.0333 ± {half[1]:.4f} (3) | yes |"
+    assert dense in out and f"{half[0]:.4f}" == "0.2484"
+    assert out_file.read_text().strip() == out[: out.index("wrote")].strip()
+    assert (tmp_path / "report" / "rank.png").stat().st_size > 0
+    assert main([*args, "--rank-reference", "w"]) == 2
+    assert "--rank-reference w: not a configuration of both grids; those in both: dense_active, x, y, z" in (
+        capsys.readouterr().err
+    )
+    assert main([*args, "--rank-reference", "x", "--plots"]) == 2  # no --out: nowhere to put the figure
+    assert main([*args, "--out", str(out_file), "--plots"]) == 2  # no reference: nothing to draw
+    assert main(args) == 0 and "paired by seed" not in capsys.readouterr().out  # no reference: no table
 
 
 def test_another_reference_is_a_baseline_column_too(tmp_path):

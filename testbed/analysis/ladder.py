@@ -48,9 +48,12 @@ ROLE_LABELS = {
     "init_10": "top-2 + LBL, router init x10",
     "fine64": "top-8 of 64 fine-grained experts",
     "hash64": "hash, 64 fine-grained experts",
+    "lbl_micro_batch": "top-2 + LBL, micro-batch scope",
+    "lbl_global": "top-2 + LBL, global scope",
 }
 """Legend names of the ladder's roles and mechanism runs (run_name); the learning-rate sweep's
-`<role>_lr<rate>` reads "<role's name>, lr <rate>"; other run names are shown as they are."""
+`<role>_lr<rate>` reads "<role's name>, lr <rate>"; the scale ladder's sweeps (lbl_micro_batch, lbl_global,
+eb, sinkhorn, hash, dense_active) by the same names; other run names are shown as they are."""
 LR_SUFFIX = re.compile(r"^(?P<role>.+)_lr(?P<rate>[0-9.e+-]+)$")
 ROLE_METHODS = {  # the method whose colour and marker a role is drawn in (testbed/plots.py's one style)
     "moe": ("LBL", 0),
@@ -380,15 +383,36 @@ def ladder_figure(figure: dict, out_path: Path, reference: str = "hash") -> Path
     return save_figure(fig, out_path)
 
 
-def config_values(runs: list[dict], metric: str) -> dict[str, list[float]]:
-    """{configuration: [value per seed]}: the configuration of a run is its sweep (the first folder below
-    the report root in an experiment grid's output), else its run_name."""
-    out: dict[str, list[float]] = {}
+def config_seed_values(runs: list[dict], metric: str) -> dict[str, dict[int, float]]:
+    """{configuration: {seed: value}}: the configuration of a run is its sweep (the first folder below the
+    report root in an experiment grid's output), else its run_name."""
+    out: dict[str, dict[int, float]] = {}
     for run in runs:
         value = run["summary"].get(metric)
         if isinstance(value, int | float) and math.isfinite(value):
             name = run.get("sweep") or str(run["summary"].get("run_name"))
-            out.setdefault(name, []).append(float(value))
+            seeds = out.setdefault(name, {})
+            seeds[int(run["summary"].get("seed", len(seeds)))] = float(value)
+    return out
+
+
+def config_values(runs: list[dict], metric: str) -> dict[str, list[float]]:
+    """{configuration: [value per seed]} (`config_seed_values` without the seeds)."""
+    return {name: list(seeds.values()) for name, seeds in config_seed_values(runs, metric).items()}
+
+
+def rank_differences(
+    a: dict[str, dict[int, float]], b: dict[str, dict[int, float]], reference: str
+) -> dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]]:
+    """Per configuration in both scales (the reference left out): its difference from the reference, paired
+    by seed, as (mean, 95% half-width, n) at the smaller and at the larger scale."""
+    out = {}
+    for name in sorted((set(a) & set(b)) - {reference}):
+        out[name] = tuple(
+            ci95([seeds[s] - values[reference][s] for s in sorted(seeds) if s in values[reference]])
+            for values in (a, b)
+            for seeds in (values[name],)
+        )
     return out
 
 
@@ -416,9 +440,15 @@ def rank_agreement(
 
 
 def rank_report(
-    runs_a: list[dict], runs_b: list[dict], labels: tuple[str, str], metrics: tuple[str, ...]
+    runs_a: list[dict],
+    runs_b: list[dict],
+    labels: tuple[str, str],
+    metrics: tuple[str, ...],
+    reference: str | None = None,
 ) -> str:
-    """Per metric: each configuration's mean (and rank) at both scales; Spearman's rho with its interval."""
+    """Per metric: each configuration's mean (and rank) at both scales; Spearman's rho with its interval,
+    over all configurations and over the routed ones; with a reference configuration, every other one's
+    difference from it, paired by seed, at both scales (`difference_table`)."""
     lines = []
     for metric in metrics:
         a, b = config_values(runs_a, metric), config_values(runs_b, metric)
@@ -446,6 +476,75 @@ def rank_report(
             f"Spearman rho over the {len(names)} configurations: {result['rho']:+.3f} (95% bootstrap "
             f"interval over seeds {result['low']:+.3f} to {result['high']:+.3f})"
             + (f"; in one scale only (left out): {', '.join(only)}" if only else ""),
-            "",
         ]
+        routed = {n: a[n] for n in names if not n.startswith(DENSE_PREFIX)}
+        if len(routed) < len(names):
+            routed_result = rank_agreement(routed, {n: b[n] for n in routed})
+            lines.append(
+                f"Over the {len(routed)} routed configurations (dense models left out: that they rank "
+                f"last is the regime check, not a ranking of routers): {routed_result['rho']:+.3f} "
+                f"({routed_result['low']:+.3f} to {routed_result['high']:+.3f})"
+            )
+        if reference is not None and reference in names:
+            lines += ["", *difference_table(runs_a, runs_b, labels, metric, reference)]
+        lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def scale_differences(runs_a: list[dict], runs_b: list[dict], metric: str, reference: str) -> dict:
+    """`rank_differences` of two grids' runs."""
+    return rank_differences(config_seed_values(runs_a, metric), config_seed_values(runs_b, metric), reference)
+
+
+DENSE_PREFIX = "dense"  # configurations named dense* are the dense baselines (the ladder's and grids' names)
+
+
+def difference_table(
+    runs_a: list[dict], runs_b: list[dict], labels: tuple[str, str], metric: str, reference: str
+) -> list[str]:
+    """Markdown lines: each configuration minus the reference, paired by seed, at both scales, and whether
+    the sign is the same (a difference whose interval includes 0 at either scale is not a sign to compare)."""
+    diffs = scale_differences(runs_a, runs_b, metric, reference)
+    lines = [
+        f"{metric} minus {label(reference)}'s, paired by seed (mean ± 95% CI (pairs)):",
+        "",
+        f"| configuration | {labels[0]} | {labels[1]} | same sign, both intervals excluding 0 |",
+        "|---|---|---|---|",
+    ]
+    for name, cells in sorted(diffs.items(), key=lambda item: item[1][0][0]):
+        excluded = [math.isfinite(h) and abs(m) > h for m, h, _ in cells]
+        verdict = "n/a (an interval includes 0)"
+        if all(excluded):
+            verdict = "yes" if np.sign(cells[0][0]) == np.sign(cells[1][0]) else "no: reversed"
+        cols = " | ".join(_cell(m, h, n, digits=4) for m, h, n in cells)
+        lines.append(f"| {label(name)} | {cols} | {verdict} |")
+    return lines
+
+
+def rank_figure(
+    runs_a: list[dict],
+    runs_b: list[dict],
+    labels: tuple[str, str],
+    metric: str,
+    reference: str,
+    out_path: Path,
+) -> Path:
+    """Each configuration's difference from the reference (paired by seed, 95% CI as error bars) at the two
+    scales side by side, configurations in the order of the smaller scale's differences."""
+    diffs = scale_differences(runs_a, runs_b, metric, reference)
+    names = sorted(diffs, key=lambda n: diffs[n][0][0])
+    fig = Figure(figsize=(max(4.5, 1.1 * len(names) + 1.5), 3.4), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(names))
+    for i, (scale, marker) in enumerate(zip(labels, ("o", "s"), strict=True)):
+        mean = np.array([diffs[n][i][0] for n in names])
+        half = np.nan_to_num(np.array([diffs[n][i][1] for n in names]))
+        ax.errorbar(x + (i - 0.5) * 0.25, mean, yerr=half, fmt=marker, capsize=3, markersize=5, label=scale)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(x, [label(n) for n in names], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(f"{metric} − {label(reference)}")
+    ax.set_title(f"difference from {label(reference)} (paired by seed, 95% CI); < 0 = lower", fontsize=10)
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    return save_figure(fig, out_path)

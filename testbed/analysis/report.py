@@ -33,7 +33,15 @@ from scipy.optimize import brentq
 
 from testbed.analysis.html_report import Heatmaps, Page, write_page
 from testbed.analysis.inference import ci95, holm, one_sample_p
-from testbed.analysis.ladder import BASELINES, collect, ladder_figure, ladder_report, rank_report
+from testbed.analysis.ladder import (
+    BASELINES,
+    collect,
+    config_values,
+    ladder_figure,
+    ladder_report,
+    rank_figure,
+    rank_report,
+)
 from testbed.errors import CheckpointError
 from testbed.losses import BALANCE
 from testbed.metrics.regime import REGIME_KEYS, is_moe, read_summaries, regime_check, repeated_domains
@@ -1082,11 +1090,31 @@ def rank_main(args) -> int:
         print(f"error: --rank: {err}", file=sys.stderr)
         return 2
     metrics = split_list(args.columns) if args.columns != ",".join(DEFAULT_COLUMNS) else RANK_METRICS
-    text = rank_report(runs_a, runs_b, (args.rank[0].name, args.rank[1].name), metrics)
+    labels = (args.rank[0].name, args.rank[1].name)
+    if args.rank_reference is not None:
+        both = set(config_values(runs_a, metrics[0])) & set(config_values(runs_b, metrics[0]))
+        if args.rank_reference not in both:
+            print(
+                f"error: --rank-reference {args.rank_reference}: not a configuration of both grids; those in "
+                f"both: {', '.join(sorted(both)) or 'none'}",
+                file=sys.stderr,
+            )
+            return 2
+    if args.plots and (args.out is None or args.rank_reference is None):
+        print(
+            "error: --rank with --plots needs --out (the figure goes beside it, as <out>.png) and "
+            "--rank-reference (the figure shows the differences from it)",
+            file=sys.stderr,
+        )
+        return 2
+    text = rank_report(runs_a, runs_b, labels, metrics, args.rank_reference)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
+    if args.plots:
+        path = args.out.with_suffix(".png")
+        print(f"wrote {rank_figure(runs_a, runs_b, labels, metrics[0], args.rank_reference, path)}")
     return 0
 
 
@@ -1244,6 +1272,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar=("SMALLER", "LARGER"),
         help="scale ladder: the configurations (sweeps, else run names) of two grids ranked by --columns "
         "(default val/loss, purity), Spearman's rho with a bootstrap interval over seeds (no DIRS needed)",
+    )
+    parser.add_argument(
+        "--rank-reference",
+        metavar="CONFIGURATION",
+        help="with --rank: every other configuration's difference from this one (e.g. lbl_micro_batch), "
+        "paired by seed with its 95%% CI, at both scales; with --plots and --out, as a figure <out>.png",
     )
     args = parser.parse_args(argv)
     if args.holm is not None:
