@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from testbed import experiment as ex
 
@@ -403,5 +404,7 @@ def test_scale_ladder_rungs_share_their_sweeps():
         assert names is None or list(sweeps) == names
         names = list(sweeps)
         assert sweeps["dense_active"]["model"] == [f"{scale}_dense"]
+        # every size at the rate of the experiments whose rankings it tests, not the default run's 1e-2
+        assert yaml.safe_load(experiment.path.read_text())["optim"]["lr"] == 3.0e-3
         assert all(grid["model"] == [scale] for name, grid in sweeps.items() if name != "dense_active")
     assert names == ["lbl_micro_batch", "lbl_global", "eb", "sinkhorn", "hash", "dense_active"]

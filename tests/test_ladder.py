@@ -212,6 +212,11 @@ def test_rank_differences_by_hand(tmp_path, capsys):
     assert main([*args, "--rank-reference", "x", "--plots"]) == 2  # no --out: nowhere to put the figure
     assert main([*args, "--out", str(out_file), "--plots"]) == 2  # no reference: nothing to draw
     assert main(args) == 0 and "paired by seed" not in capsys.readouterr().out  # no reference: no table
+    # a grid collected into <experiment>/runs (experiments/collect.sh) is labelled by the experiment's folder
+    (tmp_path / "scale_micro").mkdir()
+    (tmp_path / "micro").rename(tmp_path / "scale_micro" / "runs")
+    assert main(["--rank", str(tmp_path / "scale_micro" / "runs"), str(tmp_path / "tiny")]) == 0
+    assert "| configuration | scale_micro | rank | tiny | rank |" in capsys.readouterr().out
 
 
 def test_another_reference_is_a_baseline_column_too(tmp_path):

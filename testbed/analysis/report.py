@@ -1090,7 +1090,8 @@ def rank_main(args) -> int:
         print(f"error: --rank: {err}", file=sys.stderr)
         return 2
     metrics = split_list(args.columns) if args.columns != ",".join(DEFAULT_COLUMNS) else RANK_METRICS
-    labels = (args.rank[0].name, args.rank[1].name)
+    # each grid's folder name (the experiment's name where the grid is its collected runs/ folder)
+    labels = tuple(p.parent.name if p.name == "runs" else p.name for p in args.rank)
     if args.rank_reference is not None:
         both = set(config_values(runs_a, metrics[0])) & set(config_values(runs_b, metrics[0]))
         if args.rank_reference not in both:
