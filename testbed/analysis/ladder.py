@@ -49,10 +49,10 @@ ROLE_LABELS = {
     "fine64": "top-8 of 64 fine-grained experts",
     "hash64": "hash, 64 fine-grained experts",
     "lbl_micro_batch": "top-2 + LBL, micro-batch scope",
-    "lbl_global": "top-2 + LBL, global scope",
+    "lbl_sequence": "top-2 + LBL, sequence scope",
 }
 """Legend names of the ladder's roles and mechanism runs (run_name); the learning-rate sweep's
-`<role>_lr<rate>` reads "<role's name>, lr <rate>"; the scale ladder's sweeps (lbl_micro_batch, lbl_global,
+`<role>_lr<rate>` reads "<role's name>, lr <rate>"; the scale ladder's sweeps (lbl_micro_batch, lbl_sequence,
 eb, sinkhorn, hash, dense_active) by the same names; other run names are shown as they are."""
 LR_SUFFIX = re.compile(r"^(?P<role>.+)_lr(?P<rate>[0-9.e+-]+)$")
 ROLE_METHODS = {  # the method whose colour and marker a role is drawn in (testbed/plots.py's one style)
