@@ -37,3 +37,16 @@ if [ -d mechanism ]; then
     # scored by testbed-analyze --summary-only on the LBL 1e-3 runs' checkpoints (analysis/)
     $R mechanism/lbl_1e-3 mechanism/moe_lr* --columns "$GATE_MASS" --out mechanism/gate_mass.md
 fi
+if [ -d scale/micro/runs ]; then
+    # the scale ladder (make experiment NAME=scale_micro / scale_tiny, collected into scale/<size>/runs):
+    # each size's table and regime check, then the ranking of the six configurations at micro against
+    # tiny (val loss and purity): Spearman's rho over seeds, with and without the dense model, and each
+    # configuration minus the default router (top-2 + LBL at micro-batch scope), paired by seed, at both
+    for size in scale/*/runs; do
+        $R "$size" --out "$(dirname "$size")/report.md"
+    done
+    if [ -d scale/tiny/runs ]; then
+        $R --rank scale/micro/runs scale/tiny/runs --rank-reference lbl_micro_batch \
+            --out scale/rank_micro_tiny.md --plots
+    fi
+fi
