@@ -203,3 +203,24 @@ def test_ladder_gate_mass_up_the_learning_rate_ladder(capsys, monkeypatch):
     monkeypatch.chdir(base)
     rungs = sorted(f"runs_lr/{p.parent.name}/moe_lr1e-2" for p in base.glob("runs_lr/*/moe_lr1e-2"))
     assert_gate_mass_rows_in_readme(capsys, ["mechanism/moe_lr1e-2", *rungs])
+
+
+def test_scale_ladder_rank_rows_rebuild_from_committed_runs(capsys, monkeypatch):
+    """The scale ladder's ranking (rebuild.sh's scale/rank_micro_tiny.md): every table row and every rho line
+    of testbed-report --rank stands in experiments/ladder/README.md, and each size's regime check rows."""
+    base = ROOT / "experiments" / "ladder"
+    monkeypatch.chdir(base)
+    args = ["--rank", "scale/micro/runs", "scale/tiny/runs", "--rank-reference", "lbl_micro_batch"]
+    assert report.main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    rows = [line for line in out if line.startswith(("| ", "Spearman rho", "Over the "))]
+    # loss: header, 6 configurations, 2 rho lines (all, routed), header, 5 differences; purity (no dense
+    # model): header, 5 configurations, 1 rho line, header, 4 differences
+    assert len(rows) == (1 + 6 + 2 + 1 + 5) + (1 + 5 + 1 + 1 + 4)
+    readme = set((base / "README.md").read_text().splitlines())
+    assert not [row for row in rows if row not in readme]
+    for size in ("micro", "tiny"):
+        assert report.main([f"scale/{size}/runs"]) == 0
+        regime = capsys.readouterr().out.split("Regime check")[1].splitlines()
+        rows = [line for line in regime if line.startswith("| model=")]
+        assert len(rows) == 6 and not [row for row in rows if row not in readme]

@@ -542,7 +542,7 @@ def rank_figure(
         ax.errorbar(x + (i - 0.5) * 0.25, mean, yerr=half, fmt=marker, capsize=3, markersize=5, label=scale)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(x, [label(n) for n in names], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(f"{metric} − {label(reference)}")
+    ax.set_ylabel(f"{metric} difference")
     ax.set_title(f"difference from {label(reference)} (paired by seed, 95% CI); < 0 = lower", fontsize=10)
     ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     ax.grid(alpha=0.3, axis="y")
