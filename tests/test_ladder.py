@@ -134,6 +134,15 @@ def test_holm_file_marks_survivors(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def fake_grids(root, grids: dict, extra: dict | None = None) -> None:
+    """Experiment-grid folders root/<grid>/<configuration>/s<seed>/0 with one val/loss per seed."""
+    for grid, values in grids.items():
+        for name, seeds in values.items():
+            for seed, value in enumerate(seeds):
+                path = root / grid / name / f"s{seed}" / "0"
+                fake_run(path, [f"seed={seed}"], {"seed": seed, "val/loss": value, **(extra or {})})
+
+
 def test_rank_agreement_by_hand(tmp_path, capsys):
     from testbed.analysis.ladder import rank_agreement
 
@@ -149,14 +158,7 @@ def test_rank_agreement_by_hand(tmp_path, capsys):
     result = rank_agreement(a, reverse, draws=500)
     assert result["rho"] == -1.0 and result["low"] == -1.0 and result["high"] > -1.0
     # the CLI on two grids (configuration = sweep folder)
-    for scale, values in (("micro", a), ("tiny", b)):
-        for name, seeds in values.items():
-            for seed, value in enumerate(seeds):
-                fake_run(
-                    tmp_path / scale / name / f"s{seed}" / "0",
-                    [f"seed={seed}"],
-                    {"seed": seed, "val/loss": value, "spec/purity/mean": 0.5},
-                )
+    fake_grids(tmp_path, {"micro": a, "tiny": b}, {"spec/purity/mean": 0.5})
     assert main(["--rank", str(tmp_path / "micro"), str(tmp_path / "tiny"), "--columns", "val/loss"]) == 0
     out = capsys.readouterr().out
     assert "| x | 1.0000 (2) | 1 | 5.0000 (2) | 1 |" in out
@@ -181,14 +183,7 @@ def test_rank_differences_by_hand(tmp_path, capsys):
         "z": [2.2, 2.3, 2.4],  # x + 0.2: reversed
         "dense_active": [5.0, 5.1, 5.3],
     }
-    for scale, values in (("micro", micro), ("tiny", tiny)):
-        for name, seeds in values.items():
-            for seed, value in enumerate(seeds):
-                fake_run(
-                    tmp_path / scale / name / f"s{seed}" / "0",
-                    [f"seed={seed}"],
-                    {"seed": seed, "val/loss": value},
-                )
+    fake_grids(tmp_path, {"micro": micro, "tiny": tiny})
     args = ["--rank", str(tmp_path / "micro"), str(tmp_path / "tiny"), "--columns", "val/loss"]
     out_file = tmp_path / "report" / "rank.md"
     assert main([*args, "--rank-reference", "x", "--out", str(out_file), "--plots"]) == 0

@@ -375,12 +375,17 @@ def ladder_figure(figure: dict, out_path: Path, reference: str = "hash") -> Path
         ax.set_xticks(rungs, [f"{t / 1e6:.1f}M" for t in rungs])  # the rungs, in plain millions
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("training tokens (each rung its own schedule)")
-        ax.set_ylabel(f"gain over {label(baseline)} (nats/token)")
-        ax.set_title(f"vs {label(baseline)}: > 0 = better", fontsize=10)
-        ax.ticklabel_format(axis="y", style="plain", useOffset=False)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=8)
+        finish_axes(ax, f"gain over {label(baseline)} (nats/token)", f"vs {label(baseline)}: > 0 = better")
     return save_figure(fig, out_path)
+
+
+def finish_axes(ax, ylabel: str, title: str, **grid) -> None:
+    """The ladder figures' common finish: labels, plain y ticks (no offset), a light grid, the legend."""
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    ax.grid(alpha=0.3, **(grid or {"which": "both"}))
+    ax.legend(fontsize=8)
 
 
 def config_seed_values(runs: list[dict], metric: str) -> dict[str, dict[int, float]]:
@@ -542,9 +547,6 @@ def rank_figure(
         ax.errorbar(x + (i - 0.5) * 0.25, mean, yerr=half, fmt=marker, capsize=3, markersize=5, label=scale)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(x, [label(n) for n in names], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel(f"{metric} difference")
-    ax.set_title(f"difference from {label(reference)} (paired by seed, 95% CI); < 0 = lower", fontsize=10)
-    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
+    title = f"difference from {label(reference)} (paired by seed, 95% CI); < 0 = lower"
+    finish_axes(ax, f"{metric} difference", title, axis="y")
     return save_figure(fig, out_path)
