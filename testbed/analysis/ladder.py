@@ -411,14 +411,12 @@ def rank_differences(
 ) -> dict[str, tuple[tuple[float, float, int], tuple[float, float, int]]]:
     """Per configuration in both scales (the reference left out): its difference from the reference, paired
     by seed, as (mean, 95% half-width, n) at the smaller and at the larger scale."""
-    out = {}
-    for name in sorted((set(a) & set(b)) - {reference}):
-        out[name] = tuple(
-            ci95([seeds[s] - values[reference][s] for s in sorted(seeds) if s in values[reference]])
-            for values in (a, b)
-            for seeds in (values[name],)
-        )
-    return out
+
+    def paired(values: dict[str, dict[int, float]], name: str) -> tuple[float, float, int]:
+        mine, theirs = values[name], values[reference]
+        return ci95([mine[s] - theirs[s] for s in sorted(mine) if s in theirs])
+
+    return {name: (paired(a, name), paired(b, name)) for name in sorted((set(a) & set(b)) - {reference})}
 
 
 def rank_agreement(
