@@ -33,9 +33,12 @@ if [ -d mechanism ]; then
     # the learning-rate sweep: every configuration against the learned router at its best rate (1e-2), so
     # that hash and dense-active are compared at their own best rates too
     $R ../regime_large mechanism/*_lr* --ladder --reference moe_lr1e-2 --out mechanism/best_rate.md
-    # the learned router's gate mass (summed gates per token): logged by the learning-rate runs, and
-    # scored by testbed-analyze --summary-only on the LBL 1e-3 runs' checkpoints (analysis/)
-    $R mechanism/lbl_1e-3 mechanism/moe_lr* --columns "$GATE_MASS" --out mechanism/gate_mass.md
+    # fine-grained experts (fine64: top-8 of 64 experts of hidden 16, equal active and total parameters)
+    # against their own hash baseline (hash64), with the default run and hash of 16 experts beside them
+    $R ../regime_large mechanism/fine64 mechanism/hash64 --ladder --reference hash64 --out mechanism/fine.md
+    # the learned router's gate mass (summed gates per token): logged by the learning-rate and fine64 runs,
+    # and scored by testbed-analyze --summary-only on the LBL 1e-3 runs' checkpoints (analysis/)
+    $R mechanism/lbl_1e-3 mechanism/moe_lr* mechanism/fine64 --columns "$GATE_MASS" --out mechanism/gate_mass.md
 fi
 if [ -d scale/micro/runs ]; then
     # the scale ladder (make experiment NAME=scale_micro / scale_tiny, collected into scale/<size>/runs):
