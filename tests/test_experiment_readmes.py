@@ -161,8 +161,21 @@ LR_LADDER = ["--reference", "hash_lr1e-2", "--ladder-baselines", "dense_active_l
             2 + 3 + 1 + 6,
         ),
         (["runs_lr", "--ladder", "--ladder-metric", "analysis/val/loss", *LR_LADDER], 2 + 3 + 1 + 4),
+        (  # 64 fine-grained experts against their own hash baseline
+            ["../regime_large", "mechanism/fine64", "mechanism/hash64", "--ladder", "--reference", "hash64"],
+            2 + 6 + 1 + 4,
+        ),
     ],
-    ids=["ladder", "rescored", "rescored_vs_default", "mechanism", "best_rate", "lr_ladder", "lr_rescored"],
+    ids=[
+        "ladder",
+        "rescored",
+        "rescored_vs_default",
+        "mechanism",
+        "best_rate",
+        "lr_ladder",
+        "lr_rescored",
+        "fine",
+    ],
 )
 def test_ladder_readme_tables_rebuild_from_committed_runs(capsys, monkeypatch, args, least):
     """Every row of the ladder's tables (experiments/ladder/README.md) is testbed-report --ladder's row for
@@ -190,11 +203,12 @@ def assert_gate_mass_rows_in_readme(capsys, runs: list[str]) -> None:
 
 
 def test_ladder_gate_mass_rows_rebuild_from_committed_runs(capsys, monkeypatch):
-    """The learned router's gate mass at 1,500 steps: LBL 1e-3 (scored afterwards) and the rate sweep."""
+    """The learned router's gate mass at 1,500 steps: LBL 1e-3 (scored afterwards), the rate sweep and the
+    64 fine-grained experts (top-8)."""
     base = ROOT / "experiments" / "ladder"
     monkeypatch.chdir(base)
     rates = sorted(f"mechanism/{p.name}" for p in (base / "mechanism").glob("moe_lr*"))
-    assert_gate_mass_rows_in_readme(capsys, ["mechanism/lbl_1e-3", *rates])
+    assert_gate_mass_rows_in_readme(capsys, ["mechanism/lbl_1e-3", *rates, "mechanism/fine64"])
 
 
 def test_ladder_gate_mass_up_the_learning_rate_ladder(capsys, monkeypatch):
