@@ -346,3 +346,44 @@ def test_a_ladder_at_another_rate_compares_with_its_own_baselines(tmp_path, caps
     assert main([*args, "--ladder-baselines", "dense_active_lr3e-2"]) == 2
     assert "no finished run named dense_active_lr3e-2" in capsys.readouterr().err
     assert main([*args, "--ladder-figure", "../x.png", "--out", str(out), "--plots"]) == 2
+
+
+def test_grid_runs_without_a_name_join_the_ladder_by_their_sweep(tmp_path, capsys):
+    # the scale ladder's tiny grid (run_name left at `default`, configuration = sweep folder) is the
+    # 1,500-step rung; longer runs named after the sweeps (run_tiny.sh) are the next rung
+    grid = {"hash": [4.00, 4.10, 4.20], "lbl_micro_batch": [4.20, 4.26, 4.37]}  # -0.20, -0.16, -0.17
+    for name, seeds in grid.items():
+        for seed, value in enumerate(seeds):
+            summary = {"run_name": "default", "seed": seed, "steps": 1500, "tokens_seen": 3_072_000}
+            fake_run(
+                tmp_path / "grid" / name / f"s{seed}" / "0", [f"seed={seed}"], {**summary, "val/loss": value}
+            )
+    longer = {"hash": [3.80, 3.90, 4.00], "lbl_micro_batch": [3.90, 3.99, 4.11]}  # -0.10, -0.09, -0.11
+    for name, seeds in longer.items():
+        for seed, value in enumerate(seeds):
+            summary = {
+                "run_name": name,
+                "seed": seed,
+                "steps": 3000,
+                "tokens_seen": 6_144_000,
+                "val/loss": value,
+            }
+            fake_run(tmp_path / "tiny" / "3000" / name / f"s{seed}", [f"run_name={name}"], summary)
+    assert main([str(tmp_path / "grid"), str(tmp_path / "tiny"), "--ladder"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "| default" not in out and "| s0" not in out
+    )  # no run is grouped under `default` or its seed folder
+    rows = [line for line in out.splitlines() if "top-2 + LBL, micro-batch scope |" in line and "M |" in line]
+    assert len(rows) == 2, out
+    assert "| 1,500 | 3.1M | top-2 + LBL, micro-batch scope | -0.177 ± " in rows[0]
+    assert "| 3,000 | 6.1M | top-2 + LBL, micro-batch scope | -0.100 ± " in rows[1]
+    # a run named `default` outside a grid keeps its name
+    fake_run(
+        tmp_path / "solo" / "s0", ["seed=0"], {"run_name": "default", "seed": 0, "steps": 10, "val/loss": 4.0}
+    )
+    from testbed.analysis.ladder import ladder_role
+    from testbed.analysis.report import find_runs
+
+    (solo,), _ = find_runs([tmp_path / "solo"])
+    assert ladder_role(solo) == "default"

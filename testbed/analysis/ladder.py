@@ -1,14 +1,15 @@
 """Token ladders (`testbed-report <dirs> --ladder`): configurations run at several lengths, each run with its
 own learning-rate schedule, compared at every rung.
 
-A run's configuration is its `run_name` (the role: `moe`, `hash`, `dense_active`, ...), its rung the number
-of optimizer steps it trained (`steps` in summary.json; tokens = `tokens_seen`). At each rung the gain of a
-configuration over a baseline is baseline val loss - its val loss per seed (> 0: it is better), paired by
-seed, with the 95% t interval over the seed pairs and the paired t-test's p. The comparisons with the
-reference (hash by default) form one family per report: Holm-adjusted p-values (testbed.analysis.inference)
-say which survive. The trend of the gain over the reference is a least-squares line in log2(tokens) over
-every seed pair of every rung: its slope is the change per doubling of the tokens, and where it crosses 0
-is an extrapolation, reported as such and only from three rungs on, when the slope's interval excludes 0.
+A run's configuration is its `run_name` (the role: `moe`, `hash`, `dense_active`, ...; an unnamed run of an
+experiment grid: its sweep), its rung the number of optimizer steps it trained (`steps` in summary.json;
+tokens = `tokens_seen`). At each rung the gain of a configuration over a baseline is baseline val loss - its
+val loss per seed (> 0: it is better), paired by seed, with the 95% t interval over the seed pairs and the
+paired t-test's p. The comparisons with the reference (hash by default) form one family per report:
+Holm-adjusted p-values (testbed.analysis.inference) say which survive. The trend of the gain over the
+reference is a least-squares line in log2(tokens) over every seed pair of every rung: its slope is the change
+per doubling of the tokens, and where it crosses 0 is an extrapolation, reported as such and only from three
+rungs on, when the slope's interval excludes 0.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from testbed.plots import (
 
 ROLE_LABELS = {
     "moe": "top-2 softmax + LBL",
+    "lbl_micro_batch": "top-2 + LBL, micro-batch scope",
+    "lbl_sequence": "top-2 + LBL, sequence scope",
     "eb": "top-2 + expert bias",
     "sinkhorn": "Sinkhorn top-2",
     "hash": "hash",
@@ -48,8 +51,7 @@ ROLE_LABELS = {
     "init_10": "top-2 + LBL, router init x10",
     "fine64": "top-8 of 64 fine-grained experts",
     "hash64": "hash, 64 fine-grained experts",
-    "lbl_micro_batch": "top-2 + LBL, micro-batch scope",
-    "lbl_sequence": "top-2 + LBL, sequence scope",
+    "fine64_renorm": "top-8 of 64 fine-grained experts, renormalised gates",
 }
 """Legend names of the ladder's roles and mechanism runs (run_name); the learning-rate sweep's
 `<role>_lr<rate>` reads "<role's name>, lr <rate>"; the scale ladder's sweeps (lbl_micro_batch, lbl_sequence,
@@ -57,6 +59,8 @@ eb, sinkhorn, hash, dense_active) by the same names; other run names are shown a
 LR_SUFFIX = re.compile(r"^(?P<role>.+)_lr(?P<rate>[0-9.e+-]+)$")
 ROLE_METHODS = {  # the method whose colour and marker a role is drawn in (testbed/plots.py's one style)
     "moe": ("LBL", 0),
+    "lbl_micro_batch": ("LBL", 0),  # the scale ladder's default router
+    "lbl_sequence": ("LBL", 1),
     "eb": ("EB", 0),
     "sinkhorn": ("SH", 0),
     "hash": ("hash", 0),
@@ -120,13 +124,27 @@ def collect(runs: list[dict], metric: str = "val/loss", value_of=None) -> dict[s
         value = value_of(run, metric) if value_of is not None else summary.get(metric)
         if not isinstance(value, int | float) or not math.isfinite(value) or summary.get("init_from"):
             continue
-        role = str(summary.get("run_name") or Path(run["dir"]).parent.name)
+        role = ladder_role(run)
         steps = int(summary.get("steps") or 0)
         epochs = summary.get("regime/max_epochs")
         doc_ci95 = summary.get("val/doc_ci95") if metric == "val/loss" else None
         entry = (float(value), int(summary.get("tokens_seen") or 0), epochs, doc_ci95)
         table.setdefault(role, {}).setdefault(steps, {})[summary.get("seed")] = entry
     return table
+
+
+UNNAMED_RUN = "default"
+"""conf/config.yaml's run_name: the name of a run nobody named."""
+
+
+def ladder_role(run: dict) -> str:
+    """A run's configuration on the ladder: its run_name; for an unnamed run (run_name left at the config's
+    `default`) of an experiment grid, its sweep (the scale ladder's grids name their configurations by sweep:
+    `scale/tiny/runs/hash/s0/0`); else the folder above its seed folder."""
+    name = run["summary"].get("run_name")
+    if (not name or name == UNNAMED_RUN) and run.get("sweep"):
+        return str(run["sweep"])
+    return str(name or Path(run["dir"]).parent.name)
 
 
 def ordered_roles(table: dict) -> list[str]:
