@@ -113,7 +113,7 @@ def test_the_ladder_scripts_pin_the_rate_of_every_run():
             ["bash", str(EXPERIMENTS / script)], env=env, capture_output=True, text=True, check=True
         )
         commands += out.stdout.splitlines()
-    assert len(commands) == 6 + 19  # run.sh's six roles, mechanism.sh's nineteen names
+    assert len(commands) == 6 + 22  # run.sh's six roles, mechanism.sh's twenty-two names
     rates = [next(a for a in c.split() if a.startswith("optim.lr=")) for c in commands]
-    assert rates.count("optim.lr=3e-3") == 6 + 8  # every role and mechanism without a rate of its own
+    assert rates.count("optim.lr=3e-3") == 6 + 9  # every role and mechanism without a rate of its own
     assert "optim.lr=1e-2" in rates and "optim.lr=3e-2" in rates
