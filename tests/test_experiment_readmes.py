@@ -151,7 +151,11 @@ LR_LADDER = ["--reference", "hash_lr1e-2", "--ladder-baselines", "dense_active_l
         (["../regime_large", "mechanism", "--ladder", "--reference", "moe"], 2 + 4 + 1 + 4),
         (
             ["../regime_large"]
-            + sorted(f"mechanism/{p.name}" for p in (ROOT / "experiments/ladder/mechanism").glob("*_lr*"))
+            + sorted(
+                f"mechanism/{p.name}"
+                for p in (ROOT / "experiments/ladder/mechanism").glob("*_lr*")
+                if not p.name.startswith(("fine64", "hash64"))  # the 16-expert models' sweep
+            )
             + ["--ladder", "--reference", "moe_lr1e-2"],
             2 + 4 + 1 + 4,
         ),
@@ -162,8 +166,25 @@ LR_LADDER = ["--reference", "hash_lr1e-2", "--ladder-baselines", "dense_active_l
         ),
         (["runs_lr", "--ladder", "--ladder-metric", "analysis/val/loss", *LR_LADDER], 2 + 3 + 1 + 4),
         (  # 64 fine-grained experts against their own hash baseline
-            ["../regime_large", "mechanism/fine64", "mechanism/hash64", "--ladder", "--reference", "hash64"],
-            2 + 6 + 1 + 4,
+            ["../regime_large", "mechanism/fine64", "mechanism/fine64_renorm", "mechanism/hash64"]
+            + [
+                "--ladder",
+                "--reference",
+                "hash64",
+                "--ladder-baselines",
+                "hash,dense_active,dense_total,fine64",
+            ],
+            2 + 7 + 1 + 5,
+        ),
+        (  # ... and at lr 1e-2, beside the 16-expert models at that rate
+            [f"mechanism/{m}_lr1e-2" for m in ("moe", "hash", "dense_active", "fine64", "hash64")]
+            + ["--ladder", "--reference", "hash64_lr1e-2"]
+            + ["--ladder-baselines", "moe_lr1e-2,hash_lr1e-2,dense_active_lr1e-2"],
+            2 + 5 + 1 + 4,
+        ),
+        (  # the token ladder at tiny: the scale grid's 1,500 steps and run_tiny.sh's 3,000
+            ["scale/tiny/runs", "tiny", "--ladder", "--ladder-baselines", "dense_active"],
+            2 + 6 + 1 + 5 + 2,
         ),
     ],
     ids=[
@@ -175,6 +196,8 @@ LR_LADDER = ["--reference", "hash_lr1e-2", "--ladder-baselines", "dense_active_l
         "lr_ladder",
         "lr_rescored",
         "fine",
+        "fine_lr",
+        "tiny",
     ],
 )
 def test_ladder_readme_tables_rebuild_from_committed_runs(capsys, monkeypatch, args, least):
@@ -204,11 +227,12 @@ def assert_gate_mass_rows_in_readme(capsys, runs: list[str]) -> None:
 
 def test_ladder_gate_mass_rows_rebuild_from_committed_runs(capsys, monkeypatch):
     """The learned router's gate mass at 1,500 steps: LBL 1e-3 (scored afterwards), the rate sweep and the
-    64 fine-grained experts (top-8)."""
+    64 fine-grained experts (top-8) at 3e-3 and 1e-2."""
     base = ROOT / "experiments" / "ladder"
     monkeypatch.chdir(base)
     rates = sorted(f"mechanism/{p.name}" for p in (base / "mechanism").glob("moe_lr*"))
-    assert_gate_mass_rows_in_readme(capsys, ["mechanism/lbl_1e-3", *rates, "mechanism/fine64"])
+    fine = ["mechanism/fine64", "mechanism/fine64_lr1e-2"]
+    assert_gate_mass_rows_in_readme(capsys, ["mechanism/lbl_1e-3", *rates, *fine])
 
 
 def test_ladder_gate_mass_up_the_learning_rate_ladder(capsys, monkeypatch):

@@ -32,14 +32,26 @@ if [ -d mechanism ]; then
     $R ../regime_large mechanism --ladder --reference moe --out mechanism/report.md
     # the learning-rate sweep: every configuration against the learned router at its best rate (1e-2), so
     # that hash and dense-active are compared at their own best rates too
-    $R ../regime_large mechanism/*_lr* --ladder --reference moe_lr1e-2 --out mechanism/best_rate.md
+    # (the 16-expert models; fine64 and hash64 at 1e-2 are compared in fine_lr.md)
+    $R ../regime_large mechanism/{moe,hash,dense_active,dense_total,renorm}_lr* --ladder --reference moe_lr1e-2 \
+        --out mechanism/best_rate.md
     # fine-grained experts (fine64: top-8 of 64 experts of hidden 16, equal active and total parameters)
     # against their own hash baseline (hash64), with the default run and hash of 16 experts beside them
-    $R ../regime_large mechanism/fine64 mechanism/hash64 --ladder --reference hash64 --out mechanism/fine.md
+    # (fine64_renorm: with renormalised gates)
+    $R ../regime_large mechanism/fine64 mechanism/fine64_renorm mechanism/hash64 --ladder --reference hash64 \
+        --ladder-baselines hash,dense_active,dense_total,fine64 --out mechanism/fine.md
+    # ... and both at the micro models' best rate, 1e-2, beside the default router, hash and dense-active at
+    # that rate (16 experts)
+    $R mechanism/{moe,hash,dense_active,fine64,hash64}_lr1e-2 --ladder --reference hash64_lr1e-2 \
+        --ladder-baselines moe_lr1e-2,hash_lr1e-2,dense_active_lr1e-2 --out mechanism/fine_lr.md
     # the learned router's gate mass (summed gates per token): logged by the learning-rate and fine64 runs,
     # and scored by testbed-analyze --summary-only on the LBL 1e-3 runs' checkpoints (analysis/)
-    $R mechanism/lbl_1e-3 mechanism/moe_lr* mechanism/fine64 --columns "$GATE_MASS" --out mechanism/gate_mass.md
+    $R mechanism/lbl_1e-3 mechanism/moe_lr* mechanism/fine64 mechanism/fine64_lr1e-2 --columns "$GATE_MASS" \
+        --out mechanism/gate_mass.md
 fi
+# the token ladder at tiny (run_tiny.sh): the default router, hash and dense-active at 3,000 steps, with the
+# scale ladder's tiny grid (1,500 steps, all six configurations) as the first rung
+$R scale/tiny/runs tiny --ladder --ladder-baselines dense_active --out tiny/report.md --plots
 if [ -d scale/micro/runs ]; then
     # the scale ladder (make experiment NAME=scale_micro / scale_tiny, collected into scale/<size>/runs):
     # each size's table and regime check, then the ranking of the six configurations at micro against
