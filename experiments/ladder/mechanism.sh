@@ -20,6 +20,7 @@
 # Seeds 0-4 (the lr sweep 0-2). Resumable like run.sh; JOBS / NAMES / SEEDS narrow it; DRY=1 prints.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source experiments/ladder/grid.sh
 FINE="model.moe.num_experts=64 model.moe.expert_hidden=16 router.top_k=8"
 commands() {
   for name in ${NAMES:-renorm freeze hash_start lbl_1e-3 init_0.1 init_10 fine64 hash64 moe_lr1e-3 moe_lr1e-2 moe_lr3e-2 hash_lr1e-3 hash_lr1e-2 hash_lr3e-2 dense_active_lr1e-3 dense_active_lr1e-2 dense_active_lr3e-2 renorm_lr1e-2 dense_total_lr1e-2 fine64_renorm fine64_lr1e-2 hash64_lr1e-2}; do
@@ -46,13 +47,8 @@ commands() {
     case $name in *_lr*) seeds=${SEEDS:-0 1 2} ;; *) seeds=${SEEDS:-0 1 2 3 4} ;; esac
     for seed in $seeds; do
       dir=experiments/ladder/mechanism/$name/s$seed
-      # skip ended runs only: an interrupted one (status "interrupted") continues with resume=auto
-      grep -qE '"status": "(finished|failed)"' "$dir/summary.json" 2>/dev/null && continue
-      echo "OMP_NUM_THREADS=1 .venv/bin/testbed-train $args seed=$seed run_name=$name" \
-        "trainer.progress_bar=false resume=auto hydra.run.dir=$dir > /dev/null 2>&1" \
-        "&& echo done $dir || echo FAILED $dir"
+      queue_run "$dir" "$args seed=$seed run_name=$name"
     done
   done
 }
-if [ -n "${DRY:-}" ]; then commands; exit 0; fi
-commands | xargs -P "${JOBS:-2}" -I{} bash -c {}
+run_queue

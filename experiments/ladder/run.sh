@@ -19,6 +19,7 @@
 # DRY=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source experiments/ladder/grid.sh
 seeds_for() { case $1 in 750|1500) echo "0 1 2 3 4" ;; *) echo "0 1 2" ;; esac; }
 commands() {
   for rung in ${RUNGS:-750 1500 3000 6000}; do
@@ -54,14 +55,9 @@ commands() {
           dir=experiments/ladder/$tree/$rung/$role/s$seed
           steps="trainer.max_steps=$rung trainer.val_check_interval=$(( rung <= 1500 ? 250 : rung / 6 ))"
         fi
-        # skip ended runs only: an interrupted one (status "interrupted") continues with resume=auto
-        grep -qE '"status": "(finished|failed)"' "$dir/summary.json" 2>/dev/null && continue
-        echo "OMP_NUM_THREADS=1 .venv/bin/testbed-train $args $steps seed=$seed run_name=$role" \
- "trainer.progress_bar=false resume=auto hydra.run.dir=$dir > /dev/null 2>&1" \
-          "&& echo done $dir || echo FAILED $dir"
+        queue_run "$dir" "$args $steps seed=$seed run_name=$role"
       done
     done
   done
 }
-if [ -n "${DRY:-}" ]; then commands; exit 0; fi
-commands | xargs -P "${JOBS:-2}" -I{} bash -c {}
+run_queue

@@ -12,6 +12,7 @@
 # DRY=1 prints the commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source experiments/ladder/grid.sh
 commands() {
   for rung in ${RUNGS:-3000}; do
     for seed in ${SEEDS:-0 1 2}; do
@@ -23,14 +24,10 @@ commands() {
           *) echo "unknown role $role (lbl_micro_batch hash dense_active)" >&2; exit 2 ;;
         esac
         dir=experiments/ladder/tiny/$rung/$role/s$seed
-        grep -qE '"status": "(finished|failed)"' "$dir/summary.json" 2>/dev/null && continue
-        echo "OMP_NUM_THREADS=1 .venv/bin/testbed-train +experiment=scale_tiny $args" \
-          "trainer.max_steps=$rung trainer.val_check_interval=1500 seed=$seed run_name=$role" \
-          "trainer.num_threads=1 trainer.progress_bar=false resume=auto hydra.run.dir=$dir > /dev/null 2>&1" \
-          "&& echo done $dir || echo FAILED $dir"
+        queue_run "$dir" "+experiment=scale_tiny $args trainer.max_steps=$rung trainer.val_check_interval=1500" \
+          "seed=$seed run_name=$role trainer.num_threads=1"
       done
     done
   done
 }
-if [ -n "${DRY:-}" ]; then commands; exit 0; fi
-commands | xargs -P "${JOBS:-2}" -I{} bash -c {}
+run_queue
