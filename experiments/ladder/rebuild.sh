@@ -40,6 +40,9 @@ if [ -d mechanism ]; then
     # (fine64_renorm: with renormalised gates)
     $R ../regime_large mechanism/fine64 mechanism/fine64_renorm mechanism/hash64 --ladder --reference hash64 \
         --ladder-baselines hash,dense_active,dense_total,fine64 --out mechanism/fine.md
+    # renormalised gates with 64 experts against renormalised gates with 16
+    $R ../regime_large mechanism/renorm mechanism/fine64 mechanism/fine64_renorm --ladder --reference renorm \
+        --out mechanism/fine_renorm.md
     # ... and both at the micro models' best rate, 1e-2, beside the default router, hash and dense-active at
     # that rate (16 experts)
     $R mechanism/{moe,hash,dense_active,fine64,hash64}_lr1e-2 --ladder --reference hash64_lr1e-2 \
