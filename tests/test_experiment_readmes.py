@@ -151,10 +151,10 @@ LR_LADDER = ["--reference", "hash_lr1e-2", "--ladder-baselines", "dense_active_l
         (["../regime_large", "mechanism", "--ladder", "--reference", "moe"], 2 + 4 + 1 + 4),
         (
             ["../regime_large"]
-            + sorted(
+            + sorted(  # rebuild.sh's selection: the 16-expert models' sweep (fine64 / hash64 are fine_lr's)
                 f"mechanism/{p.name}"
-                for p in (ROOT / "experiments/ladder/mechanism").glob("*_lr*")
-                if not p.name.startswith(("fine64", "hash64"))  # the 16-expert models' sweep
+                for model in ("moe", "hash", "dense_active", "dense_total", "renorm")
+                for p in (ROOT / "experiments/ladder/mechanism").glob(f"{model}_lr*")
             )
             + ["--ladder", "--reference", "moe_lr1e-2"],
             2 + 4 + 1 + 4,

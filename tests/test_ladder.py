@@ -371,9 +371,8 @@ def test_grid_runs_without_a_name_join_the_ladder_by_their_sweep(tmp_path, capsy
             fake_run(tmp_path / "tiny" / "3000" / name / f"s{seed}", [f"run_name={name}"], summary)
     assert main([str(tmp_path / "grid"), str(tmp_path / "tiny"), "--ladder"]) == 0
     out = capsys.readouterr().out
-    assert (
-        "| default" not in out and "| s0" not in out
-    )  # no run is grouped under `default` or its seed folder
+    # no run is grouped under `default` or under its seed folder
+    assert "| default" not in out and "| s0" not in out
     rows = [line for line in out.splitlines() if "top-2 + LBL, micro-batch scope |" in line and "M |" in line]
     assert len(rows) == 2, out
     assert "| 1,500 | 3.1M | top-2 + LBL, micro-batch scope | -0.177 ± " in rows[0]

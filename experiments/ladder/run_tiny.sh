@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The token ladder at tiny (experiments/ladder/README.md, "Token ladder at tiny"): the scale ladder's tiny
+# The token ladder at tiny (experiments/ladder/README.md, "Tiny up the token ladder"): the scale ladder's tiny
 # configuration (conf/experiment/scale_tiny.yaml: the tiny model on the large mix, 16 x 128-token steps,
 # AdamW at 3e-3) trained for longer, each rung its own cosine schedule. Its 1,500-step rung is the scale
 # ladder's tiny grid (scale/tiny/runs); this script adds 3,000 steps (RUNGS="3000 6000" for more) for the
