@@ -120,7 +120,7 @@ def test_ladder_extrapolates_only_a_significant_trend(tmp_path):
     assert set(collect(runs)) == {"hash", "moe"}
     text, _, _ = ladder_report(runs)
     # +0.04 per doubling from -0.04 at 400k tokens: 0 at 800k tokens, 2x the longest rung
-    assert "trend +0.0400 ± " in text and "reaches 0 at about 1M tokens (2x the longest rung)" in text
+    assert "trend +0.0400 ± " in text and "reaches 0 at about 0.8M tokens (2.0x the longest rung)" in text
 
 
 def test_holm_file_marks_survivors(tmp_path, capsys):

@@ -361,8 +361,8 @@ def crossing_sentence(rows: list[dict], tokens: dict, fit: dict) -> str:
         elif abs(fit["slope"]) > fit["slope_half"] and fit["slope"] > 0 and all(r["mean"] < 0 for r in rows):
             x0 = 2 ** fit["x0"]
             text += (
-                f"; extrapolated, the line reaches 0 at about {x0 / 1e6:,.0f}M tokens "
-                f"({x0 / tokens[rows[-1]['steps']]:.0f}x the longest rung), an extrapolation, not a "
+                f"; extrapolated, the line reaches 0 at about {x0 / 1e6:.3g}M tokens "
+                f"({x0 / tokens[rows[-1]['steps']]:.1f}x the longest rung), an extrapolation, not a "
                 "measurement"
             )
         elif abs(fit["slope"]) <= fit["slope_half"]:
