@@ -23,6 +23,11 @@ if [ -d runs_lr ]; then
     $R mechanism/moe_lr1e-2 mechanism/hash_lr1e-2 mechanism/dense_active_lr1e-2 runs_lr --ladder $LR \
         --out lr_ladder.md --plots --ladder-figure lr_ladder.png
     $R runs_lr --ladder --ladder-metric analysis/val/loss $LR --out lr_rescored.md
+    # the 12,000-step rung (24.6M tokens) reads some domains' training tokens more than once: the plain
+    # report's regime check and epochs per repeated domain
+    if [ -d runs_lr/12000 ]; then
+        $R runs_lr/12000 --out lr_repeat.md
+    fi
     # the learned router's gate mass up the ladder (logged at the end of each run; analysis/: whole split)
     $R mechanism/moe_lr1e-2 runs_lr/*/moe_lr1e-2 --columns "$GATE_MASS" --out lr_gate_mass.md
 fi
